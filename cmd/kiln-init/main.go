@@ -1,0 +1,400 @@
+// Command kiln-init is PID 1 in every kiln VM. It lives in the initramfs, prepares the
+// guest (mounts, modules, the root overlay, disks), then serves the agent protocol to
+// the host for as long as the VM runs. It never execs another init: staying PID 1 lets it
+// reap every process and turn the VM off cleanly.
+//
+// Configuration comes from the kernel command line, written by the host:
+//
+//	kiln.root=UUID            ext4 root filesystem, mounted read-only under an overlay
+//	kiln.disk=UUID:/path      an ext4 disk mounted read-write at /path (repeatable)
+//	kiln.hostname=NAME
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/guest/agent"
+)
+
+type config struct {
+	root     string
+	disks    []disk
+	hostname string
+}
+
+type disk struct{ uuid, path string }
+
+var initStart time.Duration
+
+func main() {
+	initStart = boottime()
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "kiln-init runs as PID 1 inside a kiln VM; it is not a command to run on a host")
+		os.Exit(2)
+	}
+	if err := boot(); err != nil {
+		logf("boot failed: %v", err)
+		// Give the console a moment, then turn the VM off so the host sees the failure
+		// instead of a VM that never answers.
+		time.Sleep(200 * time.Millisecond)
+		powerOff()
+	}
+	select {}
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "kiln-init: "+format+"\n", args...)
+}
+
+func boottime() time.Duration {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
+	return time.Duration(ts.Nano())
+}
+
+func boot() error {
+	for _, m := range []struct{ src, dst, fstype string }{
+		{"devtmpfs", "/dev", "devtmpfs"},
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+	} {
+		os.MkdirAll(m.dst, 0o755)
+		if err := unix.Mount(m.src, m.dst, m.fstype, unix.MS_NOSUID, ""); err != nil && err != unix.EBUSY {
+			return fmt.Errorf("mounting %s: %w", m.dst, err)
+		}
+	}
+	if con, err := os.OpenFile("/dev/console", os.O_RDWR, 0); err == nil {
+		for fd := 0; fd <= 2; fd++ {
+			unix.Dup2(int(con.Fd()), fd)
+		}
+	}
+	if err := loadModules("/lib/modules/kiln.order"); err != nil {
+		return err
+	}
+	cfg, err := parseCmdline()
+	if err != nil {
+		return err
+	}
+	if err := mountRoot(cfg); err != nil {
+		return err
+	}
+	if cfg.hostname != "" {
+		unix.Sethostname([]byte(cfg.hostname))
+	}
+	loopbackUp()
+	// Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) arrives as SIGINT to PID 1 once the
+	// kernel is told not to reboot by itself.
+	unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGPWR)
+	go func() { <-sigs; shutdown() }()
+	go watchPowerButton()
+
+	a := agent.New(agent.NewReaper())
+	a.PowerOff = shutdown
+	a.Info = func(r *guest.Reply) {
+		var u unix.Utsname
+		unix.Uname(&u)
+		r.Kernel = unix.ByteSliceToString(u.Release[:])
+		r.InitStartMS = initStart.Milliseconds()
+		r.ReadyMS = readyAt.Milliseconds()
+	}
+	readyAt = boottime()
+	go serveVsock(a)
+	go serveSerial(a)
+	return nil
+}
+
+var readyAt time.Duration
+
+// loadModules loads the modules the initramfs carries, in the order the host wrote
+// (modules.dep order, dependencies first).
+func loadModules(orderFile string) error {
+	b, err := os.ReadFile(orderFile)
+	if err != nil {
+		return nil // a kernel with everything built in needs no modules
+	}
+	for _, line := range strings.Fields(string(b)) {
+		f, err := os.Open(filepath.Join("/lib/modules", line))
+		if err != nil {
+			return fmt.Errorf("module %s: %w", line, err)
+		}
+		err = unix.FinitModule(int(f.Fd()), "", 0)
+		f.Close()
+		if err != nil && err != unix.EEXIST {
+			return fmt.Errorf("loading module %s: %w", line, err)
+		}
+	}
+	return nil
+}
+
+func parseCmdline() (config, error) {
+	var cfg config
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return cfg, err
+	}
+	for _, f := range strings.Fields(string(b)) {
+		k, v, _ := strings.Cut(f, "=")
+		switch k {
+		case "kiln.root":
+			cfg.root = v
+		case "kiln.disk":
+			u, p, ok := strings.Cut(v, ":")
+			if !ok || !filepath.IsAbs(p) {
+				return cfg, fmt.Errorf("bad kiln.disk=%q: want UUID:/absolute/path", v)
+			}
+			cfg.disks = append(cfg.disks, disk{u, p})
+		case "kiln.hostname":
+			cfg.hostname = v
+		}
+	}
+	if cfg.root == "" {
+		return cfg, fmt.Errorf("no kiln.root= on the kernel command line")
+	}
+	return cfg, nil
+}
+
+// ext4UUID reads the filesystem UUID from an ext4 superblock.
+func ext4UUID(dev string) string {
+	f, err := os.Open(dev)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	sb := make([]byte, 1024)
+	if _, err := f.ReadAt(sb, 1024); err != nil {
+		return ""
+	}
+	if sb[0x38] != 0x53 || sb[0x39] != 0xEF {
+		return ""
+	}
+	u := sb[0x68:0x78]
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// findDisks maps the UUIDs wanted to /dev/vdX. Block devices are matched by filesystem
+// UUID, not by name, because virtio-mmio devices are not probed in command-line order.
+func findDisks(want map[string]bool, timeout time.Duration) (map[string]string, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		found := map[string]string{}
+		ents, _ := os.ReadDir("/sys/block")
+		for _, e := range ents {
+			if !strings.HasPrefix(e.Name(), "vd") {
+				continue
+			}
+			dev := "/dev/" + e.Name()
+			if u := ext4UUID(dev); want[u] {
+				found[u] = dev
+			}
+		}
+		if len(found) == len(want) {
+			return found, nil
+		}
+		if time.Now().After(deadline) {
+			var missing []string
+			for u := range want {
+				if found[u] == "" {
+					missing = append(missing, u)
+				}
+			}
+			return nil, fmt.Errorf("disks with UUID %s did not appear within %s", strings.Join(missing, ", "), timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func mountRoot(cfg config) error {
+	want := map[string]bool{cfg.root: true}
+	for _, d := range cfg.disks {
+		want[d.uuid] = true
+	}
+	devs, err := findDisks(want, 20*time.Second)
+	if err != nil {
+		return err
+	}
+	for _, d := range []string{"/mnt/lower", "/mnt/rw", "/mnt/root"} {
+		os.MkdirAll(d, 0o755)
+	}
+	if err := unix.Mount(devs[cfg.root], "/mnt/lower", "ext4", unix.MS_RDONLY, ""); err != nil {
+		return fmt.Errorf("mounting root %s: %w", devs[cfg.root], err)
+	}
+	// The writable layer is memory: a VM's changes to its root are gone when it stops,
+	// and starting a VM copies nothing. Persistent data belongs on a disk.
+	if err := unix.Mount("tmpfs", "/mnt/rw", "tmpfs", 0, "mode=0755"); err != nil {
+		return fmt.Errorf("mounting writable layer: %w", err)
+	}
+	os.MkdirAll("/mnt/rw/upper", 0o755)
+	os.MkdirAll("/mnt/rw/work", 0o755)
+	if err := unix.Mount("overlay", "/mnt/root", "overlay", 0,
+		"lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work"); err != nil {
+		return fmt.Errorf("mounting root overlay: %w", err)
+	}
+	for _, d := range cfg.disks {
+		mp := filepath.Join("/mnt/root", d.path)
+		if err := os.MkdirAll(mp, 0o755); err != nil {
+			return fmt.Errorf("creating mount point %s: %w", d.path, err)
+		}
+		if err := unix.Mount(devs[d.uuid], mp, "ext4", 0, ""); err != nil {
+			return fmt.Errorf("mounting disk %s at %s: %w", devs[d.uuid], d.path, err)
+		}
+		mounted = append(mounted, d.path)
+	}
+	for _, d := range []string{"/dev", "/proc", "/sys"} {
+		os.MkdirAll("/mnt/root"+d, 0o755)
+		if err := unix.Mount(d, "/mnt/root"+d, "", unix.MS_MOVE, ""); err != nil {
+			return fmt.Errorf("moving %s: %w", d, err)
+		}
+	}
+	// switch_root without exec: move the new root over / and chroot into it; this
+	// process stays PID 1.
+	if err := unix.Chdir("/mnt/root"); err != nil {
+		return err
+	}
+	if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("moving root: %w", err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("chroot: %w", err)
+	}
+	unix.Chdir("/")
+	os.MkdirAll("/dev/pts", 0o755)
+	unix.Mount("devpts", "/dev/pts", "devpts", unix.MS_NOSUID|unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+	if _, err := os.Lstat("/dev/ptmx"); err != nil {
+		os.Symlink("pts/ptmx", "/dev/ptmx")
+	}
+	os.MkdirAll("/dev/shm", 0o1777)
+	unix.Mount("tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777")
+	os.MkdirAll("/run", 0o755)
+	unix.Mount("tmpfs", "/run", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755")
+	return nil
+}
+
+var mounted []string
+
+func loopbackUp() {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}
+
+// serveSerial serves the agent on the virtio-serial port named guest.PortName. The port
+// reads EOF while no host is connected, so a session ends when the host disconnects and
+// a new one starts when it comes back.
+func serveSerial(a *agent.Agent) {
+	var dev string
+	for i := 0; dev == ""; i++ {
+		ents, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
+		for _, n := range ents {
+			b, _ := os.ReadFile(n)
+			if strings.TrimSpace(string(b)) == guest.PortName {
+				dev = "/dev/" + filepath.Base(filepath.Dir(n))
+			}
+		}
+		if dev == "" {
+			if i == 500 {
+				return // no serial port: this VMM uses vsock
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	for {
+		f, err := os.OpenFile(dev, os.O_RDWR, 0)
+		if err != nil {
+			logf("opening %s: %v", dev, err)
+			time.Sleep(time.Second)
+			continue
+		}
+		start := time.Now()
+		a.Serve(context.Background(), f)
+		if time.Since(start) < 50*time.Millisecond {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+func serveVsock(a *agent.Agent) {
+	l, err := listenVsock(guest.VsockPort)
+	if err != nil {
+		return // no vsock device: this VMM uses virtio-serial
+	}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go a.Serve(context.Background(), c)
+	}
+}
+
+// watchPowerButton turns the VM off when the VMM presses the ACPI power button (QEMU's
+// system_powerdown), read as KEY_POWER from the input devices.
+func watchPowerButton() {
+	time.Sleep(100 * time.Millisecond)
+	devs, _ := filepath.Glob("/dev/input/event*")
+	for _, d := range devs {
+		go func() {
+			f, err := os.Open(d)
+			if err != nil {
+				return
+			}
+			r := bufio.NewReader(f)
+			ev := make([]byte, 24) // struct input_event on 64-bit
+			for {
+				if _, err := io.ReadFull(r, ev); err != nil {
+					return
+				}
+				typ := uint16(ev[16]) | uint16(ev[17])<<8
+				code := uint16(ev[18]) | uint16(ev[19])<<8
+				if typ == 1 && code == 116 { // EV_KEY, KEY_POWER
+					shutdown()
+				}
+			}
+		}()
+	}
+}
+
+// shutdown stops every process, flushes and unmounts disks, and turns the VM off.
+func shutdown() {
+	unix.Kill(-1, unix.SIGTERM)
+	time.Sleep(100 * time.Millisecond)
+	unix.Kill(-1, unix.SIGKILL)
+	unix.Sync()
+	for i := len(mounted) - 1; i >= 0; i-- {
+		if err := unix.Unmount(mounted[i], 0); err != nil {
+			unix.Mount("", mounted[i], "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+		}
+	}
+	unix.Sync()
+	powerOff()
+}
+
+// powerOff ends the VM. Both VMMs are started so that a guest reboot ends the VMM
+// process (QEMU -no-reboot, Firecracker's i8042 reset), which works without ACPI.
+func powerOff() {
+	unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+	select {}
+}

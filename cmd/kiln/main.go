@@ -1,0 +1,81 @@
+// Command kiln is kiln's one binary: the low-level VM tools today, the server and the
+// API client as they land.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+)
+
+// exitError carries an exit code through cobra without printing anything more.
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+type globals struct {
+	dataDir string
+}
+
+func defaultDataDir() string {
+	if d := os.Getenv("KILN_DATA_DIR"); d != "" {
+		return d
+	}
+	if os.Geteuid() == 0 {
+		return "/var/lib/kiln"
+	}
+	if d := os.Getenv("XDG_DATA_HOME"); d != "" {
+		return filepath.Join(d, "kiln")
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".local", "share", "kiln")
+}
+
+func main() {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:           "kiln",
+		Short:         "kiln runs builds and machines in microVMs on your own hosts",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&g.dataDir, "data-dir", defaultDataDir(), "where kiln keeps assets, disks and VM state (env KILN_DATA_DIR)")
+	root.AddCommand(vmCmd(g), assetsCmd(g), diskCmd(g), versionCmd())
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := root.ExecuteContext(ctx)
+	stop()
+	if err == nil {
+		return
+	}
+	var ee exitError
+	if errors.As(err, &ee) {
+		os.Exit(ee.code)
+	}
+	fmt.Fprintf(os.Stderr, "kiln: %v\n", err)
+	switch {
+	case errors.Is(err, errdefs.ErrInvalid), errors.Is(err, errdefs.ErrMissingDependency):
+		os.Exit(2)
+	case errors.Is(err, context.Canceled):
+		os.Exit(130)
+	}
+	os.Exit(1)
+}
+
+var version = "dev"
+
+func versionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print kiln's version",
+		Run:   func(*cobra.Command, []string) { fmt.Println("kiln", version) },
+	}
+}

@@ -1,0 +1,67 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/kilnhq/kiln/internal/assets"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/vmm"
+	"github.com/kilnhq/kiln/internal/vmm/firecracker"
+	"github.com/kilnhq/kiln/internal/vmm/qemu"
+	"github.com/kilnhq/kiln/internal/vmrun"
+)
+
+// initBinary finds kiln-init: KILN_INIT, or beside this executable.
+func initBinary() string {
+	if p := os.Getenv("KILN_INIT"); p != "" {
+		return p
+	}
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "kiln-init")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return ""
+}
+
+func drivers() map[string]vmm.Driver {
+	return map[string]vmm.Driver{
+		"qemu":        &qemu.Driver{},
+		"firecracker": &firecracker.Driver{},
+	}
+}
+
+// reap removes what killed kiln processes left behind; every command that touches VMs
+// calls it first.
+func reap(ctx context.Context, dataDir string) {
+	vmrun.Reap(ctx, dataDir, drivers(), os.Stderr)
+}
+
+// runtime prepares a Runtime: assets present, driver chosen, accelerator resolved.
+func runtime(ctx context.Context, dataDir, vmmName, kernel string, log io.Writer) (*vmrun.Runtime, string, error) {
+	d, ok := drivers()[vmmName]
+	if !ok {
+		return nil, "", errdefs.Invalid("--vmm %q: use qemu or firecracker", vmmName)
+	}
+	set, err := assets.Ensure(ctx, assets.Options{
+		Dir:    filepath.Join(dataDir, "assets"),
+		Kernel: kernel,
+		Init:   initBinary(),
+		Log:    log,
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	rt := &vmrun.Runtime{DataDir: dataDir, Driver: d, Assets: set}
+	accel, why, err := rt.ResolveAccel(ctx, log)
+	if err != nil {
+		return nil, "", err
+	}
+	rt.Accel = accel
+	return rt, fmt.Sprintf("%s (%s)", accel, why), nil
+}

@@ -1,0 +1,232 @@
+package assets
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/volume"
+)
+
+// Set is one VM's boot assets, all read-only and shareable between VMs.
+type Set struct {
+	Kernel    string
+	Initramfs string
+	Rootfs    string
+}
+
+// Options say where assets come from.
+type Options struct {
+	// Dir caches built assets (DATA_DIR/assets).
+	Dir string
+	// Kernel overrides the guest kernel: an ELF vmlinux, or a bzImage with an XZ payload.
+	// Empty means the host's newest Debian kernel (/boot/vmlinuz-*).
+	Kernel string
+	// ModulesDir is the module tree matching the kernel; empty means
+	// /lib/modules/RELEASE for a Debian kernel. A custom kernel with everything built in
+	// needs none.
+	ModulesDir string
+	// Init is the kiln-init binary.
+	Init string
+	// Log receives progress lines for slow steps.
+	Log io.Writer
+	// BuildRootfs allows building the root filesystem if it is missing (minutes, needs
+	// root and the Debian mirror). When false a missing rootfs is an error naming
+	// `make setup`.
+	BuildRootfs bool
+	// Mirror is the Debian mirror for debootstrap.
+	Mirror string
+}
+
+// RootfsSuite and RootfsVariant define the default root filesystem; changing them changes
+// its cache key.
+const (
+	RootfsSuite   = "bookworm"
+	RootfsVariant = "minbase"
+	rootfsRecipe  = "v1"
+)
+
+// Ensure returns the asset set, building what is missing.
+func Ensure(ctx context.Context, o Options) (Set, error) {
+	if o.Log == nil {
+		o.Log = io.Discard
+	}
+	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
+		return Set{}, err
+	}
+	var s Set
+	kernel, modDir, err := o.kernel()
+	if err != nil {
+		return s, err
+	}
+	if s.Kernel, err = o.ensureVmlinux(kernel); err != nil {
+		return s, err
+	}
+	if s.Initramfs, err = o.ensureInitramfs(modDir); err != nil {
+		return s, err
+	}
+	if s.Rootfs, err = o.ensureRootfs(ctx); err != nil {
+		return s, err
+	}
+	return s, nil
+}
+
+func (o Options) kernel() (path, modDir string, err error) {
+	if o.Kernel != "" {
+		if _, err := os.Stat(o.Kernel); err != nil {
+			return "", "", errdefs.Invalid("kernel %s: %v", o.Kernel, err)
+		}
+		return o.Kernel, o.ModulesDir, nil
+	}
+	path, release, err := DebianKernel("/boot")
+	if err != nil {
+		return "", "", err
+	}
+	modDir = o.ModulesDir
+	if modDir == "" {
+		modDir = filepath.Join("/lib/modules", release)
+	}
+	return path, modDir, nil
+}
+
+func (o Options) ensureVmlinux(src string) (string, error) {
+	if IsELF(src) {
+		return src, nil
+	}
+	sum, err := hashFile(src)
+	if err != nil {
+		return "", fmt.Errorf("reading kernel: %w", err)
+	}
+	dst := filepath.Join(o.Dir, "vmlinux-"+sum[:16])
+	if IsELF(dst) {
+		return dst, nil
+	}
+	fmt.Fprintf(o.Log, "extracting vmlinux from %s\n", src)
+	if err := ExtractVmlinux(src, dst); err != nil {
+		return "", err
+	}
+	return dst, nil
+}
+
+func (o Options) ensureInitramfs(modDir string) (string, error) {
+	if o.Init == "" {
+		return "", errdefs.New(errdefs.ErrMissingDependency, "kiln-init binary not found: build it with `make build` (it is looked for beside the kiln binary, or set KILN_INIT)")
+	}
+	initSum, err := hashFile(o.Init)
+	if err != nil {
+		return "", fmt.Errorf("reading kiln-init: %w", err)
+	}
+	var mods []string
+	if modDir != "" {
+		if mods, err = ResolveModules(modDir, GuestModules); err != nil {
+			return "", err
+		}
+	}
+	key := []string{initSum, modDir}
+	for _, m := range mods {
+		fi, err := os.Stat(filepath.Join(modDir, m))
+		if err != nil {
+			return "", err
+		}
+		key = append(key, m, fmt.Sprint(fi.Size(), fi.ModTime().UnixNano()))
+	}
+	dst := filepath.Join(o.Dir, "initramfs-"+hashStrings(key...)+".cpio")
+	if _, err := os.Stat(dst); err == nil {
+		return dst, nil
+	}
+	if err := WriteInitramfs(dst, o.Init, modDir, mods); err != nil {
+		return "", fmt.Errorf("writing initramfs: %w", err)
+	}
+	return dst, nil
+}
+
+// RootfsPath is where the default root filesystem is cached.
+func RootfsPath(dir string) string {
+	return filepath.Join(dir, "rootfs-"+hashStrings(RootfsSuite, RootfsVariant, rootfsRecipe)+".ext4")
+}
+
+func (o Options) ensureRootfs(ctx context.Context) (string, error) {
+	dst := RootfsPath(o.Dir)
+	if _, err := volume.Inspect(dst); err == nil {
+		return dst, nil
+	}
+	if !o.BuildRootfs {
+		return "", errdefs.New(errdefs.ErrMissingDependency, "the default root filesystem is not built yet: run `make setup` (or `kiln assets build`)")
+	}
+	return dst, BuildRootfs(ctx, dst, o.Mirror, o.Log)
+}
+
+// BuildRootfs debootstraps a minimal Debian into a temporary directory under dst's
+// directory and packs it into an ext4 image at dst.
+func BuildRootfs(ctx context.Context, dst, mirror string, log io.Writer) error {
+	deb, err := exec.LookPath("debootstrap")
+	if err != nil {
+		if _, serr := os.Stat("/usr/sbin/debootstrap"); serr != nil {
+			return errdefs.Missing("debootstrap", "debootstrap")
+		}
+		deb = "/usr/sbin/debootstrap"
+	}
+	if mirror == "" {
+		mirror = "http://deb.debian.org/debian"
+	}
+	tree, err := os.MkdirTemp(filepath.Dir(dst), "rootfs-build-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tree)
+	fmt.Fprintf(log, "building the default root filesystem (debootstrap %s %s); this takes a minute or two\n", RootfsVariant, RootfsSuite)
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, deb, "--variant="+RootfsVariant, RootfsSuite, tree, mirror)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		tail := string(out)
+		if len(tail) > 2000 {
+			tail = tail[len(tail)-2000:]
+		}
+		return fmt.Errorf("debootstrap failed: %w\n%s", err, strings.TrimSpace(tail))
+	}
+	// Trim what a VM never needs: package caches and docs.
+	for _, p := range []string{"var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/locale"} {
+		ents, _ := os.ReadDir(filepath.Join(tree, p))
+		for _, e := range ents {
+			if e.Name() != "partial" && e.Name() != "lock" {
+				os.RemoveAll(filepath.Join(tree, p, e.Name()))
+			}
+		}
+	}
+	os.WriteFile(filepath.Join(tree, "etc/hostname"), []byte("kiln\n"), 0o644)
+	size, err := dirSize(tree)
+	if err != nil {
+		return err
+	}
+	// Room for the filesystem's own metadata; the VM never writes here.
+	size = size*13/10 + 64<<20
+	tmp := dst + ".tmp"
+	os.Remove(tmp)
+	if err := volume.Create(ctx, tmp, size, tree); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		return err
+	}
+	fmt.Fprintf(log, "root filesystem ready in %s: %s\n", time.Since(start).Round(time.Second), dst)
+	return nil
+}
+
+func dirSize(dir string) (int64, error) {
+	var n int64
+	err := filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		n += fi.Size() + 4096
+		return nil
+	})
+	return n, err
+}

@@ -1,0 +1,152 @@
+// Package guest is the host side of kiln's agent protocol and the wire types it shares
+// with the guest agent (internal/guest/agent, run by cmd/kiln-init inside every VM).
+//
+// The transport is one byte stream per VM: a virtio-serial port under QEMU, a vsock
+// connection under Firecracker. On it runs a yamux session opened by the host; every
+// request is one yamux stream that starts with a length-prefixed JSON Header. yamux gives
+// each stream its own flow-control window, so a guest process that writes faster than the
+// host reads blocks in write(2) instead of filling memory, and several execs share one
+// connection without waiting on each other.
+//
+// An exec uses up to four streams tied together by a random token: stdout, stderr and
+// stdin carry raw bytes, the control stream carries the request, signals and resizes one
+// way and the exit status the other way. Keeping data off the control stream means a
+// process that never reads stdin cannot stop a signal from reaching it.
+package guest
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+)
+
+// Version is the agent protocol version. Host and guest refuse to talk across versions:
+// a guest built from another kiln release fails at connect time with a message saying so.
+const Version = 1
+
+// PortName is the virtio-serial port name the guest agent looks for under QEMU.
+const PortName = "kiln.agent"
+
+// VsockPort is the vsock port the guest agent listens on under Firecracker.
+const VsockPort = 1024
+
+// Op names a request.
+type Op string
+
+const (
+	OpHello     Op = "hello"
+	OpExec      Op = "exec"
+	OpStdin     Op = "stdin"
+	OpStdout    Op = "stdout"
+	OpStderr    Op = "stderr"
+	OpReadFile  Op = "read_file"
+	OpWriteFile Op = "write_file"
+	OpSync      Op = "sync"
+	OpPowerOff  Op = "poweroff"
+)
+
+// Header opens every stream.
+type Header struct {
+	Version int          `json:"v"`
+	Op      Op           `json:"op"`
+	Token   string       `json:"token,omitempty"`
+	Exec    *ExecRequest `json:"exec,omitempty"`
+	Path    string       `json:"path,omitempty"`
+	Mode    uint32       `json:"mode,omitempty"`
+}
+
+// ExecRequest describes a process to start in the guest.
+type ExecRequest struct {
+	Argv []string `json:"argv"`
+	// Env is KEY=VALUE pairs added to a default environment (PATH, HOME, TERM).
+	Env []string `json:"env,omitempty"`
+	Dir string   `json:"dir,omitempty"`
+	UID uint32   `json:"uid,omitempty"`
+	GID uint32   `json:"gid,omitempty"`
+	TTY bool     `json:"tty,omitempty"`
+	// Rows and Cols size the TTY.
+	Rows uint16 `json:"rows,omitempty"`
+	Cols uint16 `json:"cols,omitempty"`
+	// TimeoutMS kills the process group after this long; 0 means no limit.
+	TimeoutMS int64 `json:"timeout_ms,omitempty"`
+	// Stdin says a stdin stream is attached; without it the process reads /dev/null.
+	Stdin bool `json:"stdin,omitempty"`
+}
+
+// ErrCode classifies a guest-side failure so the host can map it without parsing text.
+type ErrCode string
+
+const (
+	CodeNotFound ErrCode = "not_found"
+	CodeInvalid  ErrCode = "invalid"
+	CodeVersion  ErrCode = "version"
+	CodeInternal ErrCode = "internal"
+)
+
+// Reply answers a Header.
+type Reply struct {
+	Error   string  `json:"error,omitempty"`
+	Code    ErrCode `json:"code,omitempty"`
+	Version int     `json:"v,omitempty"`
+	PID     int     `json:"pid,omitempty"`
+	Size    int64   `json:"size,omitempty"`
+	Mode    uint32  `json:"mode,omitempty"`
+	// Kernel and Init describe the guest in a hello reply.
+	Kernel string `json:"kernel,omitempty"`
+	// BootMS is the guest's CLOCK_BOOTTIME when kiln-init started and when the agent
+	// became ready, so the host can split boot time into kernel and init.
+	InitStartMS int64 `json:"init_start_ms,omitempty"`
+	ReadyMS     int64 `json:"ready_ms,omitempty"`
+}
+
+// Control flows host → guest on an exec's control stream after it started.
+type Control struct {
+	Signal int      `json:"signal,omitempty"`
+	Resize *WinSize `json:"resize,omitempty"`
+}
+
+// WinSize is a terminal size.
+type WinSize struct {
+	Rows uint16 `json:"rows"`
+	Cols uint16 `json:"cols"`
+}
+
+// ExitStatus flows guest → host once the process ended and its output was sent.
+type ExitStatus struct {
+	// Code is the exit code, or 128+Signal when a signal ended the process, as shells do.
+	Code     int  `json:"code"`
+	Signal   int  `json:"signal,omitempty"`
+	TimedOut bool `json:"timed_out,omitempty"`
+}
+
+const maxFrame = 1 << 20
+
+// WriteFrame writes v as one length-prefixed JSON frame.
+func WriteFrame(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	var n [4]byte
+	binary.BigEndian.PutUint32(n[:], uint32(len(b)))
+	_, err = w.Write(append(n[:], b...))
+	return err
+}
+
+// ReadFrame reads one frame written by WriteFrame into v.
+func ReadFrame(r io.Reader, v any) error {
+	var n [4]byte
+	if _, err := io.ReadFull(r, n[:]); err != nil {
+		return err
+	}
+	size := binary.BigEndian.Uint32(n[:])
+	if size > maxFrame {
+		return fmt.Errorf("agent frame of %d bytes exceeds %d: peer is not a kiln agent", size, maxFrame)
+	}
+	b := make([]byte, size)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
+}

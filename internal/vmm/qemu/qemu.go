@@ -1,0 +1,311 @@
+// Package qemu is the vmm.Driver for QEMU's microvm machine type: the driver that runs
+// where Firecracker cannot (no KVM, or no firecracker binary). It boots the same ELF
+// kernel and initramfs, gives the guest virtio-mmio disks and a virtio-serial port for
+// the agent, and controls QEMU over QMP.
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/vmm"
+)
+
+// DefaultBinary is the QEMU system emulator kiln runs.
+const DefaultBinary = "qemu-system-x86_64"
+
+// Driver runs VMs under QEMU.
+type Driver struct {
+	// Binary is the QEMU executable; empty means DefaultBinary on PATH.
+	Binary string
+}
+
+var _ vmm.Driver = (*Driver)(nil)
+
+func (d *Driver) Name() string { return "qemu" }
+
+// Capabilities: QEMU can pause and resume; snapshots to a file arrive with suspend.
+func (d *Driver) Capabilities() vmm.Capabilities { return vmm.Capabilities{} }
+
+// Binary resolves the QEMU executable or explains how to install it.
+func (d *Driver) binary() (string, error) {
+	b := d.Binary
+	if b == "" {
+		b = DefaultBinary
+	}
+	p, err := exec.LookPath(b)
+	if err != nil {
+		return "", errdefs.Missing("QEMU ("+b+")", "qemu-system-x86")
+	}
+	return p, nil
+}
+
+// files a VM keeps in its directory.
+const (
+	qmpSock    = "qmp.sock"
+	agentSock  = "agent.sock"
+	consoleLog = "console.log"
+	vmmLog     = "vmm.log"
+)
+
+// Args returns QEMU's command line for cfg. Exported for tests and `--verbose`.
+func Args(cfg vmm.Config) []string {
+	accel, cpu := "tcg,thread=multi,tb-size=256", "max"
+	if cfg.Accel == vmm.AccelKVM {
+		accel, cpu = "kvm", "host"
+	}
+	cmdline := vmm.BaseCmdline + " reboot=t"
+	if cfg.Cmdline != "" {
+		cmdline += " " + cfg.Cmdline
+	}
+	a := []string{
+		"-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+		"-accel", accel, "-cpu", cpu,
+		"-smp", fmt.Sprint(cfg.CPUs), "-m", fmt.Sprintf("%dM", cfg.MemoryMiB),
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-S",
+		"-kernel", cfg.Kernel, "-append", cmdline,
+		"-chardev", "file,id=con,path=" + filepath.Join(cfg.Dir, consoleLog),
+		"-serial", "chardev:con",
+		"-qmp", "unix:" + filepath.Join(cfg.Dir, qmpSock) + ",server=on,wait=off",
+		"-device", "virtio-serial-device",
+		"-chardev", "socket,id=agent,path=" + filepath.Join(cfg.Dir, agentSock) + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=" + guest.PortName,
+	}
+	if cfg.Initramfs != "" {
+		a = append(a, "-initrd", cfg.Initramfs)
+	}
+	for i, d := range cfg.Disks {
+		opt := fmt.Sprintf("id=disk%d,file=%s,format=raw,if=none", i, d.Path)
+		if d.ReadOnly {
+			opt += ",readonly=on"
+		}
+		a = append(a, "-drive", opt, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
+	}
+	return a
+}
+
+type vm struct {
+	h      vmm.Handle
+	exited <-chan struct{}
+	mu     sync.Mutex
+	q      *qmp
+}
+
+var _ vmm.VM = (*vm)(nil)
+var _ vmm.Snapshotter = (*vm)(nil)
+
+// Create starts QEMU paused (-S) with cfg and connects to its monitor.
+func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
+	bin, err := d.binary()
+	if err != nil {
+		return nil, err
+	}
+	if err := vmm.Validate(cfg); err != nil {
+		return nil, err
+	}
+	if cfg.Accel == "" {
+		cfg.Accel = vmm.AccelTCG
+	}
+	logf, err := os.Create(filepath.Join(cfg.Dir, vmmLog))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, Args(cfg)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Own session: a terminal's Ctrl-C reaches kiln, which then stops the VM in order,
+	// instead of reaching QEMU directly.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting qemu: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	v := &vm{
+		h: vmm.Handle{Driver: d.Name(), ID: cfg.ID, Dir: cfg.Dir, PID: cmd.Process.Pid,
+			PIDStart: vmm.ProcStart(cmd.Process.Pid), Accel: cfg.Accel},
+		exited: exited,
+	}
+	qctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-exited:
+			cancel()
+		case <-qctx.Done():
+		}
+	}()
+	v.q, err = dialQMP(qctx, filepath.Join(cfg.Dir, qmpSock))
+	if err != nil {
+		v.Kill(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("qemu did not come up: %w%s", err, logTail(filepath.Join(cfg.Dir, vmmLog)))
+	}
+	return v, nil
+}
+
+// logTail returns the last lines of a log for an error message.
+func logTail(path string) string {
+	b, _ := os.ReadFile(path)
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return ""
+	}
+	if len(s) > 1500 {
+		s = s[len(s)-1500:]
+	}
+	return "\n" + s
+}
+
+// Recover re-attaches to a QEMU started by an earlier kiln process.
+func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
+	v := &vm{h: h, exited: vmm.WatchExit(h.PID, h.PIDStart)}
+	if !vmm.Alive(h.PID, h.PIDStart) {
+		return v, nil
+	}
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	q, err := dialQMP(qctx, filepath.Join(h.Dir, qmpSock))
+	if err != nil {
+		return v, fmt.Errorf("re-attaching to qemu pid %d: %w", h.PID, err)
+	}
+	v.q = q
+	return v, nil
+}
+
+func (v *vm) Handle() vmm.Handle    { return v.h }
+func (v *vm) Wait() <-chan struct{} { return v.exited }
+func (v *vm) ConsoleLog() string    { return filepath.Join(v.h.Dir, consoleLog) }
+func (v *vm) isExited() bool {
+	select {
+	case <-v.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+func (v *vm) qmpRun(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
+	v.mu.Lock()
+	q := v.q
+	v.mu.Unlock()
+	if q == nil || v.isExited() {
+		return nil, errdefs.New(errdefs.ErrConflict, "vm %s is not running", v.h.ID)
+	}
+	return q.run(ctx, cmd, args)
+}
+
+func (v *vm) Start(ctx context.Context) error {
+	_, err := v.qmpRun(ctx, "cont", nil)
+	return err
+}
+
+func (v *vm) Pause(ctx context.Context) error {
+	_, err := v.qmpRun(ctx, "stop", nil)
+	return err
+}
+
+func (v *vm) Resume(ctx context.Context) error { return v.Start(ctx) }
+
+func (v *vm) Snapshot(ctx context.Context, dir string) error {
+	return errdefs.New(errdefs.ErrInvalid, "the qemu driver does not support snapshots yet")
+}
+
+// Stop presses the ACPI power button (kiln-init powers off on it) and kills QEMU if the
+// guest is not gone within grace.
+func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
+	if v.isExited() {
+		return nil
+	}
+	if _, err := v.qmpRun(ctx, "system_powerdown", nil); err == nil {
+		t := time.NewTimer(grace)
+		defer t.Stop()
+		select {
+		case <-v.exited:
+			return nil
+		case <-t.C:
+		case <-ctx.Done():
+		}
+	}
+	return v.Kill(context.WithoutCancel(ctx))
+}
+
+func (v *vm) Kill(ctx context.Context) error {
+	if err := vmm.KillAndWait(v.h.PID, v.h.PIDStart, 10*time.Second); err != nil {
+		return err
+	}
+	select {
+	case <-v.exited:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return nil
+}
+
+// Destroy kills QEMU and removes the driver's files from the VM's directory.
+func (v *vm) Destroy(ctx context.Context) error {
+	err := v.Kill(ctx)
+	v.mu.Lock()
+	if v.q != nil {
+		v.q.close()
+		v.q = nil
+	}
+	v.mu.Unlock()
+	for _, f := range []string{qmpSock, agentSock, consoleLog, vmmLog} {
+		if rerr := os.Remove(filepath.Join(v.h.Dir, f)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
+			err = rerr
+		}
+	}
+	return err
+}
+
+func (v *vm) Inspect(ctx context.Context) (vmm.Info, error) {
+	info := vmm.Info{PID: v.h.PID, Accel: v.h.Accel, State: vmm.StateExited}
+	if v.isExited() {
+		return info, nil
+	}
+	raw, err := v.qmpRun(ctx, "query-status", nil)
+	if err != nil {
+		if v.isExited() {
+			return info, nil
+		}
+		return info, err
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	json.Unmarshal(raw, &st)
+	switch st.Status {
+	case "prelaunch":
+		info.State = vmm.StateCreated
+	case "running":
+		info.State = vmm.StateRunning
+	case "paused":
+		info.State = vmm.StatePaused
+	case "shutdown", "guest-panicked", "internal-error":
+		info.State = vmm.StateExited
+	default:
+		info.State = vmm.State(st.Status)
+	}
+	return info, nil
+}
+
+func (v *vm) DialAgent(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", filepath.Join(v.h.Dir, agentSock))
+	if err != nil {
+		return nil, errdefs.New(errdefs.ErrUnavailable, "connecting to the agent of vm %s: %v", v.h.ID, err)
+	}
+	return c, nil
+}

@@ -1,0 +1,51 @@
+package vmm
+
+import (
+	"bufio"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+)
+
+// MinMemoryMiB is the least memory a kiln guest boots with: the kernel, the initramfs
+// unpacked, and kiln-init.
+const MinMemoryMiB = 128
+
+// HostMemoryMiB is the host's total memory.
+func HostMemoryMiB() int {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "MemTotal:"); ok {
+			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+// Validate checks a Config against the host. Errors name the field and the allowed range.
+func Validate(cfg Config) error {
+	if n := runtime.NumCPU(); cfg.CPUs < 1 || cfg.CPUs > n {
+		return errdefs.Invalid("cpus=%d is out of range: this host allows 1 to %d", cfg.CPUs, n)
+	}
+	maxMem := HostMemoryMiB() - 256
+	if cfg.MemoryMiB < MinMemoryMiB || (maxMem > 0 && cfg.MemoryMiB > maxMem) {
+		return errdefs.Invalid("memory=%d MiB is out of range: this host allows %d to %d MiB", cfg.MemoryMiB, MinMemoryMiB, maxMem)
+	}
+	if cfg.Dir == "" || !filepath.IsAbs(cfg.Dir) {
+		return errdefs.Invalid("vm directory %q must be an absolute path", cfg.Dir)
+	}
+	if _, err := os.Stat(cfg.Kernel); err != nil {
+		return errdefs.Invalid("kernel %s: %v", cfg.Kernel, err)
+	}
+	return nil
+}

@@ -1,0 +1,296 @@
+// Package vmrun boots one VM with its agent connected and tears it down without leaving
+// anything behind. It is what `kiln vm run`, the tests and the benchmarks use; the
+// machine service will build on it. Every VM gets a directory under DATA_DIR/vms holding
+// a record written before anything is created, so a kiln process killed at any point
+// leaves enough behind for the next one to find and remove what it made (Reap).
+package vmrun
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/assets"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/vmm"
+	"github.com/kilnhq/kiln/internal/volume"
+)
+
+// Runtime boots VMs on this host.
+type Runtime struct {
+	DataDir string
+	Driver  vmm.Driver
+	Assets  assets.Set
+	// Accel is passed to the driver; resolve it once with ResolveAccel.
+	Accel vmm.Accel
+	// BootTimeout bounds how long a guest may take to answer after Start; zero means
+	// DefaultBootTimeout.
+	BootTimeout time.Duration
+}
+
+// Mount attaches an ext4 image read-write at an absolute path in the guest.
+type Mount struct {
+	Image string
+	Path  string
+}
+
+// Spec is one VM to boot.
+type Spec struct {
+	CPUs      int
+	MemoryMiB int
+	Mounts    []Mount
+	Hostname  string
+}
+
+// Timing splits a boot into its phases.
+type Timing struct {
+	VMMStart time.Duration // spawning the VMM until it accepts commands
+	Kernel   time.Duration // guest clock at kiln-init start
+	Init     time.Duration // kiln-init start to agent ready (guest clock)
+	Total    time.Duration // Boot called until the agent answered
+}
+
+// Instance is a booted VM with its agent.
+type Instance struct {
+	ID     string
+	Dir    string
+	VM     vmm.VM
+	Agent  *guest.Client
+	Timing Timing
+	rt     *Runtime
+	leases []*volume.Lease
+}
+
+// record is the on-disk claim to a VM's resources.
+type record struct {
+	ID         string     `json:"id"`
+	OwnerPID   int        `json:"owner_pid"`
+	OwnerStart uint64     `json:"owner_start"`
+	Handle     vmm.Handle `json:"handle"`
+}
+
+func (rt *Runtime) vmsDir() string      { return filepath.Join(rt.DataDir, "vms") }
+func (rt *Runtime) locks() volume.Locks { return volume.Locks{Dir: filepath.Join(rt.DataDir, "locks")} }
+
+func newID() string {
+	var b [6]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func writeRecord(dir string, r record) error {
+	b, _ := json.MarshalIndent(r, "", "  ")
+	tmp := filepath.Join(dir, "record.json.tmp")
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, "record.json"))
+}
+
+// ValidateMounts checks mounts before anything is created.
+func ValidateMounts(ms []Mount) ([]volume.Info, error) {
+	var infos []volume.Info
+	seen := map[string]bool{}
+	for _, m := range ms {
+		if !filepath.IsAbs(m.Path) || strings.ContainsAny(m.Path, " :\t\n") {
+			return nil, errdefs.Invalid("mount point %q must be an absolute path without spaces or colons, like /data", m.Path)
+		}
+		if filepath.Clean(m.Path) == "/" {
+			return nil, errdefs.Invalid("a disk cannot be mounted at /: the root filesystem is the image")
+		}
+		info, err := volume.Inspect(m.Image)
+		if err != nil {
+			return nil, err
+		}
+		if seen[info.UUID] {
+			return nil, errdefs.Invalid("disk %s is given twice (or shares a UUID with another disk)", m.Image)
+		}
+		seen[info.UUID] = true
+		infos = append(infos, info)
+	}
+	return infos, nil
+}
+
+// Boot creates and starts a VM and connects its agent. On error nothing is left.
+func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err error) {
+	infos, err := ValidateMounts(spec.Mounts)
+	if err != nil {
+		return nil, err
+	}
+	root, err := volume.Inspect(rt.Assets.Rootfs)
+	if err != nil {
+		return nil, fmt.Errorf("root filesystem: %w", err)
+	}
+	id := newID()
+	dir := filepath.Join(rt.vmsDir(), id)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	inst = &Instance{ID: id, Dir: dir, rt: rt}
+	defer func() {
+		if err != nil {
+			inst.Destroy(context.WithoutCancel(ctx))
+		}
+	}()
+	rec := record{ID: id, OwnerPID: os.Getpid(), OwnerStart: vmm.ProcStart(os.Getpid())}
+	if err := writeRecord(dir, rec); err != nil {
+		return inst, err
+	}
+	cmdline := "kiln.root=" + root.UUID
+	disks := []vmm.Disk{{Path: rt.Assets.Rootfs, ReadOnly: true}}
+	for i, m := range spec.Mounts {
+		lease, err := rt.locks().Acquire(m.Image, id)
+		if err != nil {
+			return inst, err
+		}
+		inst.leases = append(inst.leases, lease)
+		disks = append(disks, vmm.Disk{Path: m.Image})
+		cmdline += fmt.Sprintf(" kiln.disk=%s:%s", infos[i].UUID, filepath.Clean(m.Path))
+	}
+	if spec.Hostname != "" {
+		cmdline += " kiln.hostname=" + spec.Hostname
+	}
+	start := time.Now()
+	vm, err := rt.Driver.Create(ctx, vmm.Config{
+		ID: id, Dir: dir, CPUs: spec.CPUs, MemoryMiB: spec.MemoryMiB,
+		Kernel: rt.Assets.Kernel, Initramfs: rt.Assets.Initramfs,
+		Cmdline: cmdline, Disks: disks, Accel: rt.Accel,
+	})
+	if err != nil {
+		return inst, err
+	}
+	inst.VM = vm
+	rec.Handle = vm.Handle()
+	if err := writeRecord(dir, rec); err != nil {
+		return inst, err
+	}
+	inst.Timing.VMMStart = time.Since(start)
+	if err := vm.Start(ctx); err != nil {
+		return inst, err
+	}
+	if err := inst.connect(ctx); err != nil {
+		return inst, err
+	}
+	inst.Timing.Total = time.Since(start)
+	inst.Timing.Kernel = time.Duration(inst.Agent.Hello.InitStartMS) * time.Millisecond
+	inst.Timing.Init = time.Duration(inst.Agent.Hello.ReadyMS-inst.Agent.Hello.InitStartMS) * time.Millisecond
+	return inst, nil
+}
+
+// DefaultBootTimeout: software emulation boots in seconds; a guest silent for this long
+// has hung.
+const DefaultBootTimeout = 90 * time.Second
+
+func (inst *Instance) connect(ctx context.Context) error {
+	timeout := inst.rt.BootTimeout
+	if timeout == 0 {
+		timeout = DefaultBootTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-inst.VM.Wait():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	conn, err := inst.VM.DialAgent(ctx)
+	if err == nil {
+		inst.Agent, err = guest.Connect(ctx, conn)
+	}
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, errdefs.ErrProtocol) {
+		return err
+	}
+	select {
+	case <-inst.VM.Wait():
+		return errdefs.New(errdefs.ErrUnavailable, "the VM exited during boot%s", inst.consoleTail())
+	default:
+	}
+	if ctx.Err() != nil {
+		return errdefs.New(errdefs.ErrUnavailable, "the guest agent did not answer within %s%s", timeout, inst.consoleTail())
+	}
+	return fmt.Errorf("connecting to the guest agent: %w%s", err, inst.consoleTail())
+}
+
+// consoleTail is the end of the guest console, for errors: a VM that fails must not fail
+// without its logs.
+func (inst *Instance) consoleTail() string {
+	if inst.VM == nil {
+		return ""
+	}
+	b, _ := os.ReadFile(inst.VM.ConsoleLog())
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return ""
+	}
+	if len(s) > 3000 {
+		s = s[len(s)-3000:]
+	}
+	return "\n--- guest console ---\n" + s
+}
+
+// Shutdown powers the guest off cleanly (disks synced and unmounted), then removes
+// everything. It falls back to Stop and Destroy when the guest does not cooperate.
+func (inst *Instance) Shutdown(ctx context.Context, grace time.Duration) error {
+	if inst.VM != nil && inst.Agent != nil {
+		pctx, cancel := context.WithTimeout(ctx, grace)
+		if inst.Agent.PowerOff(pctx) == nil {
+			select {
+			case <-inst.VM.Wait():
+			case <-pctx.Done():
+			}
+		}
+		cancel()
+	}
+	if inst.VM != nil {
+		inst.VM.Stop(ctx, grace)
+	}
+	return inst.Destroy(ctx)
+}
+
+// Destroy kills the VM at once and removes everything it had.
+func (inst *Instance) Destroy(ctx context.Context) error {
+	var errs []error
+	if inst.Agent != nil {
+		inst.Agent.Close()
+	}
+	if inst.VM != nil {
+		if err := inst.VM.Destroy(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	} else {
+		// Created but never handed back: make sure no VMM of this VM survives.
+		killByDir(inst.Dir)
+	}
+	for _, l := range inst.leases {
+		l.Release()
+	}
+	if err := os.RemoveAll(inst.Dir); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// ExecStatus runs req and maps a missing command to exit 127, as a shell would.
+func (inst *Instance) Exec(ctx context.Context, req guest.ExecRequest, pio guest.IO) (guest.ExitStatus, error) {
+	st, err := inst.Agent.Exec(ctx, req, pio)
+	if err != nil && errors.Is(err, errdefs.ErrNotFound) {
+		return guest.ExitStatus{Code: 127}, err
+	}
+	if err != nil && errors.Is(err, errdefs.ErrInvalid) {
+		return guest.ExitStatus{Code: 126}, err
+	}
+	return st, err
+}
