@@ -301,9 +301,7 @@ func loopbackUp() {
 	unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
 }
 
-// serveSerial serves the agent on the virtio-serial port named guest.PortName. The port
-// reads EOF while no host is connected, so a session ends when the host disconnects and
-// a new one starts when it comes back.
+// serveSerial serves the agent on the virtio-serial port named guest.PortName.
 func serveSerial(a *agent.Agent) {
 	var dev string
 	for i := 0; dev == ""; i++ {
@@ -321,18 +319,14 @@ func serveSerial(a *agent.Agent) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	for {
-		f, err := os.OpenFile(dev, os.O_RDWR, 0)
-		if err != nil {
-			logf("opening %s: %v", dev, err)
-			time.Sleep(time.Second)
-			continue
-		}
-		start := time.Now()
-		a.Serve(context.Background(), f)
-		if time.Since(start) < 50*time.Millisecond {
-			time.Sleep(20 * time.Millisecond)
-		}
+	// The port stays open for the VM's life: closing it would drop bytes the host sent.
+	f, err := os.OpenFile(dev, os.O_RDWR, 0)
+	if err != nil {
+		logf("opening %s: %v", dev, err)
+		return
+	}
+	if err := a.ServeLink(context.Background(), f, true); err != nil {
+		logf("agent on %s: %v", dev, err)
 	}
 }
 
@@ -346,34 +340,55 @@ func serveVsock(a *agent.Agent) {
 		if err != nil {
 			return
 		}
-		go a.Serve(context.Background(), c)
+		go func() {
+			defer c.Close()
+			a.ServeLink(context.Background(), c, false)
+		}()
 	}
 }
 
 // watchPowerButton turns the VM off when the VMM presses the ACPI power button (QEMU's
-// system_powerdown), read as KEY_POWER from the input devices.
+// system_powerdown), read as KEY_POWER from the button's input device. The device shows
+// up asynchronously after the button module loads, so look for it for a while.
 func watchPowerButton() {
-	time.Sleep(100 * time.Millisecond)
-	devs, _ := filepath.Glob("/dev/input/event*")
-	for _, d := range devs {
-		go func() {
-			f, err := os.Open(d)
-			if err != nil {
-				return
+	var dev string
+	for i := 0; i < 200 && dev == ""; i++ {
+		names, _ := filepath.Glob("/sys/class/input/event*/device/name")
+		for _, n := range names {
+			if b, _ := os.ReadFile(n); strings.TrimSpace(string(b)) == "Power Button" {
+				dev = "/dev/input/" + filepath.Base(filepath.Dir(filepath.Dir(n)))
 			}
-			r := bufio.NewReader(f)
-			ev := make([]byte, 24) // struct input_event on 64-bit
-			for {
-				if _, err := io.ReadFull(r, ev); err != nil {
-					return
-				}
-				typ := uint16(ev[16]) | uint16(ev[17])<<8
-				code := uint16(ev[18]) | uint16(ev[19])<<8
-				if typ == 1 && code == 116 { // EV_KEY, KEY_POWER
-					shutdown()
-				}
-			}
-		}()
+		}
+		if dev == "" {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if dev == "" {
+		return // no ACPI power button: this VMM stops the guest with Ctrl-Alt-Del
+	}
+	var f *os.File
+	var err error
+	for i := 0; i < 100; i++ {
+		if f, err = os.Open(dev); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		logf("opening power button %s: %v", dev, err)
+		return
+	}
+	r := bufio.NewReader(f)
+	ev := make([]byte, 24) // struct input_event on 64-bit
+	for {
+		if _, err := io.ReadFull(r, ev); err != nil {
+			return
+		}
+		typ := uint16(ev[16]) | uint16(ev[17])<<8
+		code := uint16(ev[18]) | uint16(ev[19])<<8
+		if typ == 1 && code == 116 { // EV_KEY, KEY_POWER
+			shutdown()
+		}
 	}
 }
 

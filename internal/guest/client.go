@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"sync"
 	"time"
 
@@ -38,8 +39,13 @@ type Client struct {
 
 // Connect runs the agent protocol over conn (already connected to the guest) and checks
 // the guest speaks this protocol version. Connect owns conn from then on.
-func Connect(ctx context.Context, conn io.ReadWriteCloser) (*Client, error) {
-	sess, err := yamux.Client(conn, SessionConfig())
+func Connect(ctx context.Context, conn net.Conn) (*Client, error) {
+	r, err := handshake(ctx, conn)
+	if err != nil {
+		conn.Close()
+		return nil, errdefs.New(errdefs.ErrUnavailable, "guest agent did not answer: %v", err)
+	}
+	sess, err := yamux.Client(&handshakeConn{Conn: conn, r: r}, SessionConfig())
 	if err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("starting agent session: %w", err)
@@ -66,6 +72,15 @@ func Connect(ctx context.Context, conn io.ReadWriteCloser) (*Client, error) {
 
 // Close ends the session; streams in flight fail with ErrUnavailable.
 func (c *Client) Close() error { return c.sess.Close() }
+
+// Dial connects with dial and runs Connect.
+func Dial(ctx context.Context, dial func(context.Context) (net.Conn, error)) (*Client, error) {
+	conn, err := dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return Connect(ctx, conn)
+}
 
 // Done is closed when the transport to the guest is gone.
 func (c *Client) Done() <-chan struct{} { return c.sess.CloseChan() }

@@ -12,6 +12,7 @@
 //	Kill     the VMM process is killed at once.
 //	Wait     a channel closed when the VMM process has exited, whatever the cause.
 //	Destroy  kills if needed and removes everything the driver made in Config.Dir.
+//	Detach   lets go of a running VM without stopping it.
 //	Recover  re-attaches to a VM from its persisted Handle, e.g. after kiln restarted.
 //
 // Drivers that declare Capabilities.Snapshot also implement Snapshotter.
@@ -108,6 +109,9 @@ type VM interface {
 	DialAgent(ctx context.Context) (net.Conn, error)
 	// ConsoleLog is the path of the guest's serial console output.
 	ConsoleLog() string
+	// Detach drops this process's connections to the VMM and leaves the VM running, for
+	// a kiln that hands its VMs to its successor (which calls Recover).
+	Detach() error
 }
 
 // Snapshotter is implemented by VMs whose driver declares Capabilities.Snapshot.
@@ -121,4 +125,4 @@ type Snapshotter interface {
 // BaseCmdline are kernel arguments every kiln guest gets. The tsc flags keep a kernel
 // under software emulation from hanging while it calibrates the TSC (about one boot in
 // three without them); panic=-1 turns a guest panic into a VMM exit rather than a hang.
-const BaseCmdline = "console=ttyS0 quiet loglevel=4 panic=-1 tsc_early_khz=2000000 tsc=reliable no_timer_check rdinit=/init"
+const BaseCmdline = "console=ttyS0 pci=off quiet loglevel=4 panic=-1 tsc_early_khz=2000000 tsc=reliable no_timer_check rdinit=/init"

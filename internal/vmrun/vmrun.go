@@ -203,10 +203,8 @@ func (inst *Instance) connect(ctx context.Context) error {
 		case <-ctx.Done():
 		}
 	}()
-	conn, err := inst.VM.DialAgent(ctx)
-	if err == nil {
-		inst.Agent, err = guest.Connect(ctx, conn)
-	}
+	var err error
+	inst.Agent, err = guest.Dial(ctx, inst.VM.DialAgent)
 	if err == nil {
 		return nil
 	}

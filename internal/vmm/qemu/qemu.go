@@ -253,15 +253,20 @@ func (v *vm) Kill(ctx context.Context) error {
 	return nil
 }
 
-// Destroy kills QEMU and removes the driver's files from the VM's directory.
-func (v *vm) Destroy(ctx context.Context) error {
-	err := v.Kill(ctx)
+func (v *vm) Detach() error {
 	v.mu.Lock()
+	defer v.mu.Unlock()
 	if v.q != nil {
 		v.q.close()
 		v.q = nil
 	}
-	v.mu.Unlock()
+	return nil
+}
+
+// Destroy kills QEMU and removes the driver's files from the VM's directory.
+func (v *vm) Destroy(ctx context.Context) error {
+	err := v.Kill(ctx)
+	v.Detach()
 	for _, f := range []string{qmpSock, agentSock, consoleLog, vmmLog} {
 		if rerr := os.Remove(filepath.Join(v.h.Dir, f)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
 			err = rerr

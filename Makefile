@@ -1,0 +1,48 @@
+# kiln: the two commands for a fresh Debian 12 host are `make demo` and `make test`.
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+export CGO_ENABLED := 0
+GO ?= go
+# Where assets, disks and VM state live; tests use their own directories for VM state
+# and share the asset cache.
+export KILN_DATA_DIR ?= /var/lib/kiln
+TEST_TIMEOUT ?= 25m
+
+.PHONY: all setup deps build assets demo test test-fast bench clean
+
+all: build
+
+## setup: install packages and Go modules, build kiln, build the guest assets
+setup: deps build assets
+
+deps:
+	./scripts/setup.sh
+
+build:
+	$(GO) build -o bin/kiln ./cmd/kiln
+	$(GO) build -o bin/kiln-init ./cmd/kiln-init
+
+assets: build
+	./bin/kiln assets build
+
+## demo: boot a microVM, run a command in it, get its exit status back
+demo: setup
+	@echo '$$ kiln vm run -- sh -c '"'"'echo hello from $$(uname -r); exit 3'"'"
+	@./bin/kiln vm run --verbose -- sh -c 'echo hello from $$(uname -r); exit 3'; \
+	  rc=$$?; echo "kiln vm run exited with status $$rc"; test $$rc -eq 3
+
+## test: every test, fast and with real VMs
+test: setup
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) -p 1 ./...
+
+## test-fast: the tests that need no VM
+test-fast:
+	$(GO) test -short -count=1 ./...
+
+## bench: boot, exec and throughput figures as a table and JSON (bench-results/)
+bench: setup
+	$(GO) run ./cmd/kiln-bench -out bench-results/bench.json
+
+clean:
+	rm -rf bin bench-results

@@ -1,0 +1,183 @@
+// Package testutil gives kiln's tests real guest assets and runtimes. Tests that need a
+// VM call Runtime; it skips only where the machine truly lacks QEMU or the guest kernel
+// (CI runs `make setup` first, so there nothing skips), and fails loudly otherwise.
+package testutil
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/assets"
+	"github.com/kilnhq/kiln/internal/vmm"
+	"github.com/kilnhq/kiln/internal/vmrun"
+)
+
+// DataDir is the shared asset cache: KILN_DATA_DIR or /var/lib/kiln, as `make setup`
+// fills it.
+func DataDir() string {
+	if d := os.Getenv("KILN_DATA_DIR"); d != "" {
+		return d
+	}
+	return "/var/lib/kiln"
+}
+
+var buildMu sync.Mutex
+
+// GoBuild builds a main package of this module into dir and returns the binary's path.
+func GoBuild(t testing.TB, pkg, dir string) string {
+	t.Helper()
+	out, err := build(pkg, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func build(pkg, dir string) (string, error) {
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	gomod, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	out := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Dir = filepath.Dir(strings.TrimSpace(string(gomod)))
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
+	}
+	return out, nil
+}
+
+// RequireQEMU skips the test where QEMU or the guest kernel is absent.
+func RequireQEMU(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("needs a real VM; skipped in -short mode")
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("qemu-system-x86_64 not installed: run `make setup`")
+	}
+	if _, _, err := assets.DebianKernel("/boot"); err != nil {
+		t.Skip("no guest kernel in /boot: run `make setup`")
+	}
+}
+
+var (
+	assetsOnce sync.Once
+	assetSet   assets.Set
+	assetErr   error
+	binDir     string
+)
+
+// Assets returns the guest assets, building kiln-init from this checkout and the root
+// filesystem if `make setup` has not.
+func Assets(t testing.TB) assets.Set {
+	t.Helper()
+	RequireQEMU(t)
+	assetsOnce.Do(func() {
+		var err error
+		binDir, err = os.MkdirTemp("", "kiln-testbin-")
+		if err != nil {
+			assetErr = err
+			return
+		}
+		init, err := build("./cmd/kiln-init", binDir)
+		if err != nil {
+			assetErr = err
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		defer cancel()
+		assetSet, assetErr = assets.Ensure(ctx, assets.Options{
+			Dir: filepath.Join(DataDir(), "assets"), Init: init, Log: os.Stderr, BuildRootfs: true,
+		})
+	})
+	if assetErr != nil {
+		t.Fatalf("guest assets: %v", assetErr)
+	}
+	return assetSet
+}
+
+// Cleanup removes the shared test binaries; call it from TestMain after m.Run.
+func Cleanup() {
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+}
+
+// Runtime returns a runtime for driver whose VM state lives in a fresh temporary
+// directory. At the end of the test it checks that nothing of the test's VMs is left:
+// no VM directory, no disk lock, no VMM process naming the directory.
+func Runtime(t testing.TB, driver vmm.Driver) *vmrun.Runtime {
+	t.Helper()
+	set := Assets(t)
+	dir := TempDir(t)
+	rt := &vmrun.Runtime{DataDir: dir, Driver: driver, Assets: set}
+	accel, _, err := (&vmrun.Runtime{DataDir: DataDir(), Driver: driver, Assets: set}).ResolveAccel(context.Background(), os.Stderr)
+	if err != nil {
+		t.Fatalf("resolving accelerator: %v", err)
+	}
+	rt.Accel = accel
+	t.Cleanup(func() { RequireNothingLeft(t, dir) })
+	return rt
+}
+
+// TempDir is a short temporary directory: Unix socket paths inside it must stay under
+// the 108-byte limit, which t.TempDir's long names can break.
+func TempDir(t testing.TB) string {
+	d, err := os.MkdirTemp("", "kiln-t-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// RequireNothingLeft fails the test if anything of the VMs under dataDir remains.
+func RequireNothingLeft(t testing.TB, dataDir string) {
+	t.Helper()
+	if ents, _ := os.ReadDir(filepath.Join(dataDir, "vms")); len(ents) > 0 {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Errorf("VM directories left behind in %s/vms: %v", dataDir, names)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dataDir, "locks")); len(ents) > 0 {
+		t.Errorf("%d disk locks left behind in %s/locks", len(ents), dataDir)
+	}
+	if pids := ProcessesNaming(dataDir); len(pids) > 0 {
+		t.Errorf("processes still running for %s: %v", dataDir, pids)
+	}
+}
+
+// ProcessesNaming lists processes whose command line contains s.
+func ProcessesNaming(s string) []string {
+	var out []string
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		if p.Name()[0] < '0' || p.Name()[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline"))
+		if err != nil || !strings.Contains(string(b), s) {
+			continue
+		}
+		if st, err := os.ReadFile(filepath.Join("/proc", p.Name(), "stat")); err == nil {
+			if i := strings.LastIndexByte(string(st), ')'); i > 0 && len(st) > i+2 && st[i+2] == 'Z' {
+				continue
+			}
+		}
+		out = append(out, p.Name()+" "+strings.ReplaceAll(string(b), "\x00", " "))
+	}
+	return out
+}
