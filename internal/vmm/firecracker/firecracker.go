@@ -1,19 +1,409 @@
+// Package firecracker is the vmm.Driver for Firecracker, written against its documented
+// HTTP API over a Unix socket (src/firecracker/swagger/firecracker.yaml) and its vsock
+// convention (docs/vsock.md): the host connects to the vsock Unix socket and sends
+// "CONNECT <port>\n", and Firecracker answers "OK <host port>\n".
+//
+// Firecracker needs KVM and a guest kernel that finds virtio-mmio devices on its command
+// line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y), which Debian's kernel lacks: pass such a
+// kernel with --kernel. On hosts without either, use the qemu driver. Tests run this
+// driver against fctest's API server, which enforces the same API.
 package firecracker
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/vmm"
 )
 
-type Driver struct{}
+// DefaultBinary is the Firecracker executable kiln runs.
+const DefaultBinary = "firecracker"
 
-func (d *Driver) Name() string                   { return "firecracker" }
-func (d *Driver) Capabilities() vmm.Capabilities { return vmm.Capabilities{Snapshot: true} }
-func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
-	return nil, errdefs.Invalid("todo")
+// GuestCID is the vsock context ID of every guest; each VM has its own vsock device and
+// Unix socket, so they need not differ.
+const GuestCID = 3
+
+// Driver runs VMs under Firecracker.
+type Driver struct {
+	// Binary is the firecracker executable; empty means DefaultBinary on PATH.
+	Binary string
+	// Jailer, if set, runs Firecracker under its jailer.
+	Jailer *Jailer
 }
+
+var _ vmm.Driver = (*Driver)(nil)
+
+func (d *Driver) Name() string { return "firecracker" }
+
+// Capabilities: Firecracker pauses, resumes and snapshots through its API.
+func (d *Driver) Capabilities() vmm.Capabilities { return vmm.Capabilities{Snapshot: true} }
+
+func (d *Driver) binary() (string, error) {
+	b := d.Binary
+	if b == "" {
+		b = DefaultBinary
+	}
+	p, err := exec.LookPath(b)
+	if err != nil {
+		return "", errdefs.New(errdefs.ErrMissingDependency,
+			"firecracker binary (%s) not found: install Firecracker from its release page onto PATH, or use --vmm qemu", b)
+	}
+	return p, nil
+}
+
+// files a VM keeps in its directory.
+const (
+	apiSock    = "firecracker.sock"
+	vsockSock  = "vsock.sock"
+	consoleLog = "console.log"
+	vmmLog     = "vmm.log"
+)
+
+// Cmdline is the kernel command line Firecracker guests get: its serial console, the
+// i8042 reset that ends the VMM on guest reboot, and no PCI.
+func Cmdline(cfg vmm.Config) string {
+	s := vmm.BaseCmdline + " reboot=k i8042.noaux i8042.nomux i8042.dumbkbd"
+	if cfg.Cmdline != "" {
+		s += " " + cfg.Cmdline
+	}
+	return s
+}
+
+type vm struct {
+	h      vmm.Handle
+	api    *client
+	exited <-chan struct{}
+	vsock  string // host path of the vsock Unix socket
+	jail   string // the jail's directory, removed by Destroy; "" unless jailed
+}
+
+var _ vmm.VM = (*vm)(nil)
+var _ vmm.Snapshotter = (*vm)(nil)
+
+// start launches a Firecracker process for cfg and waits for its API.
+func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
+	bin, err := d.binary()
+	if err != nil {
+		return nil, err
+	}
+	console, err := os.Create(filepath.Join(cfg.Dir, consoleLog))
+	if err != nil {
+		return nil, err
+	}
+	defer console.Close()
+	logf, err := os.Create(filepath.Join(cfg.Dir, vmmLog))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	sock := filepath.Join(cfg.Dir, apiSock)
+	var cmd *exec.Cmd
+	if d.Jailer != nil {
+		cmd, sock, err = d.Jailer.command(bin, cfg)
+		if err != nil {
+			return nil, err
+		}
+	} else {
+		cmd = exec.Command(bin, "--api-sock", sock, "--id", cfg.ID)
+	}
+	// Firecracker writes the guest's serial console to its stdout.
+	cmd.Stdout, cmd.Stderr = console, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting firecracker: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	v := &vm{
+		h: vmm.Handle{Driver: d.Name(), ID: cfg.ID, Dir: cfg.Dir, PID: cmd.Process.Pid,
+			PIDStart: vmm.ProcStart(cmd.Process.Pid), Accel: vmm.AccelKVM},
+		api:    newClient(sock),
+		exited: exited,
+		vsock:  filepath.Join(cfg.Dir, vsockSock),
+	}
+	if d.Jailer != nil {
+		v.vsock, v.jail = filepath.Join(d.Jailer.root(cfg.ID), vsockSock), d.Jailer.dir(cfg.ID)
+	}
+	if err := v.waitAPI(ctx, 10*time.Second); err != nil {
+		v.Kill(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("firecracker did not come up: %w%s", err, logTail(filepath.Join(cfg.Dir, vmmLog)))
+	}
+	return v, nil
+}
+
+func (v *vm) waitAPI(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		var info InstanceInfo
+		err := v.api.do(ctx, "GET", "/", nil, &info)
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-v.exited:
+			return errors.New("process exited")
+		case <-ctx.Done():
+			return ctx.Err()
+		default:
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func logTail(path string) string {
+	b, _ := os.ReadFile(path)
+	s := strings.TrimSpace(string(b))
+	if len(s) > 1500 {
+		s = s[len(s)-1500:]
+	}
+	if s == "" {
+		return ""
+	}
+	return "\n" + s
+}
+
+// Create starts Firecracker and configures the VM; the guest starts with Start.
+func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
+	if err := vmm.Validate(cfg); err != nil {
+		return nil, err
+	}
+	if cfg.Accel == vmm.AccelTCG {
+		return nil, errdefs.Invalid("firecracker needs KVM; this host runs guests under software emulation: use --vmm qemu")
+	}
+	v, err := d.start(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	path := func(p string) string { return p }
+	vsockPath := filepath.Join(cfg.Dir, vsockSock)
+	if d.Jailer != nil {
+		path, vsockPath = d.Jailer.inside, "/"+vsockSock
+	}
+	smt := false
+	steps := []struct {
+		method, path string
+		body         any
+	}{
+		{"PUT", "/machine-config", MachineConfig{VCPUCount: cfg.CPUs, MemSizeMib: cfg.MemoryMiB, SMT: &smt}},
+		{"PUT", "/boot-source", BootSource{KernelImagePath: path(cfg.Kernel), InitrdPath: path(cfg.Initramfs), BootArgs: Cmdline(cfg)}},
+	}
+	for i, disk := range cfg.Disks {
+		id := fmt.Sprintf("disk%d", i)
+		steps = append(steps, struct {
+			method, path string
+			body         any
+		}{"PUT", "/drives/" + id, Drive{DriveID: id, PathOnHost: path(disk.Path), IsReadOnly: disk.ReadOnly}})
+	}
+	steps = append(steps, struct {
+		method, path string
+		body         any
+	}{"PUT", "/vsock", Vsock{GuestCID: GuestCID, UDSPath: vsockPath}})
+	for _, s := range steps {
+		if err := v.api.do(ctx, s.method, s.path, s.body, nil); err != nil {
+			v.Destroy(context.WithoutCancel(ctx))
+			return nil, err
+		}
+	}
+	return v, nil
+}
+
+// Recover re-attaches to a Firecracker started by an earlier kiln process.
 func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
-	return nil, errdefs.Invalid("todo")
+	sock, vs, jail := filepath.Join(h.Dir, apiSock), filepath.Join(h.Dir, vsockSock), ""
+	if d.Jailer != nil {
+		root := d.Jailer.root(h.ID)
+		sock, vs, jail = filepath.Join(root, apiSock), filepath.Join(root, vsockSock), d.Jailer.dir(h.ID)
+	}
+	v := &vm{h: h, api: newClient(sock), exited: vmm.WatchExit(h.PID, h.PIDStart), vsock: vs, jail: jail}
+	if !vmm.Alive(h.PID, h.PIDStart) {
+		return v, nil
+	}
+	if err := v.waitAPI(ctx, 5*time.Second); err != nil {
+		return v, fmt.Errorf("re-attaching to firecracker pid %d: %w", h.PID, err)
+	}
+	return v, nil
+}
+
+func (v *vm) Handle() vmm.Handle    { return v.h }
+func (v *vm) Wait() <-chan struct{} { return v.exited }
+func (v *vm) ConsoleLog() string    { return filepath.Join(v.h.Dir, consoleLog) }
+func (v *vm) Detach() error         { return nil } // every API call is its own connection
+
+func (v *vm) isExited() bool {
+	select {
+	case <-v.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+func (v *vm) action(ctx context.Context, a string) error {
+	if v.isExited() {
+		return errdefs.New(errdefs.ErrConflict, "vm %s is not running", v.h.ID)
+	}
+	return v.api.do(ctx, "PUT", "/actions", Action{ActionType: a}, nil)
+}
+
+func (v *vm) Start(ctx context.Context) error { return v.action(ctx, "InstanceStart") }
+
+func (v *vm) Pause(ctx context.Context) error {
+	return v.api.do(ctx, "PATCH", "/vm", VMState{State: "Paused"}, nil)
+}
+
+func (v *vm) Resume(ctx context.Context) error {
+	return v.api.do(ctx, "PATCH", "/vm", VMState{State: "Resumed"}, nil)
+}
+
+// Snapshot writes a full snapshot of the paused VM: dir/vmstate and dir/memory.
+func (v *vm) Snapshot(ctx context.Context, dir string) error {
+	return v.api.do(ctx, "PUT", "/snapshot/create", SnapshotCreate{
+		SnapshotType: "Full",
+		SnapshotPath: filepath.Join(dir, "vmstate"),
+		MemFilePath:  filepath.Join(dir, "memory"),
+	}, nil)
+}
+
+// Restore starts a new Firecracker from a snapshot written by Snapshot and resumes it.
+// cfg names the new VM's directory; the vsock socket path comes from the snapshot.
+func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.VM, error) {
+	v, err := d.start(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	err = v.api.do(ctx, "PUT", "/snapshot/load", SnapshotLoad{
+		SnapshotPath: filepath.Join(dir, "vmstate"),
+		MemBackend:   &MemBackend{BackendType: "File", BackendPath: filepath.Join(dir, "memory")},
+		ResumeVM:     true,
+	}, nil)
+	if err != nil {
+		v.Destroy(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return v, nil
+}
+
+// Stop sends Ctrl-Alt-Del (kiln-init powers off on it) and kills Firecracker if the
+// guest is not gone within grace.
+func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
+	if v.isExited() {
+		return nil
+	}
+	if err := v.action(ctx, "SendCtrlAltDel"); err == nil {
+		t := time.NewTimer(grace)
+		defer t.Stop()
+		select {
+		case <-v.exited:
+			return nil
+		case <-t.C:
+		case <-ctx.Done():
+		}
+	}
+	return v.Kill(context.WithoutCancel(ctx))
+}
+
+func (v *vm) Kill(ctx context.Context) error {
+	if err := vmm.KillAndWait(v.h.PID, v.h.PIDStart, 10*time.Second); err != nil {
+		return err
+	}
+	select {
+	case <-v.exited:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Destroy kills Firecracker and removes the driver's files from the VM's directory.
+func (v *vm) Destroy(ctx context.Context) error {
+	err := v.Kill(ctx)
+	for _, f := range []string{apiSock, vsockSock, consoleLog, vmmLog} {
+		if rerr := os.Remove(filepath.Join(v.h.Dir, f)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
+			err = rerr
+		}
+	}
+	if v.jail != "" {
+		if rerr := os.RemoveAll(v.jail); rerr != nil && err == nil {
+			err = rerr
+		}
+	}
+	return err
+}
+
+func (v *vm) Inspect(ctx context.Context) (vmm.Info, error) {
+	info := vmm.Info{PID: v.h.PID, Accel: v.h.Accel, State: vmm.StateExited}
+	if v.isExited() {
+		return info, nil
+	}
+	var ii InstanceInfo
+	if err := v.api.do(ctx, "GET", "/", nil, &ii); err != nil {
+		if v.isExited() {
+			return info, nil
+		}
+		return info, err
+	}
+	switch ii.State {
+	case "Not started":
+		info.State = vmm.StateCreated
+	case "Running":
+		info.State = vmm.StateRunning
+	case "Paused":
+		info.State = vmm.StatePaused
+	default:
+		info.State = vmm.State(ii.State)
+	}
+	return info, nil
+}
+
+// DialAgent connects to the guest agent through Firecracker's vsock Unix socket.
+func (v *vm) DialAgent(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", v.vsock)
+	if err != nil {
+		return nil, errdefs.New(errdefs.ErrUnavailable, "connecting to the vsock of vm %s: %v", v.h.ID, err)
+	}
+	if err := vsockConnect(ctx, c, guest.VsockPort); err != nil {
+		c.Close()
+		return nil, errdefs.New(errdefs.ErrUnavailable, "vsock handshake with vm %s: %v", v.h.ID, err)
+	}
+	return c, nil
+}
+
+// vsockConnect performs Firecracker's host-initiated vsock handshake. It reads the
+// answer a byte at a time so that nothing after the newline is consumed.
+func vsockConnect(ctx context.Context, c net.Conn, port uint32) error {
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
+	if _, err := fmt.Fprintf(c, "CONNECT %d\n", port); err != nil {
+		return err
+	}
+	var line []byte
+	b := make([]byte, 1)
+	for len(line) < 64 {
+		if _, err := c.Read(b); err != nil {
+			return fmt.Errorf("reading vsock answer: %w", err)
+		}
+		if b[0] == '\n' {
+			s := string(line)
+			if !strings.HasPrefix(s, "OK ") {
+				return fmt.Errorf("vsock answered %q, want OK", s)
+			}
+			return nil
+		}
+		line = append(line, b[0])
+	}
+	return errors.New("vsock answer too long")
 }

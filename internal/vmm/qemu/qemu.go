@@ -30,6 +30,10 @@ const DefaultBinary = "qemu-system-x86_64"
 type Driver struct {
 	// Binary is the QEMU executable; empty means DefaultBinary on PATH.
 	Binary string
+	// KillWithParent makes QEMU die with the process that started it. kiln leaves it off
+	// so VMs outlive a kiln restart; a wrapper such as the Firecracker test server turns
+	// it on so that killing the wrapper kills its VM.
+	KillWithParent bool
 }
 
 var _ vmm.Driver = (*Driver)(nil)
@@ -128,6 +132,9 @@ func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 	// Own session: a terminal's Ctrl-C reaches kiln, which then stops the VM in order,
 	// instead of reaching QEMU directly.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if d.KillWithParent {
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting qemu: %w", err)
 	}

@@ -1,0 +1,209 @@
+package fctest
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/vmm"
+	fc "github.com/kilnhq/kiln/internal/vmm/firecracker"
+	"github.com/kilnhq/kiln/internal/vmm/qemu"
+)
+
+// QEMUBackend boots what the API configured under QEMU (software emulation) and bridges
+// Firecracker's vsock convention to the guest agent: a connection to the vsock Unix
+// socket that says "CONNECT 1024" is joined to the guest's agent port.
+type QEMUBackend struct {
+	ID  string
+	Dir string // QEMU's own files
+	// Console receives the guest's serial console, as Firecracker's stdout does.
+	Console io.Writer
+
+	mu     sync.Mutex
+	vm     vmm.VM
+	ln     net.Listener
+	exited chan struct{} // made on first use by Exited
+}
+
+// Exited is closed when the guest's VMM has exited; Firecracker exits then too.
+func (b *QEMUBackend) Exited() <-chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.exited == nil {
+		b.exited = make(chan struct{})
+	}
+	return b.exited
+}
+
+// bootArgs drops the arguments that only make sense on Firecracker's devices; QEMU's
+// driver adds its own reboot method.
+func bootArgs(s string) string {
+	var keep []string
+	for _, f := range strings.Fields(s) {
+		if strings.HasPrefix(f, "reboot=") || strings.HasPrefix(f, "i8042.") {
+			continue
+		}
+		keep = append(keep, f)
+	}
+	return strings.Join(keep, " ")
+}
+
+func (b *QEMUBackend) Start(cfg Config) error {
+	if err := os.MkdirAll(b.Dir, 0o755); err != nil {
+		return err
+	}
+	qc := vmm.Config{
+		ID: b.ID, Dir: b.Dir, CPUs: cfg.Machine.VCPUCount, MemoryMiB: cfg.Machine.MemSizeMib,
+		Kernel: cfg.Boot.KernelImagePath, Initramfs: cfg.Boot.InitrdPath,
+		Cmdline: bootArgs(cfg.Boot.BootArgs), Accel: vmm.AccelTCG,
+	}
+	for _, d := range cfg.Drives {
+		qc.Disks = append(qc.Disks, vmm.Disk{Path: d.PathOnHost, ReadOnly: d.IsReadOnly})
+	}
+	ctx := context.Background()
+	vm, err := (&qemu.Driver{KillWithParent: true}).Create(ctx, qc)
+	if err != nil {
+		return err
+	}
+	if cfg.Vsock != nil {
+		ln, err := net.Listen("unix", cfg.Vsock.UDSPath)
+		if err != nil {
+			vm.Destroy(ctx)
+			return fmt.Errorf("vsock: %w", err)
+		}
+		b.ln = ln
+		go b.serveVsock(ln, vm)
+	}
+	if err := vm.Start(ctx); err != nil {
+		vm.Destroy(ctx)
+		return err
+	}
+	b.mu.Lock()
+	b.vm = vm
+	b.mu.Unlock()
+	b.Exited()
+	go b.tailConsole(vm)
+	go func() {
+		<-vm.Wait()
+		close(b.exited)
+	}()
+	return nil
+}
+
+func (b *QEMUBackend) serveVsock(ln net.Listener, vm vmm.VM) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			line, err := bufio.NewReader(io.LimitReader(c, 64)).ReadString('\n')
+			if err != nil {
+				return
+			}
+			port, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(line, "CONNECT ")))
+			if !strings.HasPrefix(line, "CONNECT ") || err != nil || port != guest.VsockPort {
+				return // Firecracker closes connections to ports nobody listens on
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			agent, err := vm.DialAgent(ctx)
+			cancel()
+			if err != nil {
+				return
+			}
+			defer agent.Close()
+			fmt.Fprintf(c, "OK %d\n", 1073741824)
+			done := make(chan struct{}, 2)
+			go func() { io.Copy(agent, c); done <- struct{}{} }()
+			go func() { io.Copy(c, agent); done <- struct{}{} }()
+			<-done
+		}()
+	}
+}
+
+// tailConsole copies QEMU's console log to Console until the VM exits.
+func (b *QEMUBackend) tailConsole(vm vmm.VM) {
+	if b.Console == nil {
+		return
+	}
+	var off int64
+	for {
+		f, err := os.Open(vm.ConsoleLog())
+		if err == nil {
+			f.Seek(off, io.SeekStart)
+			n, _ := io.Copy(b.Console, f)
+			off += n
+			f.Close()
+		}
+		select {
+		case <-vm.Wait():
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (b *QEMUBackend) current() (vmm.VM, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.vm == nil {
+		return nil, errors.New("no VM")
+	}
+	return b.vm, nil
+}
+
+func (b *QEMUBackend) CtrlAltDel() error {
+	vm, err := b.current()
+	if err != nil {
+		return err
+	}
+	// Firecracker only delivers the key press; the guest decides. The power button is
+	// QEMU's equivalent, and kiln-init powers off on either.
+	go vm.Stop(context.Background(), time.Hour)
+	return nil
+}
+
+func (b *QEMUBackend) Pause() error {
+	vm, err := b.current()
+	if err != nil {
+		return err
+	}
+	return vm.(vmm.Snapshotter).Pause(context.Background())
+}
+
+func (b *QEMUBackend) Resume() error {
+	vm, err := b.current()
+	if err != nil {
+		return err
+	}
+	return vm.(vmm.Snapshotter).Resume(context.Background())
+}
+
+func (b *QEMUBackend) SnapshotCreate(fc.SnapshotCreate) error {
+	return errors.New("this test server does not emulate snapshots")
+}
+
+func (b *QEMUBackend) SnapshotLoad(fc.SnapshotLoad) error {
+	return errors.New("this test server does not emulate snapshots")
+}
+
+// Close stops the VM and removes QEMU's files.
+func (b *QEMUBackend) Close() {
+	if b.ln != nil {
+		b.ln.Close()
+	}
+	if vm, err := b.current(); err == nil {
+		vm.Destroy(context.Background())
+	}
+	os.Remove(b.Dir)
+}

@@ -1,0 +1,314 @@
+// Package fctest is a test server for Firecracker's HTTP API. It enforces what
+// Firecracker's published API enforces (request shapes with unknown fields refused,
+// required fields, which calls are allowed before and after the guest starts, that a
+// snapshot is taken only of a paused VM) and hands the calls that do something to a
+// Backend. With the QEMU backend (cmd fake-firecracker) it boots real guests, so the
+// Firecracker driver runs the whole conformance suite on hosts without Firecracker.
+package fctest
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+
+	fc "github.com/kilnhq/kiln/internal/vmm/firecracker"
+)
+
+// Config is what the API has configured before InstanceStart.
+type Config struct {
+	Machine fc.MachineConfig
+	Boot    *fc.BootSource
+	Drives  []fc.Drive
+	Ifaces  []fc.NetworkInterface
+	Vsock   *fc.Vsock
+}
+
+// Backend does what the API asks.
+type Backend interface {
+	Start(cfg Config) error
+	CtrlAltDel() error
+	Pause() error
+	Resume() error
+	SnapshotCreate(fc.SnapshotCreate) error
+	SnapshotLoad(fc.SnapshotLoad) error
+}
+
+// Server is the API. Calls are served one at a time, as Firecracker's API thread does.
+type Server struct {
+	ID      string
+	Backend Backend
+	// Calls records every request line, for tests that check the order of calls.
+	Calls []string
+
+	mu      sync.Mutex
+	cfg     Config
+	state   string // "Not started", "Running", "Paused"
+	touched bool   // any pre-boot configuration done (forbids snapshot/load)
+}
+
+// NewServer returns a server for a VM that has not started.
+func NewServer(id string, b Backend) *Server {
+	return &Server{ID: id, Backend: b, state: "Not started", cfg: Config{Machine: fc.MachineConfig{VCPUCount: 1, MemSizeMib: 128}}}
+}
+
+func fault(w http.ResponseWriter, code int, format string, args ...any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(fc.Fault{FaultMessage: fmt.Sprintf(format, args...)})
+}
+
+// decode reads a JSON body strictly: unknown fields and trailing data are errors.
+func decode(r *http.Request, v any) error {
+	b, err := io.ReadAll(r.Body)
+	if err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("An error occurred when deserializing the json body of a request: %v", err)
+	}
+	if dec.More() {
+		return fmt.Errorf("An error occurred when deserializing the json body of a request: trailing data")
+	}
+	return nil
+}
+
+const (
+	errAfterBoot  = "The requested operation is not supported after starting the microVM."
+	errBeforeBoot = "The requested operation is not supported before starting the microVM."
+)
+
+func fileExists(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.Mode().IsRegular()
+}
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.Calls = append(s.Calls, r.Method+" "+r.URL.Path)
+	preBoot := s.state == "Not started"
+	path := r.URL.Path
+	switch {
+	case r.Method == "GET" && path == "/":
+		json.NewEncoder(w).Encode(fc.InstanceInfo{AppName: "Firecracker", ID: s.ID, State: s.state, VMMVersion: "1.10.1-fctest"})
+		return
+	case r.Method == "GET" && path == "/machine-config":
+		json.NewEncoder(w).Encode(s.cfg.Machine)
+		return
+	case r.Method == "PUT" && path == "/machine-config":
+		var m fc.MachineConfig
+		if err := decode(r, &m); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		if !preBoot {
+			fault(w, 400, errAfterBoot)
+			return
+		}
+		if m.VCPUCount < 1 || m.VCPUCount > 32 || (m.SMT != nil && *m.SMT && m.VCPUCount > 1 && m.VCPUCount%2 == 1) {
+			fault(w, 400, "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.")
+			return
+		}
+		if m.MemSizeMib < 1 {
+			fault(w, 400, "The memory size (MiB) is invalid.")
+			return
+		}
+		s.cfg.Machine, s.touched = m, true
+	case r.Method == "PUT" && path == "/boot-source":
+		var b fc.BootSource
+		if err := decode(r, &b); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		if !preBoot {
+			fault(w, 400, errAfterBoot)
+			return
+		}
+		if !fileExists(b.KernelImagePath) {
+			fault(w, 400, "The kernel file cannot be opened: %s", b.KernelImagePath)
+			return
+		}
+		if b.InitrdPath != "" && !fileExists(b.InitrdPath) {
+			fault(w, 400, "The initrd file cannot be opened: %s", b.InitrdPath)
+			return
+		}
+		s.cfg.Boot, s.touched = &b, true
+	case r.Method == "PUT" && strings.HasPrefix(path, "/drives/"):
+		var d fc.Drive
+		if err := decode(r, &d); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		if !preBoot {
+			fault(w, 400, errAfterBoot)
+			return
+		}
+		if d.DriveID != strings.TrimPrefix(path, "/drives/") {
+			fault(w, 400, "The id from the path [%s] does not match the id from the body [%s]!", strings.TrimPrefix(path, "/drives/"), d.DriveID)
+			return
+		}
+		if !fileExists(d.PathOnHost) {
+			fault(w, 400, "Unable to open the block device backing file %s", d.PathOnHost)
+			return
+		}
+		replaced := false
+		for i, old := range s.cfg.Drives {
+			if old.DriveID == d.DriveID {
+				s.cfg.Drives[i], replaced = d, true
+			} else if d.IsRootDevice && old.IsRootDevice {
+				fault(w, 400, "A root block device already exists!")
+				return
+			}
+		}
+		if !replaced {
+			s.cfg.Drives = append(s.cfg.Drives, d)
+		}
+		s.touched = true
+	case r.Method == "PUT" && strings.HasPrefix(path, "/network-interfaces/"):
+		var n fc.NetworkInterface
+		if err := decode(r, &n); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		if !preBoot {
+			fault(w, 400, errAfterBoot)
+			return
+		}
+		if n.IfaceID != strings.TrimPrefix(path, "/network-interfaces/") || n.HostDevName == "" {
+			fault(w, 400, "The iface_id must match the path and host_dev_name is required.")
+			return
+		}
+		s.cfg.Ifaces, s.touched = append(s.cfg.Ifaces, n), true
+	case r.Method == "PUT" && path == "/vsock":
+		var v fc.Vsock
+		if err := decode(r, &v); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		if !preBoot {
+			fault(w, 400, errAfterBoot)
+			return
+		}
+		if v.GuestCID < 3 || v.UDSPath == "" {
+			fault(w, 400, "guest_cid must be at least 3 and uds_path is required.")
+			return
+		}
+		s.cfg.Vsock, s.touched = &v, true
+	case r.Method == "PUT" && path == "/actions":
+		var a fc.Action
+		if err := decode(r, &a); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		switch a.ActionType {
+		case "InstanceStart":
+			if !preBoot {
+				fault(w, 400, "The microVM is already running.")
+				return
+			}
+			if s.cfg.Boot == nil {
+				fault(w, 400, "Cannot start microvm that was not configured: missing kernel configuration.")
+				return
+			}
+			if err := s.Backend.Start(s.cfg); err != nil {
+				fault(w, 400, "Failed to start microVM: %v", err)
+				return
+			}
+			s.state = "Running"
+		case "SendCtrlAltDel":
+			if preBoot {
+				fault(w, 400, errBeforeBoot)
+				return
+			}
+			if err := s.Backend.CtrlAltDel(); err != nil {
+				fault(w, 400, "%v", err)
+				return
+			}
+		case "FlushMetrics":
+		default:
+			fault(w, 400, "unknown variant `%s`, expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`", a.ActionType)
+			return
+		}
+	case r.Method == "PATCH" && path == "/vm":
+		var v fc.VMState
+		if err := decode(r, &v); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		if preBoot {
+			fault(w, 400, errBeforeBoot)
+			return
+		}
+		var err error
+		switch v.State {
+		case "Paused":
+			err = s.Backend.Pause()
+		case "Resumed":
+			err = s.Backend.Resume()
+			v.State = "Running"
+		default:
+			fault(w, 400, "unknown variant `%s`, expected `Paused` or `Resumed`", v.State)
+			return
+		}
+		if err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		s.state = v.State
+	case r.Method == "PUT" && path == "/snapshot/create":
+		var c fc.SnapshotCreate
+		if err := decode(r, &c); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		if s.state != "Paused" {
+			fault(w, 400, "Create snapshot error: the microVM must be paused (current state %s).", s.state)
+			return
+		}
+		if c.SnapshotPath == "" || c.MemFilePath == "" || (c.SnapshotType != "" && c.SnapshotType != "Full" && c.SnapshotType != "Diff") {
+			fault(w, 400, "snapshot_path and mem_file_path are required; snapshot_type is Full or Diff.")
+			return
+		}
+		if err := s.Backend.SnapshotCreate(c); err != nil {
+			fault(w, 400, "Create snapshot error: %v", err)
+			return
+		}
+	case r.Method == "PUT" && path == "/snapshot/load":
+		var l fc.SnapshotLoad
+		if err := decode(r, &l); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		if !preBoot || s.touched {
+			fault(w, 400, "Loading a microVM snapshot not allowed after configuring boot-specific resources.")
+			return
+		}
+		if l.SnapshotPath == "" || (l.MemBackend == nil) == (l.MemFilePath == "") {
+			fault(w, 400, "snapshot_path and exactly one of mem_backend or mem_file_path are required.")
+			return
+		}
+		if l.MemBackend != nil && l.MemBackend.BackendType != "File" && l.MemBackend.BackendType != "Uffd" {
+			fault(w, 400, "unknown variant `%s`, expected `File` or `Uffd`", l.MemBackend.BackendType)
+			return
+		}
+		if err := s.Backend.SnapshotLoad(l); err != nil {
+			fault(w, 400, "Load snapshot error: %v", err)
+			return
+		}
+		s.state = "Paused"
+		if l.ResumeVM {
+			s.state = "Running"
+		}
+	default:
+		fault(w, 400, "Invalid request method and/or path: %s %s.", r.Method, path)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
