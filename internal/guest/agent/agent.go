@@ -255,6 +255,12 @@ func (a *Agent) exec(ctl *yamux.Stream, h guest.Header) {
 	}
 	defer streams.close()
 
+	if req.Dir != "" {
+		if fi, err := os.Stat(req.Dir); err != nil || !fi.IsDir() {
+			replyErr(ctl, guest.CodeInvalid, "working directory %s does not exist in the guest", req.Dir)
+			return
+		}
+	}
 	env := buildEnv(req)
 	path, err := lookPath(req.Argv[0], envValue(env, "PATH"))
 	if err != nil {

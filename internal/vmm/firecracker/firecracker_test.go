@@ -1,9 +1,13 @@
 package firecracker_test
 
 import (
+	"context"
+	"errors"
 	"os"
+	"strings"
 	"testing"
 
+	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/testutil"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmm/firecracker"
@@ -32,4 +36,49 @@ func TestConformance(t *testing.T) {
 		rt.Accel = accel
 		return rt
 	}, vmmtest.Options{})
+}
+
+// The snapshot calls are shaped as the API wants and made in the state it allows. The
+// test server validates them and then says it does not emulate snapshots, which is how
+// this test tells a valid request from a refused one.
+func TestSnapshotRequests(t *testing.T) {
+	testutil.RequireQEMU(t)
+	bin := testutil.GoBuild(t, "./internal/vmm/firecracker/fctest/fake-firecracker", testutil.TempDir(t))
+	rt := testutil.Runtime(t, &firecracker.Driver{Binary: bin})
+	rt.Accel = vmm.AccelKVM
+	ctx := context.Background()
+	inst, err := rt.Boot(ctx, vmrun.Spec{CPUs: 1, MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Destroy(ctx)
+	s := inst.VM.(vmm.Snapshotter)
+	if err := s.Snapshot(ctx, inst.Dir); err == nil || !strings.Contains(err.Error(), "must be paused") {
+		t.Errorf("snapshot of a running VM: %v", err)
+	}
+	if err := s.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Snapshot(ctx, inst.Dir); err == nil || !strings.Contains(err.Error(), "does not emulate snapshots") {
+		t.Errorf("snapshot of a paused VM: %v", err)
+	}
+	if _, err := (&firecracker.Driver{Binary: bin}).Restore(ctx, vmm.Config{ID: "r", Dir: testutil.TempDir(t)}, inst.Dir); err == nil || !strings.Contains(err.Error(), "does not emulate snapshots") {
+		t.Errorf("restore: %v", err)
+	}
+}
+
+func TestRefusesSoftwareEmulation(t *testing.T) {
+	d := &firecracker.Driver{Binary: "/bin/true"}
+	_, err := d.Create(context.Background(), vmm.Config{ID: "x", Dir: t.TempDir(), CPUs: 1, MemoryMiB: 256, Kernel: "/bin/true", Accel: vmm.AccelTCG})
+	if err == nil || !strings.Contains(err.Error(), "--vmm qemu") {
+		t.Errorf("err = %v", err)
+	}
+}
+
+func TestMissingBinary(t *testing.T) {
+	d := &firecracker.Driver{Binary: "kiln-no-firecracker-here"}
+	_, err := d.Create(context.Background(), vmm.Config{ID: "x", Dir: t.TempDir(), CPUs: 1, MemoryMiB: 256, Kernel: "/bin/true", Accel: vmm.AccelKVM})
+	if !errors.Is(err, errdefs.ErrMissingDependency) {
+		t.Errorf("err = %v", err)
+	}
 }

@@ -1,0 +1,88 @@
+package fctest_test
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	fc "github.com/kilnhq/kiln/internal/vmm/firecracker"
+	"github.com/kilnhq/kiln/internal/vmm/firecracker/fctest"
+)
+
+type recorder struct{ calls []string }
+
+func (r *recorder) Start(fctest.Config) error { r.calls = append(r.calls, "start"); return nil }
+func (r *recorder) CtrlAltDel() error         { r.calls = append(r.calls, "cad"); return nil }
+func (r *recorder) Pause() error              { r.calls = append(r.calls, "pause"); return nil }
+func (r *recorder) Resume() error             { r.calls = append(r.calls, "resume"); return nil }
+func (r *recorder) SnapshotCreate(fc.SnapshotCreate) error {
+	r.calls = append(r.calls, "snapshot")
+	return nil
+}
+func (r *recorder) SnapshotLoad(fc.SnapshotLoad) error { r.calls = append(r.calls, "load"); return nil }
+
+func TestAPIRules(t *testing.T) {
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "vmlinux")
+	os.WriteFile(kernel, []byte("k"), 0o644)
+	rec := &recorder{}
+	srv := httptest.NewServer(fctest.NewServer("vm1", rec))
+	defer srv.Close()
+
+	steps := []struct {
+		method, path, body string
+		status             int
+		fault              string
+	}{
+		{"PATCH", "/vm", `{"state":"Paused"}`, 400, "before starting"},
+		{"PUT", "/machine-config", `{"vcpu_count":1,"mem_size_mib":128,"bogus":true}`, 400, "unknown field"},
+		{"PUT", "/machine-config", `{"vcpu_count":0,"mem_size_mib":128}`, 400, "vCPU"},
+		{"PUT", "/machine-config", `{"vcpu_count":2,"mem_size_mib":256,"smt":false}`, 204, ""},
+		{"PUT", "/actions", `{"action_type":"InstanceStart"}`, 400, "missing kernel"},
+		{"PUT", "/boot-source", `{"kernel_image_path":"/nonexistent"}`, 400, "kernel file"},
+		{"PUT", "/boot-source", `{"kernel_image_path":"` + kernel + `","boot_args":"console=ttyS0"}`, 204, ""},
+		{"PUT", "/drives/disk0", `{"drive_id":"disk1","path_on_host":"` + kernel + `","is_root_device":false,"is_read_only":true}`, 400, "does not match"},
+		{"PUT", "/drives/disk0", `{"drive_id":"disk0","path_on_host":"` + kernel + `","is_root_device":false,"is_read_only":true}`, 204, ""},
+		{"PUT", "/vsock", `{"guest_cid":2,"uds_path":"/tmp/v.sock"}`, 400, "guest_cid"},
+		{"PUT", "/vsock", `{"guest_cid":3,"uds_path":"/tmp/v.sock"}`, 204, ""},
+		{"PUT", "/snapshot/load", `{"snapshot_path":"/s","mem_backend":{"backend_type":"File","backend_path":"/m"}}`, 400, "not allowed after configuring"},
+		{"PUT", "/actions", `{"action_type":"Reboot"}`, 400, "unknown variant"},
+		{"PUT", "/actions", `{"action_type":"InstanceStart"}`, 204, ""},
+		{"PUT", "/actions", `{"action_type":"InstanceStart"}`, 400, "already running"},
+		{"PUT", "/machine-config", `{"vcpu_count":1,"mem_size_mib":128}`, 400, "after starting"},
+		{"PUT", "/drives/disk1", `{"drive_id":"disk1","path_on_host":"` + kernel + `","is_root_device":false,"is_read_only":true}`, 400, "after starting"},
+		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/s","mem_file_path":"/m"}`, 400, "must be paused"},
+		{"PATCH", "/vm", `{"state":"Paused"}`, 204, ""},
+		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/s"}`, 400, "mem_file_path"},
+		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/s","mem_file_path":"/m"}`, 204, ""},
+		{"PATCH", "/vm", `{"state":"Resumed"}`, 204, ""},
+		{"PUT", "/actions", `{"action_type":"SendCtrlAltDel"}`, 204, ""},
+		{"DELETE", "/vm", ``, 400, "Invalid request"},
+	}
+	for i, s := range steps {
+		req, _ := http.NewRequest(s.method, srv.URL+s.path, strings.NewReader(s.body))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var f fc.Fault
+		json.NewDecoder(resp.Body).Decode(&f)
+		resp.Body.Close()
+		if resp.StatusCode != s.status || !strings.Contains(f.FaultMessage, s.fault) {
+			t.Errorf("step %d %s %s %s: %d %q; want %d with %q", i, s.method, s.path, s.body, resp.StatusCode, f.FaultMessage, s.status, s.fault)
+		}
+	}
+	if got := strings.Join(rec.calls, ","); got != "start,pause,snapshot,resume,cad" {
+		t.Errorf("backend calls %s", got)
+	}
+	resp, _ := http.Get(srv.URL + "/")
+	var info fc.InstanceInfo
+	json.NewDecoder(resp.Body).Decode(&info)
+	if info.State != "Running" || info.ID != "vm1" {
+		t.Errorf("instance info %+v", info)
+	}
+}
