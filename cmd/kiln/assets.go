@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -26,7 +25,7 @@ func assetsCmd(g *globals) *cobra.Command {
 		Short: "Build (or find cached) guest assets; the root filesystem needs root and the Debian mirror",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			set, err := assets.Ensure(cmd.Context(), assets.Options{
-				Dir:         filepath.Join(g.dataDir, "assets"),
+				Dir:         assetsDir(g.dataDir),
 				Kernel:      kernel,
 				Init:        initBinary(),
 				Log:         os.Stderr,

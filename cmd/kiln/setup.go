@@ -36,6 +36,15 @@ func drivers() map[string]vmm.Driver {
 	}
 }
 
+// assetsDir is where guest assets are cached: KILN_ASSETS_DIR, or DATA_DIR/assets. Data
+// dirs on one host can share one cache.
+func assetsDir(dataDir string) string {
+	if d := os.Getenv("KILN_ASSETS_DIR"); d != "" {
+		return d
+	}
+	return filepath.Join(dataDir, "assets")
+}
+
 // reap removes what killed kiln processes left behind; every command that touches VMs
 // calls it first.
 func reap(ctx context.Context, dataDir string) {
@@ -49,7 +58,7 @@ func runtime(ctx context.Context, dataDir, vmmName, kernel string, log io.Writer
 		return nil, "", errdefs.Invalid("--vmm %q: use qemu or firecracker", vmmName)
 	}
 	set, err := assets.Ensure(ctx, assets.Options{
-		Dir:    filepath.Join(dataDir, "assets"),
+		Dir:    assetsDir(dataDir),
 		Kernel: kernel,
 		Init:   initBinary(),
 		Log:    log,

@@ -20,7 +20,7 @@ var ProbeTimeout = 20 * time.Second
 // ResolveAccel decides between KVM and software emulation. KILN_ACCEL=kvm|tcg forces a
 // choice. Otherwise, if /dev/kvm opens, one VM is booted under KVM; only if its agent
 // answers is KVM used. The verdict is cached per host kernel, VMM and guest kernel, so
-// the probe runs once. The returned string says how the choice was made.
+// the probe runs once (the verdict sits in the asset cache). The returned string says how the choice was made.
 func (rt *Runtime) ResolveAccel(ctx context.Context, log io.Writer) (vmm.Accel, string, error) {
 	switch v := os.Getenv("KILN_ACCEL"); v {
 	case "kvm", "tcg":
@@ -35,7 +35,7 @@ func (rt *Runtime) ResolveAccel(ctx context.Context, log io.Writer) (vmm.Accel, 
 	}
 	f.Close()
 	osr, _ := os.ReadFile("/proc/sys/kernel/osrelease")
-	cache := filepath.Join(rt.DataDir, "assets", "accel-"+strings.TrimSpace(string(osr))+"-"+rt.Driver.Name()+"-"+filepath.Base(rt.Assets.Kernel))
+	cache := filepath.Join(filepath.Dir(rt.Assets.Initramfs), "accel-"+strings.TrimSpace(string(osr))+"-"+rt.Driver.Name()+"-"+filepath.Base(rt.Assets.Kernel))
 	if b, err := os.ReadFile(cache); err == nil {
 		a := vmm.Accel(strings.TrimSpace(string(b)))
 		return a, "cached probe result", nil
