@@ -37,8 +37,10 @@ func (rt *Runtime) ResolveAccel(ctx context.Context, log io.Writer) (vmm.Accel, 
 	osr, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	cache := filepath.Join(filepath.Dir(rt.Assets.Initramfs), "accel-"+strings.TrimSpace(string(osr))+"-"+rt.Driver.Name()+"-"+filepath.Base(rt.Assets.Kernel))
 	if b, err := os.ReadFile(cache); err == nil {
-		a := vmm.Accel(strings.TrimSpace(string(b)))
-		return a, "cached probe result", nil
+		a, why, _ := strings.Cut(strings.TrimSpace(string(b)), "\n")
+		if a == string(vmm.AccelKVM) || a == string(vmm.AccelTCG) {
+			return vmm.Accel(a), why + ", cached", nil
+		}
 	}
 	fmt.Fprintf(log, "kiln: probing whether KVM can run a guest (once per host)\n")
 	probe := *rt
@@ -54,6 +56,6 @@ func (rt *Runtime) ResolveAccel(ctx context.Context, log io.Writer) (vmm.Accel, 
 	if ctx.Err() != nil {
 		return "", "", ctx.Err()
 	}
-	os.WriteFile(cache, []byte(verdict), 0o644)
+	os.WriteFile(cache, []byte(string(verdict)+"\n"+why+"\n"), 0o644)
 	return verdict, why, nil
 }

@@ -66,7 +66,7 @@ const (
 
 // Args returns QEMU's command line for cfg. Exported for tests and `--verbose`.
 func Args(cfg vmm.Config) []string {
-	accel, cpu := "tcg,thread=multi,tb-size=256", "max"
+	accel, cpu := "tcg,thread=multi,tb-size=64", "max"
 	if cfg.Accel == vmm.AccelKVM {
 		accel, cpu = "kvm", "host"
 	}
