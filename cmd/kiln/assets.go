@@ -19,7 +19,7 @@ func discardUnless(v bool) io.Writer {
 
 func assetsCmd(g *globals) *cobra.Command {
 	c := &cobra.Command{Use: "assets", Short: "Guest kernel, initramfs and root filesystem"}
-	var kernel, mirror string
+	var kernel, modules, mirror string
 	build := &cobra.Command{
 		Use:   "build",
 		Short: "Build (or find cached) guest assets; the root filesystem needs root and the Debian mirror",
@@ -27,6 +27,7 @@ func assetsCmd(g *globals) *cobra.Command {
 			set, err := assets.Ensure(cmd.Context(), assets.Options{
 				Dir:         assetsDir(g.dataDir),
 				Kernel:      kernel,
+				ModulesDir:  modules,
 				Init:        initBinary(),
 				Log:         os.Stderr,
 				BuildRootfs: true,
@@ -40,6 +41,7 @@ func assetsCmd(g *globals) *cobra.Command {
 		},
 	}
 	build.Flags().StringVar(&kernel, "kernel", "", "guest kernel (default: the host's Debian kernel)")
+	build.Flags().StringVar(&modules, "modules", "", "kernel module tree for --kernel (default: none)")
 	build.Flags().StringVar(&mirror, "mirror", os.Getenv("KILN_DEBIAN_MIRROR"), "Debian mirror for the root filesystem (env KILN_DEBIAN_MIRROR)")
 	c.AddCommand(build)
 	return c

@@ -52,22 +52,26 @@ func reap(ctx context.Context, dataDir string) {
 }
 
 // runtime prepares a Runtime: assets present, driver chosen, accelerator resolved.
-func runtime(ctx context.Context, dataDir, vmmName, kernel string, log io.Writer) (*vmrun.Runtime, string, error) {
+func runtime(ctx context.Context, dataDir, vmmName, kernel, modules string, log io.Writer) (*vmrun.Runtime, string, error) {
 	d, ok := drivers()[vmmName]
 	if !ok {
 		return nil, "", errdefs.Invalid("--vmm %q: use qemu or firecracker", vmmName)
 	}
 	set, err := assets.Ensure(ctx, assets.Options{
-		Dir:    assetsDir(dataDir),
-		Kernel: kernel,
-		Init:   initBinary(),
-		Log:    log,
+		Dir:        assetsDir(dataDir),
+		Kernel:     kernel,
+		ModulesDir: modules,
+		Init:       initBinary(),
+		Log:        log,
 	})
 	if err != nil {
 		return nil, "", err
 	}
 	rt := &vmrun.Runtime{DataDir: dataDir, Driver: d, Assets: set}
-	accel, why, err := rt.ResolveAccel(ctx, log)
+	// Whether KVM can run a guest is a property of the host, probed with QEMU, which
+	// `make setup` installs everywhere; Firecracker then refuses to run without KVM.
+	probe := &vmrun.Runtime{DataDir: dataDir, Driver: &qemu.Driver{}, Assets: set}
+	accel, why, err := probe.ResolveAccel(ctx, log)
 	if err != nil {
 		return nil, "", err
 	}

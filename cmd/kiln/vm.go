@@ -33,6 +33,7 @@ type runFlags struct {
 	workdir string
 	vmm     string
 	kernel  string
+	modules string
 	timeout time.Duration
 	tty     bool
 	verbose bool
@@ -65,6 +66,7 @@ killed it; 124 if --timeout expired; 1 or 2 if kiln itself failed.`,
 	fl.StringVarP(&f.workdir, "workdir", "w", "", "working directory of COMMAND in the guest")
 	fl.StringVar(&f.vmm, "vmm", "qemu", "virtual machine monitor: qemu or firecracker")
 	fl.StringVar(&f.kernel, "kernel", "", "guest kernel: an ELF vmlinux or an XZ bzImage (default: the host's Debian kernel)")
+	fl.StringVar(&f.modules, "modules", "", "kernel module tree for --kernel, like /lib/modules/RELEASE (default: none, the kernel has virtio, ext4 and overlay built in)")
 	fl.DurationVar(&f.timeout, "timeout", 0, "kill COMMAND after this long, e.g. 30s (default: no limit)")
 	fl.BoolVarP(&f.tty, "tty", "t", false, "give COMMAND a terminal (stdin must be one)")
 	fl.StringVarP(&f.user, "user", "u", "", "run as UID[:GID] in the guest (default root)")
@@ -124,7 +126,7 @@ func runVM(ctx context.Context, g *globals, f runFlags, argv []string) error {
 	}
 	reap(ctx, g.dataDir)
 	logw := discardUnless(f.verbose)
-	rt, accel, err := runtime(ctx, g.dataDir, f.vmm, f.kernel, logw)
+	rt, accel, err := runtime(ctx, g.dataDir, f.vmm, f.kernel, f.modules, logw)
 	if err != nil {
 		return err
 	}

@@ -38,6 +38,12 @@ type Disk struct {
 	ReadOnly bool
 }
 
+// NIC is a network interface backed by a host TAP device the caller created.
+type NIC struct {
+	HostDev string // TAP device name on the host
+	MAC     string // guest MAC address; empty lets the VMM choose
+}
+
 // Config describes a VM to create.
 type Config struct {
 	ID        string
@@ -50,6 +56,7 @@ type Config struct {
 	// and timing flags.
 	Cmdline string
 	Disks   []Disk
+	NICs    []NIC
 	// Accel is the accelerator to use; empty lets the driver choose (KVM if usable).
 	Accel Accel
 }

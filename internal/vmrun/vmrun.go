@@ -48,6 +48,8 @@ type Spec struct {
 	MemoryMiB int
 	Mounts    []Mount
 	Hostname  string
+	// NICs are handed to the VMM as they are; their TAP devices belong to the caller.
+	NICs []vmm.NIC
 }
 
 // Timing splits a boot into its phases.
@@ -131,6 +133,14 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 	}
 	id := newID()
 	dir := filepath.Join(rt.vmsDir(), id)
+	cfg := vmm.Config{
+		ID: id, Dir: dir, CPUs: spec.CPUs, MemoryMiB: spec.MemoryMiB,
+		Kernel: rt.Assets.Kernel, Initramfs: rt.Assets.Initramfs, Accel: rt.Accel, NICs: spec.NICs,
+	}
+	// Refuse bad sizes before anything exists.
+	if err := vmm.Validate(cfg); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -159,11 +169,8 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 		cmdline += " kiln.hostname=" + spec.Hostname
 	}
 	start := time.Now()
-	vm, err := rt.Driver.Create(ctx, vmm.Config{
-		ID: id, Dir: dir, CPUs: spec.CPUs, MemoryMiB: spec.MemoryMiB,
-		Kernel: rt.Assets.Kernel, Initramfs: rt.Assets.Initramfs,
-		Cmdline: cmdline, Disks: disks, Accel: rt.Accel,
-	})
+	cfg.Cmdline, cfg.Disks = cmdline, disks
+	vm, err := rt.Driver.Create(ctx, cfg)
 	if err != nil {
 		return inst, err
 	}
@@ -279,16 +286,4 @@ func (inst *Instance) Destroy(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-// ExecStatus runs req and maps a missing command to exit 127, as a shell would.
-func (inst *Instance) Exec(ctx context.Context, req guest.ExecRequest, pio guest.IO) (guest.ExitStatus, error) {
-	st, err := inst.Agent.Exec(ctx, req, pio)
-	if err != nil && errors.Is(err, errdefs.ErrNotFound) {
-		return guest.ExitStatus{Code: 127}, err
-	}
-	if err != nil && errors.Is(err, errdefs.ErrInvalid) {
-		return guest.ExitStatus{Code: 126}, err
-	}
-	return st, err
 }

@@ -135,7 +135,11 @@ func (a *Agent) attach(token string, op guest.Op, s net.Conn) {
 		e = &execStreams{changed: make(chan struct{})}
 		a.pending[token] = e
 		// A token whose exec never arrives must not pin its streams forever.
-		time.AfterFunc(streamWait, func() { a.take(token) })
+		time.AfterFunc(streamWait, func() {
+			if e := a.take(token); e != nil {
+				e.close()
+			}
+		})
 	}
 	switch op {
 	case guest.OpStdin:

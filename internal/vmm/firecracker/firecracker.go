@@ -177,6 +177,9 @@ func logTail(path string) string {
 
 // Create starts Firecracker and configures the VM; the guest starts with Start.
 func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
+	if _, err := d.binary(); err != nil {
+		return nil, err
+	}
 	if err := vmm.Validate(cfg); err != nil {
 		return nil, err
 	}
@@ -206,6 +209,13 @@ func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 			method, path string
 			body         any
 		}{"PUT", "/drives/" + id, Drive{DriveID: id, PathOnHost: path(disk.Path), IsReadOnly: disk.ReadOnly}})
+	}
+	for i, n := range cfg.NICs {
+		id := fmt.Sprintf("eth%d", i)
+		steps = append(steps, struct {
+			method, path string
+			body         any
+		}{"PUT", "/network-interfaces/" + id, NetworkInterface{IfaceID: id, HostDevName: n.HostDev, GuestMAC: n.MAC}})
 	}
 	steps = append(steps, struct {
 		method, path string

@@ -97,6 +97,13 @@ func Args(cfg vmm.Config) []string {
 		}
 		a = append(a, "-drive", opt, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
 	}
+	for i, n := range cfg.NICs {
+		dev := fmt.Sprintf("virtio-net-device,netdev=net%d", i)
+		if n.MAC != "" {
+			dev += ",mac=" + n.MAC
+		}
+		a = append(a, "-netdev", fmt.Sprintf("tap,id=net%d,ifname=%s,script=no,downscript=no", i, n.HostDev), "-device", dev)
+	}
 	return a
 }
 
