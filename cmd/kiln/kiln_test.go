@@ -21,11 +21,10 @@ var kilnBin string
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	testutil.Cleanup()
 	if kilnBin != "" {
 		os.RemoveAll(filepath.Dir(kilnBin))
 	}
-	os.Exit(code)
+	os.Exit(testutil.Finish(code))
 }
 
 // env is a private data dir sharing the test asset cache.

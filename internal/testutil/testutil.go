@@ -108,11 +108,25 @@ func Assets(t testing.TB) assets.Set {
 	return assetSet
 }
 
-// Cleanup removes the shared test binaries; call it from TestMain after m.Run.
-func Cleanup() {
+// Finish removes the shared test binaries and then checks that the package's tests left
+// nothing of kiln behind: no VMM or other process started from a test directory, no test
+// directory in the temporary directory. Call it from TestMain with m.Run's code; it
+// returns the code to exit with.
+func Finish(code int) int {
 	if binDir != "" {
 		os.RemoveAll(binDir)
 	}
+	var left []string
+	left = append(left, ProcessesNaming(filepath.Join(os.TempDir(), tempPrefix()))...)
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), tempPrefix()+"*"))
+	left = append(left, dirs...)
+	if len(left) > 0 {
+		fmt.Fprintf(os.Stderr, "FAIL: the tests left these behind:\n  %s\n", strings.Join(left, "\n  "))
+		if code == 0 {
+			code = 1
+		}
+	}
+	return code
 }
 
 // Runtime returns a runtime for driver whose VM state lives in a fresh temporary
@@ -136,13 +150,17 @@ func Runtime(t testing.TB, driver vmm.Driver) *vmrun.Runtime {
 // TempDir is a short temporary directory: Unix socket paths inside it must stay under
 // the 108-byte limit, which t.TempDir's long names can break.
 func TempDir(t testing.TB) string {
-	d, err := os.MkdirTemp("", "kiln-t-")
+	d, err := os.MkdirTemp("", tempPrefix())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(d) })
 	return d
 }
+
+// tempPrefix names this test process's temporary directories, so that packages tested in
+// parallel check only their own leftovers.
+func tempPrefix() string { return fmt.Sprintf("kiln-t%d-", os.Getpid()) }
 
 // RequireNothingLeft fails the test if anything of the VMs under dataDir remains.
 func RequireNothingLeft(t testing.TB, dataDir string) {

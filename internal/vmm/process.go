@@ -1,14 +1,109 @@
 package vmm
 
 import (
+	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// Process is a running VMM process as every driver sees it: who it is and when it is
+// gone. It works the same for a process this kiln started and one it re-attached to.
+type Process struct {
+	PID   int
+	Start uint64
+	done  <-chan struct{}
+}
+
+// StartProcess starts cmd and reaps it when it exits.
+func StartProcess(cmd *exec.Cmd) (*Process, error) {
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	return &Process{PID: cmd.Process.Pid, Start: ProcStart(cmd.Process.Pid), done: done}, nil
+}
+
+// AttachProcess follows a VMM started by another kiln process.
+func AttachProcess(pid int, start uint64) *Process {
+	return &Process{PID: pid, Start: start, done: WatchExit(pid, start)}
+}
+
+// Exited is closed once the process is gone.
+func (p *Process) Exited() <-chan struct{} { return p.done }
+
+// IsExited reports whether the process is gone.
+func (p *Process) IsExited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Kill sends SIGKILL and waits until the process is gone.
+func (p *Process) Kill(ctx context.Context) error {
+	if err := KillAndWait(p.PID, p.Start, 10*time.Second); err != nil {
+		return err
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Stop asks the guest to power off with request, waits up to grace for the process to
+// end, and kills it otherwise.
+func (p *Process) Stop(ctx context.Context, grace time.Duration, request func(context.Context) error) error {
+	if p.IsExited() {
+		return nil
+	}
+	if err := request(ctx); err == nil {
+		t := time.NewTimer(grace)
+		defer t.Stop()
+		select {
+		case <-p.done:
+			return nil
+		case <-t.C:
+		case <-ctx.Done():
+		}
+	}
+	return p.Kill(context.WithoutCancel(ctx))
+}
+
+// LogTail returns the end of a VMM's log, prefixed with a newline, for error messages;
+// a VMM that fails must not fail without its log.
+func LogTail(path string) string {
+	b, _ := os.ReadFile(path)
+	s := strings.TrimSpace(string(b))
+	if len(s) > 1500 {
+		s = s[len(s)-1500:]
+	}
+	if s == "" {
+		return ""
+	}
+	return "\n" + s
+}
+
+// RemoveFiles removes the named files from dir, ignoring those already gone.
+func RemoveFiles(dir string, names ...string) error {
+	var first error
+	for _, n := range names {
+		if err := os.Remove(dir + "/" + n); err != nil && !os.IsNotExist(err) && first == nil {
+			first = err
+		}
+	}
+	return first
+}
 
 // ProcStart returns a process's start time in clock ticks since boot, or 0 if it is gone.
 func ProcStart(pid int) uint64 {

@@ -80,11 +80,11 @@ func Cmdline(cfg vmm.Config) string {
 }
 
 type vm struct {
-	h      vmm.Handle
-	api    *client
-	exited <-chan struct{}
-	vsock  string // host path of the vsock Unix socket
-	jail   string // the jail's directory, removed by Destroy; "" unless jailed
+	*vmm.Process
+	h     vmm.Handle
+	api   *client
+	vsock string // host path of the vsock Unix socket
+	jail  string // the jail's directory, removed by Destroy; "" unless jailed
 }
 
 var _ vmm.VM = (*vm)(nil)
@@ -119,24 +119,23 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 	// Firecracker writes the guest's serial console to its stdout.
 	cmd.Stdout, cmd.Stderr = console, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	proc, err := vmm.StartProcess(cmd)
+	if err != nil {
 		return nil, fmt.Errorf("starting firecracker: %w", err)
 	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
 	v := &vm{
-		h: vmm.Handle{Driver: d.Name(), ID: cfg.ID, Dir: cfg.Dir, PID: cmd.Process.Pid,
-			PIDStart: vmm.ProcStart(cmd.Process.Pid), Accel: vmm.AccelKVM},
-		api:    newClient(sock),
-		exited: exited,
-		vsock:  filepath.Join(cfg.Dir, vsockSock),
+		Process: proc,
+		h: vmm.Handle{Driver: d.Name(), ID: cfg.ID, Dir: cfg.Dir, PID: proc.PID,
+			PIDStart: proc.Start, Accel: vmm.AccelKVM},
+		api:   newClient(sock),
+		vsock: filepath.Join(cfg.Dir, vsockSock),
 	}
 	if d.Jailer != nil {
 		v.vsock, v.jail = filepath.Join(d.Jailer.root(cfg.ID), vsockSock), d.Jailer.dir(cfg.ID)
 	}
 	if err := v.waitAPI(ctx, 10*time.Second); err != nil {
 		v.Kill(context.WithoutCancel(ctx))
-		return nil, fmt.Errorf("firecracker did not come up: %w%s", err, logTail(filepath.Join(cfg.Dir, vmmLog)))
+		return nil, fmt.Errorf("firecracker did not come up: %w%s", err, vmm.LogTail(filepath.Join(cfg.Dir, vmmLog)))
 	}
 	return v, nil
 }
@@ -149,30 +148,17 @@ func (v *vm) waitAPI(ctx context.Context, timeout time.Duration) error {
 		if err == nil {
 			return nil
 		}
-		select {
-		case <-v.exited:
+		if v.IsExited() {
 			return errors.New("process exited")
-		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
 			return ctx.Err()
-		default:
 		}
 		if time.Now().After(deadline) {
 			return err
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-}
-
-func logTail(path string) string {
-	b, _ := os.ReadFile(path)
-	s := strings.TrimSpace(string(b))
-	if len(s) > 1500 {
-		s = s[len(s)-1500:]
-	}
-	if s == "" {
-		return ""
-	}
-	return "\n" + s
 }
 
 // Create starts Firecracker and configures the VM; the guest starts with Start.
@@ -237,7 +223,7 @@ func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
 		root := d.Jailer.root(h.ID)
 		sock, vs, jail = filepath.Join(root, apiSock), filepath.Join(root, vsockSock), d.Jailer.dir(h.ID)
 	}
-	v := &vm{h: h, api: newClient(sock), exited: vmm.WatchExit(h.PID, h.PIDStart), vsock: vs, jail: jail}
+	v := &vm{Process: vmm.AttachProcess(h.PID, h.PIDStart), h: h, api: newClient(sock), vsock: vs, jail: jail}
 	if !vmm.Alive(h.PID, h.PIDStart) {
 		return v, nil
 	}
@@ -248,21 +234,12 @@ func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
 }
 
 func (v *vm) Handle() vmm.Handle    { return v.h }
-func (v *vm) Wait() <-chan struct{} { return v.exited }
+func (v *vm) Wait() <-chan struct{} { return v.Exited() }
 func (v *vm) ConsoleLog() string    { return filepath.Join(v.h.Dir, consoleLog) }
 func (v *vm) Detach() error         { return nil } // every API call is its own connection
 
-func (v *vm) isExited() bool {
-	select {
-	case <-v.exited:
-		return true
-	default:
-		return false
-	}
-}
-
 func (v *vm) action(ctx context.Context, a string) error {
-	if v.isExited() {
+	if v.IsExited() {
 		return errdefs.New(errdefs.ErrConflict, "vm %s is not running", v.h.ID)
 	}
 	return v.api.do(ctx, "PUT", "/actions", Action{ActionType: a}, nil)
@@ -309,41 +286,14 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.V
 // Stop sends Ctrl-Alt-Del (kiln-init powers off on it) and kills Firecracker if the
 // guest is not gone within grace.
 func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
-	if v.isExited() {
-		return nil
-	}
-	if err := v.action(ctx, "SendCtrlAltDel"); err == nil {
-		t := time.NewTimer(grace)
-		defer t.Stop()
-		select {
-		case <-v.exited:
-			return nil
-		case <-t.C:
-		case <-ctx.Done():
-		}
-	}
-	return v.Kill(context.WithoutCancel(ctx))
-}
-
-func (v *vm) Kill(ctx context.Context) error {
-	if err := vmm.KillAndWait(v.h.PID, v.h.PIDStart, 10*time.Second); err != nil {
-		return err
-	}
-	select {
-	case <-v.exited:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return v.Process.Stop(ctx, grace, func(ctx context.Context) error { return v.action(ctx, "SendCtrlAltDel") })
 }
 
 // Destroy kills Firecracker and removes the driver's files from the VM's directory.
 func (v *vm) Destroy(ctx context.Context) error {
 	err := v.Kill(ctx)
-	for _, f := range []string{apiSock, vsockSock, consoleLog, vmmLog} {
-		if rerr := os.Remove(filepath.Join(v.h.Dir, f)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
-			err = rerr
-		}
+	if rerr := vmm.RemoveFiles(v.h.Dir, apiSock, vsockSock, consoleLog, vmmLog); err == nil {
+		err = rerr
 	}
 	if v.jail != "" {
 		if rerr := os.RemoveAll(v.jail); rerr != nil && err == nil {
@@ -355,12 +305,12 @@ func (v *vm) Destroy(ctx context.Context) error {
 
 func (v *vm) Inspect(ctx context.Context) (vmm.Info, error) {
 	info := vmm.Info{PID: v.h.PID, Accel: v.h.Accel, State: vmm.StateExited}
-	if v.isExited() {
+	if v.IsExited() {
 		return info, nil
 	}
 	var ii InstanceInfo
 	if err := v.api.do(ctx, "GET", "/", nil, &ii); err != nil {
-		if v.isExited() {
+		if v.IsExited() {
 			return info, nil
 		}
 		return info, err

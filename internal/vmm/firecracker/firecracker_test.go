@@ -16,9 +16,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	code := m.Run()
-	testutil.Cleanup()
-	os.Exit(code)
+	os.Exit(testutil.Finish(m.Run()))
 }
 
 // TestConformance runs the driver through the whole suite against fake-firecracker: the

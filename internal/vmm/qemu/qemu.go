@@ -7,13 +7,11 @@ package qemu
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -108,10 +106,10 @@ func Args(cfg vmm.Config) []string {
 }
 
 type vm struct {
-	h      vmm.Handle
-	exited <-chan struct{}
-	mu     sync.Mutex
-	q      *qmp
+	*vmm.Process
+	h  vmm.Handle
+	mu sync.Mutex
+	q  *qmp
 }
 
 var _ vmm.VM = (*vm)(nil)
@@ -142,21 +140,20 @@ func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 	if d.KillWithParent {
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	}
-	if err := cmd.Start(); err != nil {
+	proc, err := vmm.StartProcess(cmd)
+	if err != nil {
 		return nil, fmt.Errorf("starting qemu: %w", err)
 	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
 	v := &vm{
-		h: vmm.Handle{Driver: d.Name(), ID: cfg.ID, Dir: cfg.Dir, PID: cmd.Process.Pid,
-			PIDStart: vmm.ProcStart(cmd.Process.Pid), Accel: cfg.Accel},
-		exited: exited,
+		Process: proc,
+		h: vmm.Handle{Driver: d.Name(), ID: cfg.ID, Dir: cfg.Dir, PID: proc.PID,
+			PIDStart: proc.Start, Accel: cfg.Accel},
 	}
 	qctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	go func() {
 		select {
-		case <-exited:
+		case <-proc.Exited():
 			cancel()
 		case <-qctx.Done():
 		}
@@ -164,27 +161,14 @@ func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 	v.q, err = dialQMP(qctx, filepath.Join(cfg.Dir, qmpSock))
 	if err != nil {
 		v.Kill(context.WithoutCancel(ctx))
-		return nil, fmt.Errorf("qemu did not come up: %w%s", err, logTail(filepath.Join(cfg.Dir, vmmLog)))
+		return nil, fmt.Errorf("qemu did not come up: %w%s", err, vmm.LogTail(filepath.Join(cfg.Dir, vmmLog)))
 	}
 	return v, nil
 }
 
-// logTail returns the last lines of a log for an error message.
-func logTail(path string) string {
-	b, _ := os.ReadFile(path)
-	s := strings.TrimSpace(string(b))
-	if s == "" {
-		return ""
-	}
-	if len(s) > 1500 {
-		s = s[len(s)-1500:]
-	}
-	return "\n" + s
-}
-
 // Recover re-attaches to a QEMU started by an earlier kiln process.
 func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
-	v := &vm{h: h, exited: vmm.WatchExit(h.PID, h.PIDStart)}
+	v := &vm{h: h, Process: vmm.AttachProcess(h.PID, h.PIDStart)}
 	if !vmm.Alive(h.PID, h.PIDStart) {
 		return v, nil
 	}
@@ -199,22 +183,14 @@ func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
 }
 
 func (v *vm) Handle() vmm.Handle    { return v.h }
-func (v *vm) Wait() <-chan struct{} { return v.exited }
+func (v *vm) Wait() <-chan struct{} { return v.Exited() }
 func (v *vm) ConsoleLog() string    { return filepath.Join(v.h.Dir, consoleLog) }
-func (v *vm) isExited() bool {
-	select {
-	case <-v.exited:
-		return true
-	default:
-		return false
-	}
-}
 
 func (v *vm) qmpRun(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
 	v.mu.Lock()
 	q := v.q
 	v.mu.Unlock()
-	if q == nil || v.isExited() {
+	if q == nil || v.IsExited() {
 		return nil, errdefs.New(errdefs.ErrConflict, "vm %s is not running", v.h.ID)
 	}
 	return q.run(ctx, cmd, args)
@@ -239,32 +215,10 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 // Stop presses the ACPI power button (kiln-init powers off on it) and kills QEMU if the
 // guest is not gone within grace.
 func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
-	if v.isExited() {
-		return nil
-	}
-	if _, err := v.qmpRun(ctx, "system_powerdown", nil); err == nil {
-		t := time.NewTimer(grace)
-		defer t.Stop()
-		select {
-		case <-v.exited:
-			return nil
-		case <-t.C:
-		case <-ctx.Done():
-		}
-	}
-	return v.Kill(context.WithoutCancel(ctx))
-}
-
-func (v *vm) Kill(ctx context.Context) error {
-	if err := vmm.KillAndWait(v.h.PID, v.h.PIDStart, 10*time.Second); err != nil {
+	return v.Process.Stop(ctx, grace, func(ctx context.Context) error {
+		_, err := v.qmpRun(ctx, "system_powerdown", nil)
 		return err
-	}
-	select {
-	case <-v.exited:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	return nil
+	})
 }
 
 func (v *vm) Detach() error {
@@ -281,22 +235,20 @@ func (v *vm) Detach() error {
 func (v *vm) Destroy(ctx context.Context) error {
 	err := v.Kill(ctx)
 	v.Detach()
-	for _, f := range []string{qmpSock, agentSock, consoleLog, vmmLog} {
-		if rerr := os.Remove(filepath.Join(v.h.Dir, f)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
-			err = rerr
-		}
+	if rerr := vmm.RemoveFiles(v.h.Dir, qmpSock, agentSock, consoleLog, vmmLog); err == nil {
+		err = rerr
 	}
 	return err
 }
 
 func (v *vm) Inspect(ctx context.Context) (vmm.Info, error) {
 	info := vmm.Info{PID: v.h.PID, Accel: v.h.Accel, State: vmm.StateExited}
-	if v.isExited() {
+	if v.IsExited() {
 		return info, nil
 	}
 	raw, err := v.qmpRun(ctx, "query-status", nil)
 	if err != nil {
-		if v.isExited() {
+		if v.IsExited() {
 			return info, nil
 		}
 		return info, err

@@ -13,9 +13,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	code := m.Run()
-	testutil.Cleanup()
-	os.Exit(code)
+	os.Exit(testutil.Finish(m.Run()))
 }
 
 func TestConformance(t *testing.T) {
