@@ -1,0 +1,195 @@
+// Package sqlstore is the store.Store on SQLite (modernc.org/sqlite: pure Go, so kiln
+// stays one static binary), with versioned migrations applied by goose at open.
+package sqlstore
+
+import (
+	"context"
+	"database/sql"
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"strings"
+	"time"
+
+	"github.com/pressly/goose/v3"
+	_ "modernc.org/sqlite"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/store"
+)
+
+//go:embed migrations/sqlite/*.sql
+var migrations embed.FS
+
+// DB is the SQLite store.
+type DB struct{ db *sql.DB }
+
+var _ store.Store = (*DB)(nil)
+
+// Open opens (creating if needed) the database at path and migrates it to the newest
+// schema. Write transactions take the lock at BEGIN, so concurrent writers wait for each
+// other instead of failing.
+func Open(ctx context.Context, path string) (*DB, error) {
+	dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)&_txlock=immediate"
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, err
+	}
+	sub, _ := fs.Sub(migrations, "migrations/sqlite")
+	p, err := goose.NewProvider(goose.DialectSQLite3, db, sub)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	if _, err := p.Up(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("migrating %s: %w", path, err)
+	}
+	return &DB{db: db}, nil
+}
+
+func (s *DB) Close() error { return s.db.Close() }
+
+func (s *DB) CreateApp(ctx context.Context, name string) error {
+	_, err := s.db.ExecContext(ctx, `INSERT INTO apps (name, created_at) VALUES (?, ?)`, name, time.Now().UTC())
+	if err != nil && strings.Contains(err.Error(), "UNIQUE") {
+		return errdefs.New(errdefs.ErrConflict, "app %s already exists", name)
+	}
+	return err
+}
+
+func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Event) error {
+	if m.State != machine.Created {
+		return errdefs.Invalid("a new machine starts in state created, not %s", m.State)
+	}
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	now := time.Now().UTC()
+	_, err = tx.ExecContext(ctx, `INSERT INTO machines (id, app, name, state, config, version, created_at, updated_at)
+		VALUES (?, ?, ?, ?, ?, 1, ?, ?)`, m.ID, m.App, m.Name, m.State, string(m.Config), now, now)
+	if err != nil {
+		switch {
+		case strings.Contains(err.Error(), "UNIQUE"):
+			return errdefs.New(errdefs.ErrConflict, "app %s already has a machine named %s", m.App, m.Name)
+		case strings.Contains(err.Error(), "FOREIGN KEY"):
+			return errdefs.New(errdefs.ErrNotFound, "app %s does not exist: create it first", m.App)
+		}
+		return err
+	}
+	if err := appendEvent(ctx, tx, m.ID, ev); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+func appendEvent(ctx context.Context, tx *sql.Tx, id string, ev machine.Event) error {
+	if ev.Timestamp.IsZero() {
+		ev.Timestamp = time.Now()
+	}
+	_, err := tx.ExecContext(ctx, `INSERT INTO machine_events (machine_id, type, status, source, ts, exit_code) VALUES (?, ?, ?, ?, ?, ?)`,
+		id, ev.Type, ev.Status, ev.Source, ev.Timestamp.UTC(), ev.ExitCode)
+	return err
+}
+
+const machineCols = `id, app, name, state, config, version, exit_code, restarts, created_at, updated_at`
+
+func scanMachine(row interface{ Scan(...any) error }) (store.Machine, error) {
+	var m store.Machine
+	var cfg string
+	var exit sql.NullInt64
+	err := row.Scan(&m.ID, &m.App, &m.Name, &m.State, &cfg, &m.Version, &exit, &m.Restarts, &m.CreatedAt, &m.UpdatedAt)
+	if exit.Valid {
+		c := int(exit.Int64)
+		m.ExitCode = &c
+	}
+	m.Config = []byte(cfg)
+	return m, err
+}
+
+func (s *DB) GetMachine(ctx context.Context, id string) (store.Machine, error) {
+	m, err := scanMachine(s.db.QueryRowContext(ctx, `SELECT `+machineCols+` FROM machines WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return m, errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
+	}
+	return m, err
+}
+
+func (s *DB) ListMachines(ctx context.Context, app string) ([]store.Machine, error) {
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM apps WHERE name = ?`, app).Scan(&n); err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return nil, errdefs.New(errdefs.ErrNotFound, "app %s does not exist", app)
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT `+machineCols+` FROM machines WHERE app = ? ORDER BY created_at, id`, app)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []store.Machine
+	for rows.Next() {
+		m, err := scanMachine(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
+
+func (s *DB) Transition(ctx context.Context, id string, from, to machine.State, ev machine.Event) error {
+	if err := machine.CheckTransition(from, to); err != nil {
+		return err
+	}
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	res, err := tx.ExecContext(ctx, `UPDATE machines SET state = ?, updated_at = ?, exit_code = COALESCE(?, exit_code) WHERE id = ? AND state = ?`,
+		to, time.Now().UTC(), ev.ExitCode, id, from)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		var cur machine.State
+		err := tx.QueryRowContext(ctx, `SELECT state FROM machines WHERE id = ?`, id).Scan(&cur)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
+		}
+		return errdefs.New(errdefs.ErrConflict, "machine %s is %s, not %s: it changed meanwhile", id, cur, from)
+	}
+	ev.Status = to
+	if err := appendEvent(ctx, tx, id, ev); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+func (s *DB) Events(ctx context.Context, id string) ([]machine.Event, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT type, status, source, ts, exit_code FROM machine_events WHERE machine_id = ? ORDER BY seq`, id)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []machine.Event
+	for rows.Next() {
+		var e machine.Event
+		var exit sql.NullInt64
+		if err := rows.Scan(&e.Type, &e.Status, &e.Source, &e.Timestamp, &exit); err != nil {
+			return nil, err
+		}
+		if exit.Valid {
+			c := int(exit.Int64)
+			e.ExitCode = &c
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}

@@ -1,0 +1,122 @@
+package sqlstore_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/store/sqlstore"
+)
+
+func open(t *testing.T, path string) *sqlstore.DB {
+	t.Helper()
+	db, err := sqlstore.Open(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func TestMachineLifecycle(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "kiln.db")
+	db := open(t, path)
+	if err := db.CreateApp(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.CreateApp(ctx, "web"); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("duplicate app: %v", err)
+	}
+	m := store.Machine{ID: "m1", App: "web", Name: "a", State: machine.Created, Config: []byte(`{"image":"x"}`)}
+	if err := db.CreateMachine(ctx, m, machine.Event{Type: "launch", Status: machine.Created, Source: "user"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.CreateMachine(ctx, store.Machine{ID: "m2", App: "nope", Name: "b", State: machine.Created, Config: []byte(`{}`)}, machine.Event{}); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("machine in unknown app: %v", err)
+	}
+	step := func(from, to machine.State, typ string) {
+		t.Helper()
+		if err := db.Transition(ctx, "m1", from, to, machine.Event{Type: typ, Source: "kiln"}); err != nil {
+			t.Fatalf("%s → %s: %v", from, to, err)
+		}
+	}
+	step(machine.Created, machine.Starting, "start")
+	step(machine.Starting, machine.Started, "start")
+	// A transition the table forbids changes nothing.
+	if err := db.Transition(ctx, "m1", machine.Started, machine.Created, machine.Event{}); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("started → created: %v", err)
+	}
+	// A stale from-state changes nothing.
+	if err := db.Transition(ctx, "m1", machine.Stopped, machine.Starting, machine.Event{}); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("stale from: %v", err)
+	}
+	code := 3
+	if err := db.Transition(ctx, "m1", machine.Started, machine.Stopping, machine.Event{Type: "exit", Source: "kiln", ExitCode: &code}); err != nil {
+		t.Fatal(err)
+	}
+	step(machine.Stopping, machine.Stopped, "stop")
+
+	// Everything survives reopening the database, as after a crash.
+	db.Close()
+	db = open(t, path)
+	got, err := db.GetMachine(ctx, "m1")
+	if err != nil || got.State != machine.Stopped || got.ExitCode == nil || *got.ExitCode != 3 || string(got.Config) != `{"image":"x"}` {
+		t.Errorf("after reopen: %+v %v", got, err)
+	}
+	evs, _ := db.Events(ctx, "m1")
+	var seq []string
+	for _, e := range evs {
+		seq = append(seq, fmt.Sprintf("%s:%s", e.Type, e.Status))
+	}
+	if want := "[launch:created start:starting start:started exit:stopping stop:stopped]"; fmt.Sprint(seq) != want {
+		t.Errorf("events %v, want %s", seq, want)
+	}
+	ms, err := db.ListMachines(ctx, "web")
+	if err != nil || len(ms) != 1 {
+		t.Errorf("list: %v %v", ms, err)
+	}
+	if _, err := db.ListMachines(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("list unknown app: %v", err)
+	}
+	if _, err := db.GetMachine(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("get unknown: %v", err)
+	}
+}
+
+// Of many concurrent attempts at the same transition exactly one wins, and exactly one
+// event is written.
+func TestTransitionIsCompareAndSwap(t *testing.T) {
+	ctx := context.Background()
+	db := open(t, filepath.Join(t.TempDir(), "kiln.db"))
+	db.CreateApp(ctx, "web")
+	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "a", State: machine.Created, Config: []byte(`{}`)}, machine.Event{Type: "launch", Source: "user"})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	wins := 0
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := db.Transition(ctx, "m1", machine.Created, machine.Starting, machine.Event{Type: "start", Source: "user"})
+			if err == nil {
+				mu.Lock()
+				wins++
+				mu.Unlock()
+			} else if !errors.Is(err, errdefs.ErrConflict) {
+				t.Errorf("unexpected error: %v", err)
+			}
+		}()
+	}
+	wg.Wait()
+	evs, _ := db.Events(ctx, "m1")
+	if wins != 1 || len(evs) != 2 {
+		t.Errorf("%d winners, %d events; want 1 and 2", wins, len(evs))
+	}
+}

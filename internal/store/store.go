@@ -1,0 +1,46 @@
+// Package store is kiln's persistence: the records the services keep and the Store
+// interface they use. Adapters live below it (sqlstore: SQLite on one host; PostgreSQL
+// for clusters behind the same interface). A machine's state changes only through
+// Store.Transition, which compares and swaps the state and appends the event in one
+// transaction.
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/machine"
+)
+
+// Machine is a machine's record.
+type Machine struct {
+	ID        string          `json:"id"`
+	App       string          `json:"app"`
+	Name      string          `json:"name"`
+	State     machine.State   `json:"state"`
+	Config    json.RawMessage `json:"config"`
+	Version   int             `json:"version"`
+	ExitCode  *int            `json:"exit_code,omitempty"`
+	Restarts  int             `json:"restarts"`
+	CreatedAt time.Time       `json:"created_at"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// Store persists apps, machines and their event journals.
+type Store interface {
+	// CreateApp creates an app; an existing one is ErrConflict.
+	CreateApp(ctx context.Context, name string) error
+	// CreateMachine inserts m (its state must be created) with its launch event.
+	CreateMachine(ctx context.Context, m Machine, ev machine.Event) error
+	GetMachine(ctx context.Context, id string) (Machine, error)
+	// ListMachines lists an app's machines, oldest first; an unknown app is ErrNotFound.
+	ListMachines(ctx context.Context, app string) ([]Machine, error)
+	// Transition moves a machine from → to if the transition table allows it and the
+	// machine is still in from, and appends ev, atomically. Otherwise it changes nothing
+	// and returns ErrConflict (or ErrNotFound).
+	Transition(ctx context.Context, id string, from, to machine.State, ev machine.Event) error
+	// Events returns a machine's journal, oldest first.
+	Events(ctx context.Context, id string) ([]machine.Event, error)
+	Close() error
+}
