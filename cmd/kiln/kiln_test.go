@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnhq/kiln/internal/image/imagetest"
 	"github.com/kilnhq/kiln/internal/testutil"
 )
 
@@ -242,5 +243,27 @@ func TestReapAfterSIGKILL(t *testing.T) {
 	defer cancel()
 	for len(testutil.ProcessesNaming(e.dataDir)) > 0 && ctx.Err() == nil {
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestVMRunImage(t *testing.T) {
+	e := newEnv(t)
+	img := imagetest.App(t)
+	docker := filepath.Join(e.dataDir, "app.tar")
+	imagetest.WriteDockerTarball(t, img, "localhost/app:1", docker)
+
+	// No command: the image's entrypoint and cmd, as its user, in its workdir, with its env.
+	out, errs, code := e.run("", "vm", "run", "--image", docker)
+	if code != 0 || out != "hi from 1234 in /data\n" {
+		t.Errorf("image command: exit %d, %q, %s", code, out, errs)
+	}
+	// A command and env from the command line win; the top layer's whiteout holds.
+	out, errs, code = e.run("", "vm", "run", "--image", docker, "-e", "GREETING=hey", "--", "sh", "-c", "echo $GREETING; cat added; ls /etc")
+	if code != 0 || out != "hey\nsecond layer\ngroup\npasswd\n" {
+		t.Errorf("image with command: exit %d, %q, %s", code, out, errs)
+	}
+	_, errs, code = e.run("", "vm", "run", "--image", filepath.Join(e.dataDir, "missing.tar"))
+	if code == 0 || !strings.Contains(errs, "missing.tar") {
+		t.Errorf("missing image: exit %d, %s", code, errs)
 	}
 }

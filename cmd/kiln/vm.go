@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -16,6 +18,7 @@ import (
 
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
@@ -38,14 +41,16 @@ type runFlags struct {
 	tty     bool
 	verbose bool
 	user    string
+	image   string
 }
 
 func vmRunCmd(g *globals) *cobra.Command {
 	var f runFlags
 	c := &cobra.Command{
-		Use:   "run [flags] -- COMMAND [ARG...]",
+		Use:   "run [flags] [--image TARBALL] -- COMMAND [ARG...]",
 		Short: "Boot a microVM, run one command in it, and remove the VM",
-		Long: `Boot one microVM from the default root filesystem, run COMMAND in it with stdin,
+		Long: `Boot one microVM from the default root filesystem (or an image's, with --image;
+then COMMAND defaults to the image's entrypoint and cmd), run COMMAND in it with stdin,
 stdout and stderr attached, and exit with COMMAND's exit status. The VM and everything
 made for it are removed on exit, on Ctrl-C and on SIGTERM; what a killed kiln left behind
 is removed by the next kiln command.
@@ -55,7 +60,12 @@ killed it; 124 if --timeout expired; 1 or 2 if kiln itself failed.`,
 		Example: `  kiln vm run -- sh -c 'echo hello from $(uname -r); exit 3'
   kiln disk create data.ext4 --size 1G
   kiln vm run --disk data.ext4:/data -- sh -c 'date >> /data/log; cat /data/log'`,
-		Args: cobra.MinimumNArgs(1),
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 && f.image == "" {
+				return errdefs.Invalid("no command given: kiln vm run -- COMMAND [ARG...]")
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error { return runVM(cmd.Context(), g, f, args) },
 	}
 	fl := c.Flags()
@@ -70,6 +80,7 @@ killed it; 124 if --timeout expired; 1 or 2 if kiln itself failed.`,
 	fl.DurationVar(&f.timeout, "timeout", 0, "kill COMMAND after this long, e.g. 30s (default: no limit)")
 	fl.BoolVarP(&f.tty, "tty", "t", false, "give COMMAND a terminal (stdin must be one)")
 	fl.StringVarP(&f.user, "user", "u", "", "run as UID[:GID] in the guest (default root)")
+	fl.StringVar(&f.image, "image", "", "boot the root filesystem of this image (a `docker save` or OCI layout tarball)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "say which accelerator is used and how long each boot phase took")
 	return c
 }
@@ -117,6 +128,9 @@ func runVM(ctx context.Context, g *globals, f runFlags, argv []string) error {
 		return err
 	}
 	req.Argv = argv
+	if len(argv) == 0 {
+		argv = []string{"the image's command"}
+	}
 	// Check the disks before booting anything.
 	if _, err := vmrun.ValidateMounts(mounts); err != nil {
 		return err
@@ -130,10 +144,22 @@ func runVM(ctx context.Context, g *globals, f runFlags, argv []string) error {
 	if err != nil {
 		return err
 	}
+	var rootfs string
+	if f.image != "" {
+		r, err := imageRootfs(ctx, g.dataDir, f.image, os.Stderr)
+		if err != nil {
+			return err
+		}
+		rootfs = r.Path
+		req = withImageDefaults(req, r.Run, f)
+		if len(req.Argv) == 0 {
+			return errdefs.Invalid("image %s has no entrypoint or cmd: give a command after --", f.image)
+		}
+	}
 	if f.verbose {
 		fmt.Fprintf(os.Stderr, "kiln: vmm %s, accelerator %s\n", f.vmm, accel)
 	}
-	inst, err := rt.Boot(ctx, vmrun.Spec{CPUs: f.cpus, MemoryMiB: f.memory, Mounts: mounts})
+	inst, err := rt.Boot(ctx, vmrun.Spec{Rootfs: rootfs, CPUs: f.cpus, MemoryMiB: f.memory, Mounts: mounts})
 	if err != nil {
 		if ctx.Err() != nil {
 			return interrupted(ctx)
@@ -199,6 +225,34 @@ func runVM(ctx context.Context, g *globals, f runFlags, argv []string) error {
 		return exitError{st.Code}
 	}
 	return nil
+}
+
+// imageRootfs opens an image tarball and converts it (once per digest) to a root
+// filesystem.
+func imageRootfs(ctx context.Context, dataDir, tarball string, log io.Writer) (image.Rootfs, error) {
+	img, closeImg, err := image.OpenTarball(tarball)
+	if err != nil {
+		return image.Rootfs{}, err
+	}
+	defer closeImg()
+	return image.Cache{Dir: filepath.Join(dataDir, "images")}.Rootfs(ctx, img, log)
+}
+
+// withImageDefaults fills what the command line left open from the image's config, as
+// `docker run` does: command, environment (the command line's entries win), working
+// directory and user.
+func withImageDefaults(req guest.ExecRequest, run image.Run, f runFlags) guest.ExecRequest {
+	if len(req.Argv) == 0 {
+		req.Argv = run.Argv
+	}
+	req.Env = append(append([]string{}, run.Env...), req.Env...)
+	if req.Dir == "" {
+		req.Dir = run.Dir
+	}
+	if f.user == "" {
+		req.UID, req.GID = run.UID, run.GID
+	}
+	return req
 }
 
 func interrupted(ctx context.Context) error {

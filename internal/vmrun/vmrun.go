@@ -44,6 +44,8 @@ type Mount struct {
 
 // Spec is one VM to boot.
 type Spec struct {
+	// Rootfs is an ext4 root filesystem (an image's, say); empty means the default one.
+	Rootfs    string
 	CPUs      int
 	MemoryMiB int
 	Mounts    []Mount
@@ -127,7 +129,11 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 	if err != nil {
 		return nil, err
 	}
-	root, err := volume.Inspect(rt.Assets.Rootfs)
+	rootfs := rt.Assets.Rootfs
+	if spec.Rootfs != "" {
+		rootfs = spec.Rootfs
+	}
+	root, err := volume.Inspect(rootfs)
 	if err != nil {
 		return nil, fmt.Errorf("root filesystem: %w", err)
 	}
@@ -155,7 +161,7 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 		return inst, err
 	}
 	cmdline := "kiln.root=" + root.UUID
-	disks := []vmm.Disk{{Path: rt.Assets.Rootfs, ReadOnly: true}}
+	disks := []vmm.Disk{{Path: rootfs, ReadOnly: true}}
 	for i, m := range spec.Mounts {
 		lease, err := rt.locks().Acquire(m.Image, id)
 		if err != nil {

@@ -1,0 +1,276 @@
+// Package image turns OCI images into root filesystems: it reads images (a `docker save`
+// tarball or an OCI layout tarball), flattens their layers with whiteouts applied, and
+// packs the result into an ext4 image once per image digest, shared read-only by every
+// VM that runs the image. It also reads what the image says to run.
+package image
+
+import (
+	"archive/tar"
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/volume"
+)
+
+// OpenTarball reads the single image in a `docker save` tarball or an OCI layout
+// tarball. The image reads from files that close releases; call it when done.
+func OpenTarball(path string) (img v1.Image, close func(), err error) {
+	nothing := func() {}
+	if _, err := os.Stat(path); err != nil {
+		return nil, nothing, errdefs.New(errdefs.ErrNotFound, "image tarball %s: %v", path, err)
+	}
+	if hasEntry(path, "manifest.json") {
+		img, err := tarball.ImageFromPath(path, nil)
+		if err != nil {
+			return nil, nothing, errdefs.Invalid("%s is not a loadable image tarball: %v (it must hold exactly one image)", path, err)
+		}
+		return img, nothing, nil
+	}
+	if !hasEntry(path, "index.json") {
+		return nil, nothing, errdefs.Invalid("%s is neither a `docker save` tarball (manifest.json) nor an OCI layout (index.json)", path)
+	}
+	dir, err := os.MkdirTemp("", "kiln-oci-")
+	if err != nil {
+		return nil, nothing, err
+	}
+	cleanup := func() { os.RemoveAll(dir) }
+	defer func() {
+		if err != nil {
+			cleanup()
+		}
+	}()
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nothing, err
+	}
+	defer f.Close()
+	if err := untarPlain(f, dir); err != nil {
+		return nil, nothing, err
+	}
+	idx, err := layout.ImageIndexFromPath(dir)
+	if err != nil {
+		return nil, nothing, errdefs.Invalid("%s: %v", path, err)
+	}
+	im, err := idx.IndexManifest()
+	if err != nil || len(im.Manifests) != 1 {
+		return nil, nothing, errdefs.Invalid("%s must hold exactly one image", path)
+	}
+	img, err = idx.Image(im.Manifests[0].Digest)
+	if err != nil {
+		return nil, nothing, err
+	}
+	return img, cleanup, nil
+}
+
+func hasEntry(path, name string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	tr := tar.NewReader(bufio.NewReader(f))
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			return false
+		}
+		if filepath.Clean(h.Name) == name {
+			return true
+		}
+	}
+}
+
+// untarPlain unpacks regular files and directories (an OCI layout holds nothing else).
+func untarPlain(r io.Reader, dir string) error {
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		p, err := within(dir, h.Name)
+		if err != nil {
+			return err
+		}
+		switch h.Typeflag {
+		case tar.TypeDir:
+			os.MkdirAll(p, 0o755)
+		case tar.TypeReg:
+			os.MkdirAll(filepath.Dir(p), 0o755)
+			f, err := os.Create(p)
+			if err != nil {
+				return err
+			}
+			_, err = io.Copy(f, tr)
+			f.Close()
+			if err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// Run is what an image says to run, resolved against its own /etc/passwd.
+type Run struct {
+	Argv []string `json:"argv"`
+	Env  []string `json:"env"`
+	Dir  string   `json:"dir"`
+	UID  uint32   `json:"uid"`
+	GID  uint32   `json:"gid"`
+}
+
+// Rootfs is a converted image.
+type Rootfs struct {
+	Digest string
+	Path   string // ext4, shared read-only
+	Run    Run
+}
+
+// Cache converts images to root filesystems under Dir, once per digest.
+type Cache struct{ Dir string }
+
+// Rootfs returns img's root filesystem, converting it on first use. Progress lines go
+// to log.
+func (c Cache) Rootfs(ctx context.Context, img v1.Image, log io.Writer) (Rootfs, error) {
+	digest, err := img.Digest()
+	if err != nil {
+		return Rootfs{}, err
+	}
+	key := strings.ReplaceAll(digest.String(), ":", "-")
+	out := Rootfs{Digest: digest.String(), Path: filepath.Join(c.Dir, key+".ext4")}
+	meta := filepath.Join(c.Dir, key+".json")
+	if b, err := os.ReadFile(meta); err == nil {
+		if json.Unmarshal(b, &out.Run) == nil {
+			if _, err := volume.Inspect(out.Path); err == nil {
+				return out, nil
+			}
+		}
+	}
+	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
+		return out, err
+	}
+	tree, err := os.MkdirTemp(c.Dir, "unpack-")
+	if err != nil {
+		return out, err
+	}
+	defer os.RemoveAll(tree)
+	if log != nil {
+		fmt.Fprintf(log, "converting image %s to a root filesystem\n", digest.String()[:19])
+	}
+	size, err := unpackImage(img, tree)
+	if err != nil {
+		return out, err
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return out, err
+	}
+	if out.Run, err = runOf(cf.Config, tree); err != nil {
+		return out, err
+	}
+	// Room for metadata and small files; the VM writes to its own layer, not here.
+	tmp := out.Path + ".tmp"
+	os.Remove(tmp)
+	if err := volume.Create(ctx, tmp, size*13/10+32<<20, tree); err != nil {
+		return out, err
+	}
+	b, _ := json.Marshal(out.Run)
+	if err := os.WriteFile(meta, b, 0o644); err != nil {
+		return out, err
+	}
+	return out, os.Rename(tmp, out.Path)
+}
+
+// unpackImage applies img's layers in order under root.
+func unpackImage(img v1.Image, root string) (int64, error) {
+	layers, err := img.Layers()
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	for i, l := range layers {
+		rc, err := l.Uncompressed()
+		if err != nil {
+			return total, fmt.Errorf("layer %d: %w", i, err)
+		}
+		n, err := ApplyLayer(rc, root)
+		rc.Close()
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("layer %d: %w", i, err)
+		}
+	}
+	return total, nil
+}
+
+// runOf resolves an image config's entrypoint, cmd, env, workdir and user.
+func runOf(cfg v1.Config, root string) (Run, error) {
+	r := Run{Argv: append(append([]string{}, cfg.Entrypoint...), cfg.Cmd...), Env: cfg.Env, Dir: cfg.WorkingDir}
+	if cfg.User == "" {
+		return r, nil
+	}
+	user, group, _ := strings.Cut(cfg.User, ":")
+	uid, gid, err := lookup(root, user, group)
+	if err != nil {
+		return r, err
+	}
+	r.UID, r.GID = uid, gid
+	return r, nil
+}
+
+// lookup resolves a user and group, by number or by name from the image's own files.
+func lookup(root, user, group string) (uint32, uint32, error) {
+	find := func(file, name string) ([]string, bool) {
+		f, err := os.Open(filepath.Join(root, "etc", file))
+		if err != nil {
+			return nil, false
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			parts := strings.Split(sc.Text(), ":")
+			if len(parts) >= 4 && parts[0] == name {
+				return parts, true
+			}
+		}
+		return nil, false
+	}
+	var uid, gid uint64
+	var err error
+	if uid, err = strconv.ParseUint(user, 10, 32); err != nil {
+		e, ok := find("passwd", user)
+		if !ok {
+			return 0, 0, errdefs.Invalid("image user %q is not in the image's /etc/passwd", user)
+		}
+		uid, _ = strconv.ParseUint(e[2], 10, 32)
+		gid, _ = strconv.ParseUint(e[3], 10, 32)
+	} else {
+		gid = uid
+	}
+	if group != "" {
+		if gid, err = strconv.ParseUint(group, 10, 32); err != nil {
+			e, ok := find("group", group)
+			if !ok {
+				return 0, 0, errdefs.Invalid("image group %q is not in the image's /etc/group", group)
+			}
+			gid, _ = strconv.ParseUint(e[2], 10, 32)
+		}
+	}
+	return uint32(uid), uint32(gid), nil
+}
