@@ -361,3 +361,52 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, pio IO) (ExitStatus,
 	}
 	return p.Wait(ctx)
 }
+
+// Spawn starts a supervised process named id: the guest keeps it and a bounded tail of
+// its output whatever happens to this connection. Read the output with Follow.
+func (c *Client) Spawn(ctx context.Context, id string, req ExecRequest) (int, error) {
+	if len(req.Argv) == 0 {
+		return 0, errdefs.Invalid("spawn: no command given")
+	}
+	s, err := c.open(ctx, Header{Op: OpSpawn, ID: id, Exec: &req})
+	if err != nil {
+		return 0, err
+	}
+	defer s.Close()
+	var r Reply
+	if err := c.readReply(ctx, s, &r); err != nil {
+		return 0, err
+	}
+	return r.PID, nil
+}
+
+// Follow reads supervised process id's output from offset, calling fn for each record
+// in order. With follow it waits for more output until the process ends. It returns the
+// last record: its Exit is set if the process has ended.
+func (c *Client) Follow(ctx context.Context, id string, offset int64, follow bool, fn func(Record) error) (Record, error) {
+	s, err := c.open(ctx, Header{Op: OpFollow, ID: id, Offset: offset, Follow: follow})
+	if err != nil {
+		return Record{}, err
+	}
+	defer s.Close()
+	if err := c.readReply(ctx, s, &Reply{}); err != nil {
+		return Record{}, err
+	}
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	defer stop()
+	for {
+		var r Record
+		if err := ReadFrame(s, &r); err != nil {
+			if ctx.Err() != nil {
+				return Record{}, ctx.Err()
+			}
+			return Record{}, c.lost(err)
+		}
+		if r.Exit != nil || r.Running || (len(r.Data) == 0 && !follow) {
+			return r, nil
+		}
+		if err := fn(r); err != nil {
+			return r, err
+		}
+	}
+}

@@ -44,6 +44,11 @@ const (
 	OpWriteFile Op = "write_file"
 	OpSync      Op = "sync"
 	OpPowerOff  Op = "poweroff"
+	// OpSpawn starts a supervised process (a machine's workload) whose output the guest
+	// keeps, so that it runs on however often the host connects and disconnects.
+	OpSpawn Op = "spawn"
+	// OpFollow streams a supervised process's output from an offset, then its exit.
+	OpFollow Op = "follow"
 )
 
 // Header opens every stream.
@@ -54,6 +59,25 @@ type Header struct {
 	Exec    *ExecRequest `json:"exec,omitempty"`
 	Path    string       `json:"path,omitempty"`
 	Mode    uint32       `json:"mode,omitempty"`
+	// ID names a supervised process (spawn, follow).
+	ID string `json:"id,omitempty"`
+	// Offset is where follow starts in the output; Follow asks to wait for more.
+	Offset int64 `json:"offset,omitempty"`
+	Follow bool  `json:"follow,omitempty"`
+}
+
+// Record is a piece of a supervised process's output, or its end.
+type Record struct {
+	Offset int64  `json:"o"` // of the first byte of Data in the whole output
+	Stream int    `json:"s,omitempty"`
+	Time   int64  `json:"t,omitempty"` // guest clock, Unix nanoseconds
+	Data   []byte `json:"d,omitempty"`
+	// Dropped says bytes before Offset were discarded to keep the buffer bounded.
+	Dropped bool `json:"dropped,omitempty"`
+	// Exit is set on the last record, once the process has ended.
+	Exit *ExitStatus `json:"exit,omitempty"`
+	// Running is set on the last record of a non-following read of a live process.
+	Running bool `json:"running,omitempty"`
 }
 
 // ExecRequest describes a process to start in the guest.

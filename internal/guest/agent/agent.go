@@ -11,7 +11,6 @@ import (
 	"io/fs"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -41,8 +40,9 @@ type Agent struct {
 	// Info fills the hello reply's guest description.
 	Info func(*guest.Reply)
 
-	mu      sync.Mutex
-	pending map[string]*execStreams
+	mu         sync.Mutex
+	pending    map[string]*execStreams
+	supervised map[string]*supervised
 }
 
 type execStreams struct {
@@ -111,6 +111,10 @@ func (a *Agent) handle(s *yamux.Stream) {
 		reply(s, r)
 	case guest.OpExec:
 		a.exec(s, h)
+	case guest.OpSpawn:
+		a.spawn(s, h)
+	case guest.OpFollow:
+		a.follow(s, h)
 	case guest.OpReadFile:
 		readFile(s, h.Path)
 	case guest.OpWriteFile:
@@ -259,22 +263,10 @@ func (a *Agent) exec(ctl *yamux.Stream, h guest.Header) {
 	}
 	defer streams.close()
 
-	if req.Dir != "" {
-		if fi, err := os.Stat(req.Dir); err != nil || !fi.IsDir() {
-			replyErr(ctl, guest.CodeInvalid, "working directory %s does not exist in the guest", req.Dir)
-			return
-		}
-	}
-	env := buildEnv(req)
-	path, err := lookPath(req.Argv[0], envValue(env, "PATH"))
+	cmd, code, err := a.command(req)
 	if err != nil {
-		replyErr(ctl, guest.CodeNotFound, "%s: command not found in the guest", req.Argv[0])
+		replyErr(ctl, code, "%v", err)
 		return
-	}
-	cmd := &exec.Cmd{Path: path, Args: req.Argv, Env: env, Dir: req.Dir}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if req.UID != 0 || req.GID != 0 {
-		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: req.UID, Gid: req.GID}
 	}
 
 	// Wire the process to pipes (or a pty) so that no os/exec goroutine sits between the
@@ -422,12 +414,7 @@ func (a *Agent) exec(ctl *yamux.Stream, h guest.Header) {
 	if ptmx != nil {
 		ptmx.Close()
 	}
-	st := guest.ExitStatus{Code: ws.ExitStatus(), TimedOut: timedOut}
-	if ws.Signaled() {
-		st.Signal = int(ws.Signal())
-		st.Code = 128 + st.Signal
-	}
-	guest.WriteFrame(ctl, st)
+	guest.WriteFrame(ctl, exitStatus(ws, timedOut))
 }
 
 // copyOutput copies r to w until EOF. Once the process has exited, a pipe that stays

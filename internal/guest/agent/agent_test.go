@@ -281,3 +281,88 @@ func TestLinkFindsSyncAcrossReads(t *testing.T) {
 	close(p.done)
 	<-errc
 }
+
+func TestSupervisedOutlivesConnection(t *testing.T) {
+	// One agent, two host connections over time, as across a kiln restart.
+	a := agent.New(agent.ExecStarter{})
+	dial := func() *guest.Client {
+		hostEnd, guestEnd := net.Pipe()
+		go a.ServeLink(context.Background(), guestEnd, false)
+		c, err := guest.Connect(context.Background(), hostEnd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c1 := dial()
+	if _, err := c1.Spawn(ctx, "workload", sh("echo one; echo err >&2; read x < /dev/null; sleep 0.5; echo two; exit 7")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c1.Spawn(ctx, "workload", sh("true")); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Errorf("second spawn while running: %v", err)
+	}
+	var got []string
+	var off int64
+	last, err := c1.Follow(ctx, "workload", 0, false, func(r guest.Record) error {
+		got = append(got, fmt.Sprintf("%d:%s", r.Stream, r.Data))
+		off = r.Offset + int64(len(r.Data))
+		return nil
+	})
+	if err != nil || !last.Running {
+		t.Fatalf("first read: %+v %v", last, err)
+	}
+	c1.Close() // the host goes away; the workload does not
+
+	c2 := dial()
+	defer c2.Close()
+	last, err = c2.Follow(ctx, "workload", off, true, func(r guest.Record) error {
+		got = append(got, fmt.Sprintf("%d:%s", r.Stream, r.Data))
+		return nil
+	})
+	if err != nil || last.Exit == nil || last.Exit.Code != 7 {
+		t.Fatalf("follow to the end: %+v %v", last, err)
+	}
+	all := strings.Join(got, "")
+	if !strings.Contains(all, "1:one\n") || !strings.Contains(all, "2:err\n") || !strings.HasSuffix(all, "1:two\n") || strings.Count(all, "one") != 1 {
+		t.Errorf("output %q", all)
+	}
+	// After the end, spawning the same id again works (a restart).
+	if _, err := c2.Spawn(ctx, "workload", sh("exit 0")); err != nil {
+		t.Errorf("respawn: %v", err)
+	}
+	if _, err := c2.Spawn(ctx, "other", guest.ExecRequest{Argv: []string{"kiln-no-such"}}); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("spawn of a missing command: %v", err)
+	}
+}
+
+func TestSupervisedOutputIsBounded(t *testing.T) {
+	c := connect(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.Spawn(ctx, "w", sh(fmt.Sprintf("head -c %d /dev/zero", 3*agent.OutputCap))); err != nil {
+		t.Fatal(err)
+	}
+	// Read once the writer has finished: only the newest OutputCap bytes are left.
+	var n int64
+	var first, last guest.Record
+	for last.Exit == nil && ctx.Err() == nil {
+		time.Sleep(50 * time.Millisecond)
+		n = 0
+		var err error
+		last, err = c.Follow(ctx, "w", 0, false, func(r guest.Record) error {
+			if n == 0 {
+				first = r
+			}
+			n += int64(len(r.Data))
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n > agent.OutputCap+64<<10 || !first.Dropped || first.Offset == 0 || last.Offset != 3*agent.OutputCap {
+		t.Errorf("kept %d bytes from offset %d (dropped %v), end %d", n, first.Offset, first.Dropped, last.Offset)
+	}
+}
