@@ -48,7 +48,10 @@ func main() {
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&g.dataDir, "data-dir", defaultDataDir(), "where kiln keeps assets, disks and VM state (env KILN_DATA_DIR)")
-	root.AddCommand(vmCmd(g), assetsCmd(g), diskCmd(g), versionCmd())
+	af := &apiFlags{}
+	af.register(root)
+	root.AddCommand(vmCmd(g), assetsCmd(g), diskCmd(g), versionCmd(), serverCmd(g),
+		machineCmd(g, af), logsCmd(g, af), imageCmd(g, af))
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := root.ExecuteContext(ctx)

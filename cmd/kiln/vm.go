@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -235,7 +234,7 @@ func imageRootfs(ctx context.Context, dataDir, tarball string, log io.Writer) (i
 		return image.Rootfs{}, err
 	}
 	defer closeImg()
-	return image.Cache{Dir: filepath.Join(dataDir, "images")}.Rootfs(ctx, img, log)
+	return rootfsCache(dataDir).Rootfs(ctx, img, log)
 }
 
 // withImageDefaults fills what the command line left open from the image's config, as

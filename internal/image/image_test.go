@@ -199,3 +199,38 @@ func TestOpenTarballBadInput(t *testing.T) {
 		t.Errorf("missing: %v", err)
 	}
 }
+
+func TestStoreLoadAndResolve(t *testing.T) {
+	img := imagetest.App(t)
+	dir := t.TempDir()
+	docker := filepath.Join(dir, "app.tar")
+	imagetest.WriteDockerTarball(t, img, "localhost/app:1", docker)
+	s := &image.Store{Dir: filepath.Join(dir, "store")}
+	d, refs, err := s.Load(docker, "localhost/app:latest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(refs) != 2 || refs[0] != "localhost/app:1" {
+		t.Errorf("refs %v", refs)
+	}
+	for _, ref := range []string{"localhost/app:1", "localhost/app", "localhost/app@" + d, d} {
+		got, err := s.Resolve(ref)
+		if err != nil {
+			t.Errorf("%s: %v", ref, err)
+			continue
+		}
+		if gd, _ := got.Digest(); gd.String() != d {
+			t.Errorf("%s resolved to %s", ref, gd)
+		}
+	}
+	// Loading again replaces, not duplicates.
+	if _, _, err := s.Load(docker); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Resolve("localhost/other:1"); !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "kiln image load") {
+		t.Errorf("unknown image: %v", err)
+	}
+	if _, err := s.Resolve("UPPER/Case::bad"); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Errorf("bad reference: %v", err)
+	}
+}

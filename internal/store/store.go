@@ -31,6 +31,8 @@ type Machine struct {
 type Store interface {
 	// CreateApp creates an app; an existing one is ErrConflict.
 	CreateApp(ctx context.Context, name string) error
+	// ListApps lists app names, sorted.
+	ListApps(ctx context.Context) ([]string, error)
 	// CreateMachine inserts m (its state must be created) with its launch event.
 	CreateMachine(ctx context.Context, m Machine, ev machine.Event) error
 	GetMachine(ctx context.Context, id string) (Machine, error)

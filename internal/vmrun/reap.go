@@ -2,7 +2,6 @@ package vmrun
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -29,10 +28,9 @@ func Reap(ctx context.Context, dataDir string, drivers map[string]vmm.Driver, lo
 	n := 0
 	for _, e := range ents {
 		dir := filepath.Join(dataDir, "vms", e.Name())
-		var rec record
-		b, err := os.ReadFile(filepath.Join(dir, "record.json"))
-		if err == nil {
-			json.Unmarshal(b, &rec)
+		rec, _ := readRecord(dir)
+		if rec.Owner != "" {
+			continue // a machine's VM: the machine service adopts or removes it
 		}
 		if rec.OwnerPID != 0 && vmm.Alive(rec.OwnerPID, rec.OwnerStart) {
 			continue

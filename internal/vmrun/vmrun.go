@@ -50,6 +50,9 @@ type Spec struct {
 	MemoryMiB int
 	Mounts    []Mount
 	Hostname  string
+	// Owner, when set, makes the VM outlive this kiln process: it belongs to the named
+	// machine, is not reaped, and is found again with Adopt.
+	Owner string
 	// NICs are handed to the VMM as they are; their TAP devices belong to the caller.
 	NICs []vmm.NIC
 }
@@ -73,11 +76,15 @@ type Instance struct {
 	leases []*volume.Lease
 }
 
-// record is the on-disk claim to a VM's resources.
+// record is the on-disk claim to a VM's resources. An ephemeral VM belongs to the kiln
+// process that made it and is reaped when that process is gone; a machine's VM belongs
+// to the machine (Owner) and outlives kiln restarts, to be adopted again.
 type record struct {
 	ID         string     `json:"id"`
-	OwnerPID   int        `json:"owner_pid"`
-	OwnerStart uint64     `json:"owner_start"`
+	OwnerPID   int        `json:"owner_pid,omitempty"`
+	OwnerStart uint64     `json:"owner_start,omitempty"`
+	Owner      string     `json:"owner,omitempty"`
+	Mounts     []Mount    `json:"mounts,omitempty"`
 	Handle     vmm.Handle `json:"handle"`
 }
 
@@ -156,7 +163,10 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 			inst.Destroy(context.WithoutCancel(ctx))
 		}
 	}()
-	rec := record{ID: id, OwnerPID: os.Getpid(), OwnerStart: vmm.ProcStart(os.Getpid())}
+	rec := record{ID: id, Owner: spec.Owner, Mounts: spec.Mounts}
+	if spec.Owner == "" {
+		rec.OwnerPID, rec.OwnerStart = os.Getpid(), vmm.ProcStart(os.Getpid())
+	}
 	if err := writeRecord(dir, rec); err != nil {
 		return inst, err
 	}
@@ -196,6 +206,89 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 	inst.Timing.Kernel = time.Duration(inst.Agent.Hello.InitStartMS) * time.Millisecond
 	inst.Timing.Init = time.Duration(inst.Agent.Hello.ReadyMS-inst.Agent.Hello.InitStartMS) * time.Millisecond
 	return inst, nil
+}
+
+// Owned describes a VM that belongs to a machine.
+type Owned struct {
+	ID    string
+	Owner string
+}
+
+// ListOwned lists the VMs on this host that belong to machines.
+func (rt *Runtime) ListOwned() ([]Owned, error) {
+	ents, err := os.ReadDir(rt.vmsDir())
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Owned
+	for _, e := range ents {
+		rec, err := readRecord(filepath.Join(rt.vmsDir(), e.Name()))
+		if err == nil && rec.Owner != "" {
+			out = append(out, Owned{ID: rec.ID, Owner: rec.Owner})
+		}
+	}
+	return out, nil
+}
+
+func readRecord(dir string) (record, error) {
+	var rec record
+	b, err := os.ReadFile(filepath.Join(dir, "record.json"))
+	if err != nil {
+		return rec, err
+	}
+	return rec, json.Unmarshal(b, &rec)
+}
+
+// Adopt takes over a machine's VM left running by an earlier kiln process: it
+// re-attaches to the VMM, takes the disk locks again and connects the agent. A VM whose
+// VMM is gone comes back as an error of kind ErrUnavailable; Destroy it.
+func (rt *Runtime) Adopt(ctx context.Context, id string) (*Instance, error) {
+	dir := filepath.Join(rt.vmsDir(), id)
+	rec, err := readRecord(dir)
+	if err != nil {
+		return nil, errdefs.New(errdefs.ErrNotFound, "vm %s has no record: %v", id, err)
+	}
+	inst := &Instance{ID: id, Dir: dir, rt: rt}
+	vm, err := rt.Driver.Recover(ctx, rec.Handle)
+	if vm != nil {
+		inst.VM = vm
+	}
+	if err != nil {
+		return inst, errdefs.New(errdefs.ErrUnavailable, "vm %s: %v", id, err)
+	}
+	if !vmm.Alive(rec.Handle.PID, rec.Handle.PIDStart) {
+		return inst, errdefs.New(errdefs.ErrUnavailable, "vm %s: its VMM is gone", id)
+	}
+	for _, m := range rec.Mounts {
+		lease, err := rt.locks().Acquire(m.Image, id)
+		if err != nil {
+			return inst, err
+		}
+		inst.leases = append(inst.leases, lease)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if inst.Agent, err = guest.Dial(cctx, vm.DialAgent); err != nil {
+		return inst, errdefs.New(errdefs.ErrUnavailable, "vm %s: agent: %v", id, err)
+	}
+	return inst, nil
+}
+
+// Release lets go of a running VM without stopping it, for a kiln that is exiting and
+// whose successor will Adopt it.
+func (inst *Instance) Release() {
+	if inst.Agent != nil {
+		inst.Agent.Close()
+	}
+	if inst.VM != nil {
+		inst.VM.Detach()
+	}
+	for _, l := range inst.leases {
+		l.Release()
+	}
 }
 
 // DefaultBootTimeout: software emulation boots in seconds; a guest silent for this long

@@ -60,6 +60,23 @@ func (s *DB) CreateApp(ctx context.Context, name string) error {
 	return err
 }
 
+func (s *DB) ListApps(ctx context.Context) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT name FROM apps ORDER BY name`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			return nil, err
+		}
+		out = append(out, n)
+	}
+	return out, rows.Err()
+}
+
 func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Event) error {
 	if m.State != machine.Created {
 		return errdefs.Invalid("a new machine starts in state created, not %s", m.State)

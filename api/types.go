@@ -1,0 +1,146 @@
+// Package api holds the wire types of kiln's REST API: the Fly Machines shapes for apps,
+// machines and their events, plus kiln's own endpoints (images, logs). No logic lives
+// here; openapi.json beside it documents the same routes and is served at
+// /v1/openapi.json.
+package api
+
+import (
+	"time"
+)
+
+// Error is the body of every error response.
+type Error struct {
+	Error string `json:"error"`
+}
+
+// CreateAppRequest is POST /v1/apps.
+type CreateAppRequest struct {
+	AppName string `json:"app_name"`
+}
+
+// App is an app.
+type App struct {
+	Name string `json:"name"`
+}
+
+// Guest sizes a machine.
+type Guest struct {
+	CPUs     int    `json:"cpus,omitempty"`
+	MemoryMB int    `json:"memory_mb,omitempty"`
+	CPUKind  string `json:"cpu_kind,omitempty"`
+}
+
+// Init overrides what the image says to run.
+type Init struct {
+	Exec       []string `json:"exec,omitempty"`
+	Entrypoint []string `json:"entrypoint,omitempty"`
+	Cmd        []string `json:"cmd,omitempty"`
+}
+
+// Mount attaches a volume.
+type Mount struct {
+	Volume string `json:"volume"`
+	Path   string `json:"path"`
+}
+
+// Restart is the restart policy.
+type Restart struct {
+	Policy     string `json:"policy,omitempty"` // no, always, on-failure
+	MaxRetries int    `json:"max_retries,omitempty"`
+}
+
+// StopConfig says how a machine is stopped.
+type StopConfig struct {
+	Timeout string `json:"timeout,omitempty"` // a Go duration, e.g. "10s"
+	Signal  string `json:"signal,omitempty"`
+}
+
+// MachineConfig is a machine's configuration, with Fly's field names.
+type MachineConfig struct {
+	Image       string            `json:"image"`
+	Env         map[string]string `json:"env,omitempty"`
+	Init        Init              `json:"init,omitempty"`
+	Guest       Guest             `json:"guest,omitempty"`
+	Mounts      []Mount           `json:"mounts,omitempty"`
+	Restart     Restart           `json:"restart,omitempty"`
+	AutoDestroy bool              `json:"auto_destroy,omitempty"`
+	Metadata    map[string]string `json:"metadata,omitempty"`
+	StopConfig  *StopConfig       `json:"stop_config,omitempty"`
+}
+
+// CreateMachineRequest is POST /v1/apps/{app}/machines.
+type CreateMachineRequest struct {
+	Name   string        `json:"name,omitempty"`
+	Region string        `json:"region,omitempty"`
+	Config MachineConfig `json:"config"`
+}
+
+// Event is one entry of a machine's journal.
+type Event struct {
+	Type      string `json:"type"`
+	Status    string `json:"status"`
+	Source    string `json:"source"`
+	Timestamp int64  `json:"timestamp"` // Unix milliseconds, as Fly reports
+	Request   *struct {
+		ExitEvent *ExitEvent `json:"exit_event,omitempty"`
+	} `json:"request,omitempty"`
+}
+
+// ExitEvent carries a workload's exit.
+type ExitEvent struct {
+	ExitCode int `json:"exit_code"`
+}
+
+// Machine is a machine as the API shows it.
+type Machine struct {
+	ID         string        `json:"id"`
+	Name       string        `json:"name"`
+	State      string        `json:"state"`
+	Region     string        `json:"region"`
+	InstanceID string        `json:"instance_id"`
+	Config     MachineConfig `json:"config"`
+	ExitCode   *int          `json:"exit_code,omitempty"`
+	CreatedAt  time.Time     `json:"created_at"`
+	UpdatedAt  time.Time     `json:"updated_at"`
+	Events     []Event       `json:"events,omitempty"`
+}
+
+// StopRequest is POST .../stop.
+type StopRequest struct {
+	Signal  string `json:"signal,omitempty"`
+	Timeout string `json:"timeout,omitempty"`
+}
+
+// ExecRequest is POST .../exec.
+type ExecRequest struct {
+	Cmd     []string `json:"cmd,omitempty"`
+	Command []string `json:"command,omitempty"`
+	Timeout int      `json:"timeout,omitempty"` // seconds
+	Stdin   string   `json:"stdin,omitempty"`
+}
+
+// ExecResponse answers an exec.
+type ExecResponse struct {
+	ExitCode   int    `json:"exit_code"`
+	ExitSignal int    `json:"exit_signal,omitempty"`
+	Stdout     string `json:"stdout"`
+	Stderr     string `json:"stderr"`
+}
+
+// LogLine is one line of a machine's workload output (NDJSON on the logs endpoint).
+type LogLine struct {
+	Timestamp time.Time `json:"timestamp"`
+	Stream    string    `json:"stream"` // stdout, stderr
+	Message   string    `json:"message"`
+}
+
+// ImageLoadResponse answers POST /v1/images.
+type ImageLoadResponse struct {
+	Digest string   `json:"digest"`
+	Refs   []string `json:"refs"`
+}
+
+// OK is the body of calls that only succeed.
+type OK struct {
+	OK bool `json:"ok"`
+}

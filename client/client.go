@@ -1,0 +1,231 @@
+// Package client is the Go client of kiln's API; the kiln CLI uses nothing else to talk
+// to a server. Errors from the server keep their kind (errdefs), so callers test them
+// with errors.Is as they would locally.
+package client
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+)
+
+// Client talks to one kiln server.
+type Client struct {
+	BaseURL string
+	Token   string
+	HTTP    *http.Client
+}
+
+// New returns a client for baseURL (like http://127.0.0.1:4280) with a bearer token.
+func New(baseURL, token string) *Client {
+	return &Client{BaseURL: strings.TrimRight(baseURL, "/"), Token: token, HTTP: &http.Client{}}
+}
+
+// Error is an error answer from the server.
+type Error struct {
+	Status  int
+	Message string
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Unwrap gives the error its kind back.
+func (e *Error) Unwrap() error {
+	switch e.Status {
+	case http.StatusBadRequest:
+		return errdefs.ErrInvalid
+	case http.StatusNotFound:
+		return errdefs.ErrNotFound
+	case http.StatusConflict:
+		return errdefs.ErrConflict
+	case http.StatusServiceUnavailable, http.StatusRequestTimeout:
+		return errdefs.ErrUnavailable
+	}
+	return nil
+}
+
+func (c *Client) request(ctx context.Context, method, path string, body io.Reader, ctype string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
+	if ctype != "" {
+		req.Header.Set("Content-Type", ctype)
+	}
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return nil, errdefs.New(errdefs.ErrUnavailable, "cannot reach the kiln server at %s: %v (is `kiln server` running? set KILN_API_URL or --api-url)", c.BaseURL, err)
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		var e api.Error
+		b, _ := io.ReadAll(resp.Body)
+		if json.Unmarshal(b, &e) != nil || e.Error == "" {
+			e.Error = strings.TrimSpace(string(b))
+		}
+		return nil, &Error{Status: resp.StatusCode, Message: e.Error}
+	}
+	return resp, nil
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	ctype := ""
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body, ctype = bytes.NewReader(b), "application/json"
+	}
+	resp, err := c.request(ctx, method, path, body, ctype)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if out != nil {
+		return json.NewDecoder(resp.Body).Decode(out)
+	}
+	return nil
+}
+
+func mpath(app, id string) string {
+	return "/v1/apps/" + url.PathEscape(app) + "/machines/" + url.PathEscape(id)
+}
+
+// CreateApp creates an app.
+func (c *Client) CreateApp(ctx context.Context, name string) error {
+	return c.do(ctx, "POST", "/v1/apps", api.CreateAppRequest{AppName: name}, nil)
+}
+
+// ListApps lists apps.
+func (c *Client) ListApps(ctx context.Context) ([]api.App, error) {
+	var out []api.App
+	return out, c.do(ctx, "GET", "/v1/apps", nil, &out)
+}
+
+// CreateMachine creates and starts a machine.
+func (c *Client) CreateMachine(ctx context.Context, app string, req api.CreateMachineRequest) (api.Machine, error) {
+	var m api.Machine
+	return m, c.do(ctx, "POST", "/v1/apps/"+url.PathEscape(app)+"/machines", req, &m)
+}
+
+// ListMachines lists an app's machines.
+func (c *Client) ListMachines(ctx context.Context, app string) ([]api.Machine, error) {
+	var out []api.Machine
+	return out, c.do(ctx, "GET", "/v1/apps/"+url.PathEscape(app)+"/machines", nil, &out)
+}
+
+// GetMachine gets a machine with its events.
+func (c *Client) GetMachine(ctx context.Context, app, id string) (api.Machine, error) {
+	var m api.Machine
+	return m, c.do(ctx, "GET", mpath(app, id), nil, &m)
+}
+
+// Start, Stop and Restart act on a machine.
+func (c *Client) Start(ctx context.Context, app, id string) error {
+	return c.do(ctx, "POST", mpath(app, id)+"/start", nil, nil)
+}
+
+func (c *Client) Stop(ctx context.Context, app, id string) error {
+	return c.do(ctx, "POST", mpath(app, id)+"/stop", api.StopRequest{}, nil)
+}
+
+func (c *Client) Restart(ctx context.Context, app, id string) error {
+	return c.do(ctx, "POST", mpath(app, id)+"/restart", nil, nil)
+}
+
+// Destroy destroys a machine; force stops a running one first.
+func (c *Client) Destroy(ctx context.Context, app, id string, force bool) error {
+	return c.do(ctx, "DELETE", mpath(app, id)+fmt.Sprintf("?force=%t", force), nil, nil)
+}
+
+// Wait waits until the machine reaches state.
+func (c *Client) Wait(ctx context.Context, app, id, state string, timeout time.Duration) error {
+	return c.do(ctx, "GET", mpath(app, id)+fmt.Sprintf("/wait?state=%s&timeout=%d", url.QueryEscape(state), int(timeout.Seconds())), nil, nil)
+}
+
+// Exec runs a command in a started machine.
+func (c *Client) Exec(ctx context.Context, app, id string, argv []string, stdin string, timeout time.Duration) (api.ExecResponse, error) {
+	var out api.ExecResponse
+	return out, c.do(ctx, "POST", mpath(app, id)+"/exec", api.ExecRequest{Command: argv, Stdin: stdin, Timeout: int(timeout.Seconds())}, &out)
+}
+
+// Events lists a machine's events, newest first.
+func (c *Client) Events(ctx context.Context, app, id string) ([]api.Event, error) {
+	var out []api.Event
+	return out, c.do(ctx, "GET", mpath(app, id)+"/events", nil, &out)
+}
+
+// Logs calls fn for each line of the machine's output; with follow it keeps going
+// until ctx ends.
+func (c *Client) Logs(ctx context.Context, app, id string, follow bool, fn func(api.LogLine) error) error {
+	resp, err := c.request(ctx, "GET", mpath(app, id)+fmt.Sprintf("/logs?follow=%t", follow), nil, "")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var l api.LogLine
+		if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
+			return fmt.Errorf("reading logs: %w", err)
+		}
+		if err := fn(l); err != nil {
+			return err
+		}
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	return sc.Err()
+}
+
+// LoadImage uploads an image tarball; ref, if set, is an extra name for it.
+func (c *Client) LoadImage(ctx context.Context, tarball io.Reader, ref string) (api.ImageLoadResponse, error) {
+	var out api.ImageLoadResponse
+	q := ""
+	if ref != "" {
+		q = "?ref=" + url.QueryEscape(ref)
+	}
+	resp, err := c.request(ctx, "POST", "/v1/images"+q, tarball, "application/x-tar")
+	if err != nil {
+		return out, err
+	}
+	defer resp.Body.Close()
+	return out, json.NewDecoder(resp.Body).Decode(&out)
+}
+
+// FindMachine finds which app a machine ID belongs to.
+func (c *Client) FindMachine(ctx context.Context, id string) (string, api.Machine, error) {
+	apps, err := c.ListApps(ctx)
+	if err != nil {
+		return "", api.Machine{}, err
+	}
+	for _, a := range apps {
+		ms, err := c.ListMachines(ctx, a.Name)
+		if err != nil {
+			continue
+		}
+		for _, m := range ms {
+			if m.ID == id || m.Name == id {
+				return a.Name, m, nil
+			}
+		}
+	}
+	return "", api.Machine{}, errdefs.New(errdefs.ErrNotFound, "no machine %s in any app: list them with `kiln machine ls --app APP`", id)
+}

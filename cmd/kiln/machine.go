@@ -1,0 +1,240 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/client"
+	"github.com/kilnhq/kiln/internal/errdefs"
+)
+
+type apiFlags struct {
+	url, token string
+}
+
+func (a *apiFlags) register(c *cobra.Command) {
+	c.PersistentFlags().StringVar(&a.url, "api-url", envOr("KILN_API_URL", "http://"+DefaultListen), "kiln server URL (env KILN_API_URL)")
+	c.PersistentFlags().StringVar(&a.token, "token", os.Getenv("KILN_API_TOKEN"), "API token (env KILN_API_TOKEN; default: DATA_DIR/admin-token when readable)")
+}
+
+func (a *apiFlags) client(g *globals) *client.Client {
+	tok := a.token
+	if tok == "" {
+		if b, err := os.ReadFile(filepath.Join(g.dataDir, "admin-token")); err == nil {
+			tok = strings.TrimSpace(string(b))
+		}
+	}
+	return client.New(a.url, tok)
+}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func machineCmd(g *globals, af *apiFlags) *cobra.Command {
+	c := &cobra.Command{Use: "machine", Aliases: []string{"machines", "m"}, Short: "Machines: microVMs that run an image"}
+	var (
+		app, name, restart string
+		cpus, memory, max  int
+		env                []string
+		autoDestroy        bool
+	)
+	run := &cobra.Command{
+		Use:   "run IMAGE [-- COMMAND...]",
+		Short: "Create and start a machine; prints its ID on the last line",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			cl := af.client(g)
+			if app == "" {
+				return errdefs.Invalid("--app is required: the app the machine belongs to")
+			}
+			cfg := api.MachineConfig{Image: args[0], Guest: api.Guest{CPUs: cpus, MemoryMB: memory},
+				Restart: api.Restart{Policy: restart, MaxRetries: max}, AutoDestroy: autoDestroy}
+			if len(args) > 1 {
+				cfg.Init.Cmd = args[1:]
+			}
+			for _, e := range env {
+				k, v, ok := strings.Cut(e, "=")
+				if !ok || k == "" {
+					return errdefs.Invalid("-e %q: want KEY=VALUE", e)
+				}
+				if cfg.Env == nil {
+					cfg.Env = map[string]string{}
+				}
+				cfg.Env[k] = v
+			}
+			if err := cl.CreateApp(ctx, app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+				return err
+			}
+			m, err := cl.CreateMachine(ctx, app, api.CreateMachineRequest{Name: name, Config: cfg})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "machine %s (%s) in app %s: %s\n", m.ID, m.Name, app, m.State)
+			fmt.Println(m.ID)
+			return nil
+		},
+	}
+	run.Flags().StringVar(&app, "app", os.Getenv("KILN_APP"), "app (created if missing; env KILN_APP)")
+	run.Flags().StringVar(&name, "name", "", "machine name (default: its ID)")
+	run.Flags().IntVar(&cpus, "cpus", 1, "virtual CPUs")
+	run.Flags().IntVar(&memory, "memory", 256, "memory in MiB")
+	run.Flags().StringArrayVarP(&env, "env", "e", nil, "environment variable K=V (repeatable)")
+	run.Flags().StringVar(&restart, "restart", "", "restart policy: no, always or on-failure")
+	run.Flags().IntVar(&max, "max-retries", 0, "restarts allowed by on-failure (default 10)")
+	run.Flags().BoolVar(&autoDestroy, "auto-destroy", false, "destroy the machine when its workload exits")
+
+	var lsApp string
+	var asJSON bool
+	ls := &cobra.Command{
+		Use: "ls --app APP", Short: "List an app's machines", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if lsApp == "" {
+				return errdefs.Invalid("--app is required")
+			}
+			ms, err := af.client(g).ListMachines(cmd.Context(), lsApp)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(ms)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tNAME\tSTATE\tIMAGE\tCREATED\tEXIT")
+			for _, m := range ms {
+				exit := ""
+				if m.ExitCode != nil {
+					exit = fmt.Sprint(*m.ExitCode)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Name, m.State, m.Config.Image, m.CreatedAt.Local().Format(time.DateTime), exit)
+			}
+			return tw.Flush()
+		},
+	}
+	ls.Flags().StringVar(&lsApp, "app", os.Getenv("KILN_APP"), "app (env KILN_APP)")
+	ls.Flags().BoolVar(&asJSON, "json", false, "print JSON with the API's field names")
+
+	exec := &cobra.Command{
+		Use: "exec ID -- COMMAND...", Short: "Run a command in a started machine", Args: cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl := af.client(g)
+			app, m, err := cl.FindMachine(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			var stdin string
+			if fi, err := os.Stdin.Stat(); err == nil && fi.Mode()&os.ModeCharDevice == 0 {
+				b, _ := io.ReadAll(io.LimitReader(os.Stdin, 1<<20))
+				stdin = string(b)
+			}
+			res, err := cl.Exec(cmd.Context(), app, m.ID, args[1:], stdin, 60*time.Second)
+			if err != nil {
+				return err
+			}
+			os.Stdout.WriteString(res.Stdout)
+			os.Stderr.WriteString(res.Stderr)
+			if res.ExitCode != 0 {
+				return exitError{res.ExitCode}
+			}
+			return nil
+		},
+	}
+	var force bool
+	act := func(use, short string, f func(ctx context.Context, cl *client.Client, app, id string) error) *cobra.Command {
+		return &cobra.Command{
+			Use: use + " ID", Short: short, Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				cl := af.client(g)
+				app, m, err := cl.FindMachine(cmd.Context(), args[0])
+				if err != nil {
+					return err
+				}
+				if err := f(cmd.Context(), cl, app, m.ID); err != nil {
+					return err
+				}
+				fmt.Fprintf(os.Stderr, "machine %s: %s\n", m.ID, use)
+				return nil
+			},
+		}
+	}
+	start := act("start", "Start a stopped machine", func(ctx context.Context, cl *client.Client, app, id string) error { return cl.Start(ctx, app, id) })
+	stop := act("stop", "Stop a machine", func(ctx context.Context, cl *client.Client, app, id string) error { return cl.Stop(ctx, app, id) })
+	restartCmd := act("restart", "Restart a machine", func(ctx context.Context, cl *client.Client, app, id string) error { return cl.Restart(ctx, app, id) })
+	destroy := act("destroy", "Destroy a machine (--force stops it first)", func(ctx context.Context, cl *client.Client, app, id string) error {
+		return cl.Destroy(ctx, app, id, force)
+	})
+	destroy.Flags().BoolVarP(&force, "force", "f", false, "stop a running machine first")
+	var waitState string
+	var waitTimeout time.Duration
+	wait := act("wait", "Wait until a machine reaches --state", func(ctx context.Context, cl *client.Client, app, id string) error {
+		return cl.Wait(ctx, app, id, waitState, waitTimeout)
+	})
+	wait.Flags().StringVar(&waitState, "state", "started", "state to wait for")
+	wait.Flags().DurationVar(&waitTimeout, "timeout", 60*time.Second, "how long to wait")
+	c.AddCommand(run, ls, exec, start, stop, restartCmd, destroy, wait)
+	return c
+}
+
+func logsCmd(g *globals, af *apiFlags) *cobra.Command {
+	var follow bool
+	c := &cobra.Command{
+		Use: "logs ID", Short: "Show a machine's workload output (-f to follow)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl := af.client(g)
+			app, m, err := cl.FindMachine(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return cl.Logs(cmd.Context(), app, m.ID, follow, func(l api.LogLine) error {
+				w := os.Stdout
+				if l.Stream == "stderr" {
+					w = os.Stderr
+				}
+				_, err := fmt.Fprintf(w, "%s %s\n", l.Timestamp.Local().Format(time.RFC3339), l.Message)
+				return err
+			})
+		},
+	}
+	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
+	return c
+}
+
+func imageCmd(g *globals, af *apiFlags) *cobra.Command {
+	c := &cobra.Command{Use: "image", Short: "Images on the kiln server"}
+	var ref string
+	load := &cobra.Command{
+		Use: "load FILE.tar", Short: "Load a `docker save` or OCI layout tarball into the server", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f, err := os.Open(args[0])
+			if err != nil {
+				return errdefs.New(errdefs.ErrNotFound, "%v", err)
+			}
+			defer f.Close()
+			res, err := af.client(g).LoadImage(cmd.Context(), f, ref)
+			if err != nil {
+				return err
+			}
+			for _, r := range res.Refs {
+				fmt.Printf("loaded %s (%s)\n", r, res.Digest)
+			}
+			return nil
+		},
+	}
+	load.Flags().StringVar(&ref, "ref", "", "also store the image under this reference")
+	c.AddCommand(load)
+	return c
+}

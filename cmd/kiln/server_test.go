@@ -1,0 +1,250 @@
+package main_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/client"
+	"github.com/kilnhq/kiln/internal/image/imagetest"
+)
+
+type kilnServer struct {
+	e    *env
+	url  string
+	cmd  *exec.Cmd
+	logs *bytes.Buffer
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// startServer runs `kiln server` on addr and waits until it serves.
+func startServer(t *testing.T, e *env, addr string) *kilnServer {
+	t.Helper()
+	c := e.cmd("server", "--listen", addr)
+	var logs bytes.Buffer
+	stderr, _ := c.StderrPipe()
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			logs.WriteString(sc.Text() + "\n")
+			if strings.Contains(sc.Text(), "serving the API") {
+				ready <- true
+			}
+		}
+		ready <- false
+	}()
+	select {
+	case ok := <-ready:
+		if !ok {
+			t.Fatalf("server exited:\n%s", logs.String())
+		}
+	case <-time.After(2 * time.Minute):
+		c.Process.Kill()
+		t.Fatal("server did not start")
+	}
+	return &kilnServer{e: e, url: "http://" + addr, cmd: c, logs: &logs}
+}
+
+func (s *kilnServer) stop(sig syscall.Signal) {
+	s.cmd.Process.Signal(sig)
+	s.cmd.Wait()
+}
+
+// kiln runs the CLI against the server.
+func (s *kilnServer) kiln(stdin string, args ...string) (string, string, int) {
+	return s.e.run(stdin, append([]string{"--api-url", s.url}, args...)...)
+}
+
+func TestServerEndToEnd(t *testing.T) {
+	e := newEnv(t)
+	addr := freeAddr(t)
+	srv := startServer(t, e, addr)
+	defer func() {
+		if srv != nil {
+			srv.stop(syscall.SIGTERM)
+		}
+	}()
+	ctx := context.Background()
+	tokenFile := filepath.Join(e.dataDir, "admin-token")
+
+	// Unauthenticated calls get 401.
+	resp, err := http.Get(srv.url + "/v1/apps")
+	if err != nil || resp.StatusCode != 401 {
+		t.Fatalf("unauthenticated: %v %v", resp.StatusCode, err)
+	}
+	resp.Body.Close()
+
+	// Load an image built here.
+	tarball := filepath.Join(e.dataDir, "app.tar")
+	imagetest.WriteDockerTarball(t, imagetest.App(t), "localhost/app:1", tarball)
+	out, errs, code := srv.kiln("", "image", "load", tarball)
+	if code != 0 || !strings.Contains(out, "localhost/app:1") {
+		t.Fatalf("image load: %d %s %s", code, out, errs)
+	}
+
+	// Run a long-lived machine.
+	out, errs, code = srv.kiln("", "machine", "run", "localhost/app:1", "--app", "web", "-e", "MODE=prod", "--",
+		"sh", "-c", "echo started in $MODE; echo warn >&2; while true; do sleep 1; done")
+	if code != 0 {
+		t.Fatalf("machine run: %s", errs)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	id := lines[len(lines)-1]
+	if _, errs, code := srv.kiln("", "machine", "wait", id, "--state", "started"); code != 0 {
+		t.Fatalf("wait started: %s\n%s", errs, srv.logs)
+	}
+	out, _, _ = srv.kiln("", "machine", "ls", "--app", "web", "--json")
+	var ms []api.Machine
+	if json.Unmarshal([]byte(out), &ms); len(ms) != 1 || ms[0].ID != id || ms[0].State != "started" || ms[0].Config.Image != "localhost/app:1" {
+		t.Errorf("ls --json: %s", out)
+	}
+	out, _, code = srv.kiln("", "machine", "exec", id, "--", "sh", "-c", "id -u; cat /etc/hostname 2>/dev/null; hostname")
+	if code != 0 || !strings.HasPrefix(out, "1234\n") {
+		t.Errorf("exec: %d %q", code, out)
+	}
+	waitFor(t, func() bool {
+		out, errs, _ := srv.kiln("", "logs", id)
+		return strings.Contains(out, "started in prod") && strings.Contains(errs, "warn")
+	}, "logs to show the workload's output")
+
+	// kill -9 of the server: the machine keeps running and is adopted on restart.
+	srv.stop(syscall.SIGKILL)
+	srv = startServer(t, e, addr)
+	if !strings.Contains(srv.logs.String(), "re-adopted") {
+		t.Errorf("restart did not say it adopted the VM:\n%s", srv.logs)
+	}
+	cl := client.New(srv.url, readToken(t, tokenFile))
+	m, err := cl.GetMachine(ctx, "web", id)
+	if err != nil || m.State != "started" {
+		t.Fatalf("after server restart: %+v %v", m, err)
+	}
+	if res, err := cl.Exec(ctx, "web", id, []string{"sh", "-c", "echo still here"}, "", 30*time.Second); err != nil || res.Stdout != "still here\n" {
+		t.Errorf("exec after restart: %+v %v", res, err)
+	}
+
+	// Stop and start again.
+	if _, errs, code := srv.kiln("", "machine", "stop", id); code != 0 {
+		t.Fatalf("stop: %s", errs)
+	}
+	if err := cl.Wait(ctx, "web", id, "stopped", 60*time.Second); err != nil {
+		t.Fatalf("wait stopped: %v\n%s", err, srv.logs)
+	}
+	if _, errs, code := srv.kiln("", "machine", "start", id); code != 0 {
+		t.Fatalf("start: %s", errs)
+	}
+	if err := cl.Wait(ctx, "web", id, "started", 60*time.Second); err != nil {
+		t.Fatalf("wait started again: %v", err)
+	}
+
+	// on-failure restarts a crashing workload max_retries times, then leaves it stopped.
+	crash, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{
+		Image: "localhost/app:1", Init: api.Init{Cmd: []string{"sh", "-c", "echo boom; exit 3"}},
+		Restart: api.Restart{Policy: "on-failure", MaxRetries: 2}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool {
+		evs, _ := cl.Events(ctx, "web", crash.ID)
+		restarts, exits := 0, 0
+		for _, ev := range evs {
+			if ev.Type == "restart" {
+				restarts++
+			}
+			if ev.Type == "exit" && ev.Request != nil && ev.Request.ExitEvent != nil && ev.Request.ExitEvent.ExitCode == 3 {
+				exits++
+			}
+		}
+		m, _ := cl.GetMachine(ctx, "web", crash.ID)
+		return restarts == 2 && exits == 3 && m.State == "stopped"
+	}, "two restarts after three exits with code 3")
+
+	// Bad input: a 4xx naming the problem, and nothing half-created.
+	for _, tc := range []struct {
+		body string
+		code int
+		want string
+	}{
+		{`{"config":{"image":"localhost/nope:1"}}`, 404, "kiln image load"},
+		{`{"config":{"imag":"localhost/app:1"}}`, 400, `unknown field "imag"`},
+		{`{"config":{"image":"localhost/app:1","guest":{"memory_mb":99999999}}}`, 400, "memory_mb"},
+		{`{"config":{"image":"localhost/app:1","restart":{"policy":"sometimes"}}}`, 400, "restart.policy"},
+		{`{not json`, 400, "request body"},
+	} {
+		req, _ := http.NewRequest("POST", srv.url+"/v1/apps/web/machines", strings.NewReader(tc.body))
+		req.Header.Set("Authorization", "Bearer "+readToken(t, tokenFile))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ae api.Error
+		json.NewDecoder(resp.Body).Decode(&ae)
+		resp.Body.Close()
+		if resp.StatusCode != tc.code || !strings.Contains(ae.Error, tc.want) {
+			t.Errorf("%s: %d %q, want %d with %q", tc.body, resp.StatusCode, ae.Error, tc.code, tc.want)
+		}
+	}
+	if _, err := cl.ListMachines(ctx, "nope"); err == nil || !strings.Contains(err.Error(), "nope") {
+		t.Errorf("unknown app: %v", err)
+	}
+	if ms, _ := cl.ListMachines(ctx, "web"); len(ms) != 2 {
+		t.Errorf("a refused create left a record: %d machines", len(ms))
+	}
+	if _, errs, code := srv.kiln("", "machine", "destroy", id); code == 0 || !strings.Contains(errs, "force") {
+		t.Errorf("destroying a running machine without force: %d %s", code, errs)
+	}
+
+	// Destroy everything; then nothing of it remains on the host.
+	for _, mid := range []string{id, crash.ID} {
+		if _, errs, code := srv.kiln("", "machine", "destroy", mid, "--force"); code != 0 {
+			t.Errorf("destroy %s: %s", mid, errs)
+		}
+	}
+	if ms, _ := cl.ListMachines(ctx, "web"); len(ms) != 0 {
+		t.Errorf("destroyed machines still listed: %+v", ms)
+	}
+	srv.stop(syscall.SIGTERM)
+	srv = nil
+}
+
+func readToken(t *testing.T, path string) string {
+	t.Helper()
+	out, err := exec.Command("cat", path).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+func waitFor(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+

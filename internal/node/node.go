@@ -1,0 +1,567 @@
+// Package node runs machines on this host: it boots each machine's VM from its image,
+// runs the workload under the guest's supervision, stores its output, records every
+// state change through the store, applies the restart policy, and after a kiln restart
+// adopts the VMs that kept running (or cleans up those no machine owns).
+package node
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/vmm"
+	"github.com/kilnhq/kiln/internal/vmrun"
+)
+
+// Manager runs this host's machines. Create one with New and call Recover before
+// serving requests.
+type Manager struct {
+	Store  store.Store
+	RT     *vmrun.Runtime
+	Images *image.Store
+	Rootfs image.Cache
+	// Dir holds each machine's stored output (Dir/ID).
+	Dir string
+	Log io.Writer
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	runs   map[string]*run
+	wg     sync.WaitGroup
+}
+
+// run is one machine's supervisor.
+type run struct {
+	mu   sync.Mutex
+	inst *vmrun.Instance
+	// as is how execs run: the workload's user, environment and working directory, as
+	// `docker exec` does.
+	as       guest.ExecRequest
+	stopping bool
+	cancel   context.CancelFunc // ends the wait on the workload
+	done     chan struct{}
+}
+
+// New returns a manager; Close lets go of its VMs without stopping them.
+func New(st store.Store, rt *vmrun.Runtime, images *image.Store, rootfs image.Cache, dir string, log io.Writer) *Manager {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Manager{Store: st, RT: rt, Images: images, Rootfs: rootfs, Dir: dir, Log: log, ctx: ctx, cancel: cancel, runs: map[string]*run{}}
+}
+
+func (m *Manager) logf(format string, args ...any) {
+	if m.Log != nil {
+		fmt.Fprintf(m.Log, "kiln: "+format+"\n", args...)
+	}
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+func newMachineID() string {
+	var b [7]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// validate checks a config and fills defaults. Every error names the field.
+func validate(cfg *api.MachineConfig) error {
+	if cfg.Image == "" {
+		return errdefs.Invalid("config.image is required: the image to run, e.g. localhost/app:1")
+	}
+	if _, err := image.NormalizeRef(cfg.Image); err != nil && !strings.HasPrefix(cfg.Image, "sha256:") {
+		return errdefs.Invalid("config.image: %v", err)
+	}
+	if cfg.Guest.CPUs == 0 {
+		cfg.Guest.CPUs = 1
+	}
+	if cfg.Guest.MemoryMB == 0 {
+		cfg.Guest.MemoryMB = 256
+	}
+	if n := runtime.NumCPU(); cfg.Guest.CPUs < 1 || cfg.Guest.CPUs > n {
+		return errdefs.Invalid("config.guest.cpus=%d is out of range: this host allows 1 to %d", cfg.Guest.CPUs, n)
+	}
+	if max := vmm.HostMemoryMiB() - 256; cfg.Guest.MemoryMB < vmm.MinMemoryMiB || cfg.Guest.MemoryMB > max {
+		return errdefs.Invalid("config.guest.memory_mb=%d is out of range: this host allows %d to %d", cfg.Guest.MemoryMB, vmm.MinMemoryMiB, max)
+	}
+	if err := (machine.RestartPolicy{Policy: cfg.Restart.Policy, MaxRetries: cfg.Restart.MaxRetries}).Validate(); err != nil {
+		return errdefs.Invalid("config.%v", err)
+	}
+	if len(cfg.Mounts) > 0 {
+		return errdefs.Invalid("config.mounts: named volumes are not available yet; attach disks with `kiln vm run --disk` meanwhile")
+	}
+	if cfg.StopConfig != nil && cfg.StopConfig.Timeout != "" {
+		if _, err := time.ParseDuration(cfg.StopConfig.Timeout); err != nil {
+			return errdefs.Invalid("config.stop_config.timeout %q: want a duration like 10s", cfg.StopConfig.Timeout)
+		}
+	}
+	for k := range cfg.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			return errdefs.Invalid("config.env key %q is not a valid variable name", k)
+		}
+	}
+	return nil
+}
+
+// Create records a machine and starts it. Everything that can be checked is checked
+// first, so a refused request leaves no record and no VM.
+func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineRequest) (store.Machine, error) {
+	cfg := req.Config
+	if err := validate(&cfg); err != nil {
+		return store.Machine{}, err
+	}
+	if _, err := m.rootfs(ctx, cfg.Image); err != nil {
+		return store.Machine{}, err
+	}
+	id := newMachineID()
+	name := req.Name
+	if name == "" {
+		name = id
+	}
+	if !nameRE.MatchString(name) {
+		return store.Machine{}, errdefs.Invalid("name %q: use lowercase letters, digits and dashes, up to 63", name)
+	}
+	raw, _ := json.Marshal(cfg)
+	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw}
+	if err := m.Store.CreateMachine(ctx, rec, machine.Event{Type: "launch", Status: machine.Created, Source: "user"}); err != nil {
+		return rec, err
+	}
+	if err := m.Start(ctx, id); err != nil {
+		return rec, err
+	}
+	return m.Store.GetMachine(ctx, id)
+}
+
+func (m *Manager) rootfs(ctx context.Context, ref string) (image.Rootfs, error) {
+	img, err := m.Images.Resolve(ref)
+	if err != nil {
+		return image.Rootfs{}, err
+	}
+	return m.Rootfs.Rootfs(ctx, img, m.Log)
+}
+
+func config(rec store.Machine) api.MachineConfig {
+	var c api.MachineConfig
+	json.Unmarshal(rec.Config, &c)
+	return c
+}
+
+// Start starts a created, stopped or failed machine.
+func (m *Manager) Start(ctx context.Context, id string) error {
+	rec, err := m.Store.GetMachine(ctx, id)
+	if err != nil {
+		return err
+	}
+	to, err := machine.Next(rec.State, machine.ActionStart)
+	if err != nil {
+		return err
+	}
+	if err := m.Store.Transition(ctx, id, rec.State, to, machine.Event{Type: "start", Source: "user"}); err != nil {
+		return err
+	}
+	m.launch(id, nil)
+	return nil
+}
+
+func (m *Manager) launch(id string, adopted *vmrun.Instance) {
+	r := &run{done: make(chan struct{})}
+	m.mu.Lock()
+	m.runs[id] = r
+	m.mu.Unlock()
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		defer close(r.done)
+		m.supervise(id, r, adopted)
+		m.mu.Lock()
+		if m.runs[id] == r {
+			delete(m.runs, id)
+		}
+		m.mu.Unlock()
+	}()
+}
+
+// workload is what the machine runs: init overrides, else the image's own command.
+func workload(cfg api.MachineConfig, run image.Run) guest.ExecRequest {
+	argv := run.Argv
+	switch {
+	case len(cfg.Init.Exec) > 0:
+		argv = cfg.Init.Exec
+	case len(cfg.Init.Entrypoint) > 0 || len(cfg.Init.Cmd) > 0:
+		argv = append(append([]string{}, cfg.Init.Entrypoint...), cfg.Init.Cmd...)
+	}
+	env := append([]string{}, run.Env...)
+	keys := make([]string, 0, len(cfg.Env))
+	for k := range cfg.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		env = append(env, k+"="+cfg.Env[k])
+	}
+	return guest.ExecRequest{Argv: argv, Env: env, Dir: run.Dir, UID: run.UID, GID: run.GID}
+}
+
+// transition records a change made by kiln itself.
+func (m *Manager) transition(id string, from, to machine.State, typ string, code *int) error {
+	err := m.Store.Transition(context.WithoutCancel(m.ctx), id, from, to, machine.Event{Type: typ, Source: "kiln", ExitCode: code})
+	if err != nil {
+		m.logf("machine %s: %s → %s: %v", id, from, to, err)
+	}
+	return err
+}
+
+func (r *run) stopRequested() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.stopping
+}
+
+// supervise runs one machine until it stops for good: boot, run, wait, record the exit,
+// restart by policy.
+func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
+	retries := 0
+	for {
+		rec, err := m.Store.GetMachine(m.ctx, id)
+		if err != nil {
+			return
+		}
+		cfg := config(rec)
+		logs, err := openLog(filepath.Join(m.Dir, id))
+		if err != nil {
+			m.logf("machine %s: logs: %v", id, err)
+			return
+		}
+		offset := logs.offset()
+		if inst == nil {
+			var ferr error
+			inst, ferr = m.boot(id, cfg)
+			if ferr != nil {
+				logs.close()
+				m.logf("machine %s failed to start: %v", id, ferr)
+				m.transition(id, machine.Starting, machine.Failed, "start", nil)
+				return
+			}
+			offset = 0
+			logs.reset()
+			if m.transition(id, machine.Starting, machine.Started, "start", nil) != nil && !r.stopRequested() {
+				inst.Destroy(context.WithoutCancel(m.ctx))
+				logs.close()
+				return
+			}
+		}
+		as := guest.ExecRequest{}
+		if rfs, err := m.rootfs(m.ctx, cfg.Image); err == nil {
+			as = workload(cfg, rfs.Run)
+		}
+		r.mu.Lock()
+		r.inst, r.as = inst, as
+		wctx, cancel := context.WithCancel(m.ctx)
+		r.cancel = cancel
+		stopNow := r.stopping
+		r.mu.Unlock()
+		if stopNow {
+			cancel()
+		}
+		last, ferr := inst.Agent.Follow(wctx, "workload", offset, true, logs.add)
+		cancel()
+		logs.flush()
+		logs.close()
+		if m.ctx.Err() != nil {
+			// kiln is shutting down: leave the VM running for the next kiln to adopt.
+			inst.Release()
+			return
+		}
+		var code *int
+		if ferr == nil && last.Exit != nil {
+			c := last.Exit.Code
+			code = &c
+		}
+		if r.stopRequested() {
+			inst.Shutdown(context.WithoutCancel(m.ctx), stopGrace(cfg))
+			m.transition(id, machine.Stopping, machine.Stopped, "stop", code)
+			return
+		}
+		// The workload ended, or its VM died.
+		m.transition(id, machine.Started, machine.Stopping, "exit", code)
+		inst.Shutdown(context.WithoutCancel(m.ctx), stopGrace(cfg))
+		inst = nil
+		m.transition(id, machine.Stopping, machine.Stopped, "stop", code)
+		exit := -1
+		if code != nil {
+			exit = *code
+		}
+		policy := machine.RestartPolicy{Policy: cfg.Restart.Policy, MaxRetries: cfg.Restart.MaxRetries}
+		if policy.ShouldRestart(exit, retries) {
+			retries++
+			if m.transition(id, machine.Stopped, machine.Starting, "restart", nil) != nil {
+				return
+			}
+			continue
+		}
+		if cfg.AutoDestroy {
+			m.destroyRecord(id, machine.Stopped)
+		}
+		return
+	}
+}
+
+func stopGrace(cfg api.MachineConfig) time.Duration {
+	if cfg.StopConfig != nil {
+		if d, err := time.ParseDuration(cfg.StopConfig.Timeout); err == nil && d > 0 {
+			return d
+		}
+	}
+	return 10 * time.Second
+}
+
+// boot starts the machine's VM and its workload.
+func (m *Manager) boot(id string, cfg api.MachineConfig) (*vmrun.Instance, error) {
+	rfs, err := m.rootfs(m.ctx, cfg.Image)
+	if err != nil {
+		return nil, err
+	}
+	inst, err := m.RT.Boot(m.ctx, vmrun.Spec{Rootfs: rfs.Path, CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB, Owner: id, Hostname: id})
+	if err != nil {
+		return nil, err
+	}
+	w := workload(cfg, rfs.Run)
+	if len(w.Argv) == 0 {
+		inst.Destroy(context.WithoutCancel(m.ctx))
+		return nil, errdefs.Invalid("image %s has no command and config.init sets none", cfg.Image)
+	}
+	if _, err := inst.Agent.Spawn(m.ctx, "workload", w); err != nil {
+		inst.Destroy(context.WithoutCancel(m.ctx))
+		return nil, err
+	}
+	return inst, nil
+}
+
+// Stop stops a machine's workload and VM.
+func (m *Manager) Stop(ctx context.Context, id string) error {
+	rec, err := m.Store.GetMachine(ctx, id)
+	if err != nil {
+		return err
+	}
+	to, err := machine.Next(rec.State, machine.ActionStop)
+	if err != nil {
+		return err
+	}
+	if err := m.Store.Transition(ctx, id, rec.State, to, machine.Event{Type: "stop", Source: "user"}); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	r := m.runs[id]
+	m.mu.Unlock()
+	if r == nil {
+		// Nothing runs it (its VM is already gone): the stop is complete.
+		return m.Store.Transition(ctx, id, to, machine.Stopped, machine.Event{Type: "stop", Source: "kiln"})
+	}
+	r.mu.Lock()
+	r.stopping = true
+	if r.cancel != nil {
+		r.cancel()
+	}
+	r.mu.Unlock()
+	return nil
+}
+
+// Destroy removes a machine. A running one needs force, as with Fly.
+func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
+	rec, err := m.Store.GetMachine(ctx, id)
+	if err != nil {
+		return err
+	}
+	switch rec.State {
+	case machine.Destroyed:
+		return errdefs.New(errdefs.ErrNotFound, "machine %s is already destroyed", id)
+	case machine.Started, machine.Starting:
+		if !force {
+			return errdefs.New(errdefs.ErrConflict, "machine %s is %s: stop it first, or destroy with force=true", id, rec.State)
+		}
+		if err := m.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+			return err
+		}
+	}
+	m.mu.Lock()
+	r := m.runs[id]
+	m.mu.Unlock()
+	if r != nil {
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	rec, err = m.Store.GetMachine(ctx, id)
+	if err != nil {
+		return err
+	}
+	return m.destroyRecord(id, rec.State)
+}
+
+func (m *Manager) destroyRecord(id string, from machine.State) error {
+	ctx := context.WithoutCancel(m.ctx)
+	if err := m.Store.Transition(ctx, id, from, machine.Destroying, machine.Event{Type: "destroy", Source: "user"}); err != nil {
+		return err
+	}
+	return m.Store.Transition(ctx, id, machine.Destroying, machine.Destroyed, machine.Event{Type: "destroy", Source: "kiln"})
+}
+
+// Wait waits until the machine is in state, or the timeout passes (ErrUnavailable).
+func (m *Manager) Wait(ctx context.Context, id string, state machine.State, timeout time.Duration) error {
+	if !state.Valid() {
+		return errdefs.Invalid("state %q is not a machine state", state)
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		rec, err := m.Store.GetMachine(ctx, id)
+		if err != nil {
+			return err
+		}
+		if rec.State == state {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errdefs.New(errdefs.ErrUnavailable, "machine %s is %s, not %s, after %s", id, rec.State, state, timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Exec runs a command in a started machine.
+func (m *Manager) Exec(ctx context.Context, id string, req guest.ExecRequest, stdin []byte) (api.ExecResponse, error) {
+	m.mu.Lock()
+	r := m.runs[id]
+	m.mu.Unlock()
+	var inst *vmrun.Instance
+	if r != nil {
+		r.mu.Lock()
+		inst = r.inst
+		req.Env = append(append([]string{}, r.as.Env...), req.Env...)
+		req.UID, req.GID = r.as.UID, r.as.GID
+		if req.Dir == "" {
+			req.Dir = r.as.Dir
+		}
+		r.mu.Unlock()
+	}
+	if inst == nil {
+		return api.ExecResponse{}, errdefs.New(errdefs.ErrConflict, "machine %s is not running: start it first", id)
+	}
+	var out, errb bytes.Buffer
+	pio := guest.IO{Stdout: &out, Stderr: &errb}
+	if stdin != nil {
+		pio.Stdin = bytes.NewReader(stdin)
+	}
+	st, err := inst.Agent.Exec(ctx, req, pio)
+	if err != nil {
+		return api.ExecResponse{}, err
+	}
+	return api.ExecResponse{ExitCode: st.Code, ExitSignal: st.Signal, Stdout: out.String(), Stderr: errb.String()}, nil
+}
+
+// LogDir is where a machine's output is stored.
+func (m *Manager) LogDir(id string) string { return filepath.Join(m.Dir, id) }
+
+// Close stops supervising and lets go of every VM without stopping it: the next kiln
+// adopts them.
+func (m *Manager) Close() {
+	m.cancel()
+	m.wg.Wait()
+}
+
+// Recover reconciles the host with the store after a (re)start: VMs of machines that
+// should run are adopted and followed again; machines whose VM died are handled by their
+// restart policy; VMs no running machine owns are destroyed and reported.
+func (m *Manager) Recover(ctx context.Context) error {
+	apps, err := m.Store.ListApps(ctx)
+	if err != nil {
+		return err
+	}
+	owned, err := m.RT.ListOwned()
+	if err != nil {
+		return err
+	}
+	haveVM := map[string]bool{}
+	for _, o := range owned {
+		rec, err := m.Store.GetMachine(ctx, o.Owner)
+		live := err == nil && (rec.State == machine.Started || rec.State == machine.Stopping)
+		inst, aerr := m.RT.Adopt(ctx, o.ID)
+		if !live || aerr != nil {
+			if inst != nil {
+				inst.Destroy(context.WithoutCancel(ctx))
+			}
+			if !live {
+				m.logf("destroyed VM %s: no running machine owns it (owner %s)", o.ID, o.Owner)
+			}
+			continue
+		}
+		haveVM[o.Owner] = true
+		m.logf("machine %s: re-adopted its running VM %s", o.Owner, o.ID)
+		if rec.State == machine.Stopping {
+			r := &run{done: make(chan struct{}), stopping: true}
+			m.mu.Lock()
+			m.runs[o.Owner] = r
+			m.mu.Unlock()
+			inst.Shutdown(context.WithoutCancel(ctx), 10*time.Second)
+			m.transition(o.Owner, machine.Stopping, machine.Stopped, "stop", nil)
+			close(r.done)
+			m.mu.Lock()
+			delete(m.runs, o.Owner)
+			m.mu.Unlock()
+			continue
+		}
+		m.launch(o.Owner, inst)
+	}
+	// Machines that should be running but whose VM is gone.
+	for _, app := range apps {
+		ms, err := m.Store.ListMachines(ctx, app)
+		if err != nil {
+			continue
+		}
+		for _, rec := range ms {
+			if haveVM[rec.ID] {
+				continue
+			}
+			switch rec.State {
+			case machine.Starting:
+				m.logf("machine %s: was starting when kiln stopped; starting it again", rec.ID)
+				m.launch(rec.ID, nil)
+			case machine.Started:
+				m.logf("machine %s: its VM is gone; applying its restart policy", rec.ID)
+				m.transition(rec.ID, machine.Started, machine.Stopping, "exit", nil)
+				m.transition(rec.ID, machine.Stopping, machine.Stopped, "stop", nil)
+				cfg := config(rec)
+				if (machine.RestartPolicy{Policy: cfg.Restart.Policy, MaxRetries: cfg.Restart.MaxRetries}).ShouldRestart(-1, 0) {
+					if m.transition(rec.ID, machine.Stopped, machine.Starting, "restart", nil) == nil {
+						m.launch(rec.ID, nil)
+					}
+				}
+			case machine.Stopping:
+				m.transition(rec.ID, machine.Stopping, machine.Stopped, "stop", nil)
+			}
+		}
+	}
+	return nil
+}

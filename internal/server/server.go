@@ -1,0 +1,467 @@
+// Package server is kiln's HTTP API: the Fly-Machines-shaped routes under /v1, bearer
+// token authentication, and the one place where error kinds become status codes.
+package server
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/node"
+	"github.com/kilnhq/kiln/internal/store"
+)
+
+// Server serves the API.
+type Server struct {
+	Store  store.Store
+	Node   *node.Manager
+	Images *image.Store
+	Token  string
+	// MaxImageBytes bounds an uploaded image tarball.
+	MaxImageBytes int64
+}
+
+// Route is one method and path pattern the server answers.
+type Route struct {
+	Method, Path string
+	auth         bool
+	h            func(http.ResponseWriter, *http.Request) error
+}
+
+// Routes lists every route; the OpenAPI test holds the document to it.
+func (s *Server) Routes() []Route {
+	return []Route{
+		{"GET", "/v1/openapi.json", false, s.openapi},
+		{"GET", "/v1/apps", true, s.listApps},
+		{"POST", "/v1/apps", true, s.createApp},
+		{"GET", "/v1/apps/{app}", true, s.getApp},
+		{"GET", "/v1/apps/{app}/machines", true, s.listMachines},
+		{"POST", "/v1/apps/{app}/machines", true, s.createMachine},
+		{"GET", "/v1/apps/{app}/machines/{id}", true, s.getMachine},
+		{"DELETE", "/v1/apps/{app}/machines/{id}", true, s.destroyMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/start", true, s.startMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/stop", true, s.stopMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/restart", true, s.restartMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/suspend", true, s.suspendMachine},
+		{"GET", "/v1/apps/{app}/machines/{id}/wait", true, s.waitMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/exec", true, s.execMachine},
+		{"GET", "/v1/apps/{app}/machines/{id}/events", true, s.machineEvents},
+		{"GET", "/v1/apps/{app}/machines/{id}/logs", true, s.machineLogs},
+		{"POST", "/v1/images", true, s.loadImage},
+	}
+}
+
+// Handler returns the API's HTTP handler.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	for _, r := range s.Routes() {
+		mux.HandleFunc(r.Method+" "+r.Path, func(w http.ResponseWriter, req *http.Request) {
+			if r.auth && !s.authorized(req) {
+				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "missing or wrong bearer token: send Authorization: Bearer TOKEN (the admin token is in DATA_DIR/admin-token)"})
+				return
+			}
+			if err := r.h(w, req); err != nil {
+				writeError(w, err)
+			}
+		})
+	}
+	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
+		writeJSON(w, http.StatusNotFound, api.Error{Error: fmt.Sprintf("no route %s %s: see /v1/openapi.json", req.Method, req.URL.Path)})
+	})
+	return mux
+}
+
+func (s *Server) authorized(r *http.Request) bool {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	return ok && s.Token != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(s.Token)) == 1
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+// statusOf is the one mapping from error kinds to HTTP status codes.
+func statusOf(err error) int {
+	switch {
+	case errors.Is(err, errdefs.ErrInvalid):
+		return http.StatusBadRequest
+	case errors.Is(err, errdefs.ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, errdefs.ErrConflict):
+		return http.StatusConflict
+	case errors.Is(err, errdefs.ErrCapacity):
+		return http.StatusInsufficientStorage
+	case errors.Is(err, errdefs.ErrUnavailable):
+		return http.StatusServiceUnavailable
+	case errors.Is(err, errNotImplemented):
+		return http.StatusNotImplemented
+	case errors.Is(err, errTimeout):
+		return http.StatusRequestTimeout
+	}
+	return http.StatusInternalServerError
+}
+
+var (
+	errNotImplemented = errors.New("not implemented")
+	errTimeout        = errors.New("timeout")
+)
+
+func writeError(w http.ResponseWriter, err error) {
+	writeJSON(w, statusOf(err), api.Error{Error: err.Error()})
+}
+
+// decode reads a JSON body strictly; the error names the field and the fix.
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return errdefs.Invalid("request body: %v: check the fields against /v1/openapi.json", err)
+	}
+	return nil
+}
+
+func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
+	w.Header().Set("Content-Type", "application/json")
+	_, err := w.Write(api.OpenAPI)
+	return err
+}
+
+func (s *Server) listApps(w http.ResponseWriter, r *http.Request) error {
+	names, err := s.Store.ListApps(r.Context())
+	if err != nil {
+		return err
+	}
+	apps := []api.App{}
+	for _, n := range names {
+		apps = append(apps, api.App{Name: n})
+	}
+	writeJSON(w, http.StatusOK, apps)
+	return nil
+}
+
+func (s *Server) createApp(w http.ResponseWriter, r *http.Request) error {
+	var req api.CreateAppRequest
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	if !appNameOK(req.AppName) {
+		return errdefs.Invalid("app_name %q: use lowercase letters, digits and dashes, up to 63", req.AppName)
+	}
+	if err := s.Store.CreateApp(r.Context(), req.AppName); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, api.App{Name: req.AppName})
+	return nil
+}
+
+func appNameOK(n string) bool {
+	if n == "" || len(n) > 63 {
+		return false
+	}
+	for i, c := range n {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' && i > 0) {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Server) getApp(w http.ResponseWriter, r *http.Request) error {
+	app := r.PathValue("app")
+	if _, err := s.Store.ListMachines(r.Context(), app); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.App{Name: app})
+	return nil
+}
+
+func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
+	ms, err := s.Store.ListMachines(r.Context(), r.PathValue("app"))
+	if err != nil {
+		return err
+	}
+	out := []api.Machine{}
+	for _, m := range ms {
+		if m.State == machine.Destroyed && r.URL.Query().Get("include_deleted") != "true" {
+			continue
+		}
+		out = append(out, toAPI(m, nil))
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func toAPI(m store.Machine, evs []machine.Event) api.Machine {
+	out := api.Machine{ID: m.ID, Name: m.Name, State: string(m.State), Region: "local", InstanceID: fmt.Sprintf("%s-v%d", m.ID, m.Version),
+		ExitCode: m.ExitCode, CreatedAt: m.CreatedAt, UpdatedAt: m.UpdatedAt}
+	json.Unmarshal(m.Config, &out.Config)
+	for i := len(evs) - 1; i >= 0; i-- { // newest first, as Fly lists them
+		e := evs[i]
+		ae := api.Event{Type: e.Type, Status: string(e.Status), Source: e.Source, Timestamp: e.Timestamp.UnixMilli()}
+		if e.ExitCode != nil {
+			ae.Request = &struct {
+				ExitEvent *api.ExitEvent `json:"exit_event,omitempty"`
+			}{&api.ExitEvent{ExitCode: *e.ExitCode}}
+		}
+		out.Events = append(out.Events, ae)
+	}
+	return out
+}
+
+// machine loads the machine named in the path, which must belong to the path's app.
+func (s *Server) machine(r *http.Request) (store.Machine, error) {
+	m, err := s.Store.GetMachine(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return m, err
+	}
+	if m.App != r.PathValue("app") {
+		return m, errdefs.New(errdefs.ErrNotFound, "machine %s is not in app %s", m.ID, r.PathValue("app"))
+	}
+	return m, nil
+}
+
+func (s *Server) createMachine(w http.ResponseWriter, r *http.Request) error {
+	var req api.CreateMachineRequest
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	app := r.PathValue("app")
+	if _, err := s.Store.ListMachines(r.Context(), app); err != nil {
+		return err
+	}
+	m, err := s.Node.Create(r.Context(), app, req)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, toAPI(m, nil))
+	return nil
+}
+
+func (s *Server) getMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	evs, err := s.Store.Events(r.Context(), m.ID)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, toAPI(m, evs))
+	return nil
+}
+
+func (s *Server) destroyMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	if err := s.Node.Destroy(r.Context(), m.ID, r.URL.Query().Get("force") == "true"); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func (s *Server) startMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	if err := s.Node.Start(r.Context(), m.ID); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func (s *Server) stopMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	var req api.StopRequest
+	if r.ContentLength != 0 {
+		if err := decode(r, &req); err != nil {
+			return err
+		}
+	}
+	if err := s.Node.Stop(r.Context(), m.ID); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func (s *Server) restartMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	if m.State == machine.Started {
+		if err := s.Node.Stop(r.Context(), m.ID); err != nil {
+			return err
+		}
+		if err := s.Node.Wait(r.Context(), m.ID, machine.Stopped, 2*time.Minute); err != nil {
+			return err
+		}
+	}
+	if err := s.Node.Start(r.Context(), m.ID); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func (s *Server) suspendMachine(w http.ResponseWriter, r *http.Request) error {
+	if _, err := s.machine(r); err != nil {
+		return err
+	}
+	return fmt.Errorf("suspend is not available yet: stop the machine instead: %w", errNotImplemented)
+}
+
+func (s *Server) waitMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	state := machine.State(r.URL.Query().Get("state"))
+	if state == "" {
+		state = machine.Started
+	}
+	timeout := 60 * time.Second
+	if t := r.URL.Query().Get("timeout"); t != "" {
+		n, err := strconv.Atoi(t)
+		if err != nil || n < 1 || n > 300 {
+			return errdefs.Invalid("timeout=%q: want whole seconds from 1 to 300", t)
+		}
+		timeout = time.Duration(n) * time.Second
+	}
+	if err := s.Node.Wait(r.Context(), m.ID, state, timeout); err != nil {
+		if errors.Is(err, errdefs.ErrUnavailable) {
+			return fmt.Errorf("%v: %w", err, errTimeout)
+		}
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func (s *Server) execMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	var req api.ExecRequest
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	argv := req.Command
+	if len(argv) == 0 {
+		argv = req.Cmd
+	}
+	if len(argv) == 0 {
+		return errdefs.Invalid("command is required: the argv to run, e.g. [\"cat\", \"/etc/os-release\"]")
+	}
+	timeout := time.Duration(req.Timeout) * time.Second
+	if timeout <= 0 {
+		timeout = 60 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), timeout+5*time.Second)
+	defer cancel()
+	var stdin []byte
+	if req.Stdin != "" {
+		stdin = []byte(req.Stdin)
+	}
+	res, err := s.Node.Exec(ctx, m.ID, guest.ExecRequest{Argv: argv, TimeoutMS: timeout.Milliseconds()}, stdin)
+	if err != nil {
+		if errors.Is(err, errdefs.ErrNotFound) {
+			writeJSON(w, http.StatusOK, api.ExecResponse{ExitCode: 127, Stderr: err.Error() + "\n"})
+			return nil
+		}
+		return err
+	}
+	writeJSON(w, http.StatusOK, res)
+	return nil
+}
+
+func (s *Server) machineEvents(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	evs, err := s.Store.Events(r.Context(), m.ID)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, toAPI(m, evs).Events)
+	return nil
+}
+
+// machineLogs streams the stored output as NDJSON; with follow=true it keeps the
+// response open and sends new lines as they come.
+func (s *Server) machineLogs(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	follow := r.URL.Query().Get("follow") == "true"
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	return node.ReadLogs(s.Node.LogDir(m.ID), follow, r.Context().Done(), func(l api.LogLine) error {
+		if err := enc.Encode(l); err != nil {
+			return err
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+		return nil
+	})
+}
+
+// loadImage stores an uploaded `docker save` or OCI layout tarball; ?ref= adds a name.
+func (s *Server) loadImage(w http.ResponseWriter, r *http.Request) error {
+	max := s.MaxImageBytes
+	if max == 0 {
+		max = 8 << 30
+	}
+	f, err := os.CreateTemp("", "kiln-upload-*.tar")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	n, err := io.Copy(f, io.LimitReader(r.Body, max+1))
+	if err != nil {
+		return err
+	}
+	if n > max {
+		return errdefs.Invalid("image tarball is larger than the %d bytes this server accepts", max)
+	}
+	var extra []string
+	if ref := r.URL.Query().Get("ref"); ref != "" {
+		extra = append(extra, ref)
+	}
+	digest, refs, err := s.Images.Load(f.Name(), extra...)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.ImageLoadResponse{Digest: digest, Refs: refs})
+	return nil
+}
