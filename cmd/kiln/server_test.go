@@ -247,4 +247,3 @@ func waitFor(t *testing.T, cond func() bool, what string) {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
-
