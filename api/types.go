@@ -144,3 +144,33 @@ type ImageLoadResponse struct {
 type OK struct {
 	OK bool `json:"ok"`
 }
+
+// CreateVolumeRequest is POST /v1/apps/{app}/volumes.
+type CreateVolumeRequest struct {
+	Name   string `json:"name"`
+	SizeGB int    `json:"size_gb"`
+	Region string `json:"region,omitempty"`
+}
+
+// Volume is a named persistent disk.
+type Volume struct {
+	ID                string    `json:"id"`
+	Name              string    `json:"name"`
+	State             string    `json:"state"`
+	SizeGB            int       `json:"size_gb"`
+	Region            string    `json:"region"`
+	AttachedMachineID string    `json:"attached_machine_id,omitempty"`
+	UsedBytes         int64     `json:"used_bytes"`
+	CreatedAt         time.Time `json:"created_at"`
+}
+
+// ExtendVolumeRequest is PUT .../volumes/{id}/extend.
+type ExtendVolumeRequest struct {
+	SizeGB int `json:"size_gb"`
+}
+
+// ExtendVolumeResponse says whether the machine must restart to see the new size.
+type ExtendVolumeResponse struct {
+	Volume       Volume `json:"volume"`
+	NeedsRestart bool   `json:"needs_restart"`
+}

@@ -229,3 +229,26 @@ func (c *Client) FindMachine(ctx context.Context, id string) (string, api.Machin
 	}
 	return "", api.Machine{}, errdefs.New(errdefs.ErrNotFound, "no machine %s in any app: list them with `kiln machine ls --app APP`", id)
 }
+
+// CreateVolume creates a named volume.
+func (c *Client) CreateVolume(ctx context.Context, app, name string, sizeGB int) (api.Volume, error) {
+	var v api.Volume
+	return v, c.do(ctx, "POST", "/v1/apps/"+url.PathEscape(app)+"/volumes", api.CreateVolumeRequest{Name: name, SizeGB: sizeGB}, &v)
+}
+
+// ListVolumes lists an app's volumes.
+func (c *Client) ListVolumes(ctx context.Context, app string) ([]api.Volume, error) {
+	var out []api.Volume
+	return out, c.do(ctx, "GET", "/v1/apps/"+url.PathEscape(app)+"/volumes", nil, &out)
+}
+
+// ExtendVolume grows a volume.
+func (c *Client) ExtendVolume(ctx context.Context, app, id string, sizeGB int) (api.ExtendVolumeResponse, error) {
+	var out api.ExtendVolumeResponse
+	return out, c.do(ctx, "PUT", "/v1/apps/"+url.PathEscape(app)+"/volumes/"+url.PathEscape(id)+"/extend", api.ExtendVolumeRequest{SizeGB: sizeGB}, &out)
+}
+
+// DeleteVolume destroys a volume no machine holds.
+func (c *Client) DeleteVolume(ctx context.Context, app, id string) error {
+	return c.do(ctx, "DELETE", "/v1/apps/"+url.PathEscape(app)+"/volumes/"+url.PathEscape(id), nil, nil)
+}

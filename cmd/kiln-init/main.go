@@ -33,7 +33,11 @@ type config struct {
 	hostname string
 }
 
-type disk struct{ uuid, path string }
+type disk struct {
+	uuid, path string
+	// owner, when set, is given an empty filesystem's root directory.
+	owner *[2]int
+}
 
 var initStart time.Duration
 
@@ -151,11 +155,18 @@ func parseCmdline() (config, error) {
 		case "kiln.root":
 			cfg.root = v
 		case "kiln.disk":
-			u, p, ok := strings.Cut(v, ":")
-			if !ok || !filepath.IsAbs(p) {
-				return cfg, fmt.Errorf("bad kiln.disk=%q: want UUID:/absolute/path", v)
+			parts := strings.Split(v, ":")
+			if len(parts) < 2 || !filepath.IsAbs(parts[1]) {
+				return cfg, fmt.Errorf("bad kiln.disk=%q: want UUID:/absolute/path[:UID:GID]", v)
 			}
-			cfg.disks = append(cfg.disks, disk{u, p})
+			d := disk{uuid: parts[0], path: parts[1]}
+			if len(parts) == 4 {
+				var uid, gid int
+				if _, err := fmt.Sscan(parts[2]+" "+parts[3], &uid, &gid); err == nil {
+					d.owner = &[2]int{uid, gid}
+				}
+			}
+			cfg.disks = append(cfg.disks, d)
 		case "kiln.hostname":
 			cfg.hostname = v
 		}
@@ -250,6 +261,9 @@ func mountRoot(cfg config) error {
 		if err := unix.Mount(devs[d.uuid], mp, "ext4", 0, ""); err != nil {
 			return fmt.Errorf("mounting disk %s at %s: %w", devs[d.uuid], d.path, err)
 		}
+		if d.owner != nil && emptyFS(mp) {
+			os.Chown(mp, d.owner[0], d.owner[1])
+		}
 		mounted = append(mounted, d.path)
 	}
 	for _, d := range []string{"/dev", "/proc", "/sys"} {
@@ -283,6 +297,25 @@ func mountRoot(cfg config) error {
 }
 
 var mounted []string
+
+// emptyFS reports whether a freshly mounted filesystem holds nothing but lost+found and
+// its root is still root's: a new volume, never used.
+func emptyFS(dir string) bool {
+	var st unix.Stat_t
+	if unix.Stat(dir, &st) != nil || st.Uid != 0 {
+		return false
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		if e.Name() != "lost+found" {
+			return false
+		}
+	}
+	return true
+}
 
 func loopbackUp() {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)

@@ -49,7 +49,7 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	var (
 		app, name, restart string
 		cpus, memory, max  int
-		env                []string
+		env, volumes       []string
 		autoDestroy        bool
 	)
 	run := &cobra.Command{
@@ -66,6 +66,13 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 				Restart: api.Restart{Policy: restart, MaxRetries: max}, AutoDestroy: autoDestroy}
 			if len(args) > 1 {
 				cfg.Init.Cmd = args[1:]
+			}
+			for _, v := range volumes {
+				name, path, ok := strings.Cut(v, ":")
+				if !ok || name == "" || path == "" {
+					return errdefs.Invalid("--volume %q: want NAME:/path", v)
+				}
+				cfg.Mounts = append(cfg.Mounts, api.Mount{Volume: name, Path: path})
 			}
 			for _, e := range env {
 				k, v, ok := strings.Cut(e, "=")
@@ -94,6 +101,7 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	run.Flags().IntVar(&cpus, "cpus", 1, "virtual CPUs")
 	run.Flags().IntVar(&memory, "memory", 256, "memory in MiB")
 	run.Flags().StringArrayVarP(&env, "env", "e", nil, "environment variable K=V (repeatable)")
+	run.Flags().StringArrayVar(&volumes, "volume", nil, "mount a volume: NAME:/path (repeatable)")
 	run.Flags().StringVar(&restart, "restart", "", "restart policy: no, always or on-failure")
 	run.Flags().IntVar(&max, "max-retries", 0, "restarts allowed by on-failure (default 10)")
 	run.Flags().BoolVar(&autoDestroy, "auto-destroy", false, "destroy the machine when its workload exits")
@@ -236,5 +244,106 @@ func imageCmd(g *globals, af *apiFlags) *cobra.Command {
 	}
 	load.Flags().StringVar(&ref, "ref", "", "also store the image under this reference")
 	c.AddCommand(load)
+	return c
+}
+
+func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
+	c := &cobra.Command{Use: "volume", Aliases: []string{"volumes", "vol"}, Short: "Named persistent volumes"}
+	var app, size string
+	var asJSON bool
+	gib := func() (int, error) {
+		n, err := parseSize(size)
+		if err != nil {
+			return 0, err
+		}
+		if n%(1<<30) != 0 {
+			return 0, errdefs.Invalid("--size %s: volumes are sized in whole GiB, like 1G or 10G", size)
+		}
+		return int(n >> 30), nil
+	}
+	needApp := func() error {
+		if app == "" {
+			return errdefs.Invalid("--app is required")
+		}
+		return nil
+	}
+	create := &cobra.Command{
+		Use: "create NAME --app APP --size 1G", Short: "Create a volume", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := needApp(); err != nil {
+				return err
+			}
+			n, err := gib()
+			if err != nil {
+				return err
+			}
+			cl := af.client(g)
+			if err := cl.CreateApp(cmd.Context(), app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+				return err
+			}
+			v, err := cl.CreateVolume(cmd.Context(), app, args[0], n)
+			if err != nil {
+				return err
+			}
+			fmt.Println(v.ID)
+			return nil
+		},
+	}
+	create.Flags().StringVar(&size, "size", "1G", "size in whole GiB, e.g. 1G")
+	ls := &cobra.Command{
+		Use: "ls --app APP", Short: "List volumes", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := needApp(); err != nil {
+				return err
+			}
+			vs, err := af.client(g).ListVolumes(cmd.Context(), app)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(vs)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tNAME\tSIZE\tUSED\tATTACHED TO")
+			for _, v := range vs {
+				fmt.Fprintf(tw, "%s\t%s\t%dG\t%dM\t%s\n", v.ID, v.Name, v.SizeGB, v.UsedBytes>>20, v.AttachedMachineID)
+			}
+			return tw.Flush()
+		},
+	}
+	ls.Flags().BoolVar(&asJSON, "json", false, "print JSON with the API's field names")
+	extend := &cobra.Command{
+		Use: "extend NAME --app APP --size 2G", Short: "Grow a volume", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := needApp(); err != nil {
+				return err
+			}
+			n, err := gib()
+			if err != nil {
+				return err
+			}
+			res, err := af.client(g).ExtendVolume(cmd.Context(), app, args[0], n)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("volume %s is now %dG\n", res.Volume.Name, res.Volume.SizeGB)
+			if res.NeedsRestart {
+				fmt.Printf("restart machine %s to use the new size\n", res.Volume.AttachedMachineID)
+			}
+			return nil
+		},
+	}
+	extend.Flags().StringVar(&size, "size", "", "new size in whole GiB")
+	destroy := &cobra.Command{
+		Use: "destroy NAME --app APP", Short: "Destroy a volume no machine holds", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := needApp(); err != nil {
+				return err
+			}
+			return af.client(g).DeleteVolume(cmd.Context(), app, args[0])
+		},
+	}
+	c.PersistentFlags().StringVar(&app, "app", os.Getenv("KILN_APP"), "app (env KILN_APP)")
+	c.AddCommand(create, ls, extend, destroy)
 	return c
 }

@@ -5,8 +5,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -17,6 +19,7 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/client"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
+	"github.com/kilnhq/kiln/internal/testutil"
 )
 
 type kilnServer struct {
@@ -83,7 +86,11 @@ func TestServerEndToEnd(t *testing.T) {
 	srv := startServer(t, e, addr)
 	defer func() {
 		if srv != nil {
+			// A failed run leaves machines running by design; do not let them outlive the test.
 			srv.stop(syscall.SIGTERM)
+			testutil.KillProcessesNaming(e.dataDir)
+			os.RemoveAll(filepath.Join(e.dataDir, "vms"))
+			os.RemoveAll(filepath.Join(e.dataDir, "locks"))
 		}
 	}()
 	ctx := context.Background()
@@ -213,6 +220,62 @@ func TestServerEndToEnd(t *testing.T) {
 	}
 	if _, errs, code := srv.kiln("", "machine", "destroy", id); code == 0 || !strings.Contains(errs, "force") {
 		t.Errorf("destroying a running machine without force: %d %s", code, errs)
+	}
+
+	// A volume keeps its data across machines and attaches to one at a time.
+	if _, errs, code := srv.kiln("", "volume", "create", "data", "--app", "web", "--size", "1G"); code != 0 {
+		t.Fatalf("volume create: %s", errs)
+	}
+	out, errs, code = srv.kiln("", "machine", "run", "localhost/app:1", "--app", "web", "--volume", "data:/data", "--",
+		"sh", "-c", "echo persisted > /data/note; while true; do sleep 1; done")
+	if code != 0 {
+		t.Fatalf("machine with volume: %s", errs)
+	}
+	withVol := strings.TrimSpace(out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:])
+	if err := cl.Wait(ctx, "web", withVol, "started", 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	_, err = cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1", Mounts: []api.Mount{{Volume: "data", Path: "/data"}}}})
+	if err == nil || !strings.Contains(err.Error(), withVol) || !strings.Contains(err.Error(), "one machine at a time") {
+		t.Errorf("second attach: %v", err)
+	}
+	var ce *client.Error
+	if !errors.As(err, &ce) || ce.Status != 409 {
+		t.Errorf("second attach status: %v", err)
+	}
+	waitFor(t, func() bool {
+		res, err := cl.Exec(ctx, "web", withVol, []string{"sh", "-c", "cat /data/note"}, "", 10*time.Second)
+		return err == nil && res.Stdout == "persisted\n"
+	}, "the machine to write to its volume")
+	ext, err := cl.ExtendVolume(ctx, "web", "data", 2)
+	if err != nil || !ext.NeedsRestart || ext.Volume.SizeGB != 2 {
+		t.Errorf("extend while attached: %+v %v", ext, err)
+	}
+	if _, errs, code := srv.kiln("", "machine", "destroy", withVol, "--force"); code != 0 {
+		t.Fatalf("destroy: %s", errs)
+	}
+	reader, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init:   api.Init{Cmd: []string{"sh", "-c", "cat /data/note; df -k /data | tail -1; while true; do sleep 1; done"}},
+		Mounts: []api.Mount{{Volume: "data", Path: "/data"}}}})
+	if err != nil {
+		t.Fatalf("re-attach after destroy: %v", err)
+	}
+	waitFor(t, func() bool {
+		out, _, _ := srv.kiln("", "logs", reader.ID)
+		return strings.Contains(out, "persisted")
+	}, "the volume's data in a new machine")
+	out, _, _ = srv.kiln("", "logs", reader.ID)
+	if !strings.Contains(out, " 20") { // df shows about 2 GiB (20xxxxx KiB) after the extend
+		t.Errorf("volume not grown to 2G in the new machine: %s", out)
+	}
+	if err := cl.DeleteVolume(ctx, "web", "data"); err == nil {
+		t.Error("deleted a volume a machine holds")
+	}
+	if _, errs, code := srv.kiln("", "machine", "destroy", reader.ID, "--force"); code != 0 {
+		t.Fatalf("destroy reader: %s", errs)
+	}
+	if _, errs, code := srv.kiln("", "volume", "destroy", "data", "--app", "web"); code != 0 {
+		t.Errorf("volume destroy: %s", errs)
 	}
 
 	// Destroy everything; then nothing of it remains on the host.

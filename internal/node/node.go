@@ -29,6 +29,7 @@ import (
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmrun"
+	"github.com/kilnhq/kiln/internal/volume"
 )
 
 // Manager runs this host's machines. Create one with New and call Recover before
@@ -104,8 +105,18 @@ func validate(cfg *api.MachineConfig) error {
 	if err := (machine.RestartPolicy{Policy: cfg.Restart.Policy, MaxRetries: cfg.Restart.MaxRetries}).Validate(); err != nil {
 		return errdefs.Invalid("config.%v", err)
 	}
-	if len(cfg.Mounts) > 0 {
-		return errdefs.Invalid("config.mounts: named volumes are not available yet; attach disks with `kiln vm run --disk` meanwhile")
+	seen := map[string]bool{}
+	for i, mt := range cfg.Mounts {
+		if mt.Volume == "" {
+			return errdefs.Invalid("config.mounts[%d].volume is required: a volume name or ID", i)
+		}
+		if !strings.HasPrefix(mt.Path, "/") || mt.Path == "/" || strings.ContainsAny(mt.Path, " :") {
+			return errdefs.Invalid("config.mounts[%d].path %q must be an absolute path other than /, like /data", i, mt.Path)
+		}
+		if seen[mt.Volume] {
+			return errdefs.Invalid("config.mounts: volume %s is mounted twice", mt.Volume)
+		}
+		seen[mt.Volume] = true
 	}
 	if cfg.StopConfig != nil && cfg.StopConfig.Timeout != "" {
 		if _, err := time.ParseDuration(cfg.StopConfig.Timeout); err != nil {
@@ -138,9 +149,28 @@ func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineR
 	if !nameRE.MatchString(name) {
 		return store.Machine{}, errdefs.Invalid("name %q: use lowercase letters, digits and dashes, up to 63", name)
 	}
+	// Volumes are claimed before the record exists and released if it cannot be made.
+	var claimed []string
+	release := func() {
+		for _, v := range claimed {
+			m.Store.AttachVolume(context.WithoutCancel(ctx), v, "")
+		}
+	}
+	for _, mt := range cfg.Mounts {
+		v, err := m.Store.GetVolume(ctx, app, mt.Volume)
+		if err == nil {
+			err = m.Store.AttachVolume(ctx, v.ID, id)
+		}
+		if err != nil {
+			release()
+			return store.Machine{}, err
+		}
+		claimed = append(claimed, v.ID)
+	}
 	raw, _ := json.Marshal(cfg)
 	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw}
 	if err := m.Store.CreateMachine(ctx, rec, machine.Event{Type: "launch", Status: machine.Created, Source: "user"}); err != nil {
+		release()
 		return rec, err
 	}
 	if err := m.Start(ctx, id); err != nil {
@@ -252,7 +282,7 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 		offset := logs.offset()
 		if inst == nil {
 			var ferr error
-			inst, ferr = m.boot(id, cfg)
+			inst, ferr = m.boot(rec, cfg)
 			if ferr != nil {
 				logs.close()
 				m.logf("machine %s failed to start: %v", id, ferr)
@@ -332,13 +362,32 @@ func stopGrace(cfg api.MachineConfig) time.Duration {
 	return 10 * time.Second
 }
 
-// boot starts the machine's VM and its workload.
-func (m *Manager) boot(id string, cfg api.MachineConfig) (*vmrun.Instance, error) {
+// boot starts the machine's VM, with its volumes, and its workload.
+func (m *Manager) boot(rec store.Machine, cfg api.MachineConfig) (*vmrun.Instance, error) {
+	id := rec.ID
 	rfs, err := m.rootfs(m.ctx, cfg.Image)
 	if err != nil {
 		return nil, err
 	}
-	inst, err := m.RT.Boot(m.ctx, vmrun.Spec{Rootfs: rfs.Path, CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB, Owner: id, Hostname: id})
+	var mounts []vmrun.Mount
+	for _, mt := range cfg.Mounts {
+		v, err := m.Store.GetVolume(m.ctx, rec.App, mt.Volume)
+		if err != nil {
+			return nil, err
+		}
+		// A volume extended while attached grows its filesystem here, before it mounts.
+		if info, err := volume.Inspect(v.Path); err == nil && info.FileSize > info.Total+(4<<20) {
+			if err := volume.Grow(m.ctx, v.Path); err != nil {
+				return nil, fmt.Errorf("growing volume %s: %w", v.Name, err)
+			}
+		}
+		mt := vmrun.Mount{Image: v.Path, Path: mt.Path}
+		if w := workload(cfg, rfs.Run); w.UID != 0 || w.GID != 0 {
+			mt.Owner = &vmrun.Owner{UID: w.UID, GID: w.GID}
+		}
+		mounts = append(mounts, mt)
+	}
+	inst, err := m.RT.Boot(m.ctx, vmrun.Spec{Rootfs: rfs.Path, CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB, Owner: id, Hostname: id, Mounts: mounts})
 	if err != nil {
 		return nil, err
 	}
@@ -421,6 +470,14 @@ func (m *Manager) destroyRecord(id string, from machine.State) error {
 	ctx := context.WithoutCancel(m.ctx)
 	if err := m.Store.Transition(ctx, id, from, machine.Destroying, machine.Event{Type: "destroy", Source: "user"}); err != nil {
 		return err
+	}
+	// Volumes outlive their machine.
+	if rec, err := m.Store.GetMachine(ctx, id); err == nil {
+		for _, mt := range config(rec).Mounts {
+			if v, err := m.Store.GetVolume(ctx, rec.App, mt.Volume); err == nil && v.AttachedMachine == id {
+				m.Store.AttachVolume(ctx, v.ID, "")
+			}
+		}
 	}
 	return m.Store.Transition(ctx, id, machine.Destroying, machine.Destroyed, machine.Event{Type: "destroy", Source: "kiln"})
 }

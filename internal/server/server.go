@@ -22,6 +22,7 @@ import (
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/node"
 	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/volume"
 )
 
 // Server serves the API.
@@ -60,6 +61,11 @@ func (s *Server) Routes() []Route {
 		{"POST", "/v1/apps/{app}/machines/{id}/exec", true, s.execMachine},
 		{"GET", "/v1/apps/{app}/machines/{id}/events", true, s.machineEvents},
 		{"GET", "/v1/apps/{app}/machines/{id}/logs", true, s.machineLogs},
+		{"GET", "/v1/apps/{app}/volumes", true, s.listVolumes},
+		{"POST", "/v1/apps/{app}/volumes", true, s.createVolume},
+		{"GET", "/v1/apps/{app}/volumes/{id}", true, s.getVolume},
+		{"DELETE", "/v1/apps/{app}/volumes/{id}", true, s.deleteVolume},
+		{"PUT", "/v1/apps/{app}/volumes/{id}/extend", true, s.extendVolume},
 		{"POST", "/v1/images", true, s.loadImage},
 	}
 }
@@ -463,5 +469,74 @@ func (s *Server) loadImage(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.ImageLoadResponse{Digest: digest, Refs: refs})
+	return nil
+}
+
+func volumeAPI(v store.Volume) api.Volume {
+	out := api.Volume{ID: v.ID, Name: v.Name, State: "created", SizeGB: int(v.SizeBytes >> 30), Region: "local",
+		AttachedMachineID: v.AttachedMachine, CreatedAt: v.CreatedAt}
+	if info, err := volume.Inspect(v.Path); err == nil {
+		out.UsedBytes = info.Used
+	}
+	return out
+}
+
+func (s *Server) listVolumes(w http.ResponseWriter, r *http.Request) error {
+	app := r.PathValue("app")
+	if _, err := s.Store.ListMachines(r.Context(), app); err != nil {
+		return err
+	}
+	vs, err := s.Store.ListVolumes(r.Context(), app)
+	if err != nil {
+		return err
+	}
+	out := []api.Volume{}
+	for _, v := range vs {
+		out = append(out, volumeAPI(v))
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) createVolume(w http.ResponseWriter, r *http.Request) error {
+	var req api.CreateVolumeRequest
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	v, err := s.Node.CreateVolume(r.Context(), r.PathValue("app"), req.Name, req.SizeGB)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, volumeAPI(v))
+	return nil
+}
+
+func (s *Server) getVolume(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.Store.GetVolume(r.Context(), r.PathValue("app"), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, volumeAPI(v))
+	return nil
+}
+
+func (s *Server) deleteVolume(w http.ResponseWriter, r *http.Request) error {
+	if err := s.Node.DeleteVolume(r.Context(), r.PathValue("app"), r.PathValue("id")); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func (s *Server) extendVolume(w http.ResponseWriter, r *http.Request) error {
+	var req api.ExtendVolumeRequest
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	v, restart, err := s.Node.ExtendVolume(r.Context(), r.PathValue("app"), r.PathValue("id"), req.SizeGB)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.ExtendVolumeResponse{Volume: volumeAPI(v), NeedsRestart: restart})
 	return nil
 }

@@ -27,6 +27,17 @@ type Machine struct {
 	UpdatedAt time.Time       `json:"updated_at"`
 }
 
+// Volume is a named persistent disk of an app.
+type Volume struct {
+	ID              string    `json:"id"`
+	App             string    `json:"app"`
+	Name            string    `json:"name"`
+	SizeBytes       int64     `json:"size_bytes"`
+	Path            string    `json:"path"`
+	AttachedMachine string    `json:"attached_machine,omitempty"`
+	CreatedAt       time.Time `json:"created_at"`
+}
+
 // Store persists apps, machines and their event journals.
 type Store interface {
 	// CreateApp creates an app; an existing one is ErrConflict.
@@ -44,5 +55,15 @@ type Store interface {
 	Transition(ctx context.Context, id string, from, to machine.State, ev machine.Event) error
 	// Events returns a machine's journal, oldest first.
 	Events(ctx context.Context, id string) ([]machine.Event, error)
+
+	CreateVolume(ctx context.Context, v Volume) error
+	// GetVolume finds an app's volume by ID or name.
+	GetVolume(ctx context.Context, app, idOrName string) (Volume, error)
+	ListVolumes(ctx context.Context, app string) ([]Volume, error)
+	// AttachVolume records that machineID holds the volume; a volume held by another
+	// machine is ErrConflict naming it. An empty machineID detaches.
+	AttachVolume(ctx context.Context, id, machineID string) error
+	SetVolumeSize(ctx context.Context, id string, size int64) error
+	DeleteVolume(ctx context.Context, id string) error
 	Close() error
 }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -200,4 +201,19 @@ func ProcessesNaming(s string) []string {
 		out = append(out, p.Name()+" "+strings.ReplaceAll(string(b), "\x00", " "))
 	}
 	return out
+}
+
+// KillProcessesNaming kills every process whose command line contains s, for tests that
+// must clean up after a failure.
+func KillProcessesNaming(s string) {
+	for _, p := range ProcessesNaming(s) {
+		var pid int
+		fmt.Sscan(p, &pid)
+		if pid > 0 && pid != os.Getpid() {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	for i := 0; i < 100 && len(ProcessesNaming(s)) > 0; i++ {
+		time.Sleep(50 * time.Millisecond)
+	}
 }

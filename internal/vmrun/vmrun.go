@@ -40,7 +40,13 @@ type Runtime struct {
 type Mount struct {
 	Image string
 	Path  string
+	// Owner, if set, is given the mount's root directory while the filesystem is still
+	// empty, so that a workload running as a user can write to a new volume.
+	Owner *Owner `json:",omitempty"`
 }
+
+// Owner is a numeric user and group.
+type Owner struct{ UID, GID uint32 }
 
 // Spec is one VM to boot.
 type Spec struct {
@@ -180,6 +186,9 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 		inst.leases = append(inst.leases, lease)
 		disks = append(disks, vmm.Disk{Path: m.Image})
 		cmdline += fmt.Sprintf(" kiln.disk=%s:%s", infos[i].UUID, filepath.Clean(m.Path))
+		if m.Owner != nil {
+			cmdline += fmt.Sprintf(":%d:%d", m.Owner.UID, m.Owner.GID)
+		}
 	}
 	if spec.Hostname != "" {
 		cmdline += " kiln.hostname=" + spec.Hostname

@@ -156,6 +156,12 @@ func Extend(ctx context.Context, path string, size int64) error {
 	if err := os.Truncate(path, size); err != nil {
 		return fmt.Errorf("extending %s: %w", path, err)
 	}
+	return Grow(ctx, path)
+}
+
+// Grow extends an unattached image's filesystem to fill its file, after the file was
+// made larger while the image was in use.
+func Grow(ctx context.Context, path string) error {
 	// resize2fs insists on a freshly checked filesystem when offline.
 	if err := run(ctx, "e2fsck", "-f", "-p", path); err != nil {
 		return fmt.Errorf("checking %s before resize: %w", path, err)

@@ -210,3 +210,88 @@ func (s *DB) Events(ctx context.Context, id string) ([]machine.Event, error) {
 	}
 	return out, rows.Err()
 }
+
+const volumeCols = `id, app, name, size_bytes, path, COALESCE(attached_machine, ''), created_at`
+
+func scanVolume(row interface{ Scan(...any) error }) (store.Volume, error) {
+	var v store.Volume
+	err := row.Scan(&v.ID, &v.App, &v.Name, &v.SizeBytes, &v.Path, &v.AttachedMachine, &v.CreatedAt)
+	return v, err
+}
+
+func (s *DB) CreateVolume(ctx context.Context, v store.Volume) error {
+	_, err := s.db.ExecContext(ctx, `INSERT INTO volumes (id, app, name, size_bytes, path, created_at) VALUES (?, ?, ?, ?, ?, ?)`,
+		v.ID, v.App, v.Name, v.SizeBytes, v.Path, time.Now().UTC())
+	if err != nil {
+		switch {
+		case strings.Contains(err.Error(), "UNIQUE"):
+			return errdefs.New(errdefs.ErrConflict, "app %s already has a volume named %s", v.App, v.Name)
+		case strings.Contains(err.Error(), "FOREIGN KEY"):
+			return errdefs.New(errdefs.ErrNotFound, "app %s does not exist: create it first", v.App)
+		}
+	}
+	return err
+}
+
+func (s *DB) GetVolume(ctx context.Context, app, idOrName string) (store.Volume, error) {
+	v, err := scanVolume(s.db.QueryRowContext(ctx, `SELECT `+volumeCols+` FROM volumes WHERE app = ? AND (id = ? OR name = ?)`, app, idOrName, idOrName))
+	if errors.Is(err, sql.ErrNoRows) {
+		return v, errdefs.New(errdefs.ErrNotFound, "app %s has no volume %s: create it with `kiln volume create %s --app %s`", app, idOrName, idOrName, app)
+	}
+	return v, err
+}
+
+func (s *DB) ListVolumes(ctx context.Context, app string) ([]store.Volume, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+volumeCols+` FROM volumes WHERE app = ? ORDER BY created_at, id`, app)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []store.Volume
+	for rows.Next() {
+		v, err := scanVolume(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+func (s *DB) AttachVolume(ctx context.Context, id, machineID string) error {
+	var res sql.Result
+	var err error
+	if machineID == "" {
+		res, err = s.db.ExecContext(ctx, `UPDATE volumes SET attached_machine = NULL WHERE id = ?`, id)
+	} else {
+		res, err = s.db.ExecContext(ctx, `UPDATE volumes SET attached_machine = ? WHERE id = ? AND (attached_machine IS NULL OR attached_machine = ?)`, machineID, id, machineID)
+	}
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 1 {
+		return nil
+	}
+	var holder sql.NullString
+	var name string
+	if err := s.db.QueryRowContext(ctx, `SELECT name, attached_machine FROM volumes WHERE id = ?`, id).Scan(&name, &holder); err != nil {
+		return errdefs.New(errdefs.ErrNotFound, "volume %s does not exist", id)
+	}
+	return errdefs.New(errdefs.ErrConflict, "volume %s is attached to machine %s: a volume attaches to one machine at a time; destroy that machine or use another volume", name, holder.String)
+}
+
+func (s *DB) SetVolumeSize(ctx context.Context, id string, size int64) error {
+	_, err := s.db.ExecContext(ctx, `UPDATE volumes SET size_bytes = ? WHERE id = ?`, size, id)
+	return err
+}
+
+func (s *DB) DeleteVolume(ctx context.Context, id string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM volumes WHERE id = ? AND attached_machine IS NULL`, id)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return errdefs.New(errdefs.ErrConflict, "volume %s is attached to a machine (or gone): destroy the machine first", id)
+	}
+	return nil
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -118,5 +119,41 @@ func TestTransitionIsCompareAndSwap(t *testing.T) {
 	evs, _ := db.Events(ctx, "m1")
 	if wins != 1 || len(evs) != 2 {
 		t.Errorf("%d winners, %d events; want 1 and 2", wins, len(evs))
+	}
+}
+
+func TestVolumes(t *testing.T) {
+	ctx := context.Background()
+	db := open(t, filepath.Join(t.TempDir(), "kiln.db"))
+	db.CreateApp(ctx, "web")
+	if err := db.CreateVolume(ctx, store.Volume{ID: "vol1", App: "web", Name: "data", SizeBytes: 1 << 30, Path: "/v/vol1.ext4"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.CreateVolume(ctx, store.Volume{ID: "vol2", App: "web", Name: "data"}); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("duplicate name: %v", err)
+	}
+	v, err := db.GetVolume(ctx, "web", "data")
+	if err != nil || v.ID != "vol1" {
+		t.Fatalf("by name: %+v %v", v, err)
+	}
+	if err := db.AttachVolume(ctx, "vol1", "m1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.AttachVolume(ctx, "vol1", "m2"); !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "m1") {
+		t.Errorf("second attach: %v", err)
+	}
+	if err := db.DeleteVolume(ctx, "vol1"); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("delete attached: %v", err)
+	}
+	db.AttachVolume(ctx, "vol1", "")
+	if err := db.AttachVolume(ctx, "vol1", "m2"); err != nil {
+		t.Errorf("attach after detach: %v", err)
+	}
+	db.AttachVolume(ctx, "vol1", "")
+	if err := db.DeleteVolume(ctx, "vol1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.GetVolume(ctx, "web", "data"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("after delete: %v", err)
 	}
 }

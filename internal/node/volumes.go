@@ -1,0 +1,94 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/volume"
+)
+
+// VolumeDir is where volume images live, under the manager's data.
+func (m *Manager) volumeDir() string { return filepath.Join(filepath.Dir(m.Dir), "volumes") }
+
+// CreateVolume makes a named volume of sizeGB for app: the image file first, then the
+// record, so a failure leaves neither.
+func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int) (store.Volume, error) {
+	if !nameRE.MatchString(name) {
+		return store.Volume{}, errdefs.Invalid("volume name %q: use lowercase letters, digits and dashes, up to 63", name)
+	}
+	if sizeGB < 1 || sizeGB > 16384 {
+		return store.Volume{}, errdefs.Invalid("size_gb=%d: give a whole number of GiB from 1 to 16384", sizeGB)
+	}
+	if _, err := m.Store.ListMachines(ctx, app); err != nil {
+		return store.Volume{}, err
+	}
+	if _, err := m.Store.GetVolume(ctx, app, name); err == nil {
+		return store.Volume{}, errdefs.New(errdefs.ErrConflict, "app %s already has a volume named %s", app, name)
+	}
+	id := "vol_" + newMachineID()
+	if err := os.MkdirAll(m.volumeDir(), 0o755); err != nil {
+		return store.Volume{}, err
+	}
+	v := store.Volume{ID: id, App: app, Name: name, SizeBytes: int64(sizeGB) << 30, Path: filepath.Join(m.volumeDir(), id+".ext4")}
+	if err := volume.Create(ctx, v.Path, v.SizeBytes, ""); err != nil {
+		return v, err
+	}
+	if err := m.Store.CreateVolume(ctx, v); err != nil {
+		os.Remove(v.Path)
+		return v, err
+	}
+	return m.Store.GetVolume(ctx, app, id)
+}
+
+// running reports whether the machine holding a volume has it mounted now.
+func (m *Manager) running(machineID string) bool {
+	if machineID == "" {
+		return false
+	}
+	rec, err := m.Store.GetMachine(context.Background(), machineID)
+	return err == nil && rec.State != machine.Stopped && rec.State != machine.Created &&
+		rec.State != machine.Failed && rec.State != machine.Destroyed
+}
+
+// ExtendVolume grows a volume. If its machine is running, the file grows now and the
+// filesystem at the machine's next start (needsRestart).
+func (m *Manager) ExtendVolume(ctx context.Context, app, idOrName string, sizeGB int) (store.Volume, bool, error) {
+	v, err := m.Store.GetVolume(ctx, app, idOrName)
+	if err != nil {
+		return v, false, err
+	}
+	size := int64(sizeGB) << 30
+	if size <= v.SizeBytes {
+		return v, false, errdefs.Invalid("size_gb=%d is not larger than the volume's %d GiB: volumes only grow", sizeGB, v.SizeBytes>>30)
+	}
+	needsRestart := m.running(v.AttachedMachine)
+	if needsRestart {
+		if err := os.Truncate(v.Path, size); err != nil {
+			return v, false, fmt.Errorf("extending volume %s: %w", v.Name, err)
+		}
+	} else if err := volume.Extend(ctx, v.Path, size); err != nil {
+		return v, false, err
+	}
+	if err := m.Store.SetVolumeSize(ctx, v.ID, size); err != nil {
+		return v, false, err
+	}
+	v, err = m.Store.GetVolume(ctx, app, v.ID)
+	return v, needsRestart, err
+}
+
+// DeleteVolume removes a volume no machine holds.
+func (m *Manager) DeleteVolume(ctx context.Context, app, idOrName string) error {
+	v, err := m.Store.GetVolume(ctx, app, idOrName)
+	if err != nil {
+		return err
+	}
+	if err := m.Store.DeleteVolume(ctx, v.ID); err != nil {
+		return err
+	}
+	return os.Remove(v.Path)
+}
