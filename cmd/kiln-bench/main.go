@@ -152,6 +152,11 @@ func run(out string, boots, execs int) error {
 	add("vmm_overhead_beyond_guest_ram", float64(private)/1024, "MiB", "private to the VMM, outside guest RAM (TCG code cache included)")
 	add("vmm_rss_beyond_guest_ram", float64(rss-guestRSS)/1024, "MiB", "same, counting shared kernel/initramfs page cache")
 
+	inst.Destroy(ctx)
+	if err := benchMachines(ctx, rt, work, add); err != nil {
+		return fmt.Errorf("machines: %w", err)
+	}
+
 	printTable(os.Stdout, rep)
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
 		return err
