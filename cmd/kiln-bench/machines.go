@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -22,6 +23,7 @@ import (
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/node"
+	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
@@ -94,12 +96,14 @@ func benchMachines(ctx context.Context, rt *vmrun.Runtime, work string, add func
 		return err
 	}
 	defer db.Close()
-	images := &image.Store{Dir: filepath.Join(work, "images")}
+	regSrv := httptest.NewServer(registry.Handler(ctx, filepath.Join(work, "registry"), "t"))
+	defer regSrv.Close()
+	images := image.Registries{Local: strings.TrimPrefix(regSrv.URL, "http://"), Token: "t"}
 	tar := filepath.Join(work, "bench.tar")
 	if err := tarball.WriteToFile(tar, nil, img); err != nil {
 		return err
 	}
-	if _, _, err := images.Load(tar, "localhost/bench:1"); err != nil {
+	if _, _, err := images.Load(ctx, tar, "localhost/bench:1"); err != nil {
 		return err
 	}
 	mgr := node.New(db, rt, images, cache, filepath.Join(work, "machines"), nil)

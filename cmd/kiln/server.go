@@ -16,6 +16,7 @@ import (
 
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/node"
+	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
 )
@@ -45,10 +46,8 @@ func adminToken(dataDir string) (string, bool, error) {
 	return tok, true, nil
 }
 
-// Paths under the data dir that the server and `kiln vm run --image` share.
-func imageStore(dataDir string) *image.Store {
-	return &image.Store{Dir: filepath.Join(dataDir, "images", "store")}
-}
+// rootfsCache is where converted images live; the server and `kiln vm run --image`
+// share it.
 func rootfsCache(dataDir string) image.Cache {
 	return image.Cache{Dir: filepath.Join(dataDir, "images", "rootfs")}
 }
@@ -92,19 +91,23 @@ func runServer(ctx context.Context, dataDir, listen string) error {
 	if err != nil {
 		return err
 	}
-	mgr := node.New(db, rt, imageStore(dataDir), rootfsCache(dataDir), filepath.Join(dataDir, "machines"), os.Stderr)
-	if err := mgr.Recover(ctx); err != nil {
-		return fmt.Errorf("recovering machines: %w", err)
-	}
+	// Listen first: the built-in registry's address is where machines pull localhost/ images.
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
-		mgr.Close()
 		return fmt.Errorf("listening on %s: %w (another kiln server? choose one with --listen)", listen, err)
 	}
-	srv := &http.Server{Handler: (&server.Server{Store: db, Node: mgr, Images: imageStore(dataDir), Token: tok}).Handler()}
-	fmt.Fprintf(os.Stderr, "kiln: serving the API on http://%s (accelerator %s)\n", ln.Addr(), accel)
+	images := image.Registries{Local: ln.Addr().String(), Token: tok}
+	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), tok)
+	mgr := node.New(db, rt, images, rootfsCache(dataDir), filepath.Join(dataDir, "machines"), os.Stderr)
+	srv := &http.Server{Handler: (&server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok}).Handler()}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
+	// Recovery may need images from the registry, so it runs once the server serves.
+	if err := mgr.Recover(ctx); err != nil {
+		srv.Close()
+		return fmt.Errorf("recovering machines: %w", err)
+	}
+	fmt.Fprintf(os.Stderr, "kiln: serving the API and the image registry on http://%s (accelerator %s)\n", ln.Addr(), accel)
 	select {
 	case <-ctx.Done():
 	case err := <-errc:

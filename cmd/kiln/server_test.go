@@ -20,6 +20,9 @@ import (
 	"github.com/kilnhq/kiln/client"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 	"github.com/kilnhq/kiln/internal/testutil"
+	"github.com/kilnhq/kiln/internal/vmm"
+	"github.com/kilnhq/kiln/internal/vmm/qemu"
+	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
 type kilnServer struct {
@@ -138,9 +141,19 @@ func TestServerEndToEnd(t *testing.T) {
 
 	// kill -9 of the server: the machine keeps running and is adopted on restart.
 	srv.stop(syscall.SIGKILL)
+	// Meanwhile a VM appears that no machine owns: the restart must remove it and say so.
+	ghostRT := &vmrun.Runtime{DataDir: e.dataDir, Driver: &qemu.Driver{}, Assets: testutil.Assets(t), Accel: vmm.AccelTCG}
+	ghost, err := ghostRT.Boot(ctx, vmrun.Spec{CPUs: 1, MemoryMiB: 256, Owner: "no-such-machine"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ghost.Release()
 	srv = startServer(t, e, addr)
 	if !strings.Contains(srv.logs.String(), "re-adopted") {
 		t.Errorf("restart did not say it adopted the VM:\n%s", srv.logs)
+	}
+	if !strings.Contains(srv.logs.String(), "destroyed VM "+ghost.ID) {
+		t.Errorf("restart did not report removing the unowned VM %s:\n%s", ghost.ID, srv.logs)
 	}
 	cl := client.New(srv.url, readToken(t, tokenFile))
 	m, err := cl.GetMachine(ctx, "web", id)

@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +18,7 @@ import (
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
+	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/volume"
 )
 
@@ -200,21 +203,24 @@ func TestOpenTarballBadInput(t *testing.T) {
 	}
 }
 
-func TestStoreLoadAndResolve(t *testing.T) {
+func TestRegistryLoadAndResolve(t *testing.T) {
+	ctx := context.Background()
+	srv := httptest.NewServer(registry.Handler(ctx, t.TempDir(), "tok"))
+	defer srv.Close()
+	regs := image.Registries{Local: strings.TrimPrefix(srv.URL, "http://"), Token: "tok"}
 	img := imagetest.App(t)
 	dir := t.TempDir()
 	docker := filepath.Join(dir, "app.tar")
-	imagetest.WriteDockerTarball(t, img, "localhost/app:1", docker)
-	s := &image.Store{Dir: filepath.Join(dir, "store")}
-	d, refs, err := s.Load(docker, "localhost/app:latest")
+	imagetest.WriteDockerTarball(t, img, "app:1", docker)
+	d, refs, err := regs.Load(ctx, docker, "localhost/app:latest")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(refs) != 2 || refs[0] != "localhost/app:1" {
+	if strings.Join(refs, " ") != "localhost/app:1 localhost/app:latest" {
 		t.Errorf("refs %v", refs)
 	}
-	for _, ref := range []string{"localhost/app:1", "localhost/app", "localhost/app@" + d, d} {
-		got, err := s.Resolve(ref)
+	for _, ref := range []string{"localhost/app:1", "localhost/app", regs.Local + "/app:1", "localhost/app@" + d} {
+		got, err := regs.Resolve(ctx, ref)
 		if err != nil {
 			t.Errorf("%s: %v", ref, err)
 			continue
@@ -223,14 +229,18 @@ func TestStoreLoadAndResolve(t *testing.T) {
 			t.Errorf("%s resolved to %s", ref, gd)
 		}
 	}
-	// Loading again replaces, not duplicates.
-	if _, _, err := s.Load(docker); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.Resolve("localhost/other:1"); !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "kiln image load") {
+	if _, err := regs.Resolve(ctx, "localhost/other:1"); !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "kiln image load") {
 		t.Errorf("unknown image: %v", err)
 	}
-	if _, err := s.Resolve("UPPER/Case::bad"); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := regs.Resolve(ctx, "UPPER/Case::bad"); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Errorf("bad reference: %v", err)
+	}
+	if _, _, err := regs.Load(ctx, docker, "ghcr.io/someone/app:1"); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Errorf("foreign registry name: %v", err)
+	}
+	// Without the token the registry refuses, and says how to log in.
+	resp, err := http.Get(srv.URL + "/v2/")
+	if err != nil || resp.StatusCode != 401 || resp.Header.Get("WWW-Authenticate") == "" {
+		t.Errorf("anonymous /v2/: %v %v", resp.StatusCode, err)
 	}
 }

@@ -21,6 +21,8 @@ import (
 	"sync"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
@@ -32,12 +34,17 @@ import (
 	"github.com/kilnhq/kiln/internal/volume"
 )
 
+// Images resolves image references to images.
+type Images interface {
+	Resolve(ctx context.Context, ref string) (v1.Image, error)
+}
+
 // Manager runs this host's machines. Create one with New and call Recover before
 // serving requests.
 type Manager struct {
 	Store  store.Store
 	RT     *vmrun.Runtime
-	Images *image.Store
+	Images Images
 	Rootfs image.Cache
 	// Dir holds each machine's stored output (Dir/ID).
 	Dir string
@@ -63,7 +70,7 @@ type run struct {
 }
 
 // New returns a manager; Close lets go of its VMs without stopping them.
-func New(st store.Store, rt *vmrun.Runtime, images *image.Store, rootfs image.Cache, dir string, log io.Writer) *Manager {
+func New(st store.Store, rt *vmrun.Runtime, images Images, rootfs image.Cache, dir string, log io.Writer) *Manager {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Manager{Store: st, RT: rt, Images: images, Rootfs: rootfs, Dir: dir, Log: log, ctx: ctx, cancel: cancel, runs: map[string]*run{}}
 }
@@ -180,7 +187,7 @@ func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineR
 }
 
 func (m *Manager) rootfs(ctx context.Context, ref string) (image.Rootfs, error) {
-	img, err := m.Images.Resolve(ref)
+	img, err := m.Images.Resolve(ctx, ref)
 	if err != nil {
 		return image.Rootfs{}, err
 	}
@@ -210,8 +217,26 @@ func (m *Manager) Start(ctx context.Context, id string) error {
 	return nil
 }
 
+// execAs is how execs in machine id run: as its workload does.
+func (m *Manager) execAs(id string) guest.ExecRequest {
+	rec, err := m.Store.GetMachine(m.ctx, id)
+	if err != nil {
+		return guest.ExecRequest{}
+	}
+	cfg := config(rec)
+	rfs, err := m.rootfs(m.ctx, cfg.Image)
+	if err != nil {
+		return guest.ExecRequest{}
+	}
+	return workload(cfg, rfs.Run)
+}
+
 func (m *Manager) launch(id string, adopted *vmrun.Instance) {
 	r := &run{done: make(chan struct{})}
+	if adopted != nil {
+		// Ready for execs as soon as Recover returns.
+		r.inst, r.as = adopted, m.execAs(id)
+	}
 	m.mu.Lock()
 	m.runs[id] = r
 	m.mu.Unlock()
@@ -297,10 +322,7 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 				return
 			}
 		}
-		as := guest.ExecRequest{}
-		if rfs, err := m.rootfs(m.ctx, cfg.Image); err == nil {
-			as = workload(cfg, rfs.Run)
-		}
+		as := m.execAs(id)
 		r.mu.Lock()
 		r.inst, r.as = inst, as
 		wctx, cancel := context.WithCancel(m.ctx)

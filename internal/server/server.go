@@ -18,7 +18,6 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
-	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/node"
 	"github.com/kilnhq/kiln/internal/store"
@@ -29,8 +28,12 @@ import (
 type Server struct {
 	Store  store.Store
 	Node   *node.Manager
-	Images *image.Store
-	Token  string
+	Images interface {
+		Load(ctx context.Context, tarball string, extra ...string) (string, []string, error)
+	}
+	// Registry, if set, serves the built-in OCI registry at /v2/.
+	Registry http.Handler
+	Token    string
 	// MaxImageBytes bounds an uploaded image tarball.
 	MaxImageBytes int64
 }
@@ -83,6 +86,9 @@ func (s *Server) Handler() http.Handler {
 				writeError(w, err)
 			}
 		})
+	}
+	if s.Registry != nil {
+		mux.Handle("/v2/", s.Registry)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
 		writeJSON(w, http.StatusNotFound, api.Error{Error: fmt.Sprintf("no route %s %s: see /v1/openapi.json", req.Method, req.URL.Path)})
@@ -464,7 +470,7 @@ func (s *Server) loadImage(w http.ResponseWriter, r *http.Request) error {
 	if ref := r.URL.Query().Get("ref"); ref != "" {
 		extra = append(extra, ref)
 	}
-	digest, refs, err := s.Images.Load(f.Name(), extra...)
+	digest, refs, err := s.Images.Load(r.Context(), f.Name(), extra...)
 	if err != nil {
 		return err
 	}
