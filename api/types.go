@@ -100,6 +100,8 @@ type Machine struct {
 	InstanceID string        `json:"instance_id"`
 	Config     MachineConfig `json:"config"`
 	ExitCode   *int          `json:"exit_code,omitempty"`
+	Version    int           `json:"version"`
+	Cordoned   bool          `json:"cordoned,omitempty"`
 	CreatedAt  time.Time     `json:"created_at"`
 	UpdatedAt  time.Time     `json:"updated_at"`
 	Events     []Event       `json:"events,omitempty"`
@@ -174,3 +176,30 @@ type ExtendVolumeResponse struct {
 	Volume       Volume `json:"volume"`
 	NeedsRestart bool   `json:"needs_restart"`
 }
+
+// SignalRequest is POST .../signal.
+type SignalRequest struct {
+	Signal string `json:"signal"` // e.g. SIGTERM, or a number
+}
+
+// LeaseRequest is POST .../lease.
+type LeaseRequest struct {
+	TTL         int    `json:"ttl,omitempty"` // seconds
+	Description string `json:"description,omitempty"`
+}
+
+// Lease is a held lease; mutating calls send its nonce in the fly-machine-lease-nonce
+// header while it lasts.
+type Lease struct {
+	Nonce       string `json:"nonce"`
+	ExpiresAt   int64  `json:"expires_at"` // Unix seconds
+	Description string `json:"description,omitempty"`
+}
+
+// MetadataValue is POST .../metadata/{key}.
+type MetadataValue struct {
+	Value string `json:"value"`
+}
+
+// LeaseHeader carries a lease's nonce.
+const LeaseHeader = "fly-machine-lease-nonce"

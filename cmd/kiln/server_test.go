@@ -178,6 +178,85 @@ func TestServerEndToEnd(t *testing.T) {
 		t.Fatalf("wait started again: %v", err)
 	}
 
+	// Metadata, cordon, leases, signals and config updates.
+	call := func(method, path, body, nonce string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, srv.url+"/v1/apps/web/machines/"+id+path, strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+readToken(t, tokenFile))
+		if nonce != "" {
+			req.Header.Set(api.LeaseHeader, nonce)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var b bytes.Buffer
+		b.ReadFrom(resp.Body)
+		return resp.StatusCode, b.String()
+	}
+	if code, body := call("POST", "/metadata/role", `{"value":"web"}`, ""); code != 200 {
+		t.Errorf("set metadata: %d %s", code, body)
+	}
+	if _, body := call("GET", "/metadata", "", ""); !strings.Contains(body, `"role":"web"`) {
+		t.Errorf("metadata: %s", body)
+	}
+	call("POST", "/cordon", "", "")
+	if m, _ := cl.GetMachine(ctx, "web", id); !m.Cordoned {
+		t.Error("cordon did not stick")
+	}
+	call("POST", "/uncordon", "", "")
+	code, body := call("POST", "/lease", `{"ttl":60,"description":"deploy"}`, "")
+	var lease api.Lease
+	json.Unmarshal([]byte(body), &lease)
+	if code != 200 || lease.Nonce == "" {
+		t.Fatalf("lease: %d %s", code, body)
+	}
+	if code, body := call("POST", "/lease", `{"ttl":60}`, ""); code != 409 {
+		t.Errorf("second lease: %d %s", code, body)
+	}
+	if code, body := call("POST", "/metadata/role", `{"value":"x"}`, ""); code != 409 || !strings.Contains(body, api.LeaseHeader) {
+		t.Errorf("change without the nonce under a lease: %d %s", code, body)
+	}
+	if code, body := call("DELETE", "/metadata/role", "", lease.Nonce); code != 200 {
+		t.Errorf("change with the nonce: %d %s", code, body)
+	}
+	if code, _ := call("DELETE", "/lease", "", lease.Nonce); code != 200 {
+		t.Error("release lease")
+	}
+	code, body = call("POST", "", `{"config":{"image":"localhost/app:1","env":{"MODE":"canary"},"init":{"cmd":["sh","-c","echo mode $MODE; while true; do sleep 1; done"]}}}`, "")
+	var updated api.Machine
+	json.Unmarshal([]byte(body), &updated)
+	if code != 200 || updated.Version != 2 {
+		t.Fatalf("update: %d %s", code, body)
+	}
+	if err := cl.Wait(ctx, "web", id, "started", 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := cl.Exec(ctx, "web", id, []string{"sh", "-c", "echo $MODE"}, "", 30*time.Second); err != nil || res.Stdout != "canary\n" {
+		t.Errorf("after update: %+v %v", res, err)
+	}
+	trap, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "trap 'echo got term; exit 5' TERM; echo armed; while true; do sleep 0.2; done"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { out, _, _ := srv.kiln("", "logs", trap.ID); return strings.Contains(out, "armed") }, "the trap to be armed")
+	req, _ := http.NewRequest("POST", srv.url+"/v1/apps/web/machines/"+trap.ID+"/signal", strings.NewReader(`{"signal":"SIGTERM"}`))
+	req.Header.Set("Authorization", "Bearer "+readToken(t, tokenFile))
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("signal: %v %v", resp.StatusCode, err)
+	}
+	if err := cl.Wait(ctx, "web", trap.ID, "stopped", 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := cl.GetMachine(ctx, "web", trap.ID); m.ExitCode == nil || *m.ExitCode != 5 {
+		t.Errorf("exit after SIGTERM: %+v", m.ExitCode)
+	}
+	if _, errs, code := srv.kiln("", "machine", "destroy", trap.ID); code != 0 {
+		t.Errorf("destroy stopped machine: %s", errs)
+	}
+
 	// on-failure restarts a crashing workload max_retries times, then leaves it stopped.
 	crash, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{
 		Image: "localhost/app:1", Init: api.Init{Cmd: []string{"sh", "-c", "echo boom; exit 3"}},

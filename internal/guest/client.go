@@ -410,3 +410,13 @@ func (c *Client) Follow(ctx context.Context, id string, offset int64, follow boo
 		}
 	}
 }
+
+// SignalSupervised delivers sig to supervised process id.
+func (c *Client) SignalSupervised(ctx context.Context, id string, sig int) error {
+	s, err := c.open(ctx, Header{Op: OpSignal, ID: id, Signal: sig})
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	return c.readReply(ctx, s, &Reply{})
+}

@@ -49,6 +49,8 @@ const (
 	OpSpawn Op = "spawn"
 	// OpFollow streams a supervised process's output from an offset, then its exit.
 	OpFollow Op = "follow"
+	// OpSignal delivers Header.Signal to a supervised process.
+	OpSignal Op = "signal"
 )
 
 // Header opens every stream.
@@ -64,6 +66,7 @@ type Header struct {
 	// Offset is where follow starts in the output; Follow asks to wait for more.
 	Offset int64 `json:"offset,omitempty"`
 	Follow bool  `json:"follow,omitempty"`
+	Signal int   `json:"signal,omitempty"`
 }
 
 // Record is a piece of a supervised process's output, or its end.

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"runtime"
 	"sort"
@@ -558,6 +559,66 @@ func (m *Manager) Exec(ctx context.Context, id string, req guest.ExecRequest, st
 		return api.ExecResponse{}, err
 	}
 	return api.ExecResponse{ExitCode: st.Code, ExitSignal: st.Signal, Stdout: out.String(), Stderr: errb.String()}, nil
+}
+
+// Signal delivers a signal to a started machine's workload.
+func (m *Manager) Signal(ctx context.Context, id string, sig int) error {
+	m.mu.Lock()
+	r := m.runs[id]
+	m.mu.Unlock()
+	var inst *vmrun.Instance
+	if r != nil {
+		r.mu.Lock()
+		inst = r.inst
+		r.mu.Unlock()
+	}
+	if inst == nil {
+		return errdefs.New(errdefs.ErrConflict, "machine %s is not running: nothing to signal", id)
+	}
+	return inst.Agent.SignalSupervised(ctx, "workload", sig)
+}
+
+// Update replaces a machine's config with a new version. A running machine is stopped
+// and started again on the new config.
+func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) (store.Machine, error) {
+	if err := validate(&cfg); err != nil {
+		return store.Machine{}, err
+	}
+	if _, err := m.rootfs(ctx, cfg.Image); err != nil {
+		return store.Machine{}, err
+	}
+	rec, err := m.Store.GetMachine(ctx, id)
+	if err != nil {
+		return rec, err
+	}
+	if !reflect.DeepEqual(cfg.Mounts, config(rec).Mounts) {
+		return rec, errdefs.Invalid("config.mounts cannot change on update yet: create a new machine for other volumes")
+	}
+	wasRunning := rec.State == machine.Started || rec.State == machine.Starting
+	if wasRunning {
+		if err := m.Stop(ctx, id); err != nil {
+			return rec, err
+		}
+		if err := m.Wait(ctx, id, machine.Stopped, 2*time.Minute); err != nil {
+			return rec, err
+		}
+		m.mu.Lock()
+		r := m.runs[id]
+		m.mu.Unlock()
+		if r != nil {
+			<-r.done
+		}
+	}
+	raw, _ := json.Marshal(cfg)
+	if err := m.Store.UpdateConfig(ctx, id, raw); err != nil {
+		return rec, err
+	}
+	if wasRunning {
+		if err := m.Start(ctx, id); err != nil {
+			return rec, err
+		}
+	}
+	return m.Store.GetMachine(ctx, id)
 }
 
 // LogDir is where a machine's output is stored.

@@ -4,7 +4,9 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -64,6 +66,16 @@ func (s *Server) Routes() []Route {
 		{"POST", "/v1/apps/{app}/machines/{id}/exec", true, s.execMachine},
 		{"GET", "/v1/apps/{app}/machines/{id}/events", true, s.machineEvents},
 		{"GET", "/v1/apps/{app}/machines/{id}/logs", true, s.machineLogs},
+		{"POST", "/v1/apps/{app}/machines/{id}", true, s.updateMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/signal", true, s.signalMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/cordon", true, s.cordon(true)},
+		{"POST", "/v1/apps/{app}/machines/{id}/uncordon", true, s.cordon(false)},
+		{"GET", "/v1/apps/{app}/machines/{id}/lease", true, s.getLease},
+		{"POST", "/v1/apps/{app}/machines/{id}/lease", true, s.takeLease},
+		{"DELETE", "/v1/apps/{app}/machines/{id}/lease", true, s.releaseLease},
+		{"GET", "/v1/apps/{app}/machines/{id}/metadata", true, s.getMetadata},
+		{"POST", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.setMetadata},
+		{"DELETE", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.deleteMetadata},
 		{"GET", "/v1/apps/{app}/volumes", true, s.listVolumes},
 		{"POST", "/v1/apps/{app}/volumes", true, s.createVolume},
 		{"GET", "/v1/apps/{app}/volumes/{id}", true, s.getVolume},
@@ -220,7 +232,7 @@ func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
 
 func toAPI(m store.Machine, evs []machine.Event) api.Machine {
 	out := api.Machine{ID: m.ID, Name: m.Name, State: string(m.State), Region: "local", InstanceID: fmt.Sprintf("%s-v%d", m.ID, m.Version),
-		ExitCode: m.ExitCode, CreatedAt: m.CreatedAt, UpdatedAt: m.UpdatedAt}
+		ExitCode: m.ExitCode, Version: m.Version, Cordoned: m.Cordoned, CreatedAt: m.CreatedAt, UpdatedAt: m.UpdatedAt}
 	json.Unmarshal(m.Config, &out.Config)
 	for i := len(evs) - 1; i >= 0; i-- { // newest first, as Fly lists them
 		e := evs[i]
@@ -243,6 +255,17 @@ func (s *Server) machine(r *http.Request) (store.Machine, error) {
 	}
 	if m.App != r.PathValue("app") {
 		return m, errdefs.New(errdefs.ErrNotFound, "machine %s is not in app %s", m.ID, r.PathValue("app"))
+	}
+	// While a lease holds, only its holder changes the machine (taking the lease itself
+	// is checked by the store).
+	if r.Method != "GET" && !strings.HasSuffix(r.URL.Path, "/lease") {
+		l, err := s.Store.Lease(r.Context(), m.ID)
+		if err != nil {
+			return m, err
+		}
+		if l.Nonce != "" && r.Header.Get(api.LeaseHeader) != l.Nonce {
+			return m, errdefs.New(errdefs.ErrConflict, "machine %s is leased (%s) until %s: send its nonce in the %s header", m.ID, l.Description, l.ExpiresAt.Format(time.RFC3339), api.LeaseHeader)
+		}
 	}
 	return m, nil
 }
@@ -544,5 +567,176 @@ func (s *Server) extendVolume(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.ExtendVolumeResponse{Volume: volumeAPI(v), NeedsRestart: restart})
+	return nil
+}
+
+func (s *Server) updateMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	var req api.CreateMachineRequest
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	updated, err := s.Node.Update(r.Context(), m.ID, req.Config)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, toAPI(updated, nil))
+	return nil
+}
+
+func (s *Server) signalMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	var req api.SignalRequest
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	sig, ok := signals[strings.ToUpper(req.Signal)]
+	if !ok {
+		if n, err := strconv.Atoi(req.Signal); err == nil && n > 0 && n < 65 {
+			sig, ok = n, true
+		}
+	}
+	if !ok {
+		return errdefs.Invalid("signal %q: use a name like SIGTERM, SIGINT, SIGHUP, SIGKILL, SIGUSR1 or a number", req.Signal)
+	}
+	if err := s.Node.Signal(r.Context(), m.ID, sig); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+var signals = map[string]int{
+	"SIGHUP": 1, "SIGINT": 2, "SIGQUIT": 3, "SIGKILL": 9, "SIGUSR1": 10, "SIGUSR2": 12, "SIGTERM": 15,
+	"SIGSTOP": 19, "SIGCONT": 18,
+}
+
+func (s *Server) cordon(on bool) func(http.ResponseWriter, *http.Request) error {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		m, err := s.machine(r)
+		if err != nil {
+			return err
+		}
+		if err := s.Store.SetCordoned(r.Context(), m.ID, on); err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, api.OK{OK: true})
+		return nil
+	}
+}
+
+func leaseAPI(l store.Lease) api.Lease {
+	return api.Lease{Nonce: l.Nonce, ExpiresAt: l.ExpiresAt.Unix(), Description: l.Description}
+}
+
+func (s *Server) getLease(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	l, err := s.Store.Lease(r.Context(), m.ID)
+	if err != nil {
+		return err
+	}
+	if l.Nonce == "" {
+		return errdefs.New(errdefs.ErrNotFound, "machine %s has no lease", m.ID)
+	}
+	// The nonce is the holder's secret.
+	l.Nonce = ""
+	writeJSON(w, http.StatusOK, leaseAPI(l))
+	return nil
+}
+
+func (s *Server) takeLease(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	var req api.LeaseRequest
+	if r.ContentLength != 0 {
+		if err := decode(r, &req); err != nil {
+			return err
+		}
+	}
+	if req.TTL == 0 {
+		req.TTL = 30
+	}
+	if req.TTL < 1 || req.TTL > 3600 {
+		return errdefs.Invalid("ttl=%d: give seconds from 1 to 3600", req.TTL)
+	}
+	l := store.Lease{Nonce: newNonce(), ExpiresAt: time.Now().Add(time.Duration(req.TTL) * time.Second), Description: req.Description}
+	if err := s.Store.SetLease(r.Context(), m.ID, r.Header.Get(api.LeaseHeader), l); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, leaseAPI(l))
+	return nil
+}
+
+func (s *Server) releaseLease(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	if err := s.Store.SetLease(r.Context(), m.ID, r.Header.Get(api.LeaseHeader), store.Lease{}); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func newNonce() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (s *Server) getMetadata(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	md, err := s.Store.Metadata(r.Context(), m.ID)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, md)
+	return nil
+}
+
+func (s *Server) setMetadata(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	var req api.MetadataValue
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	key := r.PathValue("key")
+	if key == "" || len(key) > 128 || req.Value == "" {
+		return errdefs.Invalid("metadata needs a key of 1 to 128 characters and a non-empty value")
+	}
+	if err := s.Store.SetMetadata(r.Context(), m.ID, key, req.Value); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func (s *Server) deleteMetadata(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.machine(r)
+	if err != nil {
+		return err
+	}
+	if err := s.Store.SetMetadata(r.Context(), m.ID, r.PathValue("key"), ""); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
 	return nil
 }

@@ -23,8 +23,16 @@ type Machine struct {
 	Version   int             `json:"version"`
 	ExitCode  *int            `json:"exit_code,omitempty"`
 	Restarts  int             `json:"restarts"`
+	Cordoned  bool            `json:"cordoned"`
 	CreatedAt time.Time       `json:"created_at"`
 	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// Lease is an exclusive claim on a machine: while it holds, changes need its nonce.
+type Lease struct {
+	Nonce       string    `json:"nonce"`
+	ExpiresAt   time.Time `json:"expires_at"`
+	Description string    `json:"description,omitempty"`
 }
 
 // Volume is a named persistent disk of an app.
@@ -55,6 +63,19 @@ type Store interface {
 	Transition(ctx context.Context, id string, from, to machine.State, ev machine.Event) error
 	// Events returns a machine's journal, oldest first.
 	Events(ctx context.Context, id string) ([]machine.Event, error)
+
+	// UpdateConfig replaces a stopped machine's config, making a new version, and
+	// records an update event.
+	UpdateConfig(ctx context.Context, id string, config []byte) error
+	SetCordoned(ctx context.Context, id string, cordoned bool) error
+	// Lease returns the machine's lease; a zero Lease if none holds.
+	Lease(ctx context.Context, id string) (Lease, error)
+	// SetLease takes the lease if none holds (or it expired) or if holder matches the
+	// current nonce; otherwise ErrConflict. A zero l releases it.
+	SetLease(ctx context.Context, id, holder string, l Lease) error
+	Metadata(ctx context.Context, id string) (map[string]string, error)
+	// SetMetadata sets key; an empty value deletes it.
+	SetMetadata(ctx context.Context, id, key, value string) error
 
 	CreateVolume(ctx context.Context, v Volume) error
 	// GetVolume finds an app's volume by ID or name.

@@ -115,6 +115,8 @@ func (a *Agent) handle(s *yamux.Stream) {
 		a.spawn(s, h)
 	case guest.OpFollow:
 		a.follow(s, h)
+	case guest.OpSignal:
+		a.signal(s, h)
 	case guest.OpReadFile:
 		readFile(s, h.Path)
 	case guest.OpWriteFile:

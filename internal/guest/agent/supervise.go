@@ -29,6 +29,7 @@ type supervised struct {
 	dropped bool
 	exit    *guest.ExitStatus
 	changed chan struct{}
+	proc    Proc
 }
 
 func (s *supervised) append(stream int, b []byte) {
@@ -126,6 +127,7 @@ func (a *Agent) spawn(s *yamux.Stream, h guest.Header) {
 		replyErr(s, guest.CodeInternal, "spawn %s: %v", req.Argv[0], err)
 		return
 	}
+	sup.proc = proc
 	// Registered only once it runs: a spawn that failed must not block the next one.
 	a.mu.Lock()
 	a.supervised[h.ID] = sup
@@ -243,4 +245,31 @@ func (a *Agent) command(req *guest.ExecRequest) (*exec.Cmd, guest.ErrCode, error
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: req.UID, Gid: req.GID}
 	}
 	return cmd, "", nil
+}
+
+// signal delivers a signal to a supervised process that is still running.
+func (a *Agent) signal(s *yamux.Stream, h guest.Header) {
+	a.mu.Lock()
+	sup := a.supervised[h.ID]
+	a.mu.Unlock()
+	if sup == nil {
+		replyErr(s, guest.CodeNotFound, "no supervised process %q", h.ID)
+		return
+	}
+	if h.Signal <= 0 || h.Signal > 64 {
+		replyErr(s, guest.CodeInvalid, "signal %d is not a signal number", h.Signal)
+		return
+	}
+	sup.mu.Lock()
+	done := sup.exit != nil
+	sup.mu.Unlock()
+	if done {
+		replyErr(s, guest.CodeInvalid, "%s has already exited", h.ID)
+		return
+	}
+	if err := sup.proc.Signal(syscall.Signal(h.Signal)); err != nil {
+		replyErr(s, guest.CodeInternal, "signal: %v", err)
+		return
+	}
+	reply(s, guest.Reply{})
 }

@@ -113,13 +113,13 @@ func appendEvent(ctx context.Context, tx *sql.Tx, id string, ev machine.Event) e
 	return err
 }
 
-const machineCols = `id, app, name, state, config, version, exit_code, restarts, created_at, updated_at`
+const machineCols = `id, app, name, state, config, version, exit_code, restarts, created_at, updated_at, cordoned`
 
 func scanMachine(row interface{ Scan(...any) error }) (store.Machine, error) {
 	var m store.Machine
 	var cfg string
 	var exit sql.NullInt64
-	err := row.Scan(&m.ID, &m.App, &m.Name, &m.State, &cfg, &m.Version, &exit, &m.Restarts, &m.CreatedAt, &m.UpdatedAt)
+	err := row.Scan(&m.ID, &m.App, &m.Name, &m.State, &cfg, &m.Version, &exit, &m.Restarts, &m.CreatedAt, &m.UpdatedAt, &m.Cordoned)
 	if exit.Valid {
 		c := int(exit.Int64)
 		m.ExitCode = &c
@@ -294,4 +294,103 @@ func (s *DB) DeleteVolume(ctx context.Context, id string) error {
 		return errdefs.New(errdefs.ErrConflict, "volume %s is attached to a machine (or gone): destroy the machine first", id)
 	}
 	return nil
+}
+
+func (s *DB) UpdateConfig(ctx context.Context, id string, config []byte) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	var state machine.State
+	if err := tx.QueryRowContext(ctx, `SELECT state FROM machines WHERE id = ?`, id).Scan(&state); err != nil {
+		return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
+	}
+	if state != machine.Stopped && state != machine.Created && state != machine.Failed {
+		return errdefs.New(errdefs.ErrConflict, "machine %s is %s: its config changes only while stopped", id, state)
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE machines SET config = ?, version = version + 1, updated_at = ? WHERE id = ?`, string(config), time.Now().UTC(), id); err != nil {
+		return err
+	}
+	if err := appendEvent(ctx, tx, id, machine.Event{Type: "update", Status: state, Source: "user"}); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+func (s *DB) SetCordoned(ctx context.Context, id string, cordoned bool) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE machines SET cordoned = ? WHERE id = ?`, cordoned, id)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
+	}
+	return nil
+}
+
+func (s *DB) Lease(ctx context.Context, id string) (store.Lease, error) {
+	var l store.Lease
+	var exp sql.NullTime
+	err := s.db.QueryRowContext(ctx, `SELECT lease_nonce, lease_expires, lease_description FROM machines WHERE id = ?`, id).Scan(&l.Nonce, &exp, &l.Description)
+	if errors.Is(err, sql.ErrNoRows) {
+		return l, errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
+	}
+	if err != nil {
+		return l, err
+	}
+	if l.Nonce == "" || !exp.Valid || time.Now().After(exp.Time) {
+		return store.Lease{}, nil
+	}
+	l.ExpiresAt = exp.Time
+	return l, nil
+}
+
+func (s *DB) SetLease(ctx context.Context, id, holder string, l store.Lease) error {
+	now := time.Now().UTC()
+	var exp any
+	if !l.ExpiresAt.IsZero() {
+		exp = l.ExpiresAt.UTC()
+	}
+	res, err := s.db.ExecContext(ctx, `UPDATE machines SET lease_nonce = ?, lease_expires = ?, lease_description = ?
+		WHERE id = ? AND (lease_nonce = '' OR lease_expires IS NULL OR lease_expires < ? OR lease_nonce = ?)`,
+		l.Nonce, exp, l.Description, id, now, holder)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		if _, err := s.GetMachine(ctx, id); err != nil {
+			return err
+		}
+		return errdefs.New(errdefs.ErrConflict, "machine %s is leased by someone else: wait for the lease to expire or send its nonce in fly-machine-lease-nonce", id)
+	}
+	return nil
+}
+
+func (s *DB) Metadata(ctx context.Context, id string) (map[string]string, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT key, value FROM machine_metadata WHERE machine_id = ? ORDER BY key`, id)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]string{}
+	for rows.Next() {
+		var k, v string
+		if err := rows.Scan(&k, &v); err != nil {
+			return nil, err
+		}
+		out[k] = v
+	}
+	return out, rows.Err()
+}
+
+func (s *DB) SetMetadata(ctx context.Context, id, key, value string) error {
+	var err error
+	if value == "" {
+		_, err = s.db.ExecContext(ctx, `DELETE FROM machine_metadata WHERE machine_id = ? AND key = ?`, id, key)
+	} else {
+		_, err = s.db.ExecContext(ctx, `INSERT INTO machine_metadata (machine_id, key, value) VALUES (?, ?, ?)
+			ON CONFLICT (machine_id, key) DO UPDATE SET value = excluded.value`, id, key, value)
+	}
+	return err
 }
