@@ -267,3 +267,22 @@ func TestVMRunImage(t *testing.T) {
 		t.Errorf("missing image: exit %d, %s", code, errs)
 	}
 }
+
+func TestCLIConfigFile(t *testing.T) {
+	e := newEnv(t)
+	cfg := filepath.Join(e.dataDir, "config.toml")
+	os.WriteFile(cfg, []byte("api_url = \"http://127.0.0.1:1\"\ntoken = \"x\"\n"), 0o600)
+	c := e.cmd("machine", "ls", "--app", "web")
+	c.Env = append(c.Env, "KILN_CONFIG="+cfg, "KILN_API_URL=")
+	out, _ := c.CombinedOutput()
+	if !strings.Contains(string(out), "cannot reach the kiln server at http://127.0.0.1:1") {
+		t.Errorf("config api_url not used: %s", out)
+	}
+	os.WriteFile(cfg, []byte("api_ur = \"http://x\"\n"), 0o600)
+	c = e.cmd("machine", "ls", "--app", "web")
+	c.Env = append(c.Env, "KILN_CONFIG="+cfg)
+	out, _ = c.CombinedOutput()
+	if !strings.Contains(string(out), `unknown setting "api_ur"`) {
+		t.Errorf("unknown config key: %s", out)
+	}
+}

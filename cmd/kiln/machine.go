@@ -12,7 +12,10 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/BurntSushi/toml"
+	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/client"
@@ -24,18 +27,56 @@ type apiFlags struct {
 }
 
 func (a *apiFlags) register(c *cobra.Command) {
-	c.PersistentFlags().StringVar(&a.url, "api-url", envOr("KILN_API_URL", "http://"+DefaultListen), "kiln server URL (env KILN_API_URL)")
-	c.PersistentFlags().StringVar(&a.token, "token", os.Getenv("KILN_API_TOKEN"), "API token (env KILN_API_TOKEN; default: DATA_DIR/admin-token when readable)")
+	c.PersistentFlags().StringVar(&a.url, "api-url", os.Getenv("KILN_API_URL"), "kiln server URL (env KILN_API_URL, config api_url; default http://"+DefaultListen+")")
+	c.PersistentFlags().StringVar(&a.token, "token", os.Getenv("KILN_API_TOKEN"), "API token (env KILN_API_TOKEN, config token; default: DATA_DIR/admin-token when readable)")
 }
 
-func (a *apiFlags) client(g *globals) *client.Client {
-	tok := a.token
+// cliConfig is ~/.config/kiln/config.toml (or $KILN_CONFIG): defaults for the flags.
+type cliConfig struct {
+	APIURL string `toml:"api_url"`
+	Token  string `toml:"token"`
+}
+
+func configPath() string {
+	if p := os.Getenv("KILN_CONFIG"); p != "" {
+		return p
+	}
+	dir, err := os.UserConfigDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(dir, "kiln", "config.toml")
+}
+
+// client finds the server and token: flags, then environment, then the config file,
+// then (for the token) DATA_DIR/admin-token when this user can read it.
+func (a *apiFlags) client(g *globals) (*client.Client, error) {
+	var cfg cliConfig
+	if p := configPath(); p != "" {
+		if md, err := toml.DecodeFile(p, &cfg); err == nil {
+			if keys := md.Undecoded(); len(keys) > 0 {
+				return nil, errdefs.Invalid("%s: unknown setting %q: the settings are api_url and token", p, keys[0].String())
+			}
+		} else if !os.IsNotExist(err) {
+			return nil, errdefs.Invalid("%s: %v", p, err)
+		}
+	}
+	url, tok := a.url, a.token
+	if url == "" {
+		url = cfg.APIURL
+	}
+	if url == "" {
+		url = "http://" + DefaultListen
+	}
+	if tok == "" {
+		tok = cfg.Token
+	}
 	if tok == "" {
 		if b, err := os.ReadFile(filepath.Join(g.dataDir, "admin-token")); err == nil {
 			tok = strings.TrimSpace(string(b))
 		}
 	}
-	return client.New(a.url, tok)
+	return client.New(url, tok), nil
 }
 
 func printJSON(v any) error {
@@ -58,7 +99,10 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			cl := af.client(g)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
 			if app == "" {
 				return errdefs.Invalid("--app is required: the app the machine belongs to")
 			}
@@ -114,7 +158,11 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 			if lsApp == "" {
 				return errdefs.Invalid("--app is required")
 			}
-			ms, err := af.client(g).ListMachines(cmd.Context(), lsApp)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			ms, err := cl.ListMachines(cmd.Context(), lsApp)
 			if err != nil {
 				return err
 			}
@@ -139,7 +187,10 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	exec := &cobra.Command{
 		Use: "exec ID -- COMMAND...", Short: "Run a command in a started machine", Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl := af.client(g)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
 			app, m, err := cl.FindMachine(cmd.Context(), args[0])
 			if err != nil {
 				return err
@@ -166,7 +217,10 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 		return &cobra.Command{
 			Use: use + " ID", Short: short, Args: cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				cl := af.client(g)
+				cl, err := af.client(g)
+				if err != nil {
+					return err
+				}
 				app, m, err := cl.FindMachine(cmd.Context(), args[0])
 				if err != nil {
 					return err
@@ -202,7 +256,10 @@ func logsCmd(g *globals, af *apiFlags) *cobra.Command {
 	c := &cobra.Command{
 		Use: "logs ID", Short: "Show a machine's workload output (-f to follow)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl := af.client(g)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
 			app, m, err := cl.FindMachine(cmd.Context(), args[0])
 			if err != nil {
 				return err
@@ -232,7 +289,18 @@ func imageCmd(g *globals, af *apiFlags) *cobra.Command {
 				return errdefs.New(errdefs.ErrNotFound, "%v", err)
 			}
 			defer f.Close()
-			res, err := af.client(g).LoadImage(cmd.Context(), f, ref)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			var body io.Reader = f
+			if fi, err := f.Stat(); err == nil && term.IsTerminal(int(os.Stderr.Fd())) {
+				bar := progressbar.DefaultBytes(fi.Size(), "uploading "+filepath.Base(args[0]))
+				r := progressbar.NewReader(f, bar)
+				body = &r
+				defer bar.Finish()
+			}
+			res, err := cl.LoadImage(cmd.Context(), body, ref)
 			if err != nil {
 				return err
 			}
@@ -277,7 +345,10 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cl := af.client(g)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
 			if err := cl.CreateApp(cmd.Context(), app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 				return err
 			}
@@ -296,7 +367,11 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err := needApp(); err != nil {
 				return err
 			}
-			vs, err := af.client(g).ListVolumes(cmd.Context(), app)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			vs, err := cl.ListVolumes(cmd.Context(), app)
 			if err != nil {
 				return err
 			}
@@ -322,7 +397,11 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			res, err := af.client(g).ExtendVolume(cmd.Context(), app, args[0], n)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			res, err := cl.ExtendVolume(cmd.Context(), app, args[0], n)
 			if err != nil {
 				return err
 			}
@@ -340,7 +419,11 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err := needApp(); err != nil {
 				return err
 			}
-			return af.client(g).DeleteVolume(cmd.Context(), app, args[0])
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			return cl.DeleteVolume(cmd.Context(), app, args[0])
 		},
 	}
 	c.PersistentFlags().StringVar(&app, "app", os.Getenv("KILN_APP"), "app (env KILN_APP)")
