@@ -99,14 +99,19 @@ func runServer(ctx context.Context, dataDir, listen string) error {
 	images := image.Registries{Local: ln.Addr().String(), Token: tok}
 	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), tok)
 	mgr := node.New(db, rt, images, rootfsCache(dataDir), filepath.Join(dataDir, "machines"), os.Stderr)
-	srv := &http.Server{Handler: (&server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok}).Handler()}
+	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok}
+	apiSrv.Recovering.Store(true)
+	srv := &http.Server{Handler: apiSrv.Handler()}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
-	// Recovery may need images from the registry, so it runs once the server serves.
+	// Recovery may need images from the registry, so it runs once the server serves;
+	// the API answers 503 until it is done.
 	if err := mgr.Recover(ctx); err != nil {
 		srv.Close()
+		mgr.Close()
 		return fmt.Errorf("recovering machines: %w", err)
 	}
+	apiSrv.Recovering.Store(false)
 	fmt.Fprintf(os.Stderr, "kiln: serving the API and the image registry on http://%s (accelerator %s)\n", ln.Addr(), accel)
 	select {
 	case <-ctx.Done():

@@ -2,6 +2,7 @@ package node
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -70,19 +71,39 @@ func (l *logFile) add(r guest.Record) error {
 		stream = "stderr"
 	}
 	ts := time.Unix(0, r.Time).UTC()
+	var werr error
 	for {
-		i := strings.IndexByte(string(buf), '\n')
+		i := bytes.IndexByte(buf, '\n')
 		if i < 0 {
-			break
+			// Output without newlines (progress bars, binary) is stored in pieces rather
+			// than held in memory until a newline that may never come.
+			if len(buf) < maxLine {
+				break
+			}
+			i = maxLine
 		}
-		if err := l.writeLocked(api.LogLine{Timestamp: ts, Stream: stream, Message: string(buf[:i])}); err != nil {
-			return err
+		if err := l.writeLocked(api.LogLine{Timestamp: ts, Stream: stream, Message: string(buf[:i])}); err != nil && werr == nil {
+			werr = err
 		}
-		buf = buf[i+1:]
+		if i < len(buf) && buf[i] == '\n' {
+			i++
+		}
+		buf = buf[i:]
 	}
 	l.partial[r.Stream] = append([]byte(nil), buf...)
-	return os.WriteFile(filepath.Join(l.dir, "offset"), []byte(strconv.FormatInt(r.Offset+int64(len(r.Data)), 10)), 0o644)
+	// Written aside and renamed, so a crash leaves the old offset or the new, never none.
+	tmp := filepath.Join(l.dir, "offset.tmp")
+	if err := os.WriteFile(tmp, []byte(strconv.FormatInt(r.Offset+int64(len(r.Data)), 10)), 0o644); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(l.dir, "offset")); err != nil {
+		return err
+	}
+	return werr
 }
+
+// maxLine bounds one stored line.
+const maxLine = 64 << 10
 
 // flush stores unterminated lines, at the workload's end.
 func (l *logFile) flush() {

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"reflect"
 	"regexp"
@@ -32,7 +33,6 @@ import (
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmrun"
-	"github.com/kilnhq/kiln/internal/volume"
 )
 
 // Images resolves image references to images.
@@ -251,6 +251,9 @@ func (m *Manager) launch(id string, adopted *vmrun.Instance) {
 			delete(m.runs, id)
 		}
 		m.mu.Unlock()
+		// After the run is gone from the map, a Stop either saw it (and its transition is
+		// settled here) or did not (and completed the stop itself).
+		m.settle(id)
 	}()
 }
 
@@ -291,41 +294,49 @@ func (r *run) stopRequested() bool {
 }
 
 // supervise runs one machine until it stops for good: boot, run, wait, record the exit,
-// restart by policy.
+// restart by policy. A transition it cannot make means a user changed the machine
+// meanwhile (a stop): it re-reads the state and follows the user.
 func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 	retries := 0
+	release := func() {
+		if inst != nil {
+			inst.Release()
+		}
+	}
 	for {
 		rec, err := m.Store.GetMachine(m.ctx, id)
 		if err != nil {
+			release()
 			return
 		}
 		cfg := config(rec)
 		logs, err := openLog(filepath.Join(m.Dir, id))
 		if err != nil {
 			m.logf("machine %s: logs: %v", id, err)
+			release()
 			return
 		}
 		offset := logs.offset()
 		if inst == nil {
-			var ferr error
-			inst, ferr = m.boot(rec, cfg)
-			if ferr != nil {
+			var berr error
+			inst, berr = m.boot(rec, cfg)
+			if berr != nil {
 				logs.close()
-				m.logf("machine %s failed to start: %v", id, ferr)
+				if m.ctx.Err() != nil {
+					return // kiln is shutting down: Recover starts it again
+				}
+				m.logf("machine %s failed to start: %v", id, berr)
 				m.transition(id, machine.Starting, machine.Failed, "start", nil)
-				return
+				return // settle completes a stop that came meanwhile
 			}
 			offset = 0
 			logs.reset()
-			if m.transition(id, machine.Starting, machine.Started, "start", nil) != nil && !r.stopRequested() {
-				inst.Destroy(context.WithoutCancel(m.ctx))
-				logs.close()
-				return
+			if m.transition(id, machine.Starting, machine.Started, "start", nil) != nil {
+				r.requestStop() // only a stop moves a starting machine elsewhere
 			}
 		}
-		as := m.execAs(id)
 		r.mu.Lock()
-		r.inst, r.as = inst, as
+		r.inst, r.as = inst, m.execAs(id)
 		wctx, cancel := context.WithCancel(m.ctx)
 		r.cancel = cancel
 		stopNow := r.stopping
@@ -333,7 +344,7 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 		if stopNow {
 			cancel()
 		}
-		last, ferr := inst.Agent.Follow(wctx, "workload", offset, true, logs.add)
+		last, ferr := m.follow(wctx, id, inst, offset, logs)
 		cancel()
 		logs.flush()
 		logs.close()
@@ -346,23 +357,25 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 		if ferr == nil && last.Exit != nil {
 			c := last.Exit.Code
 			code = &c
+		} else if ferr != nil && !r.stopRequested() {
+			m.logf("machine %s: lost its workload: %v", id, ferr)
 		}
-		if r.stopRequested() {
-			inst.Shutdown(context.WithoutCancel(m.ctx), stopGrace(cfg))
-			m.transition(id, machine.Stopping, machine.Stopped, "stop", code)
-			return
+		if !r.stopRequested() && m.transition(id, machine.Started, machine.Stopping, "exit", code) != nil {
+			r.requestStop()
 		}
-		// The workload ended, or its VM died.
-		m.transition(id, machine.Started, machine.Stopping, "exit", code)
 		inst.Shutdown(context.WithoutCancel(m.ctx), stopGrace(cfg))
 		inst = nil
+		if r.stopRequested() {
+			m.finishStop(id, code)
+			return
+		}
 		m.transition(id, machine.Stopping, machine.Stopped, "stop", code)
 		exit := -1
 		if code != nil {
 			exit = *code
 		}
 		policy := machine.RestartPolicy{Policy: cfg.Restart.Policy, MaxRetries: cfg.Restart.MaxRetries}
-		if policy.ShouldRestart(exit, retries) {
+		if policy.ShouldRestart(exit, retries) && !r.stopRequested() {
 			retries++
 			if m.transition(id, machine.Stopped, machine.Starting, "restart", nil) != nil {
 				return
@@ -373,6 +386,81 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 			m.destroyRecord(id, machine.Stopped)
 		}
 		return
+	}
+}
+
+// follow stores the workload's output until it exits. If the agent connection drops
+// while the VM lives, it reconnects and goes on from where the log stopped.
+func (m *Manager) follow(ctx context.Context, id string, inst *vmrun.Instance, offset int64, logs *logFile) (guest.Record, error) {
+	add := func(rec guest.Record) error {
+		if err := logs.add(rec); err != nil {
+			// A full disk must not kill the machine; the output is lost, the workload not.
+			m.logf("machine %s: storing output: %v", id, err)
+		}
+		return nil
+	}
+	for attempt := 0; ; attempt++ {
+		last, err := inst.Agent.Follow(ctx, "workload", offset, true, add)
+		if err == nil || ctx.Err() != nil || attempt == 3 {
+			return last, err
+		}
+		select {
+		case <-inst.VM.Wait():
+			return last, err
+		default:
+		}
+		m.logf("machine %s: agent connection lost (%v); reconnecting", id, err)
+		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		c, derr := guest.Dial(dctx, inst.VM.DialAgent)
+		cancel()
+		if derr != nil {
+			return last, err
+		}
+		inst.Agent.Close()
+		inst.Agent = c
+		offset = logs.offset()
+	}
+}
+
+func (r *run) requestStop() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.stopping = true
+}
+
+// settle finishes what a supervisor that has ended left in between: a stop it did not
+// see through, or a start it never finished.
+func (m *Manager) settle(id string) {
+	if m.ctx.Err() != nil {
+		return
+	}
+	rec, err := m.Store.GetMachine(m.ctx, id)
+	if err != nil {
+		return
+	}
+	switch rec.State {
+	case machine.Stopping, machine.Started:
+		// No supervisor means no VM: the machine is not running, whatever it says.
+		m.finishStop(id, nil)
+	case machine.Starting:
+		m.transition(id, machine.Starting, machine.Failed, "start", nil)
+	}
+}
+
+// finishStop brings a machine whose VM is gone to stopped, through stopping.
+func (m *Manager) finishStop(id string, code *int) {
+	rec, err := m.Store.GetMachine(m.ctx, id)
+	if err != nil {
+		return
+	}
+	if rec.State == machine.Started || rec.State == machine.Starting {
+		if m.transition(id, rec.State, machine.Stopping, "stop", code) != nil {
+			return
+		}
+		rec.State = machine.Stopping
+	}
+	if rec.State == machine.Stopping {
+		m.transition(id, machine.Stopping, machine.Stopped, "stop", code)
 	}
 }
 
@@ -397,12 +485,6 @@ func (m *Manager) boot(rec store.Machine, cfg api.MachineConfig) (*vmrun.Instanc
 		v, err := m.Store.GetVolume(m.ctx, rec.App, mt.Volume)
 		if err != nil {
 			return nil, err
-		}
-		// A volume extended while attached grows its filesystem here, before it mounts.
-		if info, err := volume.Inspect(v.Path); err == nil && info.FileSize > info.Total+(4<<20) {
-			if err := volume.Grow(m.ctx, v.Path); err != nil {
-				return nil, fmt.Errorf("growing volume %s: %w", v.Name, err)
-			}
 		}
 		mt := vmrun.Mount{Image: v.Path, Path: mt.Path}
 		if w := workload(cfg, rfs.Run); w.UID != 0 || w.GID != 0 {
@@ -441,17 +523,19 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 	}
 	m.mu.Lock()
 	r := m.runs[id]
+	if r != nil {
+		r.mu.Lock()
+		r.stopping = true
+		if r.cancel != nil {
+			r.cancel()
+		}
+		r.mu.Unlock()
+	}
 	m.mu.Unlock()
 	if r == nil {
 		// Nothing runs it (its VM is already gone): the stop is complete.
 		return m.Store.Transition(ctx, id, to, machine.Stopped, machine.Event{Type: "stop", Source: "kiln"})
 	}
-	r.mu.Lock()
-	r.stopping = true
-	if r.cancel != nil {
-		r.cancel()
-	}
-	r.mu.Unlock()
 	return nil
 }
 
@@ -476,6 +560,9 @@ func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 	r := m.runs[id]
 	m.mu.Unlock()
 	if r != nil {
+		// Between an exit and a policy restart the machine is stopped but its run lives:
+		// keep it from restarting, then wait for it to end.
+		r.requestStop()
 		select {
 		case <-r.done:
 		case <-ctx.Done():
@@ -502,6 +589,7 @@ func (m *Manager) destroyRecord(id string, from machine.State) error {
 			}
 		}
 	}
+	os.RemoveAll(m.LogDir(id))
 	return m.Store.Transition(ctx, id, machine.Destroying, machine.Destroyed, machine.Event{Type: "destroy", Source: "kiln"})
 }
 
@@ -606,7 +694,11 @@ func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 		r := m.runs[id]
 		m.mu.Unlock()
 		if r != nil {
-			<-r.done
+			select {
+			case <-r.done:
+			case <-ctx.Done():
+				return rec, ctx.Err()
+			}
 		}
 	}
 	raw, _ := json.Marshal(cfg)
@@ -645,31 +737,44 @@ func (m *Manager) Recover(ctx context.Context) error {
 	}
 	haveVM := map[string]bool{}
 	for _, o := range owned {
+		if ctx.Err() != nil {
+			return ctx.Err() // interrupted: leave the rest for the next start
+		}
 		rec, err := m.Store.GetMachine(ctx, o.Owner)
+		if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			return fmt.Errorf("reading machine %s: %w", o.Owner, err)
+		}
 		live := err == nil && (rec.State == machine.Started || rec.State == machine.Stopping)
-		inst, aerr := m.RT.Adopt(ctx, o.ID)
-		if !live || aerr != nil {
+		if !live {
+			inst, _ := m.RT.Adopt(ctx, o.ID)
 			if inst != nil {
 				inst.Destroy(context.WithoutCancel(ctx))
 			}
-			if !live {
-				m.logf("destroyed VM %s: no running machine owns it (owner %s)", o.ID, o.Owner)
+			m.logf("destroyed VM %s: no running machine owns it (owner %s)", o.ID, o.Owner)
+			continue
+		}
+		inst, aerr := m.RT.Adopt(ctx, o.ID)
+		if aerr != nil {
+			if ctx.Err() != nil {
+				if inst != nil {
+					inst.Release()
+				}
+				return ctx.Err()
+			}
+			// Its VMM is gone or its agent does not answer: the machine is handled below
+			// like one whose VM died.
+			m.logf("machine %s: its VM %s cannot be adopted: %v", o.Owner, o.ID, aerr)
+			if inst != nil {
+				inst.Destroy(context.WithoutCancel(ctx))
 			}
 			continue
 		}
 		haveVM[o.Owner] = true
 		m.logf("machine %s: re-adopted its running VM %s", o.Owner, o.ID)
 		if rec.State == machine.Stopping {
-			r := &run{done: make(chan struct{}), stopping: true}
-			m.mu.Lock()
-			m.runs[o.Owner] = r
-			m.mu.Unlock()
-			inst.Shutdown(context.WithoutCancel(ctx), 10*time.Second)
+			// A stop was under way when kiln went down: finish it.
+			inst.Shutdown(context.WithoutCancel(ctx), stopGrace(config(rec)))
 			m.transition(o.Owner, machine.Stopping, machine.Stopped, "stop", nil)
-			close(r.done)
-			m.mu.Lock()
-			delete(m.runs, o.Owner)
-			m.mu.Unlock()
 			continue
 		}
 		m.launch(o.Owner, inst)

@@ -66,13 +66,25 @@ func (m *Manager) ExtendVolume(ctx context.Context, app, idOrName string, sizeGB
 	if size <= v.SizeBytes {
 		return v, false, errdefs.Invalid("size_gb=%d is not larger than the volume's %d GiB: volumes only grow", sizeGB, v.SizeBytes>>30)
 	}
+	// Offline, the filesystem grows now, under the disk lock so that no VM attaches it
+	// mid-resize. In use, only the file grows; the filesystem follows at the next boot.
 	needsRestart := m.running(v.AttachedMachine)
+	if !needsRestart {
+		lease, err := m.RT.LockDisk(v.Path, "kiln volume extend")
+		if err != nil {
+			needsRestart = true
+		} else {
+			err = volume.Extend(ctx, v.Path, size)
+			lease.Release()
+			if err != nil {
+				return v, false, err
+			}
+		}
+	}
 	if needsRestart {
 		if err := os.Truncate(v.Path, size); err != nil {
 			return v, false, fmt.Errorf("extending volume %s: %w", v.Name, err)
 		}
-	} else if err := volume.Extend(ctx, v.Path, size); err != nil {
-		return v, false, err
 	}
 	if err := m.Store.SetVolumeSize(ctx, v.ID, size); err != nil {
 		return v, false, err

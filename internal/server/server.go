@@ -15,6 +15,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/kilnhq/kiln/api"
@@ -36,6 +37,9 @@ type Server struct {
 	// Registry, if set, serves the built-in OCI registry at /v2/.
 	Registry http.Handler
 	Token    string
+	// Recovering, while set, makes the API answer 503: machines are being adopted and
+	// must not change meanwhile. The registry is served regardless; recovery uses it.
+	Recovering atomic.Bool
 	// MaxImageBytes bounds an uploaded image tarball.
 	MaxImageBytes int64
 }
@@ -92,6 +96,11 @@ func (s *Server) Handler() http.Handler {
 		mux.HandleFunc(r.Method+" "+r.Path, func(w http.ResponseWriter, req *http.Request) {
 			if r.auth && !s.authorized(req) {
 				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "missing or wrong bearer token: send Authorization: Bearer TOKEN (the admin token is in DATA_DIR/admin-token)"})
+				return
+			}
+			if r.auth && s.Recovering.Load() {
+				w.Header().Set("Retry-After", "2")
+				writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: "kiln is starting and adopting its running machines: retry in a moment"})
 				return
 			}
 			if err := r.h(w, req); err != nil {
@@ -258,7 +267,7 @@ func (s *Server) machine(r *http.Request) (store.Machine, error) {
 	}
 	// While a lease holds, only its holder changes the machine (taking the lease itself
 	// is checked by the store).
-	if r.Method != "GET" && !strings.HasSuffix(r.URL.Path, "/lease") {
+	if r.Method != "GET" && !strings.HasSuffix(r.Pattern, "/lease") {
 		l, err := s.Store.Lease(r.Context(), m.ID)
 		if err != nil {
 			return m, err

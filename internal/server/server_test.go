@@ -1,7 +1,9 @@
 package server_test
 
 import (
+	"context"
 	"encoding/json"
+	"path/filepath"
 	"net/http"
 	"net/http/httptest"
 	"sort"
@@ -9,7 +11,10 @@ import (
 	"testing"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/server"
+	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/store/sqlstore"
 )
 
 // The committed OpenAPI document and the handlers describe the same routes.
@@ -70,5 +75,43 @@ func TestAuth(t *testing.T) {
 		if tc.code == 401 && !strings.Contains(e.Error, "admin-token") {
 			t.Errorf("401 body %q does not say where the token is", e.Error)
 		}
+	}
+}
+
+// A lease cannot be stepped around through a metadata key named like the lease route.
+func TestLeaseHoldsForEveryChange(t *testing.T) {
+	ctx := context.Background()
+	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.CreateApp(ctx, "web")
+	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
+	srv := httptest.NewServer((&server.Server{Store: db, Token: "t"}).Handler())
+	defer srv.Close()
+	do := func(method, path, body, nonce string) int {
+		req, _ := http.NewRequest(method, srv.URL+"/v1/apps/web/machines/m1"+path, strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer t")
+		if nonce != "" {
+			req.Header.Set(api.LeaseHeader, nonce)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := do("POST", "/lease", `{"ttl":60}`, ""); code != 200 {
+		t.Fatalf("lease: %d", code)
+	}
+	for _, p := range []string{"/metadata/lease", "/metadata/a%2Flease"} {
+		if code := do("POST", p, `{"value":"v"}`, ""); code != 409 {
+			t.Errorf("POST %s without the nonce under a lease: %d, want 409", p, code)
+		}
+	}
+	if code := do("POST", "/cordon", "", ""); code != 409 {
+		t.Errorf("cordon without the nonce: %d", code)
 	}
 }

@@ -94,6 +94,12 @@ type record struct {
 	Handle     vmm.Handle `json:"handle"`
 }
 
+// LockDisk takes a disk's attach lock for holder, as a VM does, so that a caller can
+// change the image (extend it) while no VM may attach it.
+func (rt *Runtime) LockDisk(image, holder string) (*volume.Lease, error) {
+	return rt.locks().Acquire(image, holder)
+}
+
 func (rt *Runtime) vmsDir() string      { return filepath.Join(rt.DataDir, "vms") }
 func (rt *Runtime) locks() volume.Locks { return volume.Locks{Dir: filepath.Join(rt.DataDir, "locks")} }
 
@@ -184,6 +190,13 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 			return inst, err
 		}
 		inst.leases = append(inst.leases, lease)
+		// A disk whose file was grown while it was in use gets its filesystem grown now,
+		// under the lock, before the guest mounts it.
+		if infos[i].FileSize > infos[i].Total+(4<<20) {
+			if err := volume.Grow(ctx, m.Image); err != nil {
+				return inst, fmt.Errorf("growing the filesystem of %s: %w", m.Image, err)
+			}
+		}
 		disks = append(disks, vmm.Disk{Path: m.Image})
 		cmdline += fmt.Sprintf(" kiln.disk=%s:%s", infos[i].UUID, filepath.Clean(m.Path))
 		if m.Owner != nil {
