@@ -253,8 +253,34 @@ func TestServerEndToEnd(t *testing.T) {
 	if m, _ := cl.GetMachine(ctx, "web", trap.ID); m.ExitCode == nil || *m.ExitCode != 5 {
 		t.Errorf("exit after SIGTERM: %+v", m.ExitCode)
 	}
+	// Stop with a signal and a timeout: the workload hears the signal before the VM goes.
+	if err := cl.Start(ctx, "web", trap.ID); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { out, _, _ := srv.kiln("", "logs", trap.ID); return strings.Count(out, "armed") == 2 }, "the trap to be armed again")
+	req, _ = http.NewRequest("POST", srv.url+"/v1/apps/web/machines/"+trap.ID+"/stop", strings.NewReader(`{"signal":"SIGTERM","timeout":"10s"}`))
+	req.Header.Set("Authorization", "Bearer "+readToken(t, tokenFile))
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("stop with signal: %v %v", resp.StatusCode, err)
+	}
+	if err := cl.Wait(ctx, "web", trap.ID, "stopped", 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if out, _, _ := srv.kiln("", "logs", trap.ID); strings.Count(out, "got term") != 2 {
+		t.Errorf("the stop signal did not reach the workload:\n%s", out)
+	}
 	if _, errs, code := srv.kiln("", "machine", "destroy", trap.ID); code != 0 {
 		t.Errorf("destroy stopped machine: %s", errs)
+	}
+
+	// auto_destroy: a machine whose workload exits is destroyed.
+	once, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "echo done"}}, AutoDestroy: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Wait(ctx, "web", once.ID, "destroyed", 60*time.Second); err != nil {
+		t.Errorf("auto_destroy: %v", err)
 	}
 
 	// on-failure restarts a crashing workload max_retries times, then leaves it stopped.

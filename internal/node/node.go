@@ -19,6 +19,7 @@ import (
 	"regexp"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -66,8 +67,12 @@ type run struct {
 	// `docker exec` does.
 	as       guest.ExecRequest
 	stopping bool
-	cancel   context.CancelFunc // ends the wait on the workload
-	done     chan struct{}
+	// stopSignal, if set, is sent to the workload first; the VM is powered off when the
+	// workload has exited or stopTimeout has passed.
+	stopSignal  int
+	stopTimeout time.Duration
+	cancel      context.CancelFunc // ends the wait on the workload
+	done        chan struct{}
 }
 
 // New returns a manager; Close lets go of its VMs without stopping them.
@@ -129,6 +134,11 @@ func validate(cfg *api.MachineConfig) error {
 	if cfg.StopConfig != nil && cfg.StopConfig.Timeout != "" {
 		if _, err := time.ParseDuration(cfg.StopConfig.Timeout); err != nil {
 			return errdefs.Invalid("config.stop_config.timeout %q: want a duration like 10s", cfg.StopConfig.Timeout)
+		}
+	}
+	if cfg.StopConfig != nil && cfg.StopConfig.Signal != "" {
+		if _, err := SignalNumber(cfg.StopConfig.Signal); err != nil {
+			return errdefs.Invalid("config.stop_config.%v", err)
 		}
 	}
 	for k := range cfg.Env {
@@ -346,6 +356,11 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 		}
 		last, ferr := m.follow(wctx, id, inst, offset, logs)
 		cancel()
+		if m.ctx.Err() == nil && r.stopRequested() {
+			if l, ok := m.signalAndWait(id, r, inst, cfg, logs); ok {
+				last, ferr = l, nil
+			}
+		}
 		logs.flush()
 		logs.close()
 		if m.ctx.Err() != nil {
@@ -420,6 +435,44 @@ func (m *Manager) follow(ctx context.Context, id string, inst *vmrun.Instance, o
 		inst.Agent = c
 		offset = logs.offset()
 	}
+}
+
+// signalAndWait gives the workload the stop signal (the request's, else the config's
+// stop_config.signal) and up to the timeout to exit on its own, storing what it prints
+// meanwhile. ok says it exited, with last carrying its status.
+func (m *Manager) signalAndWait(id string, r *run, inst *vmrun.Instance, cfg api.MachineConfig, logs *logFile) (last guest.Record, ok bool) {
+	r.mu.Lock()
+	sig, timeout := r.stopSignal, r.stopTimeout
+	r.mu.Unlock()
+	if sig == 0 && cfg.StopConfig != nil {
+		sig, _ = SignalNumber(cfg.StopConfig.Signal)
+	}
+	if sig == 0 {
+		return last, false
+	}
+	if timeout == 0 {
+		timeout = stopGrace(cfg)
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), timeout)
+	defer cancel()
+	if err := inst.Agent.SignalSupervised(ctx, "workload", sig); err != nil {
+		return last, false
+	}
+	last, err := m.follow(ctx, id, inst, logs.offset(), logs)
+	return last, err == nil && last.Exit != nil
+}
+
+// SignalNumber reads a signal name (SIGTERM, TERM) or number.
+func SignalNumber(s string) (int, error) {
+	names := map[string]int{"HUP": 1, "INT": 2, "QUIT": 3, "KILL": 9, "USR1": 10, "USR2": 12, "TERM": 15, "CONT": 18, "STOP": 19}
+	u := strings.TrimPrefix(strings.ToUpper(strings.TrimSpace(s)), "SIG")
+	if n, ok := names[u]; ok {
+		return n, nil
+	}
+	if n, err := strconv.Atoi(s); err == nil && n > 0 && n < 65 {
+		return n, nil
+	}
+	return 0, errdefs.Invalid("signal %q: use a name like SIGTERM, SIGINT, SIGHUP, SIGKILL, SIGUSR1 or a number", s)
 }
 
 func (r *run) requestStop() {
@@ -509,7 +562,11 @@ func (m *Manager) boot(rec store.Machine, cfg api.MachineConfig) (*vmrun.Instanc
 }
 
 // Stop stops a machine's workload and VM.
-func (m *Manager) Stop(ctx context.Context, id string) error {
+func (m *Manager) Stop(ctx context.Context, id string) error { return m.StopWith(ctx, id, 0, 0) }
+
+// StopWith stops a machine, first sending sig to its workload and giving it timeout to
+// exit (zero values: the config's stop_config, else power off at once).
+func (m *Manager) StopWith(ctx context.Context, id string, sig int, timeout time.Duration) error {
 	rec, err := m.Store.GetMachine(ctx, id)
 	if err != nil {
 		return err
@@ -525,7 +582,7 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 	r := m.runs[id]
 	if r != nil {
 		r.mu.Lock()
-		r.stopping = true
+		r.stopping, r.stopSignal, r.stopTimeout = true, sig, timeout
 		if r.cancel != nil {
 			r.cancel()
 		}

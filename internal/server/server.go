@@ -344,7 +344,19 @@ func (s *Server) stopMachine(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 	}
-	if err := s.Node.Stop(r.Context(), m.ID); err != nil {
+	sig := 0
+	if req.Signal != "" {
+		if sig, err = node.SignalNumber(req.Signal); err != nil {
+			return err
+		}
+	}
+	var timeout time.Duration
+	if req.Timeout != "" {
+		if timeout, err = time.ParseDuration(req.Timeout); err != nil || timeout <= 0 {
+			return errdefs.Invalid("timeout %q: want a duration like 10s", req.Timeout)
+		}
+	}
+	if err := s.Node.StopWith(r.Context(), m.ID, sig, timeout); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.OK{OK: true})
@@ -605,25 +617,15 @@ func (s *Server) signalMachine(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(r, &req); err != nil {
 		return err
 	}
-	sig, ok := signals[strings.ToUpper(req.Signal)]
-	if !ok {
-		if n, err := strconv.Atoi(req.Signal); err == nil && n > 0 && n < 65 {
-			sig, ok = n, true
-		}
-	}
-	if !ok {
-		return errdefs.Invalid("signal %q: use a name like SIGTERM, SIGINT, SIGHUP, SIGKILL, SIGUSR1 or a number", req.Signal)
+	sig, err := node.SignalNumber(req.Signal)
+	if err != nil {
+		return err
 	}
 	if err := s.Node.Signal(r.Context(), m.ID, sig); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.OK{OK: true})
 	return nil
-}
-
-var signals = map[string]int{
-	"SIGHUP": 1, "SIGINT": 2, "SIGQUIT": 3, "SIGKILL": 9, "SIGUSR1": 10, "SIGUSR2": 12, "SIGTERM": 15,
-	"SIGSTOP": 19, "SIGCONT": 18,
 }
 
 func (s *Server) cordon(on bool) func(http.ResponseWriter, *http.Request) error {

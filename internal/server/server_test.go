@@ -3,9 +3,9 @@ package server_test
 import (
 	"context"
 	"encoding/json"
-	"path/filepath"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
