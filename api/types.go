@@ -152,6 +152,16 @@ type CreateVolumeRequest struct {
 	Name   string `json:"name"`
 	SizeGB int    `json:"size_gb"`
 	Region string `json:"region,omitempty"`
+	// SnapshotID restores a snapshot of one of the app's volumes into the new volume.
+	SnapshotID string `json:"snapshot_id,omitempty"`
+}
+
+// Snapshot is a point-in-time copy of a volume.
+type Snapshot struct {
+	ID        string    `json:"id"`
+	VolumeID  string    `json:"volume_id"`
+	SizeBytes int64     `json:"size"`
+	CreatedAt time.Time `json:"created_at"`
 }
 
 // Volume is a named persistent disk.

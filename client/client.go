@@ -230,10 +230,22 @@ func (c *Client) FindMachine(ctx context.Context, id string) (string, api.Machin
 	return "", api.Machine{}, errdefs.New(errdefs.ErrNotFound, "no machine %s in any app: list them with `kiln machine ls --app APP`", id)
 }
 
-// CreateVolume creates a named volume.
-func (c *Client) CreateVolume(ctx context.Context, app, name string, sizeGB int) (api.Volume, error) {
+// CreateVolume creates a named volume, empty or from a snapshot.
+func (c *Client) CreateVolume(ctx context.Context, app, name string, sizeGB int, snapshotID string) (api.Volume, error) {
 	var v api.Volume
-	return v, c.do(ctx, "POST", "/v1/apps/"+url.PathEscape(app)+"/volumes", api.CreateVolumeRequest{Name: name, SizeGB: sizeGB}, &v)
+	return v, c.do(ctx, "POST", "/v1/apps/"+url.PathEscape(app)+"/volumes", api.CreateVolumeRequest{Name: name, SizeGB: sizeGB, SnapshotID: snapshotID}, &v)
+}
+
+// SnapshotVolume takes a snapshot of a volume.
+func (c *Client) SnapshotVolume(ctx context.Context, app, id string) (api.Snapshot, error) {
+	var sn api.Snapshot
+	return sn, c.do(ctx, "POST", "/v1/apps/"+url.PathEscape(app)+"/volumes/"+url.PathEscape(id)+"/snapshots", nil, &sn)
+}
+
+// Snapshots lists a volume's snapshots.
+func (c *Client) Snapshots(ctx context.Context, app, id string) ([]api.Snapshot, error) {
+	var out []api.Snapshot
+	return out, c.do(ctx, "GET", "/v1/apps/"+url.PathEscape(app)+"/volumes/"+url.PathEscape(id)+"/snapshots", nil, &out)
 }
 
 // ListVolumes lists an app's volumes.

@@ -317,8 +317,8 @@ func imageCmd(g *globals, af *apiFlags) *cobra.Command {
 
 func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 	c := &cobra.Command{Use: "volume", Aliases: []string{"volumes", "vol"}, Short: "Named persistent volumes"}
-	var app, size string
-	var asJSON bool
+	var app, size, fromSnapshot string
+	var asJSON, listSnapshots bool
 	gib := func() (int, error) {
 		n, err := parseSize(size)
 		if err != nil {
@@ -352,7 +352,7 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err := cl.CreateApp(cmd.Context(), app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 				return err
 			}
-			v, err := cl.CreateVolume(cmd.Context(), app, args[0], n)
+			v, err := cl.CreateVolume(cmd.Context(), app, args[0], n, fromSnapshot)
 			if err != nil {
 				return err
 			}
@@ -361,6 +361,39 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 		},
 	}
 	create.Flags().StringVar(&size, "size", "1G", "size in whole GiB, e.g. 1G")
+	create.Flags().StringVar(&fromSnapshot, "snapshot", "", "restore this snapshot ID into the new volume")
+	snapshot := &cobra.Command{
+		Use: "snapshot NAME --app APP", Short: "Snapshot a volume (ls with --list)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := needApp(); err != nil {
+				return err
+			}
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			if listSnapshots {
+				sns, err := cl.Snapshots(cmd.Context(), app, args[0])
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return printJSON(sns)
+				}
+				for _, sn := range sns {
+					fmt.Printf("%s\t%s\t%dG\n", sn.ID, sn.CreatedAt.Local().Format(time.DateTime), sn.SizeBytes>>30)
+				}
+				return nil
+			}
+			sn, err := cl.SnapshotVolume(cmd.Context(), app, args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Println(sn.ID)
+			return nil
+		},
+	}
+	snapshot.Flags().BoolVar(&listSnapshots, "list", false, "list the volume's snapshots instead")
 	ls := &cobra.Command{
 		Use: "ls --app APP", Short: "List volumes", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -427,6 +460,6 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 		},
 	}
 	c.PersistentFlags().StringVar(&app, "app", os.Getenv("KILN_APP"), "app (env KILN_APP)")
-	c.AddCommand(create, ls, extend, destroy)
+	c.AddCommand(create, ls, extend, destroy, snapshot)
 	return c
 }

@@ -389,6 +389,33 @@ func TestServerEndToEnd(t *testing.T) {
 	if err := cl.DeleteVolume(ctx, "web", "data"); err == nil {
 		t.Error("deleted a volume a machine holds")
 	}
+	// A snapshot of the volume in use restores into a new volume with the data.
+	out, errs, code = srv.kiln("", "volume", "snapshot", "data", "--app", "web")
+	if code != 0 {
+		t.Fatalf("snapshot: %s", errs)
+	}
+	snapID := strings.TrimSpace(out)
+	if sns, err := cl.Snapshots(ctx, "web", "data"); err != nil || len(sns) != 1 || sns[0].ID != snapID {
+		t.Errorf("snapshots: %+v %v", sns, err)
+	}
+	if _, errs, code := srv.kiln("", "volume", "create", "copy", "--app", "web", "--size", "2G", "--snapshot", snapID); code != 0 {
+		t.Fatalf("restore: %s", errs)
+	}
+	copyReader, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "cat /copy/note; while true; do sleep 1; done"}}, Mounts: []api.Mount{{Volume: "copy", Path: "/copy"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool {
+		out, _, _ := srv.kiln("", "logs", copyReader.ID)
+		return strings.Contains(out, "persisted")
+	}, "the snapshot's data in the restored volume")
+	if _, errs, code := srv.kiln("", "machine", "destroy", copyReader.ID, "--force"); code != 0 {
+		t.Fatalf("destroy: %s", errs)
+	}
+	if _, errs, code := srv.kiln("", "volume", "destroy", "copy", "--app", "web"); code != 0 {
+		t.Errorf("destroy copy: %s", errs)
+	}
 	if _, errs, code := srv.kiln("", "machine", "destroy", reader.ID, "--force"); code != 0 {
 		t.Fatalf("destroy reader: %s", errs)
 	}

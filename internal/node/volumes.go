@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
@@ -15,9 +16,10 @@ import (
 // VolumeDir is where volume images live, under the manager's data.
 func (m *Manager) volumeDir() string { return filepath.Join(filepath.Dir(m.Dir), "volumes") }
 
-// CreateVolume makes a named volume of sizeGB for app: the image file first, then the
-// record, so a failure leaves neither.
-func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int) (store.Volume, error) {
+// CreateVolume makes a named volume of sizeGB for app, empty or from a snapshot of one
+// of the app's volumes: the image file first, then the record, so a failure leaves
+// neither.
+func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int, snapshotID string) (store.Volume, error) {
 	if !nameRE.MatchString(name) {
 		return store.Volume{}, errdefs.Invalid("volume name %q: use lowercase letters, digits and dashes, up to 63", name)
 	}
@@ -35,7 +37,24 @@ func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int
 		return store.Volume{}, err
 	}
 	v := store.Volume{ID: id, App: app, Name: name, SizeBytes: int64(sizeGB) << 30, Path: filepath.Join(m.volumeDir(), id+".ext4")}
-	if err := volume.Create(ctx, v.Path, v.SizeBytes, ""); err != nil {
+	if snapshotID != "" {
+		sn, err := m.Store.Snapshot(ctx, app, snapshotID)
+		if err != nil {
+			return v, err
+		}
+		if v.SizeBytes < sn.SizeBytes {
+			return v, errdefs.Invalid("size_gb=%d is smaller than snapshot %s (%d GiB)", sizeGB, sn.ID, sn.SizeBytes>>30)
+		}
+		if err := sparseCopy(ctx, sn.Path, v.Path); err != nil {
+			return v, err
+		}
+		if v.SizeBytes > sn.SizeBytes {
+			if err := volume.Extend(ctx, v.Path, v.SizeBytes); err != nil {
+				os.Remove(v.Path)
+				return v, err
+			}
+		}
+	} else if err := volume.Create(ctx, v.Path, v.SizeBytes, ""); err != nil {
 		return v, err
 	}
 	if err := m.Store.CreateVolume(ctx, v); err != nil {
@@ -93,14 +112,72 @@ func (m *Manager) ExtendVolume(ctx context.Context, app, idOrName string, sizeGB
 	return v, needsRestart, err
 }
 
-// DeleteVolume removes a volume no machine holds.
+// DeleteVolume removes a volume no machine holds, with its snapshots.
 func (m *Manager) DeleteVolume(ctx context.Context, app, idOrName string) error {
 	v, err := m.Store.GetVolume(ctx, app, idOrName)
+	if err != nil {
+		return err
+	}
+	snaps, err := m.Store.Snapshots(ctx, v.ID)
 	if err != nil {
 		return err
 	}
 	if err := m.Store.DeleteVolume(ctx, v.ID); err != nil {
 		return err
 	}
+	for _, sn := range snaps {
+		os.Remove(sn.Path)
+	}
+	os.Remove(filepath.Join(m.volumeDir(), "snapshots", v.ID))
 	return os.Remove(v.Path)
+}
+
+// SnapshotVolume copies a volume as it is now. A volume in use is flushed by its guest
+// first; what the workload has not written yet is not in the snapshot, as with any
+// crash-consistent block snapshot.
+func (m *Manager) SnapshotVolume(ctx context.Context, app, idOrName string) (store.Snapshot, error) {
+	v, err := m.Store.GetVolume(ctx, app, idOrName)
+	if err != nil {
+		return store.Snapshot{}, err
+	}
+	if v.AttachedMachine != "" {
+		m.mu.Lock()
+		r := m.runs[v.AttachedMachine]
+		m.mu.Unlock()
+		if r != nil {
+			r.mu.Lock()
+			inst := r.inst
+			r.mu.Unlock()
+			if inst != nil {
+				if err := inst.Agent.Sync(ctx); err != nil {
+					return store.Snapshot{}, fmt.Errorf("flushing volume %s in machine %s: %w", v.Name, v.AttachedMachine, err)
+				}
+			}
+		}
+	}
+	sn := store.Snapshot{ID: "vs_" + newMachineID(), VolumeID: v.ID, SizeBytes: v.SizeBytes}
+	dir := filepath.Join(m.volumeDir(), "snapshots", v.ID)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return sn, err
+	}
+	sn.Path = filepath.Join(dir, sn.ID+".ext4")
+	if err := sparseCopy(ctx, v.Path, sn.Path); err != nil {
+		return sn, err
+	}
+	if err := m.Store.AddSnapshot(ctx, sn); err != nil {
+		os.Remove(sn.Path)
+		return sn, err
+	}
+	return sn, nil
+}
+
+// sparseCopy copies an image keeping its holes (and sharing blocks where the filesystem
+// can), with coreutils' cp.
+func sparseCopy(ctx context.Context, src, dst string) error {
+	out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", src, dst).CombinedOutput()
+	if err != nil {
+		os.Remove(dst)
+		return fmt.Errorf("copying %s: %v: %s", src, err, out)
+	}
+	return nil
 }

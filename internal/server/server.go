@@ -85,6 +85,8 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/apps/{app}/volumes/{id}", true, s.getVolume},
 		{"DELETE", "/v1/apps/{app}/volumes/{id}", true, s.deleteVolume},
 		{"PUT", "/v1/apps/{app}/volumes/{id}/extend", true, s.extendVolume},
+		{"GET", "/v1/apps/{app}/volumes/{id}/snapshots", true, s.listSnapshots},
+		{"POST", "/v1/apps/{app}/volumes/{id}/snapshots", true, s.createSnapshot},
 		{"POST", "/v1/images", true, s.loadImage},
 	}
 }
@@ -553,7 +555,7 @@ func (s *Server) createVolume(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(r, &req); err != nil {
 		return err
 	}
-	v, err := s.Node.CreateVolume(r.Context(), r.PathValue("app"), req.Name, req.SizeGB)
+	v, err := s.Node.CreateVolume(r.Context(), r.PathValue("app"), req.Name, req.SizeGB, req.SnapshotID)
 	if err != nil {
 		return err
 	}
@@ -749,5 +751,35 @@ func (s *Server) deleteMetadata(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}
+
+func snapshotAPI(sn store.Snapshot) api.Snapshot {
+	return api.Snapshot{ID: sn.ID, VolumeID: sn.VolumeID, SizeBytes: sn.SizeBytes, CreatedAt: sn.CreatedAt}
+}
+
+func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.Store.GetVolume(r.Context(), r.PathValue("app"), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	sns, err := s.Store.Snapshots(r.Context(), v.ID)
+	if err != nil {
+		return err
+	}
+	out := []api.Snapshot{}
+	for _, sn := range sns {
+		out = append(out, snapshotAPI(sn))
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request) error {
+	sn, err := s.Node.SnapshotVolume(r.Context(), r.PathValue("app"), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, snapshotAPI(sn))
 	return nil
 }

@@ -46,6 +46,15 @@ type Volume struct {
 	CreatedAt       time.Time `json:"created_at"`
 }
 
+// Snapshot is a point-in-time copy of a volume.
+type Snapshot struct {
+	ID        string    `json:"id"`
+	VolumeID  string    `json:"volume_id"`
+	Path      string    `json:"path"`
+	SizeBytes int64     `json:"size_bytes"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
 // Store persists apps, machines and their event journals.
 type Store interface {
 	// CreateApp creates an app; an existing one is ErrConflict.
@@ -86,5 +95,10 @@ type Store interface {
 	AttachVolume(ctx context.Context, id, machineID string) error
 	SetVolumeSize(ctx context.Context, id string, size int64) error
 	DeleteVolume(ctx context.Context, id string) error
+	AddSnapshot(ctx context.Context, sn Snapshot) error
+	// Snapshots lists a volume's snapshots, oldest first.
+	Snapshots(ctx context.Context, volumeID string) ([]Snapshot, error)
+	// Snapshot finds a snapshot of any of app's volumes.
+	Snapshot(ctx context.Context, app, id string) (Snapshot, error)
 	Close() error
 }

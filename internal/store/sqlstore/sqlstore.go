@@ -394,3 +394,36 @@ func (s *DB) SetMetadata(ctx context.Context, id, key, value string) error {
 	}
 	return err
 }
+
+func (s *DB) AddSnapshot(ctx context.Context, sn store.Snapshot) error {
+	_, err := s.db.ExecContext(ctx, `INSERT INTO volume_snapshots (id, volume_id, path, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)`,
+		sn.ID, sn.VolumeID, sn.Path, sn.SizeBytes, time.Now().UTC())
+	return err
+}
+
+func (s *DB) Snapshots(ctx context.Context, volumeID string) ([]store.Snapshot, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT id, volume_id, path, size_bytes, created_at FROM volume_snapshots WHERE volume_id = ? ORDER BY created_at, id`, volumeID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []store.Snapshot
+	for rows.Next() {
+		var sn store.Snapshot
+		if err := rows.Scan(&sn.ID, &sn.VolumeID, &sn.Path, &sn.SizeBytes, &sn.CreatedAt); err != nil {
+			return nil, err
+		}
+		out = append(out, sn)
+	}
+	return out, rows.Err()
+}
+
+func (s *DB) Snapshot(ctx context.Context, app, id string) (store.Snapshot, error) {
+	var sn store.Snapshot
+	err := s.db.QueryRowContext(ctx, `SELECT s.id, s.volume_id, s.path, s.size_bytes, s.created_at FROM volume_snapshots s
+		JOIN volumes v ON v.id = s.volume_id WHERE s.id = ? AND v.app = ?`, id, app).Scan(&sn.ID, &sn.VolumeID, &sn.Path, &sn.SizeBytes, &sn.CreatedAt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return sn, errdefs.New(errdefs.ErrNotFound, "app %s has no volume snapshot %s: list them with GET /v1/apps/%s/volumes/VOLUME/snapshots", app, id, app)
+	}
+	return sn, err
+}
