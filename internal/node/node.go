@@ -211,17 +211,23 @@ func config(rec store.Machine) api.MachineConfig {
 	return c
 }
 
-// Start starts a created, stopped or failed machine.
-func (m *Manager) Start(ctx context.Context, id string) error {
+// act records the transition a user's action asks for, from whatever state the machine
+// is in now.
+func (m *Manager) act(ctx context.Context, id string, a machine.Action) (machine.State, error) {
 	rec, err := m.Store.GetMachine(ctx, id)
 	if err != nil {
-		return err
+		return "", err
 	}
-	to, err := machine.Next(rec.State, machine.ActionStart)
+	to, err := machine.Next(rec.State, a)
 	if err != nil {
-		return err
+		return "", err
 	}
-	if err := m.Store.Transition(ctx, id, rec.State, to, machine.Event{Type: "start", Source: "user"}); err != nil {
+	return to, m.Store.Transition(ctx, id, rec.State, to, machine.Event{Type: string(a), Source: "user"})
+}
+
+// Start starts a created, stopped or failed machine.
+func (m *Manager) Start(ctx context.Context, id string) error {
+	if _, err := m.act(ctx, id, machine.ActionStart); err != nil {
 		return err
 	}
 	m.launch(id, nil)
@@ -567,15 +573,8 @@ func (m *Manager) Stop(ctx context.Context, id string) error { return m.StopWith
 // StopWith stops a machine, first sending sig to its workload and giving it timeout to
 // exit (zero values: the config's stop_config, else power off at once).
 func (m *Manager) StopWith(ctx context.Context, id string, sig int, timeout time.Duration) error {
-	rec, err := m.Store.GetMachine(ctx, id)
+	to, err := m.act(ctx, id, machine.ActionStop)
 	if err != nil {
-		return err
-	}
-	to, err := machine.Next(rec.State, machine.ActionStop)
-	if err != nil {
-		return err
-	}
-	if err := m.Store.Transition(ctx, id, rec.State, to, machine.Event{Type: "stop", Source: "user"}); err != nil {
 		return err
 	}
 	m.mu.Lock()

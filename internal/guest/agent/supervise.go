@@ -180,11 +180,8 @@ func exitStatus(ws syscall.WaitStatus, timedOut bool) guest.ExitStatus {
 // follow streams records from h.Offset; with h.Follow it waits for more until the
 // process ends and then sends a record carrying the exit status.
 func (a *Agent) follow(s *yamux.Stream, h guest.Header) {
-	a.mu.Lock()
-	sup := a.supervised[h.ID]
-	a.mu.Unlock()
+	sup := a.lookup(s, h.ID)
 	if sup == nil {
-		replyErr(s, guest.CodeNotFound, "no supervised process %q", h.ID)
 		return
 	}
 	if err := reply(s, guest.Reply{}); err != nil {
@@ -249,11 +246,8 @@ func (a *Agent) command(req *guest.ExecRequest) (*exec.Cmd, guest.ErrCode, error
 
 // signal delivers a signal to a supervised process that is still running.
 func (a *Agent) signal(s *yamux.Stream, h guest.Header) {
-	a.mu.Lock()
-	sup := a.supervised[h.ID]
-	a.mu.Unlock()
+	sup := a.lookup(s, h.ID)
 	if sup == nil {
-		replyErr(s, guest.CodeNotFound, "no supervised process %q", h.ID)
 		return
 	}
 	if h.Signal <= 0 || h.Signal > 64 {
@@ -272,4 +266,15 @@ func (a *Agent) signal(s *yamux.Stream, h guest.Header) {
 		return
 	}
 	reply(s, guest.Reply{})
+}
+
+// lookup finds supervised process id, or answers that there is none.
+func (a *Agent) lookup(s *yamux.Stream, id string) *supervised {
+	a.mu.Lock()
+	sup := a.supervised[id]
+	a.mu.Unlock()
+	if sup == nil {
+		replyErr(s, guest.CodeNotFound, "no supervised process %q", id)
+	}
+	return sup
 }
