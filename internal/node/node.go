@@ -674,24 +674,31 @@ func (m *Manager) Wait(ctx context.Context, id string, state machine.State, time
 	}
 }
 
-// Exec runs a command in a started machine.
-func (m *Manager) Exec(ctx context.Context, id string, req guest.ExecRequest, stdin []byte) (api.ExecResponse, error) {
+// running returns the VM of a machine whose workload runs now, and how its execs run;
+// nil if none.
+func (m *Manager) running(id string) (*vmrun.Instance, guest.ExecRequest) {
 	m.mu.Lock()
 	r := m.runs[id]
 	m.mu.Unlock()
-	var inst *vmrun.Instance
-	if r != nil {
-		r.mu.Lock()
-		inst = r.inst
-		req.Env = append(append([]string{}, r.as.Env...), req.Env...)
-		req.UID, req.GID = r.as.UID, r.as.GID
-		if req.Dir == "" {
-			req.Dir = r.as.Dir
-		}
-		r.mu.Unlock()
+	if r == nil {
+		return nil, guest.ExecRequest{}
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.inst, r.as
+}
+
+// Exec runs a command in a started machine, as its workload's user, with its
+// environment and working directory.
+func (m *Manager) Exec(ctx context.Context, id string, req guest.ExecRequest, stdin []byte) (api.ExecResponse, error) {
+	inst, as := m.running(id)
 	if inst == nil {
 		return api.ExecResponse{}, errdefs.New(errdefs.ErrConflict, "machine %s is not running: start it first", id)
+	}
+	req.Env = append(append([]string{}, as.Env...), req.Env...)
+	req.UID, req.GID = as.UID, as.GID
+	if req.Dir == "" {
+		req.Dir = as.Dir
 	}
 	var out, errb bytes.Buffer
 	pio := guest.IO{Stdout: &out, Stderr: &errb}
@@ -707,15 +714,7 @@ func (m *Manager) Exec(ctx context.Context, id string, req guest.ExecRequest, st
 
 // Signal delivers a signal to a started machine's workload.
 func (m *Manager) Signal(ctx context.Context, id string, sig int) error {
-	m.mu.Lock()
-	r := m.runs[id]
-	m.mu.Unlock()
-	var inst *vmrun.Instance
-	if r != nil {
-		r.mu.Lock()
-		inst = r.inst
-		r.mu.Unlock()
-	}
+	inst, _ := m.running(id)
 	if inst == nil {
 		return errdefs.New(errdefs.ErrConflict, "machine %s is not running: nothing to signal", id)
 	}

@@ -64,8 +64,8 @@ func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int
 	return m.Store.GetVolume(ctx, app, id)
 }
 
-// running reports whether the machine holding a volume has it mounted now.
-func (m *Manager) running(machineID string) bool {
+// inUse reports whether the machine holding a volume may have it mounted now.
+func (m *Manager) inUse(machineID string) bool {
 	if machineID == "" {
 		return false
 	}
@@ -87,7 +87,7 @@ func (m *Manager) ExtendVolume(ctx context.Context, app, idOrName string, sizeGB
 	}
 	// Offline, the filesystem grows now, under the disk lock so that no VM attaches it
 	// mid-resize. In use, only the file grows; the filesystem follows at the next boot.
-	needsRestart := m.running(v.AttachedMachine)
+	needsRestart := m.inUse(v.AttachedMachine)
 	if !needsRestart {
 		lease, err := m.RT.LockDisk(v.Path, "kiln volume extend")
 		if err != nil {
@@ -140,19 +140,9 @@ func (m *Manager) SnapshotVolume(ctx context.Context, app, idOrName string) (sto
 	if err != nil {
 		return store.Snapshot{}, err
 	}
-	if v.AttachedMachine != "" {
-		m.mu.Lock()
-		r := m.runs[v.AttachedMachine]
-		m.mu.Unlock()
-		if r != nil {
-			r.mu.Lock()
-			inst := r.inst
-			r.mu.Unlock()
-			if inst != nil {
-				if err := inst.Agent.Sync(ctx); err != nil {
-					return store.Snapshot{}, fmt.Errorf("flushing volume %s in machine %s: %w", v.Name, v.AttachedMachine, err)
-				}
-			}
+	if inst, _ := m.running(v.AttachedMachine); inst != nil {
+		if err := inst.Agent.Sync(ctx); err != nil {
+			return store.Snapshot{}, fmt.Errorf("flushing volume %s in machine %s: %w", v.Name, v.AttachedMachine, err)
 		}
 	}
 	sn := store.Snapshot{ID: "vs_" + newMachineID(), VolumeID: v.ID, SizeBytes: v.SizeBytes}
