@@ -103,7 +103,9 @@ func boot() error {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGPWR)
 	go func() { <-sigs; shutdown() }()
-	go watchPowerButton()
+	if f := openPowerButton(); f != nil {
+		go watchPowerButton(f)
+	}
 
 	a := agent.New(agent.NewReaper())
 	a.PowerOff = shutdown
@@ -380,37 +382,34 @@ func serveVsock(a *agent.Agent) {
 	}
 }
 
-// watchPowerButton turns the VM off when the VMM presses the ACPI power button (QEMU's
-// system_powerdown), read as KEY_POWER from the button's input device. The device shows
-// up asynchronously after the button module loads, so look for it for a while.
-func watchPowerButton() {
-	var dev string
-	for i := 0; i < 200 && dev == ""; i++ {
+// openPowerButton opens the ACPI power button's input device, which QEMU's
+// system_powerdown presses. It is opened before the agent answers, so that a stop sent
+// right after boot is not lost. Without ACPI (Firecracker) there is none to wait for.
+func openPowerButton() *os.File {
+	acpi, _ := filepath.Glob("/sys/bus/acpi/devices/PNP0C0C:*")
+	if len(acpi) == 0 {
+		return nil
+	}
+	// The input device appears asynchronously after the button module binds.
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
 		names, _ := filepath.Glob("/sys/class/input/event*/device/name")
 		for _, n := range names {
 			if b, _ := os.ReadFile(n); strings.TrimSpace(string(b)) == "Power Button" {
-				dev = "/dev/input/" + filepath.Base(filepath.Dir(filepath.Dir(n)))
+				dev := "/dev/input/" + filepath.Base(filepath.Dir(filepath.Dir(n)))
+				if f, err := os.Open(dev); err == nil {
+					return f
+				}
 			}
 		}
-		if dev == "" {
-			time.Sleep(50 * time.Millisecond)
-		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	if dev == "" {
-		return // no ACPI power button: this VMM stops the guest with Ctrl-Alt-Del
-	}
-	var f *os.File
-	var err error
-	for i := 0; i < 100; i++ {
-		if f, err = os.Open(dev); err == nil {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if err != nil {
-		logf("opening power button %s: %v", dev, err)
-		return
-	}
+	logf("the ACPI power button did not appear; stop requests from the VMM will not power off")
+	return nil
+}
+
+// watchPowerButton turns the VM off on KEY_POWER.
+func watchPowerButton(f *os.File) {
 	r := bufio.NewReader(f)
 	ev := make([]byte, 24) // struct input_event on 64-bit
 	for {
