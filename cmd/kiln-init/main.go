@@ -109,6 +109,10 @@ func boot() error {
 
 	a := agent.New(agent.NewReaper())
 	a.PowerOff = shutdown
+	a.SetTime = func(ns int64) error {
+		ts := unix.NsecToTimespec(ns)
+		return unix.ClockSettime(unix.CLOCK_REALTIME, &ts)
+	}
 	a.Info = func(r *guest.Reply) {
 		var u unix.Utsname
 		unix.Uname(&u)

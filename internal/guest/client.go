@@ -420,3 +420,13 @@ func (c *Client) SignalSupervised(ctx context.Context, id string, sig int) error
 	defer s.Close()
 	return c.readReply(ctx, s, &Reply{})
 }
+
+// SetTime sets the guest's wall clock to t.
+func (c *Client) SetTime(ctx context.Context, t time.Time) error {
+	s, err := c.open(ctx, Header{Op: OpSetTime, Time: t.UnixNano()})
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	return c.readReply(ctx, s, &Reply{})
+}

@@ -51,6 +51,9 @@ const (
 	OpFollow Op = "follow"
 	// OpSignal delivers Header.Signal to a supervised process.
 	OpSignal Op = "signal"
+	// OpSetTime sets the guest's wall clock to Header.Time (Unix nanoseconds): a VM
+	// restored from a snapshot wakes up with the clock it was saved with.
+	OpSetTime Op = "set_time"
 )
 
 // Header opens every stream.
@@ -67,6 +70,7 @@ type Header struct {
 	Offset int64 `json:"offset,omitempty"`
 	Follow bool  `json:"follow,omitempty"`
 	Signal int   `json:"signal,omitempty"`
+	Time   int64 `json:"time,omitempty"`
 }
 
 // Record is a piece of a supervised process's output, or its end.

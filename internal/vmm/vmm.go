@@ -125,8 +125,15 @@ type VM interface {
 type Snapshotter interface {
 	Pause(ctx context.Context) error
 	Resume(ctx context.Context) error
-	// Snapshot writes the paused VM's state and memory under dir.
+	// Snapshot pauses the VM and writes its state and memory under dir; it stays paused.
 	Snapshot(ctx context.Context, dir string) error
+}
+
+// Restorer is implemented by drivers that declare Capabilities.Snapshot: it starts a new
+// VMM from a Snapshot's directory, with the same Config (same directory, devices and
+// files) as the VM the snapshot was taken of, and returns it running.
+type Restorer interface {
+	Restore(ctx context.Context, cfg Config, dir string) (VM, error)
 }
 
 // BaseCmdline are kernel arguments every kiln guest gets. The tsc flags keep a kernel

@@ -73,8 +73,10 @@ type Timing struct {
 
 // Instance is a booted VM with its agent.
 type Instance struct {
-	ID     string
-	Dir    string
+	ID  string
+	Dir string
+	// Config is what the VM was created with; a restore needs the same.
+	Config vmm.Config
 	VM     vmm.VM
 	Agent  *guest.Client
 	Timing Timing
@@ -208,6 +210,7 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 	}
 	start := time.Now()
 	cfg.Cmdline, cfg.Disks = cmdline, disks
+	inst.Config = cfg
 	vm, err := rt.Driver.Create(ctx, cfg)
 	if err != nil {
 		return inst, err
@@ -297,6 +300,58 @@ func (rt *Runtime) Adopt(ctx context.Context, id string) (*Instance, error) {
 		return inst, errdefs.New(errdefs.ErrUnavailable, "vm %s: agent: %v", id, err)
 	}
 	return inst, nil
+}
+
+// SnapshotDir is where Suspend saves a VM.
+func (inst *Instance) SnapshotDir() string { return filepath.Join(inst.Dir, "snapshot") }
+
+// Suspend saves the VM (memory and devices; disks flushed by the guest first) and ends its
+// VMM. The instance keeps its directory, record and disk locks; Resume brings it back.
+func (inst *Instance) Suspend(ctx context.Context) error {
+	s, ok := inst.VM.(vmm.Snapshotter)
+	if !ok || !inst.rt.Driver.Capabilities().Snapshot {
+		return errdefs.New(errdefs.ErrInvalid, "the %s driver cannot suspend VMs", inst.rt.Driver.Name())
+	}
+	if err := inst.Agent.Sync(ctx); err != nil {
+		return fmt.Errorf("flushing the guest's disks: %w", err)
+	}
+	if err := s.Snapshot(ctx, inst.SnapshotDir()); err != nil {
+		os.RemoveAll(inst.SnapshotDir())
+		s.Resume(context.WithoutCancel(ctx))
+		return err
+	}
+	inst.Agent.Close()
+	inst.Agent = nil
+	return inst.VM.Kill(ctx)
+}
+
+// Resume starts the VM again from what Suspend saved, reconnects the agent and corrects
+// the guest's clock. The snapshot is discarded once the VM runs.
+func (inst *Instance) Resume(ctx context.Context) error {
+	r, ok := inst.rt.Driver.(vmm.Restorer)
+	if !ok {
+		return errdefs.New(errdefs.ErrInvalid, "the %s driver cannot resume VMs", inst.rt.Driver.Name())
+	}
+	vm, err := r.Restore(ctx, inst.Config, inst.SnapshotDir())
+	if err != nil {
+		return err
+	}
+	inst.VM = vm
+	rec, err := readRecord(inst.Dir)
+	if err == nil {
+		rec.Handle = vm.Handle()
+		err = writeRecord(inst.Dir, rec)
+	}
+	if err != nil {
+		return err
+	}
+	if err := inst.connect(ctx); err != nil {
+		return err
+	}
+	if err := inst.Agent.SetTime(ctx, time.Now()); err != nil {
+		return fmt.Errorf("correcting the guest clock: %w", err)
+	}
+	return os.RemoveAll(inst.SnapshotDir())
 }
 
 // Release lets go of a running VM without stopping it, for a kiln that is exiting and

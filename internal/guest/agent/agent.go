@@ -39,6 +39,8 @@ type Agent struct {
 	PowerOff func()
 	// Info fills the hello reply's guest description.
 	Info func(*guest.Reply)
+	// SetTime sets the wall clock (kiln-init); nil refuses.
+	SetTime func(unixNano int64) error
 
 	mu         sync.Mutex
 	pending    map[string]*execStreams
@@ -117,6 +119,16 @@ func (a *Agent) handle(s *yamux.Stream) {
 		a.follow(s, h)
 	case guest.OpSignal:
 		a.signal(s, h)
+	case guest.OpSetTime:
+		if a.SetTime == nil {
+			replyErr(s, guest.CodeInvalid, "this agent does not set the clock")
+			return
+		}
+		if err := a.SetTime(h.Time); err != nil {
+			replyErr(s, guest.CodeInternal, "setting the clock: %v", err)
+			return
+		}
+		reply(s, guest.Reply{})
 	case guest.OpReadFile:
 		readFile(s, h.Path)
 	case guest.OpWriteFile:

@@ -89,6 +89,7 @@ type vm struct {
 
 var _ vmm.VM = (*vm)(nil)
 var _ vmm.Snapshotter = (*vm)(nil)
+var _ vmm.Restorer = (*Driver)(nil)
 
 // start launches a Firecracker process for cfg and waits for its API.
 func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
@@ -96,6 +97,8 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Sockets of an earlier Firecracker in this directory (a restore) must not be in the way.
+	vmm.RemoveFiles(cfg.Dir, apiSock, vsockSock)
 	console, err := os.Create(filepath.Join(cfg.Dir, consoleLog))
 	if err != nil {
 		return nil, err
@@ -255,8 +258,14 @@ func (v *vm) Resume(ctx context.Context) error {
 	return v.api.do(ctx, "PATCH", "/vm", VMState{State: "Resumed"}, nil)
 }
 
-// Snapshot writes a full snapshot of the paused VM: dir/vmstate and dir/memory.
+// Snapshot pauses the VM and writes a full snapshot: dir/vmstate and dir/memory.
 func (v *vm) Snapshot(ctx context.Context, dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := v.Pause(ctx); err != nil {
+		return err
+	}
 	return v.api.do(ctx, "PUT", "/snapshot/create", SnapshotCreate{
 		SnapshotType: "Full",
 		SnapshotPath: filepath.Join(dir, "vmstate"),
@@ -265,7 +274,8 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 }
 
 // Restore starts a new Firecracker from a snapshot written by Snapshot and resumes it.
-// cfg names the new VM's directory; the vsock socket path comes from the snapshot.
+// cfg must name the snapshotted VM's directory: the vsock socket path comes from the
+// snapshot.
 func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.VM, error) {
 	v, err := d.start(ctx, cfg)
 	if err != nil {

@@ -327,6 +327,52 @@ func Run(t *testing.T, newRuntime Factory, o Options) {
 		}
 	})
 
+	t.Run("SuspendResume", func(t *testing.T) {
+		rt := newRuntime(t)
+		if !rt.Driver.Capabilities().Snapshot {
+			t.Skipf("the %s driver declares no snapshots", rt.Driver.Name())
+		}
+		inst := boot(t, rt, vmrun.Spec{})
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		// State that only lives in guest memory: a tmpfs file and a running process.
+		run(t, inst, sh("head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /tmp/token"), nil)
+		if _, err := inst.Agent.Spawn(ctx, "counter", sh("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done")); err != nil {
+			t.Fatal(err)
+		}
+		token, _, _ := run(t, inst, sh("cat /tmp/token /proc/sys/kernel/random/boot_id"), nil)
+		if err := inst.Suspend(ctx); err != nil {
+			t.Fatalf("suspend: %v", err)
+		}
+		select {
+		case <-inst.VM.Wait():
+		default:
+			t.Error("the VMM still runs after suspend")
+		}
+		time.Sleep(3 * time.Second) // let the guest's clock fall behind while it is saved
+		if err := inst.Resume(ctx); err != nil {
+			t.Fatalf("resume: %v", err)
+		}
+		again, _, _ := run(t, inst, sh("cat /tmp/token /proc/sys/kernel/random/boot_id"), nil)
+		if again != token {
+			t.Errorf("after resume the guest has %q, before it had %q: not the same VM (a cold boot?)", again, token)
+		}
+		c1, _, _ := run(t, inst, sh("cat /tmp/count; sleep 0.5"), nil)
+		c2, _, _ := run(t, inst, sh("cat /tmp/count"), nil)
+		if strings.TrimSpace(c1) == strings.TrimSpace(c2) {
+			t.Errorf("the process running before the suspend does not run after it (count %s)", c1)
+		}
+		out, _, _ := run(t, inst, sh("date +%s"), nil)
+		var guestNow int64
+		fmt.Sscan(out, &guestNow)
+		if d := time.Now().Unix() - guestNow; d > 2 || d < -2 {
+			t.Errorf("the guest clock is %d s off after resume", d)
+		}
+		if _, err := os.Stat(inst.SnapshotDir()); !os.IsNotExist(err) {
+			t.Error("the snapshot was not discarded after resume")
+		}
+	})
+
 	t.Run("Recover", func(t *testing.T) {
 		rt := newRuntime(t)
 		inst := boot(t, rt, vmrun.Spec{})

@@ -3,11 +3,13 @@ package fctest
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,6 +32,8 @@ type QEMUBackend struct {
 
 	mu     sync.Mutex
 	vm     vmm.VM
+	cfg    vmm.Config // what the QEMU behind the API runs
+	vsock  string     // the vsock socket path the API configured
 	ln     net.Listener
 	exited chan struct{} // made on first use by Exited
 }
@@ -74,21 +78,30 @@ func (b *QEMUBackend) Start(cfg Config) error {
 	if err != nil {
 		return err
 	}
+	vsock := ""
 	if cfg.Vsock != nil {
-		ln, err := net.Listen("unix", cfg.Vsock.UDSPath)
+		vsock = cfg.Vsock.UDSPath
+	}
+	if err := b.run(vm, qc, vsock); err != nil {
+		return err
+	}
+	return vm.Start(ctx)
+}
+
+// run serves a created or restored VM: vsock bridge, console, exit.
+func (b *QEMUBackend) run(vm vmm.VM, qc vmm.Config, vsock string) error {
+	if vsock != "" {
+		os.Remove(vsock)
+		ln, err := net.Listen("unix", vsock)
 		if err != nil {
-			vm.Destroy(ctx)
+			vm.Destroy(context.Background())
 			return fmt.Errorf("vsock: %w", err)
 		}
 		b.ln = ln
 		go b.serveVsock(ln, vm)
 	}
-	if err := vm.Start(ctx); err != nil {
-		vm.Destroy(ctx)
-		return err
-	}
 	b.mu.Lock()
-	b.vm = vm
+	b.vm, b.cfg, b.vsock = vm, qc, vsock
 	b.mu.Unlock()
 	b.Exited()
 	go b.tailConsole(vm)
@@ -189,12 +202,52 @@ func (b *QEMUBackend) Resume() error {
 	return vm.(vmm.Snapshotter).Resume(context.Background())
 }
 
-func (b *QEMUBackend) SnapshotCreate(fc.SnapshotCreate) error {
-	return errors.New("this test server does not emulate snapshots")
+// snapshotMeta is what the test server keeps in Firecracker's "vmstate" file: enough to
+// start the same QEMU again. QEMU's own state goes next to the memory file.
+type snapshotMeta struct {
+	Config vmm.Config `json:"config"`
+	Vsock  string     `json:"vsock"`
 }
 
-func (b *QEMUBackend) SnapshotLoad(fc.SnapshotLoad) error {
-	return errors.New("this test server does not emulate snapshots")
+func (b *QEMUBackend) SnapshotCreate(c fc.SnapshotCreate) error {
+	vm, err := b.current()
+	if err != nil {
+		return err
+	}
+	if err := vm.(vmm.Snapshotter).Snapshot(context.Background(), filepath.Dir(c.MemFilePath)); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	meta, _ := json.Marshal(snapshotMeta{Config: b.cfg, Vsock: b.vsock})
+	b.mu.Unlock()
+	return os.WriteFile(c.SnapshotPath, meta, 0o644)
+}
+
+func (b *QEMUBackend) SnapshotLoad(l fc.SnapshotLoad) error {
+	raw, err := os.ReadFile(l.SnapshotPath)
+	if err != nil {
+		return err
+	}
+	var meta snapshotMeta
+	if err := json.Unmarshal(raw, &meta); err != nil {
+		return fmt.Errorf("%s is not a snapshot of this test server: %w", l.SnapshotPath, err)
+	}
+	mem := l.MemFilePath
+	if l.MemBackend != nil {
+		mem = l.MemBackend.BackendPath
+	}
+	ctx := context.Background()
+	vm, err := (&qemu.Driver{KillWithParent: true}).Restore(ctx, meta.Config, filepath.Dir(mem))
+	if err != nil {
+		return err
+	}
+	if err := b.run(vm, meta.Config, meta.Vsock); err != nil {
+		return err
+	}
+	if !l.ResumeVM {
+		return vm.(vmm.Snapshotter).Pause(ctx)
+	}
+	return nil
 }
 
 // Close stops the VM and removes QEMU's files.
