@@ -144,6 +144,10 @@ func (c *Client) Stop(ctx context.Context, app, id string) error {
 	return c.do(ctx, "POST", mpath(app, id)+"/stop", api.StopRequest{}, nil)
 }
 
+func (c *Client) Suspend(ctx context.Context, app, id string) error {
+	return c.do(ctx, "POST", mpath(app, id)+"/suspend", nil, nil)
+}
+
 func (c *Client) Restart(ctx context.Context, app, id string) error {
 	return c.do(ctx, "POST", mpath(app, id)+"/restart", nil, nil)
 }

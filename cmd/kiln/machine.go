@@ -235,6 +235,9 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	}
 	start := act("start", "Start a stopped machine", func(ctx context.Context, cl *client.Client, app, id string) error { return cl.Start(ctx, app, id) })
 	stop := act("stop", "Stop a machine", func(ctx context.Context, cl *client.Client, app, id string) error { return cl.Stop(ctx, app, id) })
+	suspend := act("suspend", "Suspend a machine to disk; start resumes it", func(ctx context.Context, cl *client.Client, app, id string) error {
+		return cl.Suspend(ctx, app, id)
+	})
 	restartCmd := act("restart", "Restart a machine", func(ctx context.Context, cl *client.Client, app, id string) error { return cl.Restart(ctx, app, id) })
 	destroy := act("destroy", "Destroy a machine (--force stops it first)", func(ctx context.Context, cl *client.Client, app, id string) error {
 		return cl.Destroy(ctx, app, id, force)
@@ -247,7 +250,7 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	})
 	wait.Flags().StringVar(&waitState, "state", "started", "state to wait for")
 	wait.Flags().DurationVar(&waitTimeout, "timeout", 60*time.Second, "how long to wait")
-	c.AddCommand(run, ls, exec, start, stop, restartCmd, destroy, wait)
+	c.AddCommand(run, ls, exec, start, stop, suspend, restartCmd, destroy, wait)
 	return c
 }
 

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -139,6 +140,27 @@ func TestServerEndToEnd(t *testing.T) {
 		return strings.Contains(out, "started in prod") && strings.Contains(errs, "warn")
 	}, "logs to show the workload's output")
 
+	// Suspend a machine with state in memory; it is resumed after the server restart below.
+	cl0 := client.New(srv.url, readToken(t, tokenFile))
+	sus, err := cl0.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /data/count; sleep 0.1; done"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl0.Wait(ctx, "web", sus.ID, "started", 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	before, err := cl0.Exec(ctx, "web", sus.ID, []string{"sh", "-c", "cat /proc/sys/kernel/random/boot_id; cat /data/count"}, "", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, errs, code := srv.kiln("", "machine", "suspend", sus.ID); code != 0 {
+		t.Fatalf("suspend: %s", errs)
+	}
+	if err := cl0.Wait(ctx, "web", sus.ID, "suspended", 60*time.Second); err != nil {
+		t.Fatalf("wait suspended: %v\n%s", err, srv.logs)
+	}
+
 	// kill -9 of the server: the machine keeps running and is adopted on restart.
 	srv.stop(syscall.SIGKILL)
 	// Meanwhile a VM appears that no machine owns: the restart must remove it and say so.
@@ -162,6 +184,32 @@ func TestServerEndToEnd(t *testing.T) {
 	}
 	if res, err := cl.Exec(ctx, "web", id, []string{"sh", "-c", "echo still here"}, "", 30*time.Second); err != nil || res.Stdout != "still here\n" {
 		t.Errorf("exec after restart: %+v %v", res, err)
+	}
+
+	// The suspended machine resumes where it was: same boot, its process still counting.
+	if _, errs, code := srv.kiln("", "machine", "start", sus.ID); code != 0 {
+		t.Fatalf("start suspended: %s", errs)
+	}
+	if err := cl.Wait(ctx, "web", sus.ID, "started", 60*time.Second); err != nil {
+		t.Fatalf("wait resumed: %v\n%s", err, srv.logs)
+	}
+	after, err := cl.Exec(ctx, "web", sus.ID, []string{"sh", "-c", "cat /proc/sys/kernel/random/boot_id; cat /data/count"}, "", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bootBefore, countBefore, _ := strings.Cut(before.Stdout, "\n")
+	bootAfter, countAfter, _ := strings.Cut(after.Stdout, "\n")
+	var nb, na int
+	fmt.Sscan(countBefore, &nb)
+	fmt.Sscan(countAfter, &na)
+	if bootBefore != bootAfter || na <= nb {
+		t.Errorf("resume: boot %s→%s, count %d→%d; want the same boot and a count that went on", bootBefore, bootAfter, nb, na)
+	}
+	if evs, _ := cl.Events(ctx, "web", sus.ID); !hasEvent(evs, "suspend") || !hasEvent(evs, "resume") || hasEvent(evs, "resume-failed-cold-boot") {
+		t.Errorf("events: %+v", evs)
+	}
+	if _, errs, code := srv.kiln("", "machine", "destroy", sus.ID, "--force"); code != 0 {
+		t.Fatalf("destroy resumed: %s", errs)
 	}
 
 	// Stop and start again.
@@ -434,6 +482,15 @@ func TestServerEndToEnd(t *testing.T) {
 	}
 	srv.stop(syscall.SIGTERM)
 	srv = nil
+}
+
+func hasEvent(evs []api.Event, typ string) bool {
+	for _, e := range evs {
+		if e.Type == typ {
+			return true
+		}
+	}
+	return false
 }
 
 func readToken(t *testing.T, path string) string {

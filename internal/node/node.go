@@ -56,7 +56,9 @@ type Manager struct {
 	cancel context.CancelFunc
 	mu     sync.Mutex
 	runs   map[string]*run
-	wg     sync.WaitGroup
+	// saved holds the VMs of suspended machines, ready to resume.
+	saved map[string]*vmrun.Instance
+	wg    sync.WaitGroup
 }
 
 // run is one machine's supervisor.
@@ -71,6 +73,7 @@ type run struct {
 	// workload has exited or stopTimeout has passed.
 	stopSignal  int
 	stopTimeout time.Duration
+	suspending  bool
 	cancel      context.CancelFunc // ends the wait on the workload
 	done        chan struct{}
 }
@@ -78,7 +81,7 @@ type run struct {
 // New returns a manager; Close lets go of its VMs without stopping them.
 func New(st store.Store, rt *vmrun.Runtime, images Images, rootfs image.Cache, dir string, log io.Writer) *Manager {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{Store: st, RT: rt, Images: images, Rootfs: rootfs, Dir: dir, Log: log, ctx: ctx, cancel: cancel, runs: map[string]*run{}}
+	return &Manager{Store: st, RT: rt, Images: images, Rootfs: rootfs, Dir: dir, Log: log, ctx: ctx, cancel: cancel, runs: map[string]*run{}, saved: map[string]*vmrun.Instance{}}
 }
 
 func (m *Manager) logf(format string, args ...any) {
@@ -334,6 +337,12 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 		}
 		offset := logs.offset()
 		if inst == nil {
+			// A suspended machine's workload goes on where it was, log offset included.
+			if inst = m.resume(id); inst != nil && m.transition(id, machine.Starting, machine.Started, "resume", nil) != nil {
+				r.requestStop()
+			}
+		}
+		if inst == nil {
 			var berr error
 			inst, berr = m.boot(rec, cfg)
 			if berr != nil {
@@ -362,6 +371,11 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 		}
 		last, ferr := m.follow(wctx, id, inst, offset, logs)
 		cancel()
+		if m.ctx.Err() == nil && r.suspendRequested() {
+			logs.close()
+			m.suspend(id, inst, cfg)
+			return
+		}
 		if m.ctx.Err() == nil && r.stopRequested() {
 			if l, ok := m.signalAndWait(id, r, inst, cfg, logs); ok {
 				last, ferr = l, nil
@@ -481,6 +495,47 @@ func SignalNumber(s string) (int, error) {
 	return 0, errdefs.Invalid("signal %q: use a name like SIGTERM, SIGINT, SIGHUP, SIGKILL, SIGUSR1 or a number", s)
 }
 
+func (r *run) suspendRequested() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.suspending
+}
+
+// suspend saves a machine's VM; if that fails the machine is stopped instead, and its
+// events say why.
+func (m *Manager) suspend(id string, inst *vmrun.Instance, cfg api.MachineConfig) {
+	ctx := context.WithoutCancel(m.ctx)
+	if err := inst.Suspend(ctx); err != nil {
+		m.logf("machine %s: suspend failed, stopping it instead: %v", id, err)
+		inst.Shutdown(ctx, stopGrace(cfg))
+		m.transition(id, machine.Suspending, machine.Stopped, "suspend-failed", nil)
+		return
+	}
+	m.mu.Lock()
+	m.saved[id] = inst
+	m.mu.Unlock()
+	m.transition(id, machine.Suspending, machine.Suspended, "suspend", nil)
+}
+
+// resume brings back a suspended machine's VM, or returns nil (and says why in the
+// events) so that the machine boots cold.
+func (m *Manager) resume(id string) *vmrun.Instance {
+	m.mu.Lock()
+	inst := m.saved[id]
+	delete(m.saved, id)
+	m.mu.Unlock()
+	if inst == nil {
+		return nil
+	}
+	if err := inst.Resume(m.ctx); err != nil {
+		m.logf("machine %s: resume failed, booting it cold: %v", id, err)
+		m.Store.Note(context.WithoutCancel(m.ctx), id, machine.Event{Type: "resume-failed-cold-boot", Source: "kiln"})
+		inst.Destroy(context.WithoutCancel(m.ctx))
+		return nil
+	}
+	return inst
+}
+
 func (r *run) requestStop() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -503,6 +558,8 @@ func (m *Manager) settle(id string) {
 		m.finishStop(id, nil)
 	case machine.Starting:
 		m.transition(id, machine.Starting, machine.Failed, "start", nil)
+	case machine.Suspending:
+		m.transition(id, machine.Suspending, machine.Stopped, "suspend-failed", nil)
 	}
 }
 
@@ -589,8 +646,47 @@ func (m *Manager) StopWith(ctx context.Context, id string, sig int, timeout time
 	}
 	m.mu.Unlock()
 	if r == nil {
-		// Nothing runs it (its VM is already gone): the stop is complete.
+		// Nothing runs it (its VM is gone, or saved by a suspend, which a stop discards):
+		// the stop is complete.
+		m.discardSaved(id)
 		return m.Store.Transition(ctx, id, to, machine.Stopped, machine.Event{Type: "stop", Source: "kiln"})
+	}
+	return nil
+}
+
+// discardSaved removes a suspended machine's saved VM.
+func (m *Manager) discardSaved(id string) {
+	m.mu.Lock()
+	saved := m.saved[id]
+	delete(m.saved, id)
+	m.mu.Unlock()
+	if saved != nil {
+		saved.Destroy(context.WithoutCancel(m.ctx))
+	}
+}
+
+// Suspend saves a started machine's VM to disk and ends its VMM; Start resumes it where
+// it was.
+func (m *Manager) Suspend(ctx context.Context, id string) error {
+	if !m.RT.Driver.Capabilities().Snapshot {
+		return errdefs.Invalid("the %s driver cannot suspend machines: stop it instead", m.RT.Driver.Name())
+	}
+	if _, err := m.act(ctx, id, machine.ActionSuspend); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	r := m.runs[id]
+	if r != nil {
+		r.mu.Lock()
+		r.suspending = true
+		if r.cancel != nil {
+			r.cancel()
+		}
+		r.mu.Unlock()
+	}
+	m.mu.Unlock()
+	if r == nil {
+		return m.Store.Transition(ctx, id, machine.Suspending, machine.Stopped, machine.Event{Type: "suspend-failed", Source: "kiln"})
 	}
 	return nil
 }
@@ -634,6 +730,7 @@ func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 
 func (m *Manager) destroyRecord(id string, from machine.State) error {
 	ctx := context.WithoutCancel(m.ctx)
+	m.discardSaved(id) // the snapshot goes with the machine
 	if err := m.Store.Transition(ctx, id, from, machine.Destroying, machine.Event{Type: "destroy", Source: "user"}); err != nil {
 		return err
 	}
@@ -798,6 +895,22 @@ func (m *Manager) Recover(ctx context.Context) error {
 		rec, err := m.Store.GetMachine(ctx, o.Owner)
 		if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 			return fmt.Errorf("reading machine %s: %w", o.Owner, err)
+		}
+		if err == nil && rec.State == machine.Suspended {
+			inst, serr := m.RT.Saved(ctx, o.ID)
+			if serr != nil {
+				m.logf("machine %s: its saved VM %s is unusable (%v); it will boot cold", o.Owner, o.ID, serr)
+				if inst != nil {
+					inst.Destroy(context.WithoutCancel(ctx))
+				}
+				m.Store.Note(ctx, o.Owner, machine.Event{Type: "resume-failed-cold-boot", Source: "kiln"})
+				continue
+			}
+			m.mu.Lock()
+			m.saved[o.Owner] = inst
+			m.mu.Unlock()
+			haveVM[o.Owner] = true
+			continue
 		}
 		live := err == nil && (rec.State == machine.Started || rec.State == machine.Stopping)
 		if !live {

@@ -386,10 +386,15 @@ func (s *Server) restartMachine(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) suspendMachine(w http.ResponseWriter, r *http.Request) error {
-	if _, err := s.machine(r); err != nil {
+	m, err := s.machine(r)
+	if err != nil {
 		return err
 	}
-	return fmt.Errorf("suspend is not available yet: stop the machine instead: %w", errNotImplemented)
+	if err := s.Node.Suspend(r.Context(), m.ID); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
 }
 
 func (s *Server) waitMachine(w http.ResponseWriter, r *http.Request) error {

@@ -70,6 +70,8 @@ type Store interface {
 	// machine is still in from, and appends ev, atomically. Otherwise it changes nothing
 	// and returns ErrConflict (or ErrNotFound).
 	Transition(ctx context.Context, id string, from, to machine.State, ev machine.Event) error
+	// Note appends an event that changes no state (its status is the current state).
+	Note(ctx context.Context, id string, ev machine.Event) error
 	// Events returns a machine's journal, oldest first.
 	Events(ctx context.Context, id string) ([]machine.Event, error)
 

@@ -94,6 +94,8 @@ type record struct {
 	Owner      string     `json:"owner,omitempty"`
 	Mounts     []Mount    `json:"mounts,omitempty"`
 	Handle     vmm.Handle `json:"handle"`
+	// Config is what the VMM was created with, for a resume by a later kiln.
+	Config vmm.Config `json:"config"`
 }
 
 // LockDisk takes a disk's attach lock for holder, as a VM does, so that a caller can
@@ -216,7 +218,7 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 		return inst, err
 	}
 	inst.VM = vm
-	rec.Handle = vm.Handle()
+	rec.Handle, rec.Config = vm.Handle(), cfg
 	if err := writeRecord(dir, rec); err != nil {
 		return inst, err
 	}
@@ -352,6 +354,29 @@ func (inst *Instance) Resume(ctx context.Context) error {
 		return fmt.Errorf("correcting the guest clock: %w", err)
 	}
 	return os.RemoveAll(inst.SnapshotDir())
+}
+
+// Saved returns a suspended VM left by an earlier kiln process, ready for Resume.
+func (rt *Runtime) Saved(ctx context.Context, id string) (*Instance, error) {
+	dir := filepath.Join(rt.vmsDir(), id)
+	rec, err := readRecord(dir)
+	if err != nil {
+		return nil, errdefs.New(errdefs.ErrNotFound, "vm %s has no record: %v", id, err)
+	}
+	inst := &Instance{ID: id, Dir: dir, rt: rt, Config: rec.Config}
+	vm, _ := rt.Driver.Recover(ctx, rec.Handle)
+	inst.VM = vm
+	if _, err := os.Stat(inst.SnapshotDir()); err != nil {
+		return inst, errdefs.New(errdefs.ErrNotFound, "vm %s has no saved state", id)
+	}
+	for _, m := range rec.Mounts {
+		lease, err := rt.locks().Acquire(m.Image, id)
+		if err != nil {
+			return inst, err
+		}
+		inst.leases = append(inst.leases, lease)
+	}
+	return inst, nil
 }
 
 // Release lets go of a running VM without stopping it, for a kiln that is exiting and

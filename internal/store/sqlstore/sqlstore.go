@@ -427,3 +427,18 @@ func (s *DB) Snapshot(ctx context.Context, app, id string) (store.Snapshot, erro
 	}
 	return sn, err
 }
+
+func (s *DB) Note(ctx context.Context, id string, ev machine.Event) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := tx.QueryRowContext(ctx, `SELECT state FROM machines WHERE id = ?`, id).Scan(&ev.Status); err != nil {
+		return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
+	}
+	if err := appendEvent(ctx, tx, id, ev); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
