@@ -297,7 +297,7 @@ func TestSupervisedOutlivesConnection(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c1 := dial()
-	if _, err := c1.Spawn(ctx, "workload", sh("echo one; echo err >&2; read x < /dev/null; sleep 0.5; echo two; exit 7")); err != nil {
+	if _, err := c1.Spawn(ctx, "workload", sh("echo one; echo err >&2; read x < /dev/null; sleep 2; echo two; exit 7")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c1.Spawn(ctx, "workload", sh("true")); !errors.Is(err, errdefs.ErrInvalid) {
@@ -344,23 +344,30 @@ func TestSupervisedOutputIsBounded(t *testing.T) {
 	if _, err := c.Spawn(ctx, "w", sh(fmt.Sprintf("head -c %d /dev/zero", 3*agent.OutputCap))); err != nil {
 		t.Fatal(err)
 	}
-	// Read once the writer has finished: only the newest OutputCap bytes are left.
-	var n int64
-	var first, last guest.Record
-	for last.Exit == nil && ctx.Err() == nil {
-		time.Sleep(50 * time.Millisecond)
-		n = 0
-		var err error
-		last, err = c.Follow(ctx, "w", 0, false, func(r guest.Record) error {
-			if n == 0 {
-				first = r
-			}
-			n += int64(len(r.Data))
-			return nil
-		})
+	// Wait until the writer has finished (a read from past the end returns at once,
+	// saying whether it still runs), then read everything that is left: only the newest
+	// OutputCap bytes.
+	for ctx.Err() == nil {
+		end, err := c.Follow(ctx, "w", 1<<62, false, func(guest.Record) error { return nil })
 		if err != nil {
 			t.Fatal(err)
 		}
+		if end.Exit != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	var n int64
+	var first guest.Record
+	last, err := c.Follow(ctx, "w", 0, false, func(r guest.Record) error {
+		if n == 0 {
+			first = r
+		}
+		n += int64(len(r.Data))
+		return nil
+	})
+	if err != nil || last.Exit == nil {
+		t.Fatalf("read after the end: %+v %v", last, err)
 	}
 	if n > agent.OutputCap+64<<10 || !first.Dropped || first.Offset == 0 || last.Offset != 3*agent.OutputCap {
 		t.Errorf("kept %d bytes from offset %d (dropped %v), end %d", n, first.Offset, first.Dropped, last.Offset)
