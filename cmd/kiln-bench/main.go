@@ -153,6 +153,9 @@ func run(out string, boots, execs int) error {
 	add("vmm_rss_beyond_guest_ram", float64(rss-guestRSS)/1024, "MiB", "same, counting shared kernel/initramfs page cache")
 
 	inst.Destroy(ctx)
+	if err := benchResume(ctx, rt, add); err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
 	if err := benchMachines(ctx, rt, work, add); err != nil {
 		return fmt.Errorf("machines: %w", err)
 	}
