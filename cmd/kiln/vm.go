@@ -161,7 +161,7 @@ func runVM(ctx context.Context, g *globals, f runFlags, argv []string) error {
 	inst, err := rt.Boot(ctx, vmrun.Spec{Rootfs: rootfs, CPUs: f.cpus, MemoryMiB: f.memory, Mounts: mounts})
 	if err != nil {
 		if ctx.Err() != nil {
-			return interrupted(ctx)
+			return interrupted()
 		}
 		return err
 	}
@@ -209,7 +209,7 @@ func runVM(ctx context.Context, g *globals, f runFlags, argv []string) error {
 	st, err := proc.Wait(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
-			return interrupted(ctx)
+			return interrupted()
 		}
 		return err
 	}
@@ -254,7 +254,7 @@ func withImageDefaults(req guest.ExecRequest, run image.Run, f runFlags) guest.E
 	return req
 }
 
-func interrupted(ctx context.Context) error {
+func interrupted() error {
 	fmt.Fprintln(os.Stderr, "kiln: interrupted; the VM was removed")
 	return exitError{130}
 }
