@@ -61,25 +61,37 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/apps/{app}/machines", true, s.listMachines},
 		{"POST", "/v1/apps/{app}/machines", true, s.createMachine},
 		{"GET", "/v1/apps/{app}/machines/{id}", true, s.getMachine},
-		{"DELETE", "/v1/apps/{app}/machines/{id}", true, s.destroyMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/start", true, s.startMachine},
+		{"DELETE", "/v1/apps/{app}/machines/{id}", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+			return s.Node.Destroy(r.Context(), m.ID, r.URL.Query().Get("force") == "true")
+		})},
+		{"POST", "/v1/apps/{app}/machines/{id}/start", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+			return s.Node.Start(r.Context(), m.ID)
+		})},
 		{"POST", "/v1/apps/{app}/machines/{id}/stop", true, s.stopMachine},
 		{"POST", "/v1/apps/{app}/machines/{id}/restart", true, s.restartMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/suspend", true, s.suspendMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/suspend", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+			return s.Node.Suspend(r.Context(), m.ID)
+		})},
 		{"GET", "/v1/apps/{app}/machines/{id}/wait", true, s.waitMachine},
 		{"POST", "/v1/apps/{app}/machines/{id}/exec", true, s.execMachine},
 		{"GET", "/v1/apps/{app}/machines/{id}/events", true, s.machineEvents},
 		{"GET", "/v1/apps/{app}/machines/{id}/logs", true, s.machineLogs},
 		{"POST", "/v1/apps/{app}/machines/{id}", true, s.updateMachine},
 		{"POST", "/v1/apps/{app}/machines/{id}/signal", true, s.signalMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/cordon", true, s.cordon(true)},
-		{"POST", "/v1/apps/{app}/machines/{id}/uncordon", true, s.cordon(false)},
+		{"POST", "/v1/apps/{app}/machines/{id}/cordon", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+			return s.Store.SetCordoned(r.Context(), m.ID, true)
+		})},
+		{"POST", "/v1/apps/{app}/machines/{id}/uncordon", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+			return s.Store.SetCordoned(r.Context(), m.ID, false)
+		})},
 		{"GET", "/v1/apps/{app}/machines/{id}/lease", true, s.getLease},
 		{"POST", "/v1/apps/{app}/machines/{id}/lease", true, s.takeLease},
 		{"DELETE", "/v1/apps/{app}/machines/{id}/lease", true, s.releaseLease},
 		{"GET", "/v1/apps/{app}/machines/{id}/metadata", true, s.getMetadata},
 		{"POST", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.setMetadata},
-		{"DELETE", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.deleteMetadata},
+		{"DELETE", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+			return s.Store.SetMetadata(r.Context(), m.ID, r.PathValue("key"), "")
+		})},
 		{"GET", "/v1/apps/{app}/volumes", true, s.listVolumes},
 		{"POST", "/v1/apps/{app}/volumes", true, s.createVolume},
 		{"GET", "/v1/apps/{app}/volumes/{id}", true, s.getVolume},
@@ -258,6 +270,22 @@ func toAPI(m store.Machine, evs []machine.Event) api.Machine {
 	return out
 }
 
+// machineOp is a handler for calls that act on the path's machine and answer only
+// whether they worked.
+func (s *Server) machineOp(op func(*http.Request, store.Machine) error) func(http.ResponseWriter, *http.Request) error {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		m, err := s.machine(r)
+		if err != nil {
+			return err
+		}
+		if err := op(r, m); err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, api.OK{OK: true})
+		return nil
+	}
+}
+
 // machine loads the machine named in the path, which must belong to the path's app.
 func (s *Server) machine(r *http.Request) (store.Machine, error) {
 	m, err := s.Store.GetMachine(r.Context(), r.PathValue("id"))
@@ -311,30 +339,6 @@ func (s *Server) getMachine(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) destroyMachine(w http.ResponseWriter, r *http.Request) error {
-	m, err := s.machine(r)
-	if err != nil {
-		return err
-	}
-	if err := s.Node.Destroy(r.Context(), m.ID, r.URL.Query().Get("force") == "true"); err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, api.OK{OK: true})
-	return nil
-}
-
-func (s *Server) startMachine(w http.ResponseWriter, r *http.Request) error {
-	m, err := s.machine(r)
-	if err != nil {
-		return err
-	}
-	if err := s.Node.Start(r.Context(), m.ID); err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, api.OK{OK: true})
-	return nil
-}
-
 func (s *Server) stopMachine(w http.ResponseWriter, r *http.Request) error {
 	m, err := s.machine(r)
 	if err != nil {
@@ -379,18 +383,6 @@ func (s *Server) restartMachine(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	if err := s.Node.Start(r.Context(), m.ID); err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, api.OK{OK: true})
-	return nil
-}
-
-func (s *Server) suspendMachine(w http.ResponseWriter, r *http.Request) error {
-	m, err := s.machine(r)
-	if err != nil {
-		return err
-	}
-	if err := s.Node.Suspend(r.Context(), m.ID); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.OK{OK: true})
@@ -635,20 +627,6 @@ func (s *Server) signalMachine(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) cordon(on bool) func(http.ResponseWriter, *http.Request) error {
-	return func(w http.ResponseWriter, r *http.Request) error {
-		m, err := s.machine(r)
-		if err != nil {
-			return err
-		}
-		if err := s.Store.SetCordoned(r.Context(), m.ID, on); err != nil {
-			return err
-		}
-		writeJSON(w, http.StatusOK, api.OK{OK: true})
-		return nil
-	}
-}
-
 func leaseAPI(l store.Lease) api.Lease {
 	return api.Lease{Nonce: l.Nonce, ExpiresAt: l.ExpiresAt.Unix(), Description: l.Description}
 }
@@ -741,18 +719,6 @@ func (s *Server) setMetadata(w http.ResponseWriter, r *http.Request) error {
 		return errdefs.Invalid("metadata needs a key of 1 to 128 characters and a non-empty value")
 	}
 	if err := s.Store.SetMetadata(r.Context(), m.ID, key, req.Value); err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, api.OK{OK: true})
-	return nil
-}
-
-func (s *Server) deleteMetadata(w http.ResponseWriter, r *http.Request) error {
-	m, err := s.machine(r)
-	if err != nil {
-		return err
-	}
-	if err := s.Store.SetMetadata(r.Context(), m.ID, r.PathValue("key"), ""); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.OK{OK: true})
