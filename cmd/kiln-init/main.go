@@ -8,6 +8,8 @@
 //	kiln.root=UUID            ext4 root filesystem, mounted read-only under an overlay
 //	kiln.disk=UUID:/path      an ext4 disk mounted read-write at /path (repeatable)
 //	kiln.hostname=NAME
+//	kiln.net=MAC,ADDR/PREFIX,GATEWAY  the interface with MAC gets ADDR and a default route
+//	kiln.dns=IP kiln.search=DOMAIN    written to /etc/resolv.conf
 package main
 
 import (
@@ -31,6 +33,9 @@ type config struct {
 	root     string
 	disks    []disk
 	hostname string
+	nets     []netConfig
+	dns      string
+	search   string
 }
 
 type disk struct {
@@ -97,6 +102,9 @@ func boot() error {
 		unix.Sethostname([]byte(cfg.hostname))
 	}
 	loopbackUp()
+	if err := setupNetwork(cfg); err != nil {
+		return err
+	}
 	// Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) arrives as SIGINT to PID 1 once the
 	// kernel is told not to reboot by itself.
 	unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
@@ -175,6 +183,16 @@ func parseCmdline() (config, error) {
 			cfg.disks = append(cfg.disks, d)
 		case "kiln.hostname":
 			cfg.hostname = v
+		case "kiln.net":
+			n, err := parseNet(v)
+			if err != nil {
+				return cfg, err
+			}
+			cfg.nets = append(cfg.nets, n)
+		case "kiln.dns":
+			cfg.dns = v
+		case "kiln.search":
+			cfg.search = v
 		}
 	}
 	if cfg.root == "" {

@@ -15,6 +15,7 @@ var GuestModules = []string{
 	"crc32c_generic", "ext4", "overlay", // root overlay and disks
 	"vmw_vsock_virtio_transport", // the agent channel under Firecracker
 	"evdev", "button",            // ACPI power button: QEMU's graceful stop
+	"virtio_net", // machines on a private network
 }
 
 func modName(path string) string {

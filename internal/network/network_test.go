@@ -1,0 +1,142 @@
+package network
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/kilnhq/kiln/internal/testutil"
+)
+
+func TestMain(m *testing.M) {
+	if code, ran := testutil.InNetNS(); ran {
+		os.Exit(code)
+	}
+	os.Exit(testutil.Finish(m.Run()))
+}
+
+func links(t *testing.T, m *Manager) []string {
+	t.Helper()
+	all, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range all {
+		if m.ownsLink(l.Attrs().Name) {
+			out = append(out, l.Attrs().Name)
+		}
+	}
+	return out
+}
+
+func lookup(t *testing.T, server netip.Addr, name string) ([]string, error) {
+	t.Helper()
+	r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "udp", netip.AddrPortFrom(server, 53).String())
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	return r.LookupHost(ctx, name)
+}
+
+func TestAttachResolveIsolateDetach(t *testing.T) {
+	ctx := context.Background()
+	dir := testutil.TempDir(t)
+	m, err := Open(dir, Config{Egress: netip.MustParseAddr("192.0.2.1")}, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	a1, err := m.Attach(ctx, "shop", "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2, err := m.Attach(ctx, "shop", "m2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1, err := m.Attach(ctx, "blog", "m3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := m.Attach(ctx, "shop", "m1"); again != a1 {
+		t.Fatalf("a second attach changed the lease: %+v then %+v", a1, again)
+	}
+	if a1.Gateway != a2.Gateway || a1.Addr == a2.Addr || a1.Gateway == b1.Gateway {
+		t.Fatalf("leases: %+v %+v %+v", a1, a2, b1)
+	}
+	if got := links(t, m); len(got) != 5 {
+		t.Fatalf("devices: %v, want 2 bridges and 3 TAPs", got)
+	}
+
+	// Each app's resolver knows its own machines and nothing of the other app.
+	got, err := lookup(t, a1.Gateway, "m2.vm.shop.internal")
+	if err != nil || len(got) != 1 || got[0] != a2.Addr.Addr().String() {
+		t.Fatalf("m2.vm.shop.internal = %v, %v; want %s", got, err, a2.Addr.Addr())
+	}
+	if got, err := lookup(t, a1.Gateway, "shop.internal"); err != nil || len(got) != 2 {
+		t.Fatalf("shop.internal = %v, %v; want both machines", got, err)
+	}
+	if got, err := lookup(t, a1.Gateway, "m3.vm.blog.internal"); err == nil {
+		t.Fatalf("shop's resolver answered for blog: %v", got)
+	}
+
+	out, err := exec.Command("nft", "list", "table", "inet", m.tableName()).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list: %v: %s", err, out)
+	}
+	for _, want := range []string{"snat ip to 192.0.2.1", `iifname "kb` + m.tag + `*" oifname "kb` + m.tag + `*" drop`} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("rules lack %q:\n%s", want, out)
+		}
+	}
+
+	// A restart that finds m2 gone, and a stray device of kiln's, cleans both up.
+	stray := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: m.tapName(99, 9)}, Mode: netlink.TUNTAP_MODE_TAP}
+	if err := netlink.LinkAdd(stray); err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+	m2, err := Open(dir, Config{}, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Close()
+	if err := m2.Reconcile(ctx, func(id string) bool { return id != "m2" }); err != nil {
+		t.Fatal(err)
+	}
+	if got := links(t, m2); len(got) != 4 {
+		t.Fatalf("after reconcile: %v, want 2 bridges and 2 TAPs", got)
+	}
+	if l, ok := m2.Lookup("m1"); !ok || l != a1 {
+		t.Fatalf("m1 lost its lease over a restart: %+v", l)
+	}
+	for _, id := range []string{"m1", "m3"} {
+		if err := m2.Detach(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := links(t, m2); len(got) != 0 {
+		t.Fatalf("after detaching every machine: %v left", got)
+	}
+	if out, err := exec.Command("nft", "list", "table", "inet", m2.tableName()).CombinedOutput(); err == nil {
+		t.Fatalf("the rules table is still there:\n%s", out)
+	}
+}
+
+func TestBadConfig(t *testing.T) {
+	for _, pool := range []string{"10.0.0.0/24", "fd00::/48", "10.0.0.0/4"} {
+		_, err := Open(testutil.TempDir(t), Config{Pool: netip.MustParsePrefix(pool)}, nil)
+		if err == nil || !strings.Contains(err.Error(), "between /8 and /23") {
+			t.Errorf("pool %s: %v", pool, err)
+		}
+	}
+}

@@ -1,0 +1,92 @@
+package network
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+)
+
+// rules renders kiln's whole nftables table from the state. Applying it replaces the
+// table in one transaction, so the rules are never half-written.
+func (m *Manager) rules() string {
+	var b strings.Builder
+	t := m.tableName()
+	all := "kb" + m.tag + "*"
+	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\n", t, t)
+	fmt.Fprintf(&b, "table inet %s {\n", t)
+	// Traffic to the host itself: a machine may reach its own gateway (resolver, proxy
+	// replies) but no other app's gateway, and may not forge its source address.
+	b.WriteString("\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n")
+	for _, app := range m.appsSorted() {
+		idx := m.st.Apps[app]
+		sub := m.subnet(idx)
+		fmt.Fprintf(&b, "\t\tiifname %q ip saddr != %s drop\n", m.bridgeName(idx), sub)
+		fmt.Fprintf(&b, "\t\tiifname %q ip daddr %s ip daddr != %s drop\n", m.bridgeName(idx), m.cfg.Pool, hostAddr(sub, 1))
+	}
+	b.WriteString("\t}\n")
+	// Routed traffic: within one app it is bridged and never gets here (unless
+	// br_netfilter is loaded, hence the first rule); between apps it is dropped; out of
+	// the pool it is allowed when egress is on; in from outside only as replies.
+	b.WriteString("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n")
+	for _, app := range m.appsSorted() {
+		idx := m.st.Apps[app]
+		br := m.bridgeName(idx)
+		fmt.Fprintf(&b, "\t\tiifname %q ip saddr != %s drop\n", br, m.subnet(idx))
+		fmt.Fprintf(&b, "\t\tiifname %q oifname %q accept\n", br, br)
+	}
+	fmt.Fprintf(&b, "\t\tiifname %q oifname %q drop\n", all, all)
+	fmt.Fprintf(&b, "\t\toifname %q ct state established,related accept\n", all)
+	fmt.Fprintf(&b, "\t\toifname %q drop\n", all)
+	if m.cfg.EgressOff {
+		fmt.Fprintf(&b, "\t\tiifname %q drop\n", all)
+	}
+	b.WriteString("\t}\n")
+	if !m.cfg.EgressOff {
+		// Only routed traffic from machines: the host's own traffic to a gateway address
+		// (the proxy, a resolver) keeps its address.
+		b.WriteString("\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n")
+		if m.cfg.Egress.IsValid() {
+			fmt.Fprintf(&b, "\t\tiifname %q oifname != %q snat ip to %s\n", all, all, m.cfg.Egress)
+		} else {
+			fmt.Fprintf(&b, "\t\tiifname %q oifname != %q masquerade\n", all, all)
+		}
+		b.WriteString("\t}\n")
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
+// applyRules writes the table; with no app left it removes it.
+func (m *Manager) applyRules(ctx context.Context) error {
+	script := m.rules()
+	if len(m.st.Apps) == 0 {
+		t := m.tableName()
+		script = fmt.Sprintf("table inet %s\ndelete table inet %s\n", t, t)
+	} else if !m.cfg.EgressOff {
+		if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0o644); err != nil {
+			return fmt.Errorf("turning on IPv4 forwarding for machines' egress: %w", err)
+		}
+	}
+	return nft(ctx, script)
+}
+
+func nft(ctx context.Context, script string) error {
+	cmd := exec.CommandContext(ctx, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("nft: %v: %s", err, strings.TrimSpace(out.String()))
+	}
+	return nil
+}
+
+// RemoveAll deletes every device and rule this manager made, and forgets all leases.
+// The server does not call it (machines keep their network across restarts); it is for
+// tearing a host down.
+func (m *Manager) RemoveAll(ctx context.Context) error {
+	return m.Reconcile(ctx, func(string) bool { return false })
+}
