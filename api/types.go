@@ -66,6 +66,46 @@ type MachineConfig struct {
 	AutoDestroy bool              `json:"auto_destroy,omitempty"`
 	Metadata    map[string]string `json:"metadata,omitempty"`
 	StopConfig  *StopConfig       `json:"stop_config,omitempty"`
+	Services    []Service         `json:"services,omitempty"`
+}
+
+// Service is a port of the machine that kiln's proxy serves, in Fly's shape.
+type Service struct {
+	Protocol     string        `json:"protocol"` // tcp
+	InternalPort int           `json:"internal_port"`
+	Ports        []ServicePort `json:"ports,omitempty"`
+	// Autostop is what the proxy does with a machine idle past the idle time: off (the
+	// default), stop or suspend.
+	Autostop string `json:"autostop,omitempty"`
+	// Autostart lets a request start or resume a machine of the app when none can take
+	// it. Defaults to true when Autostop is on.
+	Autostart          *bool        `json:"autostart,omitempty"`
+	MinMachinesRunning int          `json:"min_machines_running,omitempty"`
+	Concurrency        *Concurrency `json:"concurrency,omitempty"`
+	Checks             []Check      `json:"checks,omitempty"`
+}
+
+// ServicePort is a public port of a service; handlers ["http"] routes it by Host.
+type ServicePort struct {
+	Port     int      `json:"port"`
+	Handlers []string `json:"handlers,omitempty"`
+}
+
+// Concurrency limits the load one machine takes: past the soft limit the proxy prefers
+// other machines (and starts one); at the hard limit it sends nothing more.
+type Concurrency struct {
+	Type      string `json:"type"` // connections or requests
+	SoftLimit int    `json:"soft_limit"`
+	HardLimit int    `json:"hard_limit"`
+}
+
+// Check is a health check; a machine failing one gets no traffic.
+type Check struct {
+	Type        string `json:"type"` // tcp or http
+	Interval    string `json:"interval,omitempty"`
+	Timeout     string `json:"timeout,omitempty"`
+	GracePeriod string `json:"grace_period,omitempty"`
+	Path        string `json:"path,omitempty"` // http only
 }
 
 // CreateMachineRequest is POST /v1/apps/{app}/machines.
@@ -102,6 +142,7 @@ type Machine struct {
 	ExitCode   *int          `json:"exit_code,omitempty"`
 	Version    int           `json:"version"`
 	Cordoned   bool          `json:"cordoned,omitempty"`
+	PrivateIP  string        `json:"private_ip,omitempty"`
 	CreatedAt  time.Time     `json:"created_at"`
 	UpdatedAt  time.Time     `json:"updated_at"`
 	Events     []Event       `json:"events,omitempty"`

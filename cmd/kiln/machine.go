@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -92,6 +93,10 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 		cpus, memory, max  int
 		env, volumes       []string
 		autoDestroy        bool
+		ports              []string
+		autostop           string
+		autostart          bool
+		minRunning         int
 	)
 	run := &cobra.Command{
 		Use:   "run IMAGE [-- COMMAND...]",
@@ -128,6 +133,20 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 				}
 				cfg.Env[k] = v
 			}
+			for _, p := range ports {
+				svc, err := parsePort(p)
+				if err != nil {
+					return err
+				}
+				svc.Autostop, svc.MinMachinesRunning = autostop, minRunning
+				if cmd.Flags().Changed("autostart") {
+					svc.Autostart = &autostart
+				}
+				cfg.Services = append(cfg.Services, svc)
+			}
+			if len(ports) == 0 && (autostop != "" || cmd.Flags().Changed("autostart") || minRunning != 0) {
+				return errdefs.Invalid("--autostop, --autostart and --min-running apply to services: add --port PUBLIC:INTERNAL[/http]")
+			}
 			if err := cl.CreateApp(ctx, app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 				return err
 			}
@@ -149,6 +168,10 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	run.Flags().StringVar(&restart, "restart", "", "restart policy: no, always or on-failure")
 	run.Flags().IntVar(&max, "max-retries", 0, "restarts allowed by on-failure (default 10)")
 	run.Flags().BoolVar(&autoDestroy, "auto-destroy", false, "destroy the machine when its workload exits")
+	run.Flags().StringArrayVarP(&ports, "port", "p", nil, "serve a port through kiln's proxy: PUBLIC:INTERNAL[/http] (repeatable); public port 80 is the proxy's HTTP listener")
+	run.Flags().StringVar(&autostop, "autostop", "", "what the proxy does with the machine when idle: off, stop or suspend")
+	run.Flags().BoolVar(&autostart, "autostart", false, "let a request start or resume the machine (default: on when --autostop is)")
+	run.Flags().IntVar(&minRunning, "min-running", 0, "machines of the app that autostop leaves running")
 
 	var lsApp string
 	var asJSON bool
@@ -465,4 +488,28 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 	c.PersistentFlags().StringVar(&app, "app", os.Getenv("KILN_APP"), "app (env KILN_APP)")
 	c.AddCommand(create, ls, extend, destroy, snapshot)
 	return c
+}
+
+// parsePort reads PUBLIC:INTERNAL[/http|/tcp] into a service.
+func parsePort(s string) (api.Service, error) {
+	bad := errdefs.Invalid("--port %q: want PUBLIC:INTERNAL with an optional /http or /tcp, like 80:8080/http", s)
+	spec, proto, _ := strings.Cut(s, "/")
+	pub, internal, ok := strings.Cut(spec, ":")
+	if !ok {
+		return api.Service{}, bad
+	}
+	pp, err1 := strconv.Atoi(pub)
+	ip, err2 := strconv.Atoi(internal)
+	if err1 != nil || err2 != nil {
+		return api.Service{}, bad
+	}
+	port := api.ServicePort{Port: pp}
+	switch proto {
+	case "http":
+		port.Handlers = []string{"http"}
+	case "", "tcp":
+	default:
+		return api.Service{}, bad
+	}
+	return api.Service{Protocol: "tcp", InternalPort: ip, Ports: []api.ServicePort{port}}, nil
 }

@@ -4,9 +4,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,10 +17,16 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/node"
+	"github.com/kilnhq/kiln/internal/proxy"
 	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/server"
+	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
 )
 
@@ -52,8 +61,20 @@ func rootfsCache(dataDir string) image.Cache {
 	return image.Cache{Dir: filepath.Join(dataDir, "images", "rootfs")}
 }
 
+// serverOptions are `kiln server`'s settings beyond the data dir.
+type serverOptions struct {
+	listen      string
+	network     bool
+	pool        string
+	egress      string
+	proxyListen string
+	domain      string
+	idle        time.Duration
+	wake        time.Duration
+}
+
 func serverCmd(g *globals) *cobra.Command {
-	var listen string
+	var o serverOptions
 	c := &cobra.Command{
 		Use:   "server",
 		Short: "Run kiln's API and machines on this host (SQLite, local images)",
@@ -62,13 +83,50 @@ this host, and their stored logs. State lives in the data dir (--data-dir, KILN_
 the admin token is written to DATA_DIR/admin-token on first start. Machines keep running
 when the server stops or dies; the next start adopts them.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return runServer(cmd.Context(), g.dataDir, listen) },
+		RunE: func(cmd *cobra.Command, _ []string) error { return runServer(cmd.Context(), g.dataDir, o) },
 	}
-	c.Flags().StringVar(&listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
+	f := c.Flags()
+	f.StringVar(&o.listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
+	f.BoolVar(&o.network, "network", true, "give machines a private network per app (bridges, TAP devices, nftables; needs root)")
+	f.StringVar(&o.pool, "network-pool", network.DefaultPool.String(), "IPv4 prefix that apps' /24 networks come from")
+	f.StringVar(&o.egress, "egress", "masquerade", "machines' outbound traffic: masquerade (the host's address), an IP address to translate to, or none")
+	f.StringVar(&o.proxyListen, "proxy-listen", envOr("KILN_PROXY_LISTEN", DefaultProxyListen), "the proxy's HTTP listener, standing for public port 80; other public ports listen on its host; off disables the proxy (env KILN_PROXY_LISTEN)")
+	f.StringVar(&o.domain, "proxy-domain", "kiln.internal", "HTTP requests for Host <app>.DOMAIN go to the app's machines")
+	f.DurationVar(&o.idle, "idle-timeout", 5*time.Minute, "how long a machine whose service has autostop on may go without traffic")
+	f.DurationVar(&o.wake, "wake-timeout", time.Minute, "how long the proxy holds a request while it starts or resumes a machine")
 	return c
 }
 
-func runServer(ctx context.Context, dataDir, listen string) error {
+// DefaultProxyListen is where the proxy's HTTP listener binds unless told otherwise.
+const DefaultProxyListen = "127.0.0.1:8080"
+
+// netConfig turns the flags into the network's configuration.
+func (o serverOptions) netConfig() (network.Config, error) {
+	var cfg network.Config
+	pool, err := netip.ParsePrefix(o.pool)
+	if err != nil {
+		return cfg, errdefs.Invalid("--network-pool %q: want an IPv4 prefix like 10.208.0.0/16", o.pool)
+	}
+	cfg.Pool = pool
+	switch o.egress {
+	case "masquerade", "":
+	case "none":
+		cfg.EgressOff = true
+	default:
+		a, err := netip.ParseAddr(o.egress)
+		if err != nil || !a.Is4() {
+			return cfg, errdefs.Invalid("--egress %q: want masquerade, none or an IPv4 address of this host", o.egress)
+		}
+		cfg.Egress = a
+	}
+	return cfg, nil
+}
+
+func runServer(ctx context.Context, dataDir string, o serverOptions) error {
+	listen := o.listen
+	if o.idle <= 0 || o.wake <= 0 {
+		return errdefs.Invalid("--idle-timeout and --wake-timeout must be positive durations, like 5m")
+	}
 	if err := os.MkdirAll(dataDir, 0o755); err != nil {
 		return err
 	}
@@ -99,6 +157,33 @@ func runServer(ctx context.Context, dataDir, listen string) error {
 	images := image.Registries{Local: ln.Addr().String(), Token: tok}
 	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), tok)
 	mgr := node.New(db, rt, images, rootfsCache(dataDir), filepath.Join(dataDir, "machines"), os.Stderr)
+	var nets *network.Manager
+	if o.network {
+		cfg, err := o.netConfig()
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		if nets, err = network.Open(filepath.Join(dataDir, "network"), cfg, os.Stderr); err != nil {
+			ln.Close()
+			return err
+		}
+		defer nets.Close()
+		mgr.Net = nets
+	}
+	var px *proxy.Proxy
+	if o.proxyListen != "off" {
+		if !o.network {
+			ln.Close()
+			return errdefs.Invalid("the proxy reaches machines over their private network: with --network=false, also give --proxy-listen off")
+		}
+		px = proxy.New(proxyMachines{db: db, mgr: mgr, nets: nets, wake: o.wake}, proxy.Config{
+			HTTPAddr: o.proxyListen, Domain: o.domain, IdleTimeout: o.idle, WakeTimeout: o.wake, Log: os.Stderr})
+		if err := px.Listen(); err != nil {
+			ln.Close()
+			return err
+		}
+	}
 	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok}
 	apiSrv.Recovering.Store(true)
 	srv := &http.Server{Handler: apiSrv.Handler()}
@@ -112,6 +197,12 @@ func runServer(ctx context.Context, dataDir, listen string) error {
 		return fmt.Errorf("recovering machines: %w", err)
 	}
 	apiSrv.Recovering.Store(false)
+	if px != nil {
+		pctx, stopProxy := context.WithCancel(ctx)
+		defer stopProxy()
+		go px.Run(pctx)
+		fmt.Fprintf(os.Stderr, "kiln: proxy serves http://<app>.%s on %s\n", o.domain, px.Addr())
+	}
 	fmt.Fprintf(os.Stderr, "kiln: serving the API and the image registry on http://%s (accelerator %s)\n", ln.Addr(), accel)
 	select {
 	case <-ctx.Done():
@@ -126,3 +217,51 @@ func runServer(ctx context.Context, dataDir, listen string) error {
 	fmt.Fprintln(os.Stderr, "kiln: stopped; machines keep running and are adopted at the next start")
 	return nil
 }
+
+// proxyMachines lets the proxy see machines with services and start or stop them through
+// the node, like any API call.
+type proxyMachines struct {
+	db interface {
+		ListApps(ctx context.Context) ([]string, error)
+		ListMachines(ctx context.Context, app string) ([]store.Machine, error)
+	}
+	mgr  *node.Manager
+	nets *network.Manager
+	wake time.Duration
+}
+
+func (p proxyMachines) Targets(ctx context.Context) ([]proxy.Target, error) {
+	apps, err := p.db.ListApps(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []proxy.Target
+	for _, app := range apps {
+		ms, err := p.db.ListMachines(ctx, app)
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range ms {
+			var cfg api.MachineConfig
+			if json.Unmarshal(m.Config, &cfg); len(cfg.Services) == 0 || m.State == machine.Destroyed {
+				continue
+			}
+			l, ok := p.nets.Lookup(m.ID)
+			if !ok {
+				continue // never booted yet: it gets its address on its first start
+			}
+			out = append(out, proxy.Target{ID: m.ID, App: app, State: m.State, Addr: l.Addr.Addr(), Services: cfg.Services})
+		}
+	}
+	return out, nil
+}
+
+func (p proxyMachines) Start(ctx context.Context, id string) error {
+	if err := p.mgr.Start(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+		return err
+	}
+	return p.mgr.Wait(ctx, id, machine.Started, p.wake)
+}
+
+func (p proxyMachines) Stop(ctx context.Context, id string) error    { return p.mgr.Stop(ctx, id) }
+func (p proxyMachines) Suspend(ctx context.Context, id string) error { return p.mgr.Suspend(ctx, id) }

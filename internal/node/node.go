@@ -31,6 +31,7 @@ import (
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmrun"
@@ -39,6 +40,17 @@ import (
 // Images resolves image references to images.
 type Images interface {
 	Resolve(ctx context.Context, ref string) (v1.Image, error)
+}
+
+// Network gives machines their place on their app's private network. A lease is
+// stable from a machine's first start until Detach.
+type Network interface {
+	Attach(ctx context.Context, app, id string) (network.Lease, error)
+	Detach(ctx context.Context, id string) error
+	Lookup(id string) (network.Lease, bool)
+	// Reconcile drops the leases of machines keep rejects and removes whatever devices
+	// and rules no lease accounts for.
+	Reconcile(ctx context.Context, keep func(id string) bool) error
 }
 
 // Manager runs this host's machines. Create one with New and call Recover before
@@ -51,6 +63,8 @@ type Manager struct {
 	// Dir holds each machine's stored output (Dir/ID).
 	Dir string
 	Log io.Writer
+	// Net, when set, puts every machine on its app's private network.
+	Net Network
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -149,6 +163,130 @@ func validate(cfg *api.MachineConfig) error {
 			return errdefs.Invalid("config.env key %q is not a valid variable name", k)
 		}
 	}
+	for i := range cfg.Services {
+		if err := validateService(&cfg.Services[i]); err != nil {
+			return errdefs.Invalid("config.services[%d].%v", i, err)
+		}
+	}
+	return nil
+}
+
+// validateService checks one service and fills its defaults.
+func validateService(s *api.Service) error {
+	if s.Protocol == "" {
+		s.Protocol = "tcp"
+	}
+	if s.Protocol != "tcp" {
+		return fmt.Errorf("protocol %q is not supported: use tcp (with handlers [\"http\"] for HTTP)", s.Protocol)
+	}
+	if s.InternalPort < 1 || s.InternalPort > 65535 {
+		return fmt.Errorf("internal_port %d: want the port the machine listens on, 1 to 65535", s.InternalPort)
+	}
+	if len(s.Ports) == 0 {
+		return fmt.Errorf("ports: a service needs at least one public port, like {\"port\": 80, \"handlers\": [\"http\"]}")
+	}
+	for j, p := range s.Ports {
+		if p.Port < 1 || p.Port > 65535 {
+			return fmt.Errorf("ports[%d].port %d: want 1 to 65535", j, p.Port)
+		}
+		for _, h := range p.Handlers {
+			if h != "http" {
+				return fmt.Errorf("ports[%d].handlers: %q is not supported: use [\"http\"] or none for raw TCP", j, h)
+			}
+		}
+	}
+	switch s.Autostop {
+	case "":
+		s.Autostop = "off"
+	case "off", "stop", "suspend":
+	default:
+		return fmt.Errorf("autostop %q: want off, stop or suspend", s.Autostop)
+	}
+	if s.Autostart == nil {
+		on := s.Autostop != "off"
+		s.Autostart = &on
+	}
+	if s.MinMachinesRunning < 0 {
+		return fmt.Errorf("min_machines_running %d must not be negative", s.MinMachinesRunning)
+	}
+	if c := s.Concurrency; c != nil {
+		if c.Type == "" {
+			c.Type = "connections"
+		}
+		if c.Type != "connections" && c.Type != "requests" {
+			return fmt.Errorf("concurrency.type %q: want connections or requests", c.Type)
+		}
+		if c.SoftLimit < 0 || c.HardLimit < 0 || (c.HardLimit > 0 && c.SoftLimit > c.HardLimit) {
+			return fmt.Errorf("concurrency: soft_limit %d and hard_limit %d must be positive with soft <= hard", c.SoftLimit, c.HardLimit)
+		}
+	}
+	for j, c := range s.Checks {
+		if c.Type != "tcp" && c.Type != "http" {
+			return fmt.Errorf("checks[%d].type %q: want tcp or http", j, c.Type)
+		}
+		for name, d := range map[string]string{"interval": c.Interval, "timeout": c.Timeout, "grace_period": c.GracePeriod} {
+			if d == "" {
+				continue
+			}
+			if v, err := time.ParseDuration(d); err != nil || v <= 0 {
+				return fmt.Errorf("checks[%d].%s %q: want a duration like 5s", j, name, d)
+			}
+		}
+		if c.Type == "http" && c.Path != "" && !strings.HasPrefix(c.Path, "/") {
+			return fmt.Errorf("checks[%d].path %q must start with /", j, c.Path)
+		}
+	}
+	return nil
+}
+
+// checkPorts refuses public ports that another app serves differently: a raw TCP port
+// belongs to one app, an HTTP port is shared by Host name. self is the machine being
+// updated, if any.
+func (m *Manager) checkPorts(ctx context.Context, app, self string, cfg api.MachineConfig) error {
+	if len(cfg.Services) == 0 {
+		return nil
+	}
+	if m.Net == nil {
+		return errdefs.Invalid("config.services: this server runs without machine networking (--network=false), so nothing can reach a service; remove the services or turn networking on")
+	}
+	type use struct {
+		app, machine string
+		http         bool
+	}
+	taken := map[int]use{}
+	apps, err := m.Store.ListApps(ctx)
+	if err != nil {
+		return err
+	}
+	for _, other := range apps {
+		ms, err := m.Store.ListMachines(ctx, other)
+		if err != nil {
+			return err
+		}
+		for _, rec := range ms {
+			if rec.ID == self || rec.State == machine.Destroyed || rec.State == machine.Destroying {
+				continue
+			}
+			for _, svc := range config(rec).Services {
+				for _, p := range svc.Ports {
+					taken[p.Port] = use{other, rec.ID, len(p.Handlers) > 0}
+				}
+			}
+		}
+	}
+	for _, svc := range cfg.Services {
+		for _, p := range svc.Ports {
+			u, ok := taken[p.Port]
+			http := len(p.Handlers) > 0
+			switch {
+			case !ok:
+			case u.app != app && !(http && u.http):
+				return errdefs.New(errdefs.ErrConflict, "port %d is already used by app %s: a raw TCP port belongs to one app; choose another port", p.Port, u.app)
+			case http != u.http:
+				return errdefs.New(errdefs.ErrConflict, "port %d is served as %s by machine %s: services on one port must agree on handlers", p.Port, map[bool]string{true: "HTTP", false: "raw TCP"}[u.http], u.machine)
+			}
+		}
+	}
 	return nil
 }
 
@@ -157,6 +295,9 @@ func validate(cfg *api.MachineConfig) error {
 func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineRequest) (store.Machine, error) {
 	cfg := req.Config
 	if err := validate(&cfg); err != nil {
+		return store.Machine{}, err
+	}
+	if err := m.checkPorts(ctx, app, "", cfg); err != nil {
 		return store.Machine{}, err
 	}
 	if _, err := m.rootfs(ctx, cfg.Image); err != nil {
@@ -608,7 +749,16 @@ func (m *Manager) boot(rec store.Machine, cfg api.MachineConfig) (*vmrun.Instanc
 		}
 		mounts = append(mounts, mt)
 	}
-	inst, err := m.RT.Boot(m.ctx, vmrun.Spec{Rootfs: rfs.Path, CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB, Owner: id, Hostname: id, Mounts: mounts})
+	spec := vmrun.Spec{Rootfs: rfs.Path, CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB, Owner: id, Hostname: id, Mounts: mounts}
+	if m.Net != nil {
+		l, err := m.Net.Attach(m.ctx, rec.App, id)
+		if err != nil {
+			return nil, fmt.Errorf("private network: %w", err)
+		}
+		spec.NICs = []vmm.NIC{{HostDev: l.TAP, MAC: l.MAC}}
+		spec.Cmdline = l.Cmdline()
+	}
+	inst, err := m.RT.Boot(m.ctx, spec)
 	if err != nil {
 		return nil, err
 	}
@@ -743,6 +893,11 @@ func (m *Manager) destroyRecord(id string, from machine.State) error {
 		}
 	}
 	os.RemoveAll(m.LogDir(id))
+	if m.Net != nil {
+		if err := m.Net.Detach(ctx, id); err != nil {
+			m.logf("machine %s: removing its network device: %v (the next start retries)", id, err)
+		}
+	}
 	return m.Store.Transition(ctx, id, machine.Destroying, machine.Destroyed, machine.Event{Type: "destroy", Source: "kiln"})
 }
 
@@ -831,6 +986,9 @@ func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 	if err != nil {
 		return rec, err
 	}
+	if err := m.checkPorts(ctx, rec.App, id, cfg); err != nil {
+		return rec, err
+	}
 	if !reflect.DeepEqual(cfg.Mounts, config(rec).Mounts) {
 		return rec, errdefs.Invalid("config.mounts cannot change on update yet: create a new machine for other volumes")
 	}
@@ -865,6 +1023,17 @@ func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 	return m.Store.GetMachine(ctx, id)
 }
 
+// PrivateIP is the machine's address on its app's network, if it has one.
+func (m *Manager) PrivateIP(id string) string {
+	if m.Net == nil {
+		return ""
+	}
+	if l, ok := m.Net.Lookup(id); ok {
+		return l.Addr.Addr().String()
+	}
+	return ""
+}
+
 // LogDir is where a machine's output is stored.
 func (m *Manager) LogDir(id string) string { return filepath.Join(m.Dir, id) }
 
@@ -882,6 +1051,25 @@ func (m *Manager) Recover(ctx context.Context) error {
 	apps, err := m.Store.ListApps(ctx)
 	if err != nil {
 		return err
+	}
+	if m.Net != nil {
+		// Devices first: VMs about to be adopted or resumed need their TAP devices, and
+		// those of machines gone while kiln was down must go.
+		exists := map[string]bool{}
+		for _, app := range apps {
+			ms, err := m.Store.ListMachines(ctx, app)
+			if err != nil {
+				return err
+			}
+			for _, rec := range ms {
+				if rec.State != machine.Destroyed && rec.State != machine.Destroying {
+					exists[rec.ID] = true
+				}
+			}
+		}
+		if err := m.Net.Reconcile(ctx, func(id string) bool { return exists[id] }); err != nil {
+			return fmt.Errorf("restoring machines' networks: %w", err)
+		}
 	}
 	owned, err := m.RT.ListOwned()
 	if err != nil {
@@ -973,6 +1161,10 @@ func (m *Manager) Recover(ctx context.Context) error {
 				}
 			case machine.Stopping:
 				m.transition(rec.ID, machine.Stopping, machine.Stopped, "stop", nil)
+			case machine.Destroying:
+				// Kiln stopped part-way through a destroy; the steps left are safe to redo.
+				os.RemoveAll(m.LogDir(rec.ID))
+				m.transition(rec.ID, machine.Destroying, machine.Destroyed, "destroy", nil)
 			}
 		}
 	}

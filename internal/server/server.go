@@ -247,15 +247,18 @@ func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
 		if m.State == machine.Destroyed && r.URL.Query().Get("include_deleted") != "true" {
 			continue
 		}
-		out = append(out, toAPI(m, nil))
+		out = append(out, s.toAPI(m, nil))
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 
-func toAPI(m store.Machine, evs []machine.Event) api.Machine {
+func (s *Server) toAPI(m store.Machine, evs []machine.Event) api.Machine {
 	out := api.Machine{ID: m.ID, Name: m.Name, State: string(m.State), Region: "local", InstanceID: fmt.Sprintf("%s-v%d", m.ID, m.Version),
 		ExitCode: m.ExitCode, Version: m.Version, Cordoned: m.Cordoned, CreatedAt: m.CreatedAt, UpdatedAt: m.UpdatedAt}
+	if m.State != machine.Destroyed {
+		out.PrivateIP = s.Node.PrivateIP(m.ID)
+	}
 	json.Unmarshal(m.Config, &out.Config)
 	for i := len(evs) - 1; i >= 0; i-- { // newest first, as Fly lists them
 		e := evs[i]
@@ -322,7 +325,7 @@ func (s *Server) createMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, toAPI(m, nil))
+	writeJSON(w, http.StatusOK, s.toAPI(m, nil))
 	return nil
 }
 
@@ -335,7 +338,7 @@ func (s *Server) getMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, toAPI(m, evs))
+	writeJSON(w, http.StatusOK, s.toAPI(m, evs))
 	return nil
 }
 
@@ -463,7 +466,7 @@ func (s *Server) machineEvents(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, toAPI(m, evs).Events)
+	writeJSON(w, http.StatusOK, s.toAPI(m, evs).Events)
 	return nil
 }
 
@@ -603,7 +606,7 @@ func (s *Server) updateMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, toAPI(updated, nil))
+	writeJSON(w, http.StatusOK, s.toAPI(updated, nil))
 	return nil
 }
 

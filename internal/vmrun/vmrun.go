@@ -61,6 +61,8 @@ type Spec struct {
 	Owner string
 	// NICs are handed to the VMM as they are; their TAP devices belong to the caller.
 	NICs []vmm.NIC
+	// Cmdline is added to the kernel command line (the guest's network settings, say).
+	Cmdline string
 }
 
 // Timing splits a boot into its phases.
@@ -209,6 +211,9 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 	}
 	if spec.Hostname != "" {
 		cmdline += " kiln.hostname=" + spec.Hostname
+	}
+	if spec.Cmdline != "" {
+		cmdline += " " + spec.Cmdline
 	}
 	start := time.Now()
 	cfg.Cmdline, cfg.Disks = cmdline, disks

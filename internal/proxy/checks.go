@@ -1,0 +1,105 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/machine"
+)
+
+func duration(s string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(s); err == nil && d > 0 {
+		return d
+	}
+	return def
+}
+
+// check runs the health checks of started machines that are due; a machine is failing
+// while its latest round has a failure and its grace period is over.
+func (p *Proxy) check(ctx context.Context) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	for _, t := range p.targets {
+		s := p.stat(t.ID)
+		if t.State != machine.Started || s.checking || s.startedAt.IsZero() {
+			continue
+		}
+		var due []checkRun
+		for _, svc := range t.Services {
+			for _, c := range svc.Checks {
+				due = append(due, checkRun{t: t, svc: svc, c: c})
+			}
+		}
+		if len(due) == 0 {
+			continue
+		}
+		interval := duration(due[0].c.Interval, 15*time.Second)
+		if now.Sub(s.lastCheck) < interval {
+			continue
+		}
+		s.checking, s.lastCheck = true, now
+		go func() {
+			var failed error
+			for _, d := range due {
+				if err := d.run(ctx); err != nil {
+					failed = err
+					break
+				}
+			}
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			s.checking = false
+			grace := duration(due[0].c.GracePeriod, 0)
+			was := s.failing
+			s.failing = failed != nil && time.Since(s.startedAt) >= grace
+			if s.failing != was {
+				if s.failing {
+					p.logf("machine %s of app %s fails its health check: %v; it gets no traffic", t.ID, t.App, failed)
+				} else {
+					p.logf("machine %s of app %s passes its health checks again", t.ID, t.App)
+				}
+				p.broadcast()
+			}
+		}()
+	}
+}
+
+type checkRun struct {
+	t   Target
+	svc api.Service
+	c   api.Check
+}
+
+func (d checkRun) run(ctx context.Context) error {
+	timeout := duration(d.c.Timeout, 2*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	addr := net.JoinHostPort(d.t.Addr.String(), strconv.Itoa(d.svc.InternalPort))
+	if d.c.Type == "http" {
+		path := d.c.Path
+		if path == "" {
+			path = "/"
+		}
+		req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+addr+path, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode >= 400 {
+			return fmt.Errorf("GET %s answered %s", path, resp.Status)
+		}
+		return nil
+	}
+	c, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}

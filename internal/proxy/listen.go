@@ -1,0 +1,154 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strings"
+	"sync"
+	"time"
+)
+
+// portListener serves one public port: HTTP routed by Host, or raw TCP.
+type portListener struct {
+	ln   net.Listener
+	http bool
+	srv  *http.Server
+	once sync.Once
+}
+
+func (l *portListener) Close() {
+	l.once.Do(func() {
+		if l.srv != nil {
+			l.srv.Close()
+		} else {
+			l.ln.Close()
+		}
+	})
+}
+
+func (p *Proxy) listen(port int, addr string, isHTTP bool) (*portListener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	l := &portListener{ln: ln, http: isHTTP}
+	if isHTTP {
+		l.srv = &http.Server{Handler: p.httpHandler(port), ReadHeaderTimeout: 30 * time.Second}
+		go l.srv.Serve(ln)
+	} else {
+		go p.serveTCP(port, ln)
+	}
+	return l, nil
+}
+
+type leaseKey struct{}
+
+// transport dials the machine the request's lease names.
+var transport = &http.Transport{
+	DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		l := ctx.Value(leaseKey{}).(*lease)
+		return (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", l.addr())
+	},
+	MaxIdleConnsPerHost: 64,
+	IdleConnTimeout:     30 * time.Second,
+}
+
+func (p *Proxy) httpHandler(port int) http.Handler {
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) {
+			l := r.In.Context().Value(leaseKey{}).(*lease)
+			r.Out.URL.Scheme = "http"
+			r.Out.URL.Host = l.addr()
+			r.Out.Host = r.In.Host
+			r.SetXForwarded()
+		},
+		Transport: transport,
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			l := r.Context().Value(leaseKey{}).(*lease)
+			p.logf("machine %s of app %s: %v", l.target.ID, l.target.App, err)
+			http.Error(w, "the machine did not answer", http.StatusBadGateway)
+		},
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host := strings.ToLower(r.Host)
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		app, ok := strings.CutSuffix(host, "."+p.cfg.Domain)
+		if !ok || app == "" || strings.Contains(app, ".") {
+			// Says nothing about which apps exist.
+			http.Error(w, "no app is served at this address", http.StatusNotFound)
+			return
+		}
+		l, err := p.acquire(r.Context(), app, port, true)
+		if errors.Is(err, ErrNoService) {
+			http.Error(w, "no app is served at this address", http.StatusNotFound)
+			return
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		defer l.release()
+		w.Header().Set("Kiln-Machine", l.target.ID)
+		rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), leaseKey{}, l)))
+	})
+}
+
+// serveTCP pipes each connection to a machine of the app that owns the port.
+func (p *Proxy) serveTCP(port int, ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			app := p.tcpOwner(port)
+			if app == "" {
+				return
+			}
+			l, err := p.acquire(context.Background(), app, port, false)
+			if err != nil {
+				p.logf("port %d: %v", port, err)
+				return
+			}
+			defer l.release()
+			m, err := (&net.Dialer{Timeout: 5 * time.Second}).Dial("tcp", l.addr())
+			if err != nil {
+				p.logf("port %d: machine %s: %v", port, l.target.ID, err)
+				return
+			}
+			defer m.Close()
+			done := make(chan struct{})
+			go func() {
+				io.Copy(m, c)
+				if tc, ok := m.(*net.TCPConn); ok {
+					tc.CloseWrite()
+				}
+				close(done)
+			}()
+			io.Copy(c, m)
+			if tc, ok := c.(*net.TCPConn); ok {
+				tc.CloseWrite()
+			}
+			<-done
+		}()
+	}
+}
+
+// tcpOwner is the app with a raw TCP service on port.
+func (p *Proxy) tcpOwner(port int) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, t := range p.targets {
+		if _, ok := serviceOn(t, port, false); ok {
+			return t.App
+		}
+	}
+	return ""
+}
