@@ -21,6 +21,11 @@ import (
 var kilnBin string
 
 func TestMain(m *testing.M) {
+	// Servers give machines networks: bridges, TAP devices, rules and traffic stay in a
+	// network namespace of the tests' own.
+	if code, ran := testutil.InNetNS(); ran {
+		os.Exit(code)
+	}
 	code := m.Run()
 	if kilnBin != "" {
 		os.RemoveAll(filepath.Dir(kilnBin))

@@ -43,9 +43,9 @@ func freeAddr(t *testing.T) string {
 }
 
 // startServer runs `kiln server` on addr and waits until it serves.
-func startServer(t *testing.T, e *env, addr string) *kilnServer {
+func startServer(t *testing.T, e *env, addr string, extra ...string) *kilnServer {
 	t.Helper()
-	c := e.cmd("server", "--listen", addr)
+	c := e.cmd(append([]string{"server", "--listen", addr}, extra...)...)
 	var logs bytes.Buffer
 	stderr, _ := c.StderrPipe()
 	if err := c.Start(); err != nil {

@@ -1,0 +1,183 @@
+package main_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/client"
+	"github.com/kilnhq/kiln/internal/image/imagetest"
+	"github.com/kilnhq/kiln/internal/testutil"
+)
+
+// kilnDevices lists the bridges and TAP devices kiln made in the test's namespace.
+func kilnDevices(t *testing.T) []string {
+	links, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range links {
+		if n := l.Attrs().Name; strings.HasPrefix(n, "kb") || strings.HasPrefix(n, "kt") {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func kilnTables(t *testing.T) string {
+	out, err := exec.Command("nft", "list", "tables").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list tables: %v %s", err, out)
+	}
+	var kiln []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, "kiln_") {
+			kiln = append(kiln, l)
+		}
+	}
+	return strings.Join(kiln, "; ")
+}
+
+func TestNetworkAndProxy(t *testing.T) {
+	if os.Getenv("KILN_TEST_IN_NETNS") == "" {
+		t.Fatal("this test must run in its own network namespace (TestMain arranges it)")
+	}
+	e := newEnv(t)
+	addr, proxyAddr := freeAddr(t), freeAddr(t)
+	srv := startServer(t, e, addr, "--proxy-listen", proxyAddr, "--idle-timeout", "4s")
+	defer func() {
+		if srv != nil {
+			srv.stop(syscall.SIGTERM)
+			testutil.KillProcessesNaming(e.dataDir)
+			os.RemoveAll(filepath.Join(e.dataDir, "vms"))
+			os.RemoveAll(filepath.Join(e.dataDir, "locks"))
+		}
+	}()
+	ctx := context.Background()
+	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
+	tarball := filepath.Join(e.dataDir, "app.tar")
+	imagetest.WriteDockerTarball(t, imagetest.App(t), "localhost/app:1", tarball)
+	if _, errs, code := srv.kiln("", "image", "load", tarball); code != 0 {
+		t.Fatalf("image load: %s", errs)
+	}
+
+	// A web server that suspends when idle and wakes on request.
+	httpd := "echo hello from $(busybox hostname) > /data/index.html; exec busybox httpd -f -p 8080 -h /data"
+	out, errs, code := srv.kiln("", "machine", "run", "localhost/app:1", "--app", "web", "--port", "80:8080/http",
+		"--autostop", "suspend", "--autostart", "--min-running", "0", "--", "sh", "-c", httpd)
+	if code != 0 {
+		t.Fatalf("machine run: %s\n%s", errs, srv.logs)
+	}
+	web := strings.TrimSpace(out)
+	peer, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "while true; do sleep 1; done"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.CreateApp(ctx, "blog"); err != nil {
+		t.Fatal(err)
+	}
+	other, err := cl.CreateMachine(ctx, "blog", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "while true; do sleep 1; done"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []struct{ app, id string }{{"web", web}, {"web", peer.ID}, {"blog", other.ID}} {
+		if err := cl.Wait(ctx, m.app, m.id, "started", 90*time.Second); err != nil {
+			t.Fatalf("%s: %v\n%s", m.id, err, srv.logs)
+		}
+	}
+	webM, _ := cl.GetMachine(ctx, "web", web)
+	if webM.PrivateIP == "" {
+		t.Fatalf("machine has no private_ip: %+v", webM)
+	}
+
+	// A machine of the same app reaches the web server by name through kiln's resolver.
+	// (The static busybox cannot use the C library's resolver, so its nslookup resolves.)
+	name := web + ".vm.web.internal"
+	script := fmt.Sprintf("ip=$(busybox nslookup %s | busybox awk '/^Address/ {a=$NF} END {print a}'); echo resolved $ip >&2; "+
+		"for i in 1 2 3 4 5 6 7 8 9 10; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 $ip 8080 && exit 0; sleep 0.5; done; exit 1", name)
+	res, err := cl.Exec(ctx, "web", peer.ID, []string{"sh", "-c", script}, "", 60*time.Second)
+	if err != nil || res.ExitCode != 0 || !strings.Contains(res.Stdout, "hello from "+web) {
+		t.Fatalf("same-app request by name: %+v %v", res, err)
+	}
+	// A machine of another app can neither resolve the name nor reach the address.
+	res, _ = cl.Exec(ctx, "blog", other.ID, []string{"sh", "-c", "busybox nslookup " + name + "; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 " + webM.PrivateIP + " 8080"}, "", 60*time.Second)
+	if res.ExitCode == 0 || strings.Contains(res.Stdout, "hello") || strings.Contains(res.Stdout, webM.PrivateIP) {
+		t.Fatalf("another app reached web's machine: %+v", res)
+	}
+
+	// Through the proxy by Host name.
+	proxyGet := func() (int, string, string) {
+		req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
+		req.Host = "web.kiln.internal"
+		resp, err := (&http.Client{Timeout: 90 * time.Second}).Do(req)
+		if err != nil {
+			t.Fatalf("proxy: %v\n%s", err, srv.logs)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), resp.Header.Get("Kiln-Machine")
+	}
+	if code, body, from := proxyGet(); code != 200 || !strings.Contains(body, "hello from "+web) || from != web {
+		t.Fatalf("proxied request: %d %q from %q", code, body, from)
+	}
+	req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
+	req.Host = "nobody.kiln.internal"
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 404 {
+		t.Fatalf("unknown host: %v %v", resp, err)
+	}
+
+	// Idle past 4s: the proxy suspends it (min_machines_running is 0).
+	if err := cl.Wait(ctx, "web", web, "suspended", 60*time.Second); err != nil {
+		t.Fatalf("idle machine was not suspended: %v\n%s", err, srv.logs)
+	}
+	// A request to the suspended machine resumes it and is answered, not refused.
+	if code, body, _ := proxyGet(); code != 200 || !strings.Contains(body, "hello from "+web) {
+		t.Fatalf("request to a suspended machine: %d %q\n%s", code, body, srv.logs)
+	}
+	evs, _ := cl.Events(ctx, "web", web)
+	if !hasEvent(evs, "resume") || hasEvent(evs, "resume-failed-cold-boot") {
+		t.Errorf("the wake was not a resume: %+v", evs)
+	}
+
+	// kill -9 of the server: the network stays up for running machines and the restart
+	// keeps exactly what machines own.
+	srv.stop(syscall.SIGKILL)
+	before := kilnDevices(t)
+	srv = startServer(t, e, addr, "--proxy-listen", proxyAddr, "--idle-timeout", "1h")
+	cl = client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
+	if after := kilnDevices(t); strings.Join(after, ",") != strings.Join(before, ",") || len(after) != 5 {
+		t.Fatalf("devices before the crash %v, after the restart %v; want 2 bridges and 3 TAPs", before, after)
+	}
+	res, err = cl.Exec(ctx, "web", peer.ID, []string{"sh", "-c", script}, "", 60*time.Second)
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("same-app request after the restart: %+v %v", res, err)
+	}
+
+	for _, m := range []struct{ app, id string }{{"web", web}, {"web", peer.ID}, {"blog", other.ID}} {
+		if _, errs, code := srv.kiln("", "machine", "destroy", "-f", m.id); code != 0 {
+			t.Fatalf("destroy %s: %s", m.id, errs)
+		}
+	}
+	if left := kilnDevices(t); len(left) != 0 {
+		t.Errorf("devices left after destroying every machine: %v", left)
+	}
+	if tables := kilnTables(t); tables != "" {
+		t.Errorf("nftables tables left: %s", tables)
+	}
+	srv.stop(syscall.SIGTERM)
+	srv = nil
+}
