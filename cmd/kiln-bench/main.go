@@ -159,6 +159,9 @@ func run(out string, boots, execs int) error {
 	if err := benchMachines(ctx, rt, work, add); err != nil {
 		return fmt.Errorf("machines: %w", err)
 	}
+	if err := benchProxy(ctx, add); err != nil {
+		return fmt.Errorf("proxy: %w", err)
+	}
 
 	printTable(os.Stdout, rep)
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {

@@ -4,16 +4,19 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/client"
@@ -50,13 +53,92 @@ func kilnTables(t *testing.T) string {
 	return strings.Join(kiln, "; ")
 }
 
+const (
+	egressAddr  = "192.0.2.9" // the host's second address on the outside link: machines' source
+	outsideAddr = "192.0.2.2" // a listener in another namespace standing for the Internet
+)
+
+// newOutside makes a second network namespace joined to the tests' one by a veth pair,
+// with a TCP listener on outsideAddr:9000 that reports each connection's source address.
+func newOutside(t *testing.T) <-chan string {
+	t.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	home, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer home.Close()
+	out, err := netns.New() // this thread is now in the new namespace
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lo, err := netlink.LinkByName("lo"); err == nil {
+		netlink.LinkSetUp(lo)
+	}
+	netns.Set(home)
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "kout0"}, PeerName: "kout1"}
+	if err := netlink.LinkAdd(veth); err != nil {
+		t.Fatal(err)
+	}
+	peer, _ := netlink.LinkByName("kout1")
+	if err := netlink.LinkSetNsFd(peer, int(out)); err != nil {
+		t.Fatal(err)
+	}
+	host, _ := netlink.LinkByName("kout0")
+	for _, a := range []string{"192.0.2.1/24", egressAddr + "/24"} {
+		ip, _ := netlink.ParseAddr(a)
+		if err := netlink.AddrAdd(host, ip); err != nil {
+			t.Fatal(err)
+		}
+	}
+	netlink.LinkSetUp(host)
+	h, err := netlink.NewHandleAt(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	inner, err := h.LinkByName("kout1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip, _ := netlink.ParseAddr(outsideAddr + "/24")
+	h.AddrAdd(inner, ip)
+	h.LinkSetUp(inner)
+	// No route back to the machines' network: only translated traffic can be answered.
+	netns.Set(out)
+	ln, err := net.Listen("tcp", outsideAddr+":9000")
+	netns.Set(home)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ln.Close()
+		out.Close()
+		netlink.LinkDel(host)
+	})
+	from := make(chan string, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			from <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+			c.Close()
+		}
+	}()
+	return from
+}
+
 func TestNetworkAndProxy(t *testing.T) {
 	if os.Getenv("KILN_TEST_IN_NETNS") == "" {
 		t.Fatal("this test must run in its own network namespace (TestMain arranges it)")
 	}
 	e := newEnv(t)
+	outside := newOutside(t)
 	addr, proxyAddr := freeAddr(t), freeAddr(t)
-	srv := startServer(t, e, addr, "--proxy-listen", proxyAddr, "--idle-timeout", "4s")
+	srv := startServer(t, e, addr, "--proxy-listen", proxyAddr, "--idle-timeout", "4s", "--egress", egressAddr)
 	defer func() {
 		if srv != nil {
 			srv.stop(syscall.SIGTERM)
@@ -117,6 +199,31 @@ func TestNetworkAndProxy(t *testing.T) {
 	res, _ = cl.Exec(ctx, "blog", other.ID, []string{"sh", "-c", "busybox nslookup " + name + "; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 " + webM.PrivateIP + " 8080"}, "", 60*time.Second)
 	if res.ExitCode == 0 || strings.Contains(res.Stdout, "hello") || strings.Contains(res.Stdout, webM.PrivateIP) {
 		t.Fatalf("another app reached web's machine: %+v", res)
+	}
+
+	// Egress leaves through NAT from the configured source address.
+	res, err = cl.Exec(ctx, "web", peer.ID, []string{"sh", "-c", "echo out | busybox nc -w 5 " + outsideAddr + " 9000"}, "", 60*time.Second)
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("egress connection: %+v %v", res, err)
+	}
+	select {
+	case from := <-outside:
+		if from != egressAddr {
+			t.Errorf("the outside saw the connection come from %s, want the egress address %s", from, egressAddr)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the outside listener saw no connection")
+	}
+
+	// A raw TCP port cannot take a port another app serves.
+	if _, errs, code := srv.kiln("", "machine", "run", "localhost/app:1", "--app", "blog", "--port", "80:5432"); code == 0 || !strings.Contains(errs, "port 80 is already used by app web") {
+		t.Errorf("port taken by another app: exit %d, %s", code, errs)
+	}
+	for _, bad := range [][]string{{"--port", "80"}, {"--port", "80:8080/udp"}, {"--port", "80:8080", "--autostop", "sometimes"}, {"--autostop", "stop"}} {
+		args := append([]string{"machine", "run", "localhost/app:1", "--app", "blog"}, bad...)
+		if _, errs, code := srv.kiln("", args...); code == 0 || !strings.Contains(errs, strings.TrimPrefix(bad[len(bad)-2], "--")) {
+			t.Errorf("%v: exit %d, %s", bad, code, errs)
+		}
 	}
 
 	// Through the proxy by Host name.

@@ -101,8 +101,14 @@ func (f *fakeMachines) halt(id string, to machine.State) {
 	f.stops[id] = string(to)
 }
 
-func (f *fakeMachines) Stop(_ context.Context, id string) error    { f.halt(id, machine.Stopped); return nil }
-func (f *fakeMachines) Suspend(_ context.Context, id string) error { f.halt(id, machine.Suspended); return nil }
+func (f *fakeMachines) Stop(_ context.Context, id string) error {
+	f.halt(id, machine.Stopped)
+	return nil
+}
+func (f *fakeMachines) Suspend(_ context.Context, id string) error {
+	f.halt(id, machine.Suspended)
+	return nil
+}
 
 func startProxy(t *testing.T, f *fakeMachines, idle time.Duration) *Proxy {
 	p := New(f, Config{HTTPAddr: "127.0.0.1:0", IdleTimeout: idle, WakeTimeout: 10 * time.Second, Refresh: 20 * time.Millisecond})
