@@ -82,7 +82,8 @@ func benchProxy(ctx context.Context, add func(string, float64, string, string)) 
 		q    float64
 	}{{"p50", 0.50}, {"p99", 0.99}} {
 		d, x := pct(direct, p.q), pct(proxied, p.q)
-		add("proxy_request_"+p.name, ms(x), "ms", fmt.Sprintf("direct %.3f ms; overhead %.3f ms (%d keep-alive requests, local backend)", ms(d), ms(x-d), n))
+		us := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 }
+		add("proxy_request_"+p.name, us(x), "µs", fmt.Sprintf("direct %.0f µs; overhead %.0f µs (%d keep-alive requests, local backend)", us(d), us(x-d), n))
 	}
 	return nil
 }

@@ -87,8 +87,9 @@ type MemBackend struct {
 type SnapshotLoad struct {
 	SnapshotPath        string      `json:"snapshot_path"`
 	MemBackend          *MemBackend `json:"mem_backend,omitempty"`
-	MemFilePath         string      `json:"mem_file_path,omitempty"` // deprecated form
-	EnableDiffSnapshots bool        `json:"enable_diff_snapshots,omitempty"`
+	MemFilePath         string      `json:"mem_file_path,omitempty"`         // deprecated form
+	EnableDiffSnapshots bool        `json:"enable_diff_snapshots,omitempty"` // before Firecracker 1.8
+	TrackDirtyPages     *bool       `json:"track_dirty_pages,omitempty"`
 	ResumeVM            bool        `json:"resume_vm,omitempty"`
 }
 

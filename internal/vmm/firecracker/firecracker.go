@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -20,6 +21,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
@@ -85,7 +88,13 @@ type vm struct {
 	api   *client
 	vsock string // host path of the vsock Unix socket
 	jail  string // the jail's directory, removed by Destroy; "" unless jailed
+	// base is the memory file this VM was restored from, moved out of the snapshot
+	// directory; the next snapshot is a Diff merged onto it. "" for a booted VM.
+	base string
 }
+
+// baseMemory is where a restored VM's memory file waits for the next (Diff) snapshot.
+const baseMemory = "memory.base"
 
 var _ vmm.VM = (*vm)(nil)
 var _ vmm.Snapshotter = (*vm)(nil)
@@ -184,12 +193,14 @@ func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 	if d.Jailer != nil {
 		path, vsockPath = d.Jailer.inside, "/"+vsockSock
 	}
-	smt := false
+	smt, track := false, true
 	steps := []struct {
 		method, path string
 		body         any
 	}{
-		{"PUT", "/machine-config", MachineConfig{VCPUCount: cfg.CPUs, MemSizeMib: cfg.MemoryMiB, SMT: &smt}},
+		// Dirty pages are tracked so that a resumed machine's next suspend writes only
+		// what changed (a Diff snapshot).
+		{"PUT", "/machine-config", MachineConfig{VCPUCount: cfg.CPUs, MemSizeMib: cfg.MemoryMiB, SMT: &smt, TrackDirtyPages: &track}},
 		{"PUT", "/boot-source", BootSource{KernelImagePath: path(cfg.Kernel), InitrdPath: path(cfg.Initramfs), BootArgs: Cmdline(cfg)}},
 	}
 	for i, disk := range cfg.Disks {
@@ -227,6 +238,9 @@ func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
 		sock, vs, jail = filepath.Join(root, apiSock), filepath.Join(root, vsockSock), d.Jailer.dir(h.ID)
 	}
 	v := &vm{Process: vmm.AttachProcess(h.PID, h.PIDStart), h: h, api: newClient(sock), vsock: vs, jail: jail}
+	if _, err := os.Stat(filepath.Join(h.Dir, baseMemory)); err == nil {
+		v.base = filepath.Join(h.Dir, baseMemory) // restored from a snapshot: the next is a Diff
+	}
 	if !vmm.Alive(h.PID, h.PIDStart) {
 		return v, nil
 	}
@@ -258,7 +272,10 @@ func (v *vm) Resume(ctx context.Context) error {
 	return v.api.do(ctx, "PATCH", "/vm", VMState{State: "Resumed"}, nil)
 }
 
-// Snapshot pauses the VM and writes a full snapshot: dir/vmstate and dir/memory.
+// Snapshot pauses the VM and writes dir/vmstate and dir/memory. A VM booted from scratch
+// gets a Full snapshot. A VM restored from one gets a Diff: only the pages written
+// since the restore, merged onto the memory file it was restored from, so a machine
+// that suspends again and again writes what it changed, not all its RAM.
 func (v *vm) Snapshot(ctx context.Context, dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -266,29 +283,101 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 	if err := v.Pause(ctx); err != nil {
 		return err
 	}
+	mem := filepath.Join(dir, "memory")
+	if v.base != "" {
+		diff := filepath.Join(dir, "memory.diff")
+		err := v.api.do(ctx, "PUT", "/snapshot/create", SnapshotCreate{
+			SnapshotType: "Diff", SnapshotPath: filepath.Join(dir, "vmstate"), MemFilePath: diff,
+		}, nil)
+		if err == nil {
+			err = MergeDiff(v.base, diff)
+		}
+		os.Remove(diff)
+		if err == nil {
+			err = os.Rename(v.base, mem)
+		}
+		if err == nil {
+			v.base = ""
+			return nil
+		}
+		// The base is of no use now: write everything.
+		os.Remove(v.base)
+		v.base = ""
+	}
 	return v.api.do(ctx, "PUT", "/snapshot/create", SnapshotCreate{
 		SnapshotType: "Full",
 		SnapshotPath: filepath.Join(dir, "vmstate"),
-		MemFilePath:  filepath.Join(dir, "memory"),
+		MemFilePath:  mem,
 	}, nil)
+}
+
+// MergeDiff writes the data of a Diff snapshot's memory file (a sparse file of the
+// guest's size holding only dirty pages) over the base memory file at the same offsets.
+func MergeDiff(base, diff string) error {
+	d, err := os.Open(diff)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	b, err := os.OpenFile(base, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	st, err := d.Stat()
+	if err != nil {
+		b.Close()
+		return err
+	}
+	for off := int64(0); off < st.Size(); {
+		data, err := unix.Seek(int(d.Fd()), off, unix.SEEK_DATA)
+		if err == unix.ENXIO {
+			break // only holes from here on
+		}
+		if err != nil {
+			b.Close()
+			return fmt.Errorf("reading %s: %w", diff, err)
+		}
+		hole, err := unix.Seek(int(d.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			b.Close()
+			return fmt.Errorf("reading %s: %w", diff, err)
+		}
+		if _, err := io.Copy(io.NewOffsetWriter(b, data), io.NewSectionReader(d, data, hole-data)); err != nil {
+			b.Close()
+			return fmt.Errorf("merging %s into %s: %w", diff, base, err)
+		}
+		off = hole
+	}
+	if err := b.Sync(); err != nil {
+		b.Close()
+		return err
+	}
+	return b.Close()
 }
 
 // Restore starts a new Firecracker from a snapshot written by Snapshot and resumes it.
 // cfg must name the snapshotted VM's directory: the vsock socket path comes from the
-// snapshot.
+// snapshot. The memory file moves to the VM's directory as the base of the next Diff
+// (Firecracker maps it; the move does not disturb the mapping).
 func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.VM, error) {
 	v, err := d.start(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
+	track := true
 	err = v.api.do(ctx, "PUT", "/snapshot/load", SnapshotLoad{
-		SnapshotPath: filepath.Join(dir, "vmstate"),
-		MemBackend:   &MemBackend{BackendType: "File", BackendPath: filepath.Join(dir, "memory")},
-		ResumeVM:     true,
+		SnapshotPath:    filepath.Join(dir, "vmstate"),
+		MemBackend:      &MemBackend{BackendType: "File", BackendPath: filepath.Join(dir, "memory")},
+		TrackDirtyPages: &track,
+		ResumeVM:        true,
 	}, nil)
 	if err != nil {
 		v.Destroy(context.WithoutCancel(ctx))
 		return nil, err
+	}
+	base := filepath.Join(cfg.Dir, baseMemory)
+	if os.Rename(filepath.Join(dir, "memory"), base) == nil {
+		v.base = base
 	}
 	return v, nil
 }
@@ -302,7 +391,7 @@ func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
 // Destroy kills Firecracker and removes the driver's files from the VM's directory.
 func (v *vm) Destroy(ctx context.Context) error {
 	err := v.Kill(ctx)
-	if rerr := vmm.RemoveFiles(v.h.Dir, apiSock, vsockSock, consoleLog, vmmLog); err == nil {
+	if rerr := vmm.RemoveFiles(v.h.Dir, apiSock, vsockSock, consoleLog, vmmLog, baseMemory); err == nil {
 		err = rerr
 	}
 	if v.jail != "" {

@@ -1,13 +1,16 @@
 package firecracker_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/testutil"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmm/firecracker"
@@ -70,5 +73,90 @@ func TestMissingBinary(t *testing.T) {
 	_, err := d.Create(context.Background(), vmm.Config{ID: "x", Dir: t.TempDir(), CPUs: 1, MemoryMiB: 256, Kernel: "/bin/true", Accel: vmm.AccelKVM})
 	if !errors.Is(err, errdefs.ErrMissingDependency) {
 		t.Errorf("err = %v", err)
+	}
+}
+
+// A machine that suspends, resumes and suspends again writes a Full snapshot, then a Diff
+// merged onto the memory it was restored from; it resumes from that the same VM.
+func TestDiffSnapshotAfterResume(t *testing.T) {
+	testutil.RequireQEMU(t)
+	bin := testutil.GoBuild(t, "./internal/vmm/firecracker/fctest/fake-firecracker", testutil.TempDir(t))
+	rt := testutil.Runtime(t, &firecracker.Driver{Binary: bin})
+	rt.Accel = vmm.AccelKVM
+	ctx := context.Background()
+	inst, err := rt.Boot(ctx, vmrun.Spec{CPUs: 1, MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Destroy(ctx)
+	st, err := inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"sh", "-c", "echo kept > /tmp/mark"}}, guest.IO{})
+	if err != nil || st.Code != 0 {
+		t.Fatalf("exec: %+v %v", st, err)
+	}
+	logOf := func() string {
+		b, _ := os.ReadFile(filepath.Join(inst.Dir, "vmm.log"))
+		return string(b)
+	}
+	if err := inst.Suspend(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logOf(), "snapshot created: Full") {
+		t.Fatalf("first snapshot was not Full:\n%s", logOf())
+	}
+	if err := inst.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(inst.Dir, "memory.base")); err != nil {
+		t.Fatalf("the restored memory file was not kept as the base of the next Diff: %v", err)
+	}
+	if err := inst.Suspend(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logOf(), "snapshot created: Diff") {
+		t.Fatalf("second snapshot was not a Diff:\n%s", logOf())
+	}
+	if _, err := os.Stat(filepath.Join(inst.SnapshotDir(), "memory.diff")); !os.IsNotExist(err) {
+		t.Error("the Diff file was left after merging")
+	}
+	if err := inst.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	st, err = inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"cat", "/tmp/mark"}}, guest.IO{Stdout: &out})
+	if err != nil || st.Code != 0 || out.String() != "kept\n" {
+		t.Fatalf("after the Diff resume: %q %+v %v", out.String(), st, err)
+	}
+}
+
+// MergeDiff copies a sparse Diff's data over the base at the same offsets and leaves the
+// rest of the base alone.
+func TestMergeDiff(t *testing.T) {
+	dir := t.TempDir()
+	base, diff := filepath.Join(dir, "base"), filepath.Join(dir, "diff")
+	const size = 8 << 20
+	want := make([]byte, size)
+	for i := range want {
+		want[i] = 'b'
+	}
+	if err := os.WriteFile(base, want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(diff)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(size)
+	for _, off := range []int64{0, 3<<20 + 4096, size - 4096} {
+		page := []byte(strings.Repeat("d", 4096))
+		f.WriteAt(page, off)
+		copy(want[off:], page)
+	}
+	f.Close()
+	if err := firecracker.MergeDiff(base, diff); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(base)
+	if !bytes.Equal(got, want) {
+		t.Fatal("merged memory differs from the expected pages")
 	}
 }

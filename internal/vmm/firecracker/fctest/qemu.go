@@ -219,7 +219,22 @@ func (b *QEMUBackend) SnapshotCreate(c fc.SnapshotCreate) error {
 	}
 	b.mu.Lock()
 	meta, _ := json.Marshal(snapshotMeta{Config: b.cfg, Vsock: b.vsock})
+	mem := int64(b.cfg.MemoryMiB) << 20
 	b.mu.Unlock()
+	// Guest memory is in QEMU's own file beside it; Firecracker's memory file (Full or
+	// Diff) is written as a file of the guest's size with no data, so that what merges
+	// Diffs onto a base file runs here too.
+	f, err := os.Create(c.MemFilePath)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(mem); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
 	return os.WriteFile(c.SnapshotPath, meta, 0o644)
 }
 

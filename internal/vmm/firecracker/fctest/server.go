@@ -8,6 +8,7 @@ package fctest
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -44,11 +45,14 @@ type Server struct {
 	Backend Backend
 	// Calls records every request line, for tests that check the order of calls.
 	Calls []string
+	// Log, if set, gets a line for each snapshot written, with its type.
+	Log io.Writer
 
 	mu      sync.Mutex
 	cfg     Config
 	state   string // "Not started", "Running", "Paused"
 	touched bool   // any pre-boot configuration done (forbids snapshot/load)
+	dirty   bool   // dirty pages tracked: Diff snapshots allowed
 }
 
 // NewServer returns a server for a VM that has not started.
@@ -121,6 +125,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		s.cfg.Machine, s.touched = m, true
+		s.dirty = m.TrackDirtyPages != nil && *m.TrackDirtyPages
 	case r.Method == "PUT" && path == "/boot-source":
 		var b fc.BootSource
 		if err := decode(r, &b); err != nil {
@@ -276,9 +281,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fault(w, 400, "snapshot_path and mem_file_path are required; snapshot_type is Full or Diff.")
 			return
 		}
+		if c.SnapshotType == "Diff" && !s.dirty {
+			fault(w, 400, "Create snapshot error: Diff snapshots are not enabled: set track_dirty_pages in the machine config or when loading the snapshot.")
+			return
+		}
 		if err := s.Backend.SnapshotCreate(c); err != nil {
 			fault(w, 400, "Create snapshot error: %v", err)
 			return
+		}
+		if s.Log != nil {
+			fmt.Fprintf(s.Log, "snapshot created: %s\n", cmp.Or(c.SnapshotType, "Full"))
 		}
 	case r.Method == "PUT" && path == "/snapshot/load":
 		var l fc.SnapshotLoad
@@ -298,10 +310,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fault(w, 400, "unknown variant `%s`, expected `File` or `Uffd`", l.MemBackend.BackendType)
 			return
 		}
+		if l.EnableDiffSnapshots && l.TrackDirtyPages != nil {
+			fault(w, 400, "enable_diff_snapshots is deprecated: give only track_dirty_pages.")
+			return
+		}
 		if err := s.Backend.SnapshotLoad(l); err != nil {
 			fault(w, 400, "Load snapshot error: %v", err)
 			return
 		}
+		s.dirty = l.EnableDiffSnapshots || (l.TrackDirtyPages != nil && *l.TrackDirtyPages)
 		s.state = "Paused"
 		if l.ResumeVM {
 			s.state = "Running"

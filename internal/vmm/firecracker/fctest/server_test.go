@@ -58,6 +58,7 @@ func TestAPIRules(t *testing.T) {
 		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/s","mem_file_path":"/m"}`, 400, "must be paused"},
 		{"PATCH", "/vm", `{"state":"Paused"}`, 204, ""},
 		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/s"}`, 400, "mem_file_path"},
+		{"PUT", "/snapshot/create", `{"snapshot_type":"Diff","snapshot_path":"/s","mem_file_path":"/m"}`, 400, "Diff snapshots are not enabled"},
 		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/s","mem_file_path":"/m"}`, 204, ""},
 		{"PATCH", "/vm", `{"state":"Resumed"}`, 204, ""},
 		{"PUT", "/actions", `{"action_type":"SendCtrlAltDel"}`, 204, ""},

@@ -27,7 +27,9 @@ func main() {
 		os.Exit(1)
 	}
 	b := &fctest.QEMUBackend{ID: *id, Dir: filepath.Join(filepath.Dir(*sock), "fc-qemu"), Console: os.Stdout}
-	srv := &http.Server{Handler: fctest.NewServer(*id, b)}
+	api := fctest.NewServer(*id, b)
+	api.Log = os.Stderr
+	srv := &http.Server{Handler: api}
 	go srv.Serve(ln)
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
