@@ -411,6 +411,19 @@ func (c *Client) Follow(ctx context.Context, id string, offset int64, follow boo
 	}
 }
 
+// Connect opens a connection to the Unix socket at path inside the guest.
+func (c *Client) Connect(ctx context.Context, path string) (net.Conn, error) {
+	s, err := c.open(ctx, Header{Op: OpConnect, Path: path})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.readReply(ctx, s, &Reply{}); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
 // SignalSupervised delivers sig to supervised process id.
 func (c *Client) SignalSupervised(ctx context.Context, id string, sig int) error {
 	s, err := c.open(ctx, Header{Op: OpSignal, ID: id, Signal: sig})

@@ -54,6 +54,9 @@ const (
 	// OpSetTime sets the guest's wall clock to Header.Time (Unix nanoseconds): a VM
 	// restored from a snapshot wakes up with the clock it was saved with.
 	OpSetTime Op = "set_time"
+	// OpConnect connects the stream to the Unix socket at Header.Path in the guest (a
+	// daemon's API, such as buildkitd's); after the reply the stream carries its bytes.
+	OpConnect Op = "connect"
 )
 
 // Header opens every stream.

@@ -129,6 +129,8 @@ func (a *Agent) handle(s *yamux.Stream) {
 			return
 		}
 		reply(s, guest.Reply{})
+	case guest.OpConnect:
+		connect(s, h.Path)
 	case guest.OpReadFile:
 		readFile(s, h.Path)
 	case guest.OpWriteFile:
@@ -527,4 +529,32 @@ func codeOf(err error) guest.ErrCode {
 		return guest.CodeInvalid
 	}
 	return guest.CodeInternal
+}
+
+// connect pipes the stream to a Unix socket in the guest until either side closes.
+func connect(s net.Conn, path string) {
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		code := guest.CodeInternal
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED) {
+			code = guest.CodeNotFound
+		}
+		replyErr(s, code, "connecting to %s: %v", path, err)
+		return
+	}
+	defer c.Close()
+	if err := reply(s, guest.Reply{}); err != nil {
+		return
+	}
+	done := make(chan struct{})
+	go func() {
+		io.Copy(c, s)
+		if uc, ok := c.(*net.UnixConn); ok {
+			uc.CloseWrite()
+		}
+		close(done)
+	}()
+	io.Copy(s, c)
+	s.Close()
+	<-done
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -183,6 +184,40 @@ func TestFiles(t *testing.T) {
 	}
 	if err := c.WriteFile(ctx, "relative", 0, strings.NewReader("")); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Errorf("relative path: %v", err)
+	}
+}
+
+// Connect reaches a Unix socket in the guest and carries bytes both ways; a socket that
+// is not there is a not-found error.
+func TestConnect(t *testing.T) {
+	c := connect(t)
+	ctx := context.Background()
+	sock := filepath.Join(t.TempDir(), "d.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		io.Copy(conn, conn) // echo
+		conn.Close()
+	}()
+	conn, err := c.Connect(ctx, sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Write([]byte("ping"))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("echo: %q %v", buf, err)
+	}
+	conn.Close()
+	if _, err := c.Connect(ctx, sock+".missing"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("missing socket: %v", err)
 	}
 }
 
