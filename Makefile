@@ -18,9 +18,16 @@ setup: deps build assets
 deps:
 	./scripts/setup.sh
 
-build:
+build: bin/buildkitd
 	$(GO) build -o bin/kiln ./cmd/kiln
 	$(GO) build -o bin/kiln-init ./cmd/kiln-init
+
+# buildkitd for builder VMs, from the BuildKit release pinned in tools/buildkitd (a module
+# of its own: BuildKit's exclude directives apply only in a main module).
+BUILDKIT_VERSION := $(shell awk '$$1 == "require" && $$2 == "github.com/moby/buildkit" {print $$3}' tools/buildkitd/go.mod)
+bin/buildkitd: tools/buildkitd/go.mod tools/buildkitd/go.sum
+	cd tools/buildkitd && $(GO) build -trimpath -ldflags "-s -w -X github.com/moby/buildkit/version.Version=$(BUILDKIT_VERSION)" \
+	  -o ../../bin/buildkitd github.com/moby/buildkit/cmd/buildkitd
 
 assets: build
 	./bin/kiln assets build

@@ -254,3 +254,60 @@ type MetadataValue struct {
 
 // LeaseHeader carries a lease's nonce.
 const LeaseHeader = "fly-machine-lease-nonce"
+
+// BuildSpec is what a build is asked to do; the context travels beside it.
+type BuildSpec struct {
+	// Dockerfile is the Dockerfile's path inside the context (default "Dockerfile").
+	Dockerfile string            `json:"dockerfile,omitempty"`
+	Target     string            `json:"target,omitempty"`
+	Tags       []string          `json:"tags,omitempty"`
+	BuildArgs  map[string]string `json:"build_args,omitempty"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	// Branch, when set, lets a newer build of the same project and branch cancel this
+	// one (unless NoSupersede).
+	Branch      string `json:"branch,omitempty"`
+	GitRef      string `json:"git_ref,omitempty"`
+	NoSupersede bool   `json:"no_supersede,omitempty"`
+	// SecretIDs names the secrets sent with the request; their values are never stored.
+	SecretIDs []string `json:"secret_ids,omitempty"`
+}
+
+// StepTiming is one build step as BuildKit reported it.
+type StepTiming struct {
+	Name   string `json:"name"`
+	Cached bool   `json:"cached"`
+	Millis int64  `json:"ms"`
+}
+
+// Build is a build as the API shows it.
+type Build struct {
+	ID      string    `json:"id"`
+	Project string    `json:"project"`
+	State   string    `json:"state"` // queued, running, succeeded, failed, canceled
+	Spec    BuildSpec `json:"spec"`
+	// Attempt counts the runs so far; infrastructure failures are retried.
+	Attempt int `json:"attempt"`
+	// QueuePosition is the build's place among queued builds (1 = next), while queued.
+	QueuePosition int `json:"queue_position,omitempty"`
+	BuildResult
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// BuildResult is what a build did.
+type BuildResult struct {
+	Image  string   `json:"image,omitempty"` // digest in kiln's registry
+	Pushed []string `json:"pushed,omitempty"`
+	Error  string   `json:"error,omitempty"`
+	// Failure says whose failure ended the build: "code" (the Dockerfile or a step) or
+	// "infrastructure" (after the retries).
+	Failure string `json:"failure,omitempty"`
+	// Retries explains each infrastructure failure that was retried.
+	Retries      []string     `json:"retries,omitempty"`
+	CachedSteps  int          `json:"cached_steps"`
+	TotalSteps   int          `json:"total_steps"`
+	Steps        []StepTiming `json:"steps,omitempty"`
+	BuilderReady int64        `json:"builder_ready_ms,omitempty"` // 0: the builder was warm
+	DurationMS   int64        `json:"duration_ms,omitempty"`
+	LogTruncated bool         `json:"log_truncated,omitempty"`
+}

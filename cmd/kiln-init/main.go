@@ -317,6 +317,9 @@ func mountRoot(cfg config) error {
 	unix.Mount("tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777")
 	os.MkdirAll("/run", 0o755)
 	unix.Mount("tmpfs", "/run", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755")
+	// cgroup v2, for container runtimes in the guest (runc under buildkitd).
+	os.MkdirAll("/sys/fs/cgroup", 0o755)
+	unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
 	return nil
 }
 

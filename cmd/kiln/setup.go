@@ -16,12 +16,19 @@ import (
 )
 
 // initBinary finds kiln-init: KILN_INIT, or beside this executable.
-func initBinary() string {
-	if p := os.Getenv("KILN_INIT"); p != "" {
+func initBinary() string { return besideKiln("KILN_INIT", "kiln-init") }
+
+// buildkitdBinary finds the buildkitd that builder VMs run: KILN_BUILDKITD, or beside
+// this executable (`make build` puts it in bin/).
+func buildkitdBinary() string { return besideKiln("KILN_BUILDKITD", "buildkitd") }
+
+// besideKiln is $env if set, else name in this executable's directory if it is there.
+func besideKiln(env, name string) string {
+	if p := os.Getenv(env); p != "" {
 		return p
 	}
 	if exe, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(exe), "kiln-init")
+		p := filepath.Join(filepath.Dir(exe), name)
 		if _, err := os.Stat(p); err == nil {
 			return p
 		}

@@ -165,6 +165,17 @@ func (o Options) ensureRootfs(ctx context.Context) (string, error) {
 // BuildRootfs debootstraps a minimal Debian into a temporary directory under dst's
 // directory and packs it into an ext4 image at dst.
 func BuildRootfs(ctx context.Context, dst, mirror string, log io.Writer) error {
+	return buildRootfs(ctx, dst, recipe{what: "the default root filesystem"}, mirror, log)
+}
+
+// recipe is what goes into a root filesystem beyond debootstrap's minimal base.
+type recipe struct {
+	what    string
+	include []string          // Debian packages
+	files   map[string]string // path in the tree → host file, copied executable
+}
+
+func buildRootfs(ctx context.Context, dst string, r recipe, mirror string, log io.Writer) error {
 	deb, err := exec.LookPath("debootstrap")
 	if err != nil {
 		if _, serr := os.Stat("/usr/sbin/debootstrap"); serr != nil {
@@ -180,9 +191,13 @@ func BuildRootfs(ctx context.Context, dst, mirror string, log io.Writer) error {
 		return err
 	}
 	defer os.RemoveAll(tree)
-	fmt.Fprintf(log, "building the default root filesystem (debootstrap %s %s); this takes a minute or two\n", RootfsVariant, RootfsSuite)
+	fmt.Fprintf(log, "building %s (debootstrap %s %s); this takes a minute or two\n", r.what, RootfsVariant, RootfsSuite)
 	start := time.Now()
-	cmd := exec.CommandContext(ctx, deb, "--variant="+RootfsVariant, RootfsSuite, tree, mirror)
+	args := []string{"--variant=" + RootfsVariant}
+	if len(r.include) > 0 {
+		args = append(args, "--include="+strings.Join(r.include, ","))
+	}
+	cmd := exec.CommandContext(ctx, deb, append(args, RootfsSuite, tree, mirror)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		tail := string(out)
@@ -201,6 +216,11 @@ func BuildRootfs(ctx context.Context, dst, mirror string, log io.Writer) error {
 		}
 	}
 	os.WriteFile(filepath.Join(tree, "etc/hostname"), []byte("kiln\n"), 0o644)
+	for dst, src := range r.files {
+		if err := copyFile(src, filepath.Join(tree, dst), 0o755); err != nil {
+			return err
+		}
+	}
 	size, err := dirSize(tree)
 	if err != nil {
 		return err
@@ -215,7 +235,7 @@ func BuildRootfs(ctx context.Context, dst, mirror string, log io.Writer) error {
 	if err := os.Rename(tmp, dst); err != nil {
 		return err
 	}
-	fmt.Fprintf(log, "root filesystem ready in %s: %s\n", time.Since(start).Round(time.Second), dst)
+	fmt.Fprintf(log, "%s ready in %s: %s\n", r.what, time.Since(start).Round(time.Second), dst)
 	return nil
 }
 
@@ -229,4 +249,61 @@ func dirSize(dir string) (int64, error) {
 		return nil
 	})
 	return n, err
+}
+
+func copyFile(src, dst string, mode os.FileMode) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// BuilderPackages are the Debian packages a builder VM needs beside buildkitd: runc runs
+// each build step, ca-certificates lets steps fetch over TLS where the network allows.
+var BuilderPackages = []string{"runc", "ca-certificates"}
+
+// BuilderRootfsPath is where the builder root filesystem for a buildkitd binary is cached.
+func BuilderRootfsPath(dir, buildkitd string) (string, error) {
+	sum, err := hashFile(buildkitd)
+	if err != nil {
+		return "", errdefs.New(errdefs.ErrMissingDependency, "buildkitd not found at %s: run `make setup` (it builds bin/buildkitd)", buildkitd)
+	}
+	key := hashStrings(append([]string{RootfsSuite, RootfsVariant, rootfsRecipe, "builder", sum}, BuilderPackages...)...)
+	return filepath.Join(dir, "builder-rootfs-"+key+".ext4"), nil
+}
+
+// EnsureBuilder returns the builder root filesystem: the minimal Debian plus runc and
+// the given buildkitd, built on first use when o.BuildRootfs allows it.
+func EnsureBuilder(ctx context.Context, o Options, buildkitd string) (string, error) {
+	if o.Log == nil {
+		o.Log = io.Discard
+	}
+	dst, err := BuilderRootfsPath(o.Dir, buildkitd)
+	if err != nil {
+		return "", err
+	}
+	if _, err := volume.Inspect(dst); err == nil {
+		return dst, nil
+	}
+	if !o.BuildRootfs {
+		return "", errdefs.New(errdefs.ErrMissingDependency, "the builder root filesystem is not built yet: run `make setup` (or `kiln assets build`)")
+	}
+	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
+		return "", err
+	}
+	return dst, buildRootfs(ctx, dst, recipe{what: "the builder root filesystem", include: BuilderPackages,
+		files: map[string]string{"usr/local/bin/buildkitd": buildkitd}}, o.Mirror, o.Log)
 }

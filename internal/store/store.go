@@ -104,3 +104,33 @@ type Store interface {
 	Snapshot(ctx context.Context, app, id string) (Snapshot, error)
 	Close() error
 }
+
+// Build is a build's record. Spec is what was asked for and Result what happened, both
+// owned by the build service; State changes only through Builds.UpdateBuild's compare
+// and swap.
+type Build struct {
+	ID        string          `json:"id"`
+	Project   string          `json:"project"`
+	Branch    string          `json:"branch,omitempty"`
+	State     string          `json:"state"`
+	Attempt   int             `json:"attempt"`
+	Spec      json.RawMessage `json:"spec"`
+	Result    json.RawMessage `json:"result"`
+	NotBefore time.Time       `json:"not_before"`
+	CreatedAt time.Time       `json:"created_at"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// Builds persists builds and their queue.
+type Builds interface {
+	CreateBuild(ctx context.Context, b Build) error
+	// GetBuild returns a build; an unknown ID is ErrNotFound.
+	GetBuild(ctx context.Context, id string) (Build, error)
+	// ListBuilds lists a project's builds, newest first.
+	ListBuilds(ctx context.Context, project string) ([]Build, error)
+	// BuildsInState lists builds in any of the states, oldest first: the queue.
+	BuildsInState(ctx context.Context, states ...string) ([]Build, error)
+	// UpdateBuild writes b if the stored build is still in state from; otherwise it is
+	// ErrConflict and nothing changes.
+	UpdateBuild(ctx context.Context, b Build, from string) error
+}

@@ -217,3 +217,26 @@ func KillProcessesNaming(s string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// BuilderRootfs returns the builder root filesystem for this checkout's bin/buildkitd
+// (KILN_BUILDKITD overrides), building it if `make setup` has not. A missing buildkitd
+// fails the test with the command that builds it.
+func BuilderRootfs(t testing.TB) string {
+	t.Helper()
+	Assets(t)
+	bk := os.Getenv("KILN_BUILDKITD")
+	if bk == "" {
+		gomod, err := exec.Command("go", "env", "GOMOD").Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		bk = filepath.Join(filepath.Dir(strings.TrimSpace(string(gomod))), "bin", "buildkitd")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	p, err := assets.EnsureBuilder(ctx, assets.Options{Dir: filepath.Join(DataDir(), "assets"), Log: os.Stderr, BuildRootfs: true}, bk)
+	if err != nil {
+		t.Fatalf("builder root filesystem: %v (run `make build` for bin/buildkitd)", err)
+	}
+	return p
+}

@@ -177,3 +177,37 @@ func WriteOCITarball(t testing.TB, img v1.Image, path string) {
 		return nil
 	})
 }
+
+// BaseApplets are the busybox commands Base links into /bin.
+var BaseApplets = []string{"sh", "cat", "echo", "wc", "ls", "mkdir", "id", "head", "od", "tr", "sleep", "true", "false", "env"}
+
+// Base is a minimal base image for builds: a static busybox with BaseApplets linked in
+// /bin, /tmp, and root as the user, the way distribution base images are laid out.
+func Base(t testing.TB) v1.Image {
+	t.Helper()
+	entries := []Entry{
+		{Name: "bin/", Type: tar.TypeDir, Mode: 0o755},
+		{Name: "bin/busybox", Mode: 0o755, Body: Busybox(t)},
+		{Name: "etc/", Type: tar.TypeDir, Mode: 0o755},
+		{Name: "etc/passwd", Mode: 0o644, Body: []byte("root:x:0:0:root:/root:/bin/sh\n")},
+		{Name: "etc/group", Mode: 0o644, Body: []byte("root:x:0:\n")},
+		{Name: "tmp/", Type: tar.TypeDir, Mode: 0o1777},
+		{Name: "root/", Type: tar.TypeDir, Mode: 0o700},
+	}
+	for _, a := range BaseApplets {
+		entries = append(entries, Entry{Name: "bin/" + a, Type: tar.TypeSymlink, Link: "busybox"})
+	}
+	img, err := mutate.AppendLayers(empty.Image, Layer(t, entries...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, _ := img.ConfigFile()
+	cf = cf.DeepCopy()
+	cf.Architecture, cf.OS = "amd64", "linux"
+	cf.Config = v1.Config{Cmd: []string{"/bin/sh"}, Env: []string{"PATH=/bin"}}
+	img, err = mutate.ConfigFile(img, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}

@@ -5,6 +5,7 @@ package sqlstore
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"embed"
 	"errors"
 	"fmt"
@@ -441,4 +442,81 @@ func (s *DB) Note(ctx context.Context, id string, ev machine.Event) error {
 		return err
 	}
 	return tx.Commit()
+}
+
+var _ store.Builds = (*DB)(nil)
+
+const buildCols = `id, project, branch, state, attempt, spec, result, not_before, created_at, updated_at`
+
+func scanBuild(row interface{ Scan(...any) error }) (store.Build, error) {
+	var b store.Build
+	var spec, result string
+	err := row.Scan(&b.ID, &b.Project, &b.Branch, &b.State, &b.Attempt, &spec, &result, &b.NotBefore, &b.CreatedAt, &b.UpdatedAt)
+	b.Spec, b.Result = json.RawMessage(spec), json.RawMessage(result)
+	return b, err
+}
+
+func (s *DB) CreateBuild(ctx context.Context, b store.Build) error {
+	if len(b.Result) == 0 {
+		b.Result = json.RawMessage("{}")
+	}
+	_, err := s.db.ExecContext(ctx, `INSERT INTO builds (`+buildCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		b.ID, b.Project, b.Branch, b.State, b.Attempt, string(b.Spec), string(b.Result), b.NotBefore.UTC(), b.CreatedAt.UTC(), b.UpdatedAt.UTC())
+	return err
+}
+
+func (s *DB) GetBuild(ctx context.Context, id string) (store.Build, error) {
+	b, err := scanBuild(s.db.QueryRowContext(ctx, `SELECT `+buildCols+` FROM builds WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return b, errdefs.New(errdefs.ErrNotFound, "build %s does not exist", id)
+	}
+	return b, err
+}
+
+func (s *DB) queryBuilds(ctx context.Context, q string, args ...any) ([]store.Build, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+buildCols+` FROM builds `+q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []store.Build
+	for rows.Next() {
+		b, err := scanBuild(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, b)
+	}
+	return out, rows.Err()
+}
+
+func (s *DB) ListBuilds(ctx context.Context, project string) ([]store.Build, error) {
+	return s.queryBuilds(ctx, `WHERE project = ? ORDER BY created_at DESC, id DESC`, project)
+}
+
+func (s *DB) BuildsInState(ctx context.Context, states ...string) ([]store.Build, error) {
+	if len(states) == 0 {
+		return nil, nil
+	}
+	args := make([]any, len(states))
+	for i, st := range states {
+		args[i] = st
+	}
+	return s.queryBuilds(ctx, `WHERE state IN (?`+strings.Repeat(", ?", len(states)-1)+`) ORDER BY created_at, id`, args...)
+}
+
+func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from string) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ? WHERE id = ? AND state = ?`,
+		b.State, b.Attempt, string(b.Result), b.NotBefore.UTC(), time.Now().UTC(), b.ID, from)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		cur, err := s.GetBuild(ctx, b.ID)
+		if err != nil {
+			return err
+		}
+		return errdefs.New(errdefs.ErrConflict, "build %s is %s, not %s: it changed meanwhile", b.ID, cur.State, from)
+	}
+	return nil
 }

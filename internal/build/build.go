@@ -1,0 +1,398 @@
+// Package build runs Docker builds in per-project builder VMs. A build is queued with
+// its context; the queue runs one build per project at a time on that project's
+// builder, whose BuildKit cache lives on a volume only that project's VM mounts, and
+// pushes the image to kiln's registry. Failures of the code fail the build at once;
+// failures of the infrastructure (the builder died, buildkitd went away, kiln
+// restarted) are retried with backoff. Every state change is one compare-and-swap in
+// the store (Transition), and the queue survives restarts because it is the store.
+package build
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/moby/buildkit/frontend/dockerfile/instructions"
+	"github.com/moby/buildkit/frontend/dockerfile/parser"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/store"
+)
+
+// Build states.
+const (
+	Queued    = "queued"
+	Running   = "running"
+	Succeeded = "succeeded"
+	Failed    = "failed"
+	Canceled  = "canceled"
+)
+
+// transitions lists every state change a build may make.
+var transitions = map[string][]string{
+	Queued:  {Running, Canceled},
+	Running: {Succeeded, Failed, Canceled, Queued}, // Queued: an infrastructure retry
+}
+
+// CheckTransition refuses a state change the table does not list.
+func CheckTransition(from, to string) error {
+	for _, t := range transitions[from] {
+		if t == to {
+			return nil
+		}
+	}
+	return errdefs.New(errdefs.ErrConflict, "a build cannot go from %s to %s", from, to)
+}
+
+// Terminal says whether a build in state s is done.
+func Terminal(s string) bool { return s == Succeeded || s == Failed || s == Canceled }
+
+// Images is kiln's registry as builds use it.
+type Images interface {
+	Resolve(ctx context.Context, ref string) (v1.Image, error)
+	Load(ctx context.Context, tarball string, extra ...string) (string, []string, error)
+}
+
+// Service queues and runs builds.
+type Service struct {
+	Store    store.Builds
+	Builders *Builders
+	Bases    *Bases
+	Images   Images
+	// Dir holds each build's context, log and output (Dir/ID).
+	Dir             string
+	MaxContextBytes int64
+	MaxLogBytes     int64
+	// MaxAttempts bounds runs of a build whose infrastructure fails; Backoff is the
+	// first wait before a retry, doubled each time.
+	MaxAttempts int
+	Backoff     time.Duration
+	// MaxConcurrent bounds builds running at once (each on its own project's builder).
+	MaxConcurrent int
+	Log           io.Writer
+
+	mu      sync.Mutex
+	running map[string]context.CancelFunc
+	secrets map[string]map[string][]byte // build ID → secrets, in memory only
+	reasons map[string]string            // build ID → why it is being canceled
+	wake    chan struct{}
+}
+
+func (s *Service) logf(format string, args ...any) {
+	if s.Log != nil {
+		fmt.Fprintf(s.Log, "kiln: builds: "+format+"\n", args...)
+	}
+}
+
+var projectRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// ValidProject checks a project name.
+func ValidProject(p string) error {
+	if !projectRE.MatchString(p) {
+		return errdefs.Invalid("project name %q: use 1 to 63 lowercase letters, digits and dashes, starting with a letter or digit", p)
+	}
+	return nil
+}
+
+func newID() string {
+	var b [6]byte
+	rand.Read(b[:])
+	return "b" + hex.EncodeToString(b[:])
+}
+
+// BuildDir is where a build keeps its context, log and output.
+func (s *Service) BuildDir(id string) string { return filepath.Join(s.Dir, id) }
+
+// LogPath is a build's log.
+func (s *Service) LogPath(id string) string { return filepath.Join(s.BuildDir(id), "log") }
+
+// Submit checks a build, unpacks its context and queues it. Everything that can be
+// checked without a VM is checked here, so bad input fails before any builder starts.
+func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec, contextTar io.Reader, secrets map[string][]byte) (api.Build, error) {
+	if err := ValidProject(project); err != nil {
+		return api.Build{}, err
+	}
+	if spec.Dockerfile == "" {
+		spec.Dockerfile = "Dockerfile"
+	}
+	df := filepath.ToSlash(filepath.Clean(spec.Dockerfile))
+	if filepath.IsAbs(spec.Dockerfile) || strings.HasPrefix(df, "../") || df == ".." {
+		return api.Build{}, errdefs.Invalid("dockerfile %q must be a path inside the context", spec.Dockerfile)
+	}
+	spec.Dockerfile = df
+	id := newID()
+	if len(spec.Tags) == 0 {
+		spec.Tags = []string{"localhost/" + project + ":" + id}
+	}
+	for _, t := range spec.Tags {
+		if _, err := image.NormalizeRef(t); err != nil || strings.Contains(t, "@") {
+			return api.Build{}, errdefs.Invalid("tag %q is not a valid image reference: use NAME[:TAG], like localhost/%s/web:v2", t, project)
+		}
+	}
+	for k := range spec.BuildArgs {
+		if k == "" || strings.ContainsAny(k, "= ") {
+			return api.Build{}, errdefs.Invalid("build arg %q is not a valid name", k)
+		}
+	}
+	spec.SecretIDs = nil
+	for k := range secrets {
+		spec.SecretIDs = append(spec.SecretIDs, k)
+	}
+	sort.Strings(spec.SecretIDs)
+
+	dir := s.BuildDir(id)
+	ctxDir := filepath.Join(dir, "context")
+	if err := os.MkdirAll(ctxDir, 0o755); err != nil {
+		return api.Build{}, err
+	}
+	fail := func(err error) (api.Build, error) {
+		os.RemoveAll(dir)
+		return api.Build{}, err
+	}
+	if _, err := ExtractContext(contextTar, ctxDir, s.MaxContextBytes); err != nil {
+		return fail(err)
+	}
+	if err := s.checkDockerfile(ctx, ctxDir, spec); err != nil {
+		return fail(err)
+	}
+	now := time.Now()
+	raw, _ := json.Marshal(spec)
+	rec := store.Build{ID: id, Project: project, Branch: spec.Branch, State: Queued, Spec: raw, Result: json.RawMessage("{}"),
+		NotBefore: now, CreatedAt: now, UpdatedAt: now}
+	if len(secrets) > 0 {
+		s.mu.Lock()
+		if s.secrets == nil {
+			s.secrets = map[string]map[string][]byte{}
+		}
+		s.secrets[id] = secrets
+		s.mu.Unlock()
+	}
+	if err := s.Store.CreateBuild(ctx, rec); err != nil {
+		return fail(err)
+	}
+	if spec.Branch != "" && !spec.NoSupersede {
+		s.supersede(ctx, project, spec.Branch, id)
+	}
+	s.kick()
+	return s.Get(ctx, id)
+}
+
+// checkDockerfile parses the Dockerfile and checks the target and the local base images.
+func (s *Service) checkDockerfile(ctx context.Context, ctxDir string, spec api.BuildSpec) error {
+	b, err := os.ReadFile(filepath.Join(ctxDir, filepath.FromSlash(spec.Dockerfile)))
+	if err != nil {
+		return errdefs.Invalid("no Dockerfile at %s in the build context: add one, or name it with --file", spec.Dockerfile)
+	}
+	stages, err := parseStages(b)
+	if err != nil {
+		return errdefs.Invalid("%s: %v", spec.Dockerfile, err)
+	}
+	if spec.Target != "" {
+		found := false
+		var names []string
+		for _, st := range stages {
+			if strings.EqualFold(st.Name, spec.Target) {
+				found = true
+			}
+			if st.Name != "" {
+				names = append(names, st.Name)
+			}
+		}
+		if !found {
+			return errdefs.Invalid("target stage %q is not in %s (stages: %s)", spec.Target, spec.Dockerfile, strings.Join(names, ", "))
+		}
+	}
+	for _, ref := range localBases(stages) {
+		if _, err := s.Images.Resolve(ctx, ref); err != nil {
+			return errdefs.Invalid("base image %s is not in kiln's registry: load it with `kiln image load` first (%v)", ref, err)
+		}
+	}
+	return nil
+}
+
+func parseStages(dockerfile []byte) ([]instructions.Stage, error) {
+	res, err := parser.Parse(bytes.NewReader(dockerfile))
+	if err != nil {
+		return nil, err
+	}
+	stages, _, err := instructions.Parse(res.AST, nil)
+	if err != nil {
+		return nil, err
+	}
+	if len(stages) == 0 {
+		return nil, fmt.Errorf("no FROM instruction")
+	}
+	return stages, nil
+}
+
+// localBases lists FROM images served by kiln's registry (localhost/...), which reach
+// the builder through the build's session.
+func localBases(stages []instructions.Stage) []string {
+	named := map[string]bool{}
+	var out []string
+	for _, st := range stages {
+		if st.Name != "" {
+			named[strings.ToLower(st.Name)] = true
+		}
+	}
+	seen := map[string]bool{}
+	for _, st := range stages {
+		if named[strings.ToLower(st.BaseName)] || !strings.HasPrefix(st.BaseName, "localhost/") || seen[st.BaseName] {
+			continue
+		}
+		seen[st.BaseName] = true
+		out = append(out, st.BaseName)
+	}
+	return out
+}
+
+// toAPI turns a record into the API's shape.
+func toAPI(b store.Build) api.Build {
+	out := api.Build{ID: b.ID, Project: b.Project, State: b.State, Attempt: b.Attempt, CreatedAt: b.CreatedAt, UpdatedAt: b.UpdatedAt}
+	json.Unmarshal(b.Spec, &out.Spec)
+	json.Unmarshal(b.Result, &out.BuildResult)
+	return out
+}
+
+// Get returns a build, with its queue position while queued.
+func (s *Service) Get(ctx context.Context, id string) (api.Build, error) {
+	b, err := s.Store.GetBuild(ctx, id)
+	if err != nil {
+		return api.Build{}, err
+	}
+	out := toAPI(b)
+	if b.State == Queued {
+		if q, err := s.Store.BuildsInState(ctx, Queued); err == nil {
+			for i, x := range q {
+				if x.ID == id {
+					out.QueuePosition = i + 1
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// List lists a project's builds, newest first.
+func (s *Service) List(ctx context.Context, project string) ([]api.Build, error) {
+	bs, err := s.Store.ListBuilds(ctx, project)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Build, 0, len(bs))
+	for _, b := range bs {
+		out = append(out, toAPI(b))
+	}
+	return out, nil
+}
+
+// transition is the one place a build's state changes: a compare-and-swap in the store,
+// with result changes applied to the record.
+func (s *Service) transition(ctx context.Context, b store.Build, to string, edit func(*api.BuildResult)) (store.Build, error) {
+	if err := CheckTransition(b.State, to); err != nil {
+		return b, err
+	}
+	var res api.BuildResult
+	json.Unmarshal(b.Result, &res)
+	if edit != nil {
+		edit(&res)
+	}
+	raw, _ := json.Marshal(res)
+	nb := b
+	nb.State, nb.Result = to, raw
+	if err := s.Store.UpdateBuild(ctx, nb, b.State); err != nil {
+		return b, err
+	}
+	return nb, nil
+}
+
+// Cancel stops a queued or running build.
+func (s *Service) Cancel(ctx context.Context, id string) error {
+	return s.cancel(ctx, id, "canceled by the user")
+}
+
+func (s *Service) cancel(ctx context.Context, id, why string) error {
+	b, err := s.Store.GetBuild(ctx, id)
+	if err != nil {
+		return err
+	}
+	switch b.State {
+	case Queued:
+		_, err := s.transition(ctx, b, Canceled, func(r *api.BuildResult) { r.Error = why })
+		if errors.Is(err, errdefs.ErrConflict) {
+			return s.cancel(ctx, id, why) // it started meanwhile
+		}
+		return err
+	case Running:
+		s.mu.Lock()
+		stop := s.running[id]
+		s.mu.Unlock()
+		if stop != nil {
+			s.writeLog(id, "kiln: "+why+"\n")
+			s.setCancelReason(id, why)
+			stop()
+		}
+		return nil
+	default:
+		return errdefs.New(errdefs.ErrConflict, "build %s is already %s", id, b.State)
+	}
+}
+
+func (s *Service) setCancelReason(id, why string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.reasons == nil {
+		s.reasons = map[string]string{}
+	}
+	s.reasons[id] = why
+}
+
+// supersede cancels the project's other builds of branch.
+func (s *Service) supersede(ctx context.Context, project, branch, newID string) {
+	bs, err := s.Store.ListBuilds(ctx, project)
+	if err != nil {
+		return
+	}
+	for _, b := range bs {
+		if b.ID != newID && b.Branch == branch && (b.State == Queued || b.State == Running) {
+			s.logf("build %s of %s (branch %s) is superseded by %s", b.ID, project, branch, newID)
+			s.cancel(ctx, b.ID, "superseded by build "+newID)
+		}
+	}
+}
+
+func (s *Service) kick() {
+	s.mu.Lock()
+	if s.wake == nil {
+		s.wake = make(chan struct{}, 1)
+	}
+	w := s.wake
+	s.mu.Unlock()
+	select {
+	case w <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Service) writeLog(id, line string) {
+	f, err := os.OpenFile(s.LogPath(id), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err == nil {
+		f.WriteString(line)
+		f.Close()
+	}
+}

@@ -1,0 +1,123 @@
+package build
+
+import (
+	"archive/tar"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+)
+
+// ExtractContext unpacks an uploaded build context into dir, which must be empty. It is
+// strict where an image layer is lenient, because the tar comes from a caller: an entry
+// whose name leaves the context (absolute, or through ..) or passes through a symlink
+// is refused, as is anything but files, directories and symlinks, and the whole is
+// bounded by max bytes. It returns the bytes written.
+func ExtractContext(r io.Reader, dir string, max int64) (int64, error) {
+	tr := tar.NewReader(r)
+	var total int64
+	for {
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return total, nil
+		}
+		if err != nil {
+			return total, errdefs.Invalid("the build context is not a valid tar stream: %v", err)
+		}
+		name := hdr.Name
+		clean := path.Clean("/" + name)[1:]
+		if path.IsAbs(name) || strings.HasPrefix(path.Clean(name), "..") || strings.Contains("/"+name+"/", "/../") {
+			return total, errdefs.Invalid("the build context has an entry %q that points outside the context: refused", name)
+		}
+		if clean == "" {
+			continue
+		}
+		p := filepath.Join(dir, filepath.FromSlash(clean))
+		if err := noSymlinkParents(dir, clean); err != nil {
+			return total, err
+		}
+		switch hdr.Typeflag {
+		case tar.TypeDir:
+			if err := os.MkdirAll(p, 0o755); err != nil {
+				return total, err
+			}
+		case tar.TypeReg:
+			if total+hdr.Size > max {
+				return total, errdefs.Invalid("the build context is larger than the %d MiB limit: leave files out with .dockerignore, or raise the server's --build-max-context", max>>20)
+			}
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				return total, err
+			}
+			f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_TRUNC|unix.O_NOFOLLOW, os.FileMode(hdr.Mode&0o777)|0o600)
+			if err != nil {
+				return total, err
+			}
+			n, err := io.Copy(f, io.LimitReader(tr, hdr.Size))
+			total += n
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return total, err
+			}
+			os.Chmod(p, os.FileMode(hdr.Mode&0o777))
+		case tar.TypeSymlink:
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				return total, err
+			}
+			if err := os.Symlink(hdr.Linkname, p); err != nil {
+				return total, err
+			}
+		default:
+			return total, errdefs.Invalid("the build context has an entry %q of a kind kiln does not take (type %q): send files, directories and symlinks", name, hdr.Typeflag)
+		}
+	}
+}
+
+// noSymlinkParents refuses a path whose parent directories include a symlink: writing
+// through it could land outside the context.
+func noSymlinkParents(dir, rel string) error {
+	parts := strings.Split(rel, "/")
+	cur := dir
+	for _, part := range parts[:len(parts)-1] {
+		cur = filepath.Join(cur, part)
+		fi, err := os.Lstat(cur)
+		if err != nil {
+			return nil // not there yet: it will be created as a directory
+		}
+		if fi.Mode()&os.ModeSymlink != 0 {
+			return errdefs.Invalid("the build context has an entry %q below the symlink %q: refused", rel, strings.TrimPrefix(cur, dir+"/"))
+		}
+	}
+	return nil
+}
+
+// cappedWriter writes up to max bytes, then one line saying the rest was dropped.
+type cappedWriter struct {
+	w         io.Writer
+	max, n    int64
+	truncated bool
+}
+
+func (c *cappedWriter) Write(p []byte) (int, error) {
+	if c.truncated {
+		return len(p), nil
+	}
+	if c.n+int64(len(p)) > c.max {
+		keep := c.max - c.n
+		c.w.Write(p[:keep])
+		fmt.Fprintf(c.w, "\n[kiln: the log reached %d MiB; the rest of this build's output is not kept]\n", c.max>>20)
+		c.truncated = true
+		c.n = c.max
+		return len(p), nil
+	}
+	c.n += int64(len(p))
+	return c.w.Write(p)
+}

@@ -1,0 +1,244 @@
+package build
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	bkclient "github.com/moby/buildkit/client"
+
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/vmrun"
+	"github.com/kilnhq/kiln/internal/volume"
+)
+
+// buildkitdSock is where buildkitd listens inside a builder VM.
+const buildkitdSock = "/run/buildkit/buildkitd.sock"
+
+// cacheDir is where a builder's cache volume is mounted: buildkitd's state.
+const cacheDir = "/var/lib/buildkit"
+
+// Builders keeps one builder VM per project. Each project's BuildKit state lives on a
+// volume of its own (DIR/PROJECT/cache.ext4) that only that project's VM ever mounts:
+// the cache stays on this host, and projects never see each other's files.
+type Builders struct {
+	RT *vmrun.Runtime
+	// Rootfs is the builder root filesystem (buildkitd, runc).
+	Rootfs string
+	Dir    string
+	// CacheBytes sizes a new cache volume; KeepBytes is BuildKit's GC target on it.
+	CacheBytes int64
+	KeepBytes  int64
+	CPUs       int
+	MemoryMiB  int
+	// Idle is how long a builder waits for the next build before it is stopped.
+	Idle time.Duration
+	Log  io.Writer
+
+	mu sync.Mutex
+	m  map[string]*Builder
+}
+
+// Builder is a project's running builder VM with buildkitd.
+type Builder struct {
+	Project string
+	Inst    *vmrun.Instance
+	// Ready is how long the builder took to become ready for this use: zero when it was
+	// already running (warm).
+	Ready    time.Duration
+	mu       sync.Mutex
+	busy     int
+	lastUsed time.Time
+}
+
+func (b *Builders) logf(format string, args ...any) {
+	if b.Log != nil {
+		fmt.Fprintf(b.Log, "kiln: builds: "+format+"\n", args...)
+	}
+}
+
+// CachePath is the project's cache volume.
+func (b *Builders) CachePath(project string) string {
+	return filepath.Join(b.Dir, project, "cache.ext4")
+}
+
+// Acquire returns the project's builder, booting it (and creating its cache volume) if
+// it is not running. Release it when the build is done.
+func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error) {
+	b.mu.Lock()
+	if b.m == nil {
+		b.m = map[string]*Builder{}
+	}
+	bd := b.m[project]
+	if bd != nil {
+		select {
+		case <-bd.Inst.VM.Wait():
+			// Its VM died: replace it (the cache volume stays).
+			b.logf("builder of %s is gone; booting a new one on the same cache", project)
+			delete(b.m, project)
+			go bd.Inst.Destroy(context.WithoutCancel(ctx))
+			bd = nil
+		default:
+		}
+	}
+	if bd != nil {
+		bd.mu.Lock()
+		bd.busy++
+		bd.Ready = 0
+		bd.mu.Unlock()
+		b.mu.Unlock()
+		return bd, nil
+	}
+	b.mu.Unlock()
+
+	start := time.Now()
+	inst, err := b.boot(ctx, project)
+	if err != nil {
+		return nil, err
+	}
+	bd = &Builder{Project: project, Inst: inst, busy: 1, Ready: time.Since(start)}
+	b.mu.Lock()
+	if old := b.m[project]; old != nil {
+		// Another build of the project booted one meanwhile (the queue runs one build
+		// per project, so this is a retry racing a restart): keep the first.
+		b.mu.Unlock()
+		inst.Destroy(context.WithoutCancel(ctx))
+		return b.Acquire(ctx, project)
+	}
+	b.m[project] = bd
+	b.mu.Unlock()
+	return bd, nil
+}
+
+// Release marks a use of the builder as done.
+func (b *Builders) Release(bd *Builder) {
+	bd.mu.Lock()
+	bd.busy--
+	bd.lastUsed = time.Now()
+	bd.mu.Unlock()
+}
+
+// Discard destroys a project's builder VM (after it failed); its cache volume stays.
+func (b *Builders) Discard(ctx context.Context, bd *Builder) {
+	b.mu.Lock()
+	if b.m[bd.Project] == bd {
+		delete(b.m, bd.Project)
+	}
+	b.mu.Unlock()
+	bd.Inst.Destroy(context.WithoutCancel(ctx))
+}
+
+// Running lists the projects whose builder runs.
+func (b *Builders) Running() map[string]*Builder {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := map[string]*Builder{}
+	for k, v := range b.m {
+		out[k] = v
+	}
+	return out
+}
+
+// StopIdle stops builders idle longer than b.Idle.
+func (b *Builders) StopIdle(ctx context.Context) {
+	b.mu.Lock()
+	var idle []*Builder
+	for p, bd := range b.m {
+		bd.mu.Lock()
+		if bd.busy == 0 && time.Since(bd.lastUsed) > b.Idle {
+			idle = append(idle, bd)
+			delete(b.m, p)
+		}
+		bd.mu.Unlock()
+	}
+	b.mu.Unlock()
+	for _, bd := range idle {
+		b.logf("builder of %s was idle for %s: stopping it (its cache stays)", bd.Project, b.Idle)
+		bd.Inst.Shutdown(ctx, 10*time.Second)
+		bd.Inst.Destroy(context.WithoutCancel(ctx))
+	}
+}
+
+// Close stops every builder.
+func (b *Builders) Close(ctx context.Context) {
+	b.mu.Lock()
+	all := b.m
+	b.m = nil
+	b.mu.Unlock()
+	for _, bd := range all {
+		bd.Inst.Destroy(context.WithoutCancel(ctx))
+	}
+}
+
+// boot starts a builder VM on the project's cache volume and waits for buildkitd.
+func (b *Builders) boot(ctx context.Context, project string) (*vmrun.Instance, error) {
+	cache := b.CachePath(project)
+	if _, err := os.Stat(cache); os.IsNotExist(err) {
+		if err := os.MkdirAll(filepath.Dir(cache), 0o755); err != nil {
+			return nil, err
+		}
+		if err := volume.Create(ctx, cache, b.CacheBytes, ""); err != nil {
+			return nil, fmt.Errorf("creating the cache volume of %s: %w", project, err)
+		}
+		b.logf("created the cache volume of %s (%d GiB)", project, b.CacheBytes>>30)
+	}
+	inst, err := b.RT.Boot(ctx, vmrun.Spec{
+		Rootfs: b.Rootfs, CPUs: b.CPUs, MemoryMiB: b.MemoryMiB, Hostname: "builder",
+		Mounts: []vmrun.Mount{{Image: cache, Path: cacheDir}},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("booting the builder of %s: %w", project, err)
+	}
+	if err := b.startBuildkitd(ctx, inst); err != nil {
+		inst.Destroy(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("starting buildkitd in the builder of %s: %w", project, err)
+	}
+	return inst, nil
+}
+
+func (b *Builders) startBuildkitd(ctx context.Context, inst *vmrun.Instance) error {
+	argv := []string{"/usr/local/bin/buildkitd",
+		"--addr", "unix://" + buildkitdSock,
+		"--root", cacheDir,
+		"--oci-worker-net=host",
+		"--oci-worker-snapshotter=overlayfs",
+		"--oci-worker-gc",
+		fmt.Sprintf("--oci-worker-gc-keepstorage=%d", b.KeepBytes>>20), // MiB
+	}
+	if _, err := inst.Agent.Spawn(ctx, "buildkitd", guest.ExecRequest{Argv: argv}); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c, err := inst.Agent.Connect(ctx, buildkitdSock)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			var tail []byte
+			inst.Agent.Follow(ctx, "buildkitd", 0, false, func(r guest.Record) error { tail = append(tail, r.Data...); return nil })
+			if len(tail) > 2000 {
+				tail = tail[len(tail)-2000:]
+			}
+			return fmt.Errorf("buildkitd did not answer within 60s: %v\n%s", err, tail)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// Client is a BuildKit client for the builder's buildkitd, over the agent channel.
+func (bd *Builder) Client(ctx context.Context) (*bkclient.Client, error) {
+	return bkclient.New(ctx, "", bkclient.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+		return bd.Inst.Agent.Connect(ctx, buildkitdSock)
+	}))
+}

@@ -1,0 +1,310 @@
+package build
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/store"
+)
+
+// Run starts builds from the queue until ctx ends. Builds that were running when kiln
+// stopped are queued again first: that was the infrastructure failing, not the code.
+func (s *Service) Run(ctx context.Context) {
+	s.recover(ctx)
+	s.kick()
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		s.schedule(ctx)
+		s.Builders.StopIdle(ctx)
+		s.mu.Lock()
+		w := s.wake
+		s.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			s.mu.Lock()
+			for _, stop := range s.running {
+				stop()
+			}
+			s.mu.Unlock()
+			return
+		case <-w:
+		case <-t.C:
+		}
+	}
+}
+
+func (s *Service) recover(ctx context.Context) {
+	bs, err := s.Store.BuildsInState(ctx, Running)
+	if err != nil {
+		s.logf("reading running builds: %v", err)
+		return
+	}
+	for _, b := range bs {
+		s.logf("build %s was running when kiln stopped: queueing it again", b.ID)
+		s.retryOrFail(ctx, b, "kiln stopped while the build ran")
+	}
+}
+
+// schedule starts the queued builds that may run now: oldest first, one per project,
+// at most MaxConcurrent in all.
+func (s *Service) schedule(ctx context.Context) {
+	queued, err := s.Store.BuildsInState(ctx, Queued)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.logf("reading the queue: %v", err)
+		}
+		return
+	}
+	running, err := s.Store.BuildsInState(ctx, Running)
+	if err != nil {
+		return
+	}
+	busy := map[string]bool{}
+	for _, b := range running {
+		busy[b.Project] = true
+	}
+	n := len(running)
+	for _, b := range queued {
+		if n >= s.MaxConcurrent || busy[b.Project] || time.Now().Before(b.NotBefore) {
+			continue
+		}
+		b.Attempt++
+		started, err := s.transition(ctx, b, Running, nil)
+		if err != nil {
+			continue // canceled or taken meanwhile
+		}
+		busy[b.Project] = true
+		n++
+		bctx, stop := context.WithCancel(ctx)
+		s.mu.Lock()
+		if s.running == nil {
+			s.running = map[string]context.CancelFunc{}
+		}
+		s.running[b.ID] = stop
+		s.mu.Unlock()
+		go func() {
+			defer stop()
+			s.execute(bctx, started)
+			s.mu.Lock()
+			delete(s.running, started.ID)
+			s.mu.Unlock()
+			s.kick()
+		}()
+	}
+}
+
+// errInfra marks a failure of the infrastructure: the build is retried.
+type errInfra struct{ err error }
+
+func (e errInfra) Error() string { return e.err.Error() }
+func (e errInfra) Unwrap() error { return e.err }
+
+// execute runs one attempt of a build and records how it ended.
+func (s *Service) execute(ctx context.Context, b store.Build) {
+	start := time.Now()
+	out, err := s.attempt(ctx, b)
+	bg := context.WithoutCancel(ctx)
+	s.mu.Lock()
+	why := s.reasons[b.ID]
+	delete(s.reasons, b.ID)
+	s.mu.Unlock()
+	finish := func(to string, edit func(*api.BuildResult)) {
+		if _, err := s.transition(bg, b, to, func(r *api.BuildResult) {
+			r.CachedSteps, r.TotalSteps, r.Steps = out.stats.Cached, out.stats.Total, out.stats.Steps
+			r.BuilderReady, r.DurationMS, r.LogTruncated = out.ready.Milliseconds(), time.Since(start).Milliseconds(), out.truncated
+			edit(r)
+		}); err != nil {
+			s.logf("recording the end of build %s: %v", b.ID, err)
+		}
+	}
+	var infra errInfra
+	switch {
+	case err == nil:
+		s.writeLog(b.ID, fmt.Sprintf("kiln: pushed %s (%s); %d of %d steps cached; %s\n", out.digest, joinTags(out.pushed), out.stats.Cached, out.stats.Total, time.Since(start).Round(time.Millisecond)))
+		finish(Succeeded, func(r *api.BuildResult) { r.Image, r.Pushed, r.Error, r.Failure = out.digest, out.pushed, "", "" })
+		s.dropSecrets(b.ID)
+	case why != "":
+		finish(Canceled, func(r *api.BuildResult) { r.Error = why })
+		s.dropSecrets(b.ID)
+	case ctx.Err() != nil:
+		// kiln is shutting down: the build goes back to the queue for the next start.
+		s.retryOrFail(bg, b, "kiln stopped while the build ran")
+	case errors.As(err, &infra):
+		s.writeLog(b.ID, fmt.Sprintf("kiln: infrastructure failure: %v\n", err))
+		s.retryOrFail(bg, b, err.Error())
+	default:
+		s.writeLog(b.ID, fmt.Sprintf("kiln: build failed: %v\n", err))
+		finish(Failed, func(r *api.BuildResult) { r.Error, r.Failure = err.Error(), "code" })
+		s.dropSecrets(b.ID)
+	}
+	os.Remove(filepath.Join(s.BuildDir(b.ID), "image.tar"))
+}
+
+func (s *Service) dropSecrets(id string) {
+	s.mu.Lock()
+	delete(s.secrets, id)
+	s.mu.Unlock()
+}
+
+// retryOrFail queues a build again after an infrastructure failure, with backoff, or
+// fails it when it has had MaxAttempts runs.
+func (s *Service) retryOrFail(ctx context.Context, b store.Build, why string) {
+	if b.Attempt >= s.MaxAttempts {
+		s.transition(ctx, b, Failed, func(r *api.BuildResult) {
+			r.Retries = append(r.Retries, why)
+			r.Error = fmt.Sprintf("the infrastructure failed %d times; last: %s", b.Attempt, why)
+			r.Failure = "infrastructure"
+		})
+		s.dropSecrets(b.ID)
+		return
+	}
+	wait := s.Backoff << max(b.Attempt-1, 0)
+	nb := b
+	nb.NotBefore = time.Now().Add(wait)
+	if _, err := s.transition(ctx, nb, Queued, func(r *api.BuildResult) { r.Retries = append(r.Retries, why) }); err != nil {
+		s.logf("requeueing build %s: %v", b.ID, err)
+		return
+	}
+	s.writeLog(b.ID, fmt.Sprintf("kiln: retrying in %s (attempt %d of %d failed: %s)\n", wait, b.Attempt, s.MaxAttempts, why))
+}
+
+func joinTags(t []string) string {
+	out := ""
+	for i, x := range t {
+		if i > 0 {
+			out += ", "
+		}
+		out += x
+	}
+	return out
+}
+
+type attemptResult struct {
+	stats     stepStats
+	ready     time.Duration
+	digest    string
+	pushed    []string
+	truncated bool
+}
+
+// attempt runs the build once on the project's builder.
+func (s *Service) attempt(ctx context.Context, b store.Build) (attemptResult, error) {
+	var out attemptResult
+	spec := toAPI(b).Spec
+	dir := s.BuildDir(b.ID)
+	logf, err := os.OpenFile(s.LogPath(b.ID), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		return out, errInfra{err}
+	}
+	defer logf.Close()
+	capped := &cappedWriter{w: logf, max: s.MaxLogBytes}
+	defer func() { out.truncated = capped.truncated }()
+	fmt.Fprintf(capped, "kiln: build %s of %s, attempt %d\n", b.ID, b.Project, b.Attempt)
+
+	// Base images from kiln's registry go into the shared OCI layout store.
+	stages, err := parseStages(mustRead(filepath.Join(dir, "context", filepath.FromSlash(spec.Dockerfile))))
+	if err != nil {
+		return out, err
+	}
+	bases := map[string]v1.Hash{}
+	for _, ref := range localBases(stages) {
+		img, err := s.Images.Resolve(ctx, ref)
+		if err != nil {
+			return out, fmt.Errorf("base image %s: %w", ref, err)
+		}
+		dg, err := s.Bases.Add(img)
+		if err != nil {
+			return out, errInfra{fmt.Errorf("staging base image %s: %w", ref, err)}
+		}
+		bases[ref] = dg
+	}
+	s.mu.Lock()
+	secrets := s.secrets[b.ID]
+	s.mu.Unlock()
+	if len(spec.SecretIDs) > 0 && secrets == nil {
+		return out, errdefs.Invalid("the build's secrets were held in memory only and kiln restarted: submit the build again")
+	}
+
+	bd, err := s.Builders.Acquire(ctx, b.Project)
+	if err != nil {
+		return out, errInfra{err}
+	}
+	defer s.Builders.Release(bd)
+	out.ready = bd.Ready
+	if bd.Ready > 0 {
+		fmt.Fprintf(capped, "kiln: started the builder of %s in %s\n", b.Project, bd.Ready.Round(time.Millisecond))
+	} else {
+		fmt.Fprintf(capped, "kiln: the builder of %s is warm\n", b.Project)
+	}
+	c, err := bd.Client(ctx)
+	if err != nil {
+		s.Builders.Discard(ctx, bd)
+		return out, errInfra{fmt.Errorf("connecting to buildkitd: %w", err)}
+	}
+	defer c.Close()
+	tarPath := filepath.Join(dir, "image.tar")
+	tarFile, err := os.Create(tarPath)
+	if err != nil {
+		return out, errInfra{err}
+	}
+	labels := map[string]string{"kiln.project": b.Project, "kiln.build": b.ID}
+	if spec.GitRef != "" {
+		labels["kiln.git-ref"] = spec.GitRef
+	}
+	for k, v := range spec.Labels {
+		labels[k] = v
+	}
+	out.stats, err = solve(ctx, c, s.Bases, solveSpec{
+		ContextDir: filepath.Join(dir, "context"), Dockerfile: spec.Dockerfile, Target: spec.Target,
+		BuildArgs: spec.BuildArgs, Labels: labels, Secrets: secrets, Bases: bases, Output: tarFile, Log: capped,
+	})
+	tarFile.Close()
+	if err != nil {
+		if ctx.Err() != nil {
+			return out, ctx.Err()
+		}
+		if !s.builderHealthy(ctx, bd) {
+			s.Builders.Discard(ctx, bd)
+			return out, errInfra{fmt.Errorf("the builder VM or its buildkitd went away mid-build: %v", err)}
+		}
+		return out, err
+	}
+	digest, pushed, err := s.Images.Load(ctx, tarPath, spec.Tags...)
+	if err != nil {
+		return out, errInfra{fmt.Errorf("pushing the image to kiln's registry: %w", err)}
+	}
+	out.digest, out.pushed = digest, pushed
+	return out, nil
+}
+
+// builderHealthy tells a failed step (the code) from a failed builder (the
+// infrastructure): after a failure the VM must still run and buildkitd still answer.
+func (s *Service) builderHealthy(ctx context.Context, bd *Builder) bool {
+	select {
+	case <-bd.Inst.VM.Wait():
+		return false
+	case <-time.After(500 * time.Millisecond):
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := bd.Inst.Agent.Connect(cctx, buildkitdSock)
+	if err != nil {
+		return false
+	}
+	conn.Close()
+	return true
+}
+
+func mustRead(p string) []byte {
+	b, _ := os.ReadFile(p)
+	return b
+}
