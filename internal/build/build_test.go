@@ -4,6 +4,8 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -18,6 +20,7 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
@@ -106,7 +109,7 @@ type harness struct {
 	reg *registry
 }
 
-func newHarness(t *testing.T) *harness {
+func newHarness(t *testing.T, opts ...func(*build.Service)) *harness {
 	rootfs := testutil.BuilderRootfs(t)
 	rt := testutil.Runtime(t, &qemu.Driver{})
 	dir := testutil.TempDir(t)
@@ -121,6 +124,9 @@ func newHarness(t *testing.T) *harness {
 	svc := &build.Service{Store: db, Builders: bs, Bases: &build.Bases{Dir: filepath.Join(dir, "bases")}, Images: reg,
 		Dir: filepath.Join(dir, "builds"), MaxContextBytes: 64 << 20, MaxLogBytes: 1 << 20, MaxAttempts: 3,
 		Backoff: 100 * time.Millisecond, MaxConcurrent: 2, Log: os.Stderr}
+	for _, o := range opts {
+		o(svc)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { svc.Run(ctx); close(done) }()
@@ -200,3 +206,208 @@ func TestBuildCachesAndRuns(t *testing.T) {
 	}
 	t.Logf("first %d ms, second %d ms, cached %d/%d", first.DurationMS, second.DurationMS, second.CachedSteps, second.TotalSteps)
 }
+
+func (h *harness) submit(t *testing.T, project string, spec api.BuildSpec, files map[string]string, secrets map[string][]byte) api.Build {
+	t.Helper()
+	b, err := h.svc.Submit(context.Background(), project, spec, ctxTar(files), secrets)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func logOf(h *harness, id string) string {
+	b, _ := os.ReadFile(h.svc.LogPath(id))
+	return string(b)
+}
+
+// waitLog waits until the build's log contains s.
+func (h *harness) waitLog(t *testing.T, id, s string) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Minute)
+	for !strings.Contains(logOf(h, id), s) {
+		if time.Now().After(deadline) {
+			t.Fatalf("build %s never logged %q:\n%s", id, s, logOf(h, id))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// A failing RUN fails the build at once, with the step and its output, and no retry.
+// Killing the builder VM mid-build is an infrastructure failure: retried, and the retry
+// succeeds on a new VM over the same cache.
+func TestBuildFailuresCodeVersusInfrastructure(t *testing.T) {
+	h := newHarness(t)
+	bad := h.wait(t, h.submit(t, "shop", api.BuildSpec{}, map[string]string{
+		"Dockerfile": "FROM localhost/busybox:1\nRUN echo about to fail; exit 7\n"}, nil).ID)
+	if bad.State != build.Failed || bad.Failure != "code" || bad.Attempt != 1 || len(bad.Retries) != 0 {
+		t.Fatalf("failing RUN: %+v", bad)
+	}
+	if l := logOf(h, bad.ID); !strings.Contains(l, "about to fail") || !strings.Contains(l, "exit code: 7") {
+		t.Errorf("the log lacks the step's output and exit code:\n%s", l)
+	}
+
+	b := h.submit(t, "shop", api.BuildSpec{}, map[string]string{
+		"Dockerfile": "FROM localhost/busybox:1\nRUN echo step-started; sleep 4; echo slow > /slow\n"}, nil)
+	h.waitLog(t, b.ID, "step-started")
+	bd := h.svc.Builders.Running()["shop"]
+	if bd == nil {
+		t.Fatal("no builder running for shop")
+	}
+	if err := bd.Inst.VM.Kill(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	done := h.wait(t, b.ID)
+	if done.State != build.Succeeded || done.Attempt != 2 || len(done.Retries) != 1 {
+		t.Fatalf("after the builder was killed: %+v\n%s", done, logOf(h, b.ID))
+	}
+	if !strings.Contains(done.Retries[0], "went away") {
+		t.Errorf("the retry does not say why: %q", done.Retries[0])
+	}
+}
+
+// A newer build of the same project and branch cancels the one it supersedes.
+func TestSupersede(t *testing.T) {
+	h := newHarness(t)
+	slow := h.submit(t, "shop", api.BuildSpec{Branch: "main"}, map[string]string{
+		"Dockerfile": "FROM localhost/busybox:1\nRUN echo slow-started; sleep 30\n"}, nil)
+	h.waitLog(t, slow.ID, "slow-started")
+	next := h.submit(t, "shop", api.BuildSpec{Branch: "main"}, map[string]string{
+		"Dockerfile": "FROM localhost/busybox:1\nRUN echo fast > /fast\n"}, nil)
+	old := h.wait(t, slow.ID)
+	if old.State != build.Canceled || !strings.Contains(old.Error, "superseded by build "+next.ID) {
+		t.Fatalf("superseded build: %+v", old)
+	}
+	if b := h.wait(t, next.ID); b.State != build.Succeeded {
+		t.Fatalf("superseding build: %+v\n%s", b, logOf(h, next.ID))
+	}
+}
+
+// A secret reaches the step that mounts it and appears nowhere else: not in the image,
+// the log or the cache volume.
+func TestSecretsStayOut(t *testing.T) {
+	h := newHarness(t)
+	const secret = "s3cr3t-7f1c2a"
+	b := h.wait(t, h.submit(t, "shop", api.BuildSpec{Tags: []string{"localhost/shop/sec:1"}}, map[string]string{
+		"Dockerfile": "FROM localhost/busybox:1\nRUN --mount=type=secret,id=token sh -c 'wc -c < /run/secrets/token > /ok'\n"},
+		map[string][]byte{"token": []byte(secret)}).ID)
+	if b.State != build.Succeeded {
+		t.Fatalf("%+v\n%s", b, logOf(h, b.ID))
+	}
+	img, _ := h.reg.Resolve(context.Background(), "localhost/shop/sec:1")
+	if ok, _ := fileIn(t, img, "ok"); strings.TrimSpace(ok) != fmt.Sprint(len(secret)) {
+		t.Fatalf("the step did not see the secret: %q", ok)
+	}
+	rc := mutate.Extract(img)
+	all, _ := io.ReadAll(rc)
+	rc.Close()
+	raw, _ := img.RawConfigFile()
+	if bytes.Contains(all, []byte(secret)) || bytes.Contains(raw, []byte(secret)) {
+		t.Error("the secret is in the image")
+	}
+	if strings.Contains(logOf(h, b.ID), secret) {
+		t.Error("the secret is in the log")
+	}
+	bd := h.svc.Builders.Running()["shop"]
+	if st, err := bd.Inst.Agent.Exec(context.Background(), guestSync, guestIO()); err != nil || st.Code != 0 {
+		t.Fatalf("sync in the builder: %v", err)
+	}
+	cache, _ := os.ReadFile(h.svc.Builders.CachePath("shop"))
+	if bytes.Contains(cache, []byte(secret)) {
+		t.Error("the secret is on the cache volume")
+	}
+}
+
+// Two projects' builds run in different VMs on different volumes: a RUN step of one
+// cannot see what the other left in its cache.
+func TestProjectsAreIsolated(t *testing.T) {
+	h := newHarness(t)
+	df := "FROM localhost/busybox:1\nRUN --mount=type=cache,target=/cache,id=shared sh -c 'echo $(cat /etc/hostname) > /cache/mine-%s; ls /cache > /seen'\n"
+	a := h.wait(t, h.submit(t, "alpha", api.BuildSpec{Tags: []string{"localhost/alpha/x:1"}}, map[string]string{"Dockerfile": fmt.Sprintf(df, "alpha")}, nil).ID)
+	b := h.wait(t, h.submit(t, "beta", api.BuildSpec{Tags: []string{"localhost/beta/x:1"}}, map[string]string{"Dockerfile": fmt.Sprintf(df, "beta")}, nil).ID)
+	if a.State != build.Succeeded || b.State != build.Succeeded {
+		t.Fatalf("builds: %+v %+v", a, b)
+	}
+	img, _ := h.reg.Resolve(context.Background(), "localhost/beta/x:1")
+	if seen, _ := fileIn(t, img, "seen"); strings.Contains(seen, "alpha") || !strings.Contains(seen, "mine-beta") {
+		t.Fatalf("beta's step saw %q in its cache mount", seen)
+	}
+	if h.svc.Builders.Running()["alpha"].Inst == h.svc.Builders.Running()["beta"].Inst {
+		t.Fatal("two projects share a builder VM")
+	}
+}
+
+// Bad input is refused before any VM starts, and leaves nothing behind.
+func TestBadInput(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	var big strings.Builder
+	for big.Len() < 65<<20 {
+		big.WriteString(strings.Repeat("x", 1<<20))
+	}
+	cases := []struct {
+		name    string
+		project string
+		spec    api.BuildSpec
+		ctx     io.Reader
+		want    string
+	}{
+		{"no Dockerfile", "shop", api.BuildSpec{}, ctxTar(map[string]string{"main.go": "x"}), "no Dockerfile at Dockerfile"},
+		{"unknown stage", "shop", api.BuildSpec{Target: "prod"}, ctxTar(map[string]string{"Dockerfile": "FROM localhost/busybox:1 AS dev\n"}), `target stage "prod" is not in Dockerfile (stages: dev)`},
+		{"syntax", "shop", api.BuildSpec{}, ctxTar(map[string]string{"Dockerfile": "FROMM localhost/busybox:1\n"}), "Dockerfile"},
+		{"bad tag", "shop", api.BuildSpec{Tags: []string{"Not A Ref!"}}, ctxTar(map[string]string{"Dockerfile": "FROM localhost/busybox:1\n"}), "is not a valid image reference"},
+		{"bad project", "Shop_1", api.BuildSpec{}, ctxTar(map[string]string{"Dockerfile": "FROM localhost/busybox:1\n"}), "project name"},
+		{"unknown base", "shop", api.BuildSpec{}, ctxTar(map[string]string{"Dockerfile": "FROM localhost/nope:1\n"}), "base image localhost/nope:1 is not in kiln's registry"},
+		{"too big", "shop", api.BuildSpec{}, ctxTar(map[string]string{"Dockerfile": "FROM localhost/busybox:1\n", "big": big.String()}), "larger than the 64 MiB limit"},
+		{"traversal", "shop", api.BuildSpec{}, traversalTar(), "points outside the context"},
+		{"dockerfile outside", "shop", api.BuildSpec{Dockerfile: "../Dockerfile"}, ctxTar(map[string]string{"Dockerfile": "FROM localhost/busybox:1\n"}), "must be a path inside the context"},
+	}
+	for _, c := range cases {
+		_, err := h.svc.Submit(ctx, c.project, c.spec, c.ctx, nil)
+		if err == nil || !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v; want an invalid-argument error containing %q", c.name, err, c.want)
+		}
+	}
+	if bs, _ := h.svc.List(ctx, "shop"); len(bs) != 0 {
+		t.Errorf("refused builds were recorded: %+v", bs)
+	}
+	if ents, _ := os.ReadDir(h.svc.Dir); len(ents) != 0 {
+		t.Errorf("refused builds left %d directories", len(ents))
+	}
+	if len(h.svc.Builders.Running()) != 0 {
+		t.Error("a builder started for bad input")
+	}
+}
+
+func traversalTar() io.Reader {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	body := "owned"
+	tw.WriteHeader(&tar.Header{Name: "Dockerfile", Mode: 0o644, Size: 25, Typeflag: tar.TypeReg})
+	tw.Write([]byte("FROM localhost/busybox:1\n"))
+	tw.WriteHeader(&tar.Header{Name: "../../escaped", Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg})
+	tw.Write([]byte(body))
+	tw.Close()
+	return &buf
+}
+
+// A step that prints far more than the log cap leaves a capped log marked truncated.
+func TestLogCap(t *testing.T) {
+	// BuildKit itself sends at most 200 KiB/s of a step's output; a cap below that shows
+	// kiln's own.
+	h := newHarness(t, func(s *build.Service) { s.MaxLogBytes = 64 << 10 })
+	b := h.wait(t, h.submit(t, "shop", api.BuildSpec{}, map[string]string{
+		"Dockerfile": "FROM localhost/busybox:1\nRUN head -c 1500000 /dev/urandom | od -An -x\n"}, nil).ID)
+	if b.State != build.Succeeded || !b.LogTruncated {
+		l := logOf(h, b.ID)
+		t.Fatalf("state %s, truncated %v, log of %d bytes ending:\n%s", b.State, b.LogTruncated, len(l), l[max(0, len(l)-1500):])
+	}
+	fi, _ := os.Stat(h.svc.LogPath(b.ID))
+	if fi.Size() > 64<<10+4096 {
+		t.Errorf("log is %d bytes, over the 64 KiB cap", fi.Size())
+	}
+}
+
+var guestSync = guest.ExecRequest{Argv: []string{"sync"}}
+
+func guestIO() guest.IO { return guest.IO{} }

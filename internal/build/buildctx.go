@@ -113,7 +113,7 @@ func (c *cappedWriter) Write(p []byte) (int, error) {
 	if c.n+int64(len(p)) > c.max {
 		keep := c.max - c.n
 		c.w.Write(p[:keep])
-		fmt.Fprintf(c.w, "\n[kiln: the log reached %d MiB; the rest of this build's output is not kept]\n", c.max>>20)
+		fmt.Fprintf(c.w, "\n[kiln: the log reached its cap of %d KiB; the rest of this build's output is not kept]\n", c.max>>10)
 		c.truncated = true
 		c.n = c.max
 		return len(p), nil

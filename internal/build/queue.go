@@ -197,8 +197,7 @@ type attemptResult struct {
 }
 
 // attempt runs the build once on the project's builder.
-func (s *Service) attempt(ctx context.Context, b store.Build) (attemptResult, error) {
-	var out attemptResult
+func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult, err error) {
 	spec := toAPI(b).Spec
 	dir := s.BuildDir(b.ID)
 	logf, err := os.OpenFile(s.LogPath(b.ID), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
@@ -207,6 +206,7 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (attemptResult, er
 	}
 	defer logf.Close()
 	capped := &cappedWriter{w: logf, max: s.MaxLogBytes}
+	// Named results: the deferred assignment reaches the caller.
 	defer func() { out.truncated = capped.truncated }()
 	fmt.Fprintf(capped, "kiln: build %s of %s, attempt %d\n", b.ID, b.Project, b.Attempt)
 
