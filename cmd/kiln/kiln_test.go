@@ -18,7 +18,7 @@ import (
 	"github.com/kilnhq/kiln/internal/testutil"
 )
 
-var kilnBin string
+var kilnBin, buildkitdBin string
 
 func TestMain(m *testing.M) {
 	// Servers give machines networks: bridges, TAP devices, rules and traffic stay in a
@@ -50,6 +50,12 @@ func newEnv(t *testing.T) *env {
 		kilnBin = testutil.GoBuild(t, "./cmd/kiln", dir)
 		testutil.GoBuild(t, "./cmd/kiln-init", dir)
 	}
+	if buildkitdBin == "" {
+		// The server finds the builder root filesystem by this buildkitd's hash.
+		testutil.BuilderRootfs(t)
+		gomod, _ := exec.Command("go", "env", "GOMOD").Output()
+		buildkitdBin = filepath.Join(filepath.Dir(strings.TrimSpace(string(gomod))), "bin", "buildkitd")
+	}
 	e := &env{t: t, dataDir: testutil.TempDir(t)}
 	t.Cleanup(func() { testutil.RequireNothingLeft(t, e.dataDir) })
 	return e
@@ -57,7 +63,8 @@ func newEnv(t *testing.T) *env {
 
 func (e *env) cmd(args ...string) *exec.Cmd {
 	c := exec.Command(kilnBin, args...)
-	c.Env = append(os.Environ(), "KILN_DATA_DIR="+e.dataDir, "KILN_ASSETS_DIR="+filepath.Join(testutil.DataDir(), "assets"))
+	c.Env = append(os.Environ(), "KILN_DATA_DIR="+e.dataDir, "KILN_ASSETS_DIR="+filepath.Join(testutil.DataDir(), "assets"),
+		"KILN_BUILDKITD="+buildkitdBin)
 	return c
 }
 

@@ -50,7 +50,7 @@ func main() {
 	root.PersistentFlags().StringVar(&g.dataDir, "data-dir", defaultDataDir(), "where kiln keeps assets, disks and VM state (env KILN_DATA_DIR)")
 	af := &apiFlags{}
 	af.register(root)
-	root.AddCommand(vmCmd(g), assetsCmd(g), diskCmd(g), versionCmd(), serverCmd(g),
+	root.AddCommand(vmCmd(g), assetsCmd(g), diskCmd(g), versionCmd(), serverCmd(g), buildCmd(g, af),
 		machineCmd(g, af), logsCmd(g, af), imageCmd(g, af), volumeCmd(g, af))
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -139,14 +139,7 @@ func TestNetworkAndProxy(t *testing.T) {
 	outside := newOutside(t)
 	addr, proxyAddr := freeAddr(t), freeAddr(t)
 	srv := startServer(t, e, addr, "--proxy-listen", proxyAddr, "--idle-timeout", "4s", "--egress", egressAddr)
-	defer func() {
-		if srv != nil {
-			srv.stop(syscall.SIGTERM)
-			testutil.KillProcessesNaming(e.dataDir)
-			os.RemoveAll(filepath.Join(e.dataDir, "vms"))
-			os.RemoveAll(filepath.Join(e.dataDir, "locks"))
-		}
-	}()
+	defer stopOnFailure(&srv)
 	ctx := context.Background()
 	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
 	tarball := filepath.Join(e.dataDir, "app.tar")

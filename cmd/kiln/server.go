@@ -12,12 +12,15 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	stdruntime "runtime"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/assets"
+	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
@@ -28,6 +31,7 @@ import (
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
+	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
 // DefaultListen is where `kiln server` listens unless told otherwise.
@@ -71,6 +75,13 @@ type serverOptions struct {
 	domain      string
 	idle        time.Duration
 	wake        time.Duration
+
+	buildCache      string
+	buildMaxContext string
+	builderCPUs     int
+	builderMemory   int
+	builderIdle     time.Duration
+	maxBuilds       int
 }
 
 func serverCmd(g *globals) *cobra.Command {
@@ -94,6 +105,12 @@ when the server stops or dies; the next start adopts them.`,
 	f.StringVar(&o.domain, "proxy-domain", "kiln.internal", "HTTP requests for Host <app>.DOMAIN go to the app's machines")
 	f.DurationVar(&o.idle, "idle-timeout", 5*time.Minute, "how long a machine whose service has autostop on may go without traffic")
 	f.DurationVar(&o.wake, "wake-timeout", time.Minute, "how long the proxy holds a request while it starts or resumes a machine")
+	f.StringVar(&o.buildCache, "build-cache-size", "20G", "size of each project's BuildKit cache volume (sparse); BuildKit's GC keeps it under 60 %")
+	f.StringVar(&o.buildMaxContext, "build-max-context", "512M", "largest build context accepted")
+	f.IntVar(&o.builderCPUs, "builder-cpus", stdruntime.NumCPU(), "vCPUs of a builder VM")
+	f.IntVar(&o.builderMemory, "builder-memory", 2048, "memory of a builder VM in MiB")
+	f.DurationVar(&o.builderIdle, "builder-idle", 10*time.Minute, "how long a project's builder stays up after its last build")
+	f.IntVar(&o.maxBuilds, "max-builds", 2, "builds running at once (each on its own project's builder)")
 	return c
 }
 
@@ -184,7 +201,12 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 			return err
 		}
 	}
-	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok}
+	builds, err := o.buildService(ctx, dataDir, db, rt, images)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds}
 	apiSrv.Recovering.Store(true)
 	srv := &http.Server{Handler: apiSrv.Handler()}
 	errc := make(chan error, 1)
@@ -197,6 +219,16 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 		return fmt.Errorf("recovering machines: %w", err)
 	}
 	apiSrv.Recovering.Store(false)
+	if builds != nil {
+		bctx, stopBuilds := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { builds.Run(bctx); close(done) }()
+		defer func() {
+			stopBuilds()
+			<-done
+			builds.Builders.Close(context.WithoutCancel(ctx))
+		}()
+	}
 	if px != nil {
 		pctx, stopProxy := context.WithCancel(ctx)
 		defer stopProxy()
@@ -265,3 +297,39 @@ func (p proxyMachines) Start(ctx context.Context, id string) error {
 
 func (p proxyMachines) Stop(ctx context.Context, id string) error    { return p.mgr.Stop(ctx, id) }
 func (p proxyMachines) Suspend(ctx context.Context, id string) error { return p.mgr.Suspend(ctx, id) }
+
+// buildService sets up builds, or returns nil (builds off, said in the log) where the
+// builder root filesystem is missing.
+func (o serverOptions) buildService(ctx context.Context, dataDir string, db *sqlstore.DB, rt *vmrun.Runtime, images image.Registries) (*build.Service, error) {
+	cacheBytes, err := parseSize(o.buildCache)
+	if err != nil || cacheBytes < 1<<30 {
+		return nil, errdefs.Invalid("--build-cache-size %q: want a size of at least 1G, like 20G", o.buildCache)
+	}
+	maxContext, err := parseSize(o.buildMaxContext)
+	if err != nil || maxContext <= 0 {
+		return nil, errdefs.Invalid("--build-max-context %q: want a size like 512M", o.buildMaxContext)
+	}
+	if o.maxBuilds < 1 || o.builderCPUs < 1 || o.builderMemory < 512 || o.builderIdle <= 0 {
+		return nil, errdefs.Invalid("--max-builds and --builder-cpus must be at least 1, --builder-memory at least 512 (MiB), --builder-idle positive")
+	}
+	rootfs, err := assets.EnsureBuilder(ctx, assets.Options{Dir: assetsDir(dataDir)}, buildkitdBinary())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kiln: builds are off: %v\n", err)
+		return nil, nil
+	}
+	return &build.Service{
+		Store: db,
+		Builders: &build.Builders{RT: rt, Rootfs: rootfs, Dir: filepath.Join(dataDir, "builders"),
+			CacheBytes: cacheBytes, KeepBytes: cacheBytes * 6 / 10, CPUs: o.builderCPUs, MemoryMiB: o.builderMemory,
+			Idle: o.builderIdle, Log: os.Stderr},
+		Bases:           &build.Bases{Dir: filepath.Join(dataDir, "build-bases")},
+		Images:          images,
+		Dir:             filepath.Join(dataDir, "builds"),
+		MaxContextBytes: maxContext,
+		MaxLogBytes:     16 << 20,
+		MaxAttempts:     3,
+		Backoff:         2 * time.Second,
+		MaxConcurrent:   o.maxBuilds,
+		Log:             os.Stderr,
+	}, nil
+}

@@ -74,6 +74,19 @@ func startServer(t *testing.T, e *env, addr string, extra ...string) *kilnServer
 	return &kilnServer{e: e, url: "http://" + addr, cmd: c, logs: &logs}
 }
 
+// stopOnFailure stops a server a test left running (it failed part-way): a failed run
+// leaves machines running by design, and they must not outlive the test.
+func stopOnFailure(srv **kilnServer) {
+	s := *srv
+	if s == nil {
+		return
+	}
+	s.stop(syscall.SIGTERM)
+	testutil.KillProcessesNaming(s.e.dataDir)
+	os.RemoveAll(filepath.Join(s.e.dataDir, "vms"))
+	os.RemoveAll(filepath.Join(s.e.dataDir, "locks"))
+}
+
 func (s *kilnServer) stop(sig syscall.Signal) {
 	s.cmd.Process.Signal(sig)
 	s.cmd.Wait()
@@ -88,15 +101,7 @@ func TestServerEndToEnd(t *testing.T) {
 	e := newEnv(t)
 	addr := freeAddr(t)
 	srv := startServer(t, e, addr)
-	defer func() {
-		if srv != nil {
-			// A failed run leaves machines running by design; do not let them outlive the test.
-			srv.stop(syscall.SIGTERM)
-			testutil.KillProcessesNaming(e.dataDir)
-			os.RemoveAll(filepath.Join(e.dataDir, "vms"))
-			os.RemoveAll(filepath.Join(e.dataDir, "locks"))
-		}
-	}()
+	defer stopOnFailure(&srv)
 	ctx := context.Background()
 	tokenFile := filepath.Join(e.dataDir, "admin-token")
 

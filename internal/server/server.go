@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/machine"
@@ -34,6 +35,8 @@ type Server struct {
 	Images interface {
 		Load(ctx context.Context, tarball string, extra ...string) (string, []string, error)
 	}
+	// Builds, if set, runs builds; without it the build routes say how to enable them.
+	Builds *build.Service
 	// Registry, if set, serves the built-in OCI registry at /v2/.
 	Registry http.Handler
 	Token    string
@@ -100,6 +103,11 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/apps/{app}/volumes/{id}/snapshots", true, s.listSnapshots},
 		{"POST", "/v1/apps/{app}/volumes/{id}/snapshots", true, s.createSnapshot},
 		{"POST", "/v1/images", true, s.loadImage},
+		{"POST", "/v1/projects/{project}/builds", true, s.submitBuild},
+		{"GET", "/v1/projects/{project}/builds", true, s.listBuilds},
+		{"GET", "/v1/projects/{project}/builds/{id}", true, s.getBuild},
+		{"GET", "/v1/projects/{project}/builds/{id}/logs", true, s.buildLogs},
+		{"POST", "/v1/projects/{project}/builds/{id}/cancel", true, s.cancelBuild},
 	}
 }
 
@@ -155,7 +163,7 @@ func statusOf(err error) int {
 		return http.StatusInsufficientStorage
 	case errors.Is(err, errdefs.ErrUnavailable):
 		return http.StatusServiceUnavailable
-	case errors.Is(err, errNotImplemented):
+	case errors.Is(err, errNotImplemented), errors.Is(err, errdefs.ErrMissingDependency):
 		return http.StatusNotImplemented
 	case errors.Is(err, errTimeout):
 		return http.StatusRequestTimeout

@@ -1,0 +1,117 @@
+package client
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"mime/multipart"
+	"net/url"
+	"sort"
+	"strings"
+
+	"github.com/kilnhq/kiln/api"
+)
+
+func bpath(project string) string { return "/v1/projects/" + url.PathEscape(project) + "/builds" }
+
+// SubmitBuild queues a build: the spec, the secrets (sent once, never stored by the
+// server) and the context as a tar stream, streamed as it is read.
+func (c *Client) SubmitBuild(ctx context.Context, project string, spec api.BuildSpec, contextTar io.Reader, secrets map[string][]byte) (api.Build, error) {
+	pr, pw := io.Pipe()
+	mw := multipart.NewWriter(pw)
+	go func() {
+		err := func() error {
+			w, err := mw.CreateFormField("spec")
+			if err != nil {
+				return err
+			}
+			if err := json.NewEncoder(w).Encode(spec); err != nil {
+				return err
+			}
+			ids := make([]string, 0, len(secrets))
+			for id := range secrets {
+				ids = append(ids, id)
+			}
+			sort.Strings(ids)
+			for _, id := range ids {
+				w, err := mw.CreateFormField("secret:" + id)
+				if err != nil {
+					return err
+				}
+				if _, err := w.Write(secrets[id]); err != nil {
+					return err
+				}
+			}
+			w, err = mw.CreateFormFile("context", "context.tar")
+			if err != nil {
+				return err
+			}
+			if _, err := io.Copy(w, contextTar); err != nil {
+				return err
+			}
+			return mw.Close()
+		}()
+		pw.CloseWithError(err)
+	}()
+	var b api.Build
+	resp, err := c.request(ctx, "POST", bpath(project), pr, mw.FormDataContentType())
+	pr.Close()
+	if err != nil {
+		return b, err
+	}
+	defer resp.Body.Close()
+	return b, json.NewDecoder(resp.Body).Decode(&b)
+}
+
+// ListBuilds lists a project's builds, newest first.
+func (c *Client) ListBuilds(ctx context.Context, project string) ([]api.Build, error) {
+	var out []api.Build
+	return out, c.do(ctx, "GET", bpath(project), nil, &out)
+}
+
+// GetBuild returns a build.
+func (c *Client) GetBuild(ctx context.Context, project, id string) (api.Build, error) {
+	var b api.Build
+	return b, c.do(ctx, "GET", bpath(project)+"/"+url.PathEscape(id), nil, &b)
+}
+
+// CancelBuild cancels a queued or running build.
+func (c *Client) CancelBuild(ctx context.Context, project, id string) error {
+	return c.do(ctx, "POST", bpath(project)+"/"+url.PathEscape(id)+"/cancel", nil, nil)
+}
+
+// BuildLogs reads a build's log (server-sent events), calling fn for each line; with
+// follow it waits for the build to end. It returns the build as it ended (or is now).
+func (c *Client) BuildLogs(ctx context.Context, project, id string, follow bool, fn func(line string)) (api.Build, error) {
+	var b api.Build
+	q := "?follow=false"
+	if follow {
+		q = "?follow=true"
+	}
+	resp, err := c.request(ctx, "GET", bpath(project)+"/"+url.PathEscape(id)+"/logs"+q, nil, "")
+	if err != nil {
+		return b, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	event := ""
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, "event: "):
+			event = strings.TrimPrefix(line, "event: ")
+		case strings.HasPrefix(line, "data: ") || line == "data:":
+			data := strings.TrimPrefix(strings.TrimPrefix(line, "data:"), " ")
+			if event == "end" {
+				return b, json.Unmarshal([]byte(data), &b)
+			}
+			fn(data)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return b, err
+	}
+	return c.GetBuild(ctx, project, id)
+}

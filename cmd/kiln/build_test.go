@@ -1,0 +1,108 @@
+package main_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kilnhq/kiln/client"
+	"github.com/kilnhq/kiln/internal/image/imagetest"
+)
+
+// A project is built with `kiln build` from a context with a .dockerignore, pushed to
+// kiln's registry and run as a machine; the second build after a one-line change reports
+// cached steps.
+func TestBuildEndToEnd(t *testing.T) {
+	e := newEnv(t)
+	addr := freeAddr(t)
+	srv := startServer(t, e, addr, "--proxy-listen", freeAddr(t), "--build-cache-size", "4G", "--builder-memory", "1024")
+	defer stopOnFailure(&srv)
+	base := filepath.Join(e.dataDir, "base.tar")
+	imagetest.WriteDockerTarball(t, imagetest.Base(t), "localhost/busybox:1", base)
+	if _, errs, code := srv.kiln("", "image", "load", base); code != 0 {
+		t.Fatalf("image load: %s", errs)
+	}
+	dir := filepath.Join(e.dataDir, "app")
+	os.MkdirAll(dir, 0o755)
+	write := func(name, body string) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("Dockerfile", `FROM localhost/busybox:1 AS build
+RUN mkdir /deps && echo installed > /deps/lock
+COPY . /src
+RUN test ! -e /src/secret.env && test ! -e /src/notes.txt && echo ignored-files-absent
+RUN sh -c 'cat /src/main.txt > /out'
+
+FROM localhost/busybox:1
+COPY --from=build /out /out
+CMD ["sh", "-c", "cat /out; sleep 600"]
+`)
+	write("main.txt", "version one\n")
+	write("secret.env", "TOKEN=do-not-send\n")
+	write("notes.txt", "notes\n")
+	write(".dockerignore", "*.env\nnotes.txt\n")
+
+	out, errs, code := srv.kiln("", "build", dir, "--project", "shop", "--tag", "localhost/shop/web:v2")
+	if code != 0 || !strings.Contains(out, "localhost/shop/web:v2") || !strings.Contains(out, "ignored-files-absent") {
+		t.Fatalf("kiln build: exit %d\n%s\n%s\n%s", code, out, errs, srv.logs)
+	}
+	ctx := context.Background()
+	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
+	bs, err := cl.ListBuilds(ctx, "shop")
+	if err != nil || len(bs) != 1 || bs[0].State != "succeeded" {
+		t.Fatalf("builds: %+v %v", bs, err)
+	}
+	first := bs[0]
+
+	// Runs as a machine at once.
+	out, errs, code = srv.kiln("", "machine", "run", "localhost/shop/web:v2", "--app", "shop")
+	if code != 0 {
+		t.Fatalf("machine run: %s", errs)
+	}
+	id := strings.TrimSpace(out)
+	if err := cl.Wait(ctx, "shop", id, "started", 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	res, err := cl.Exec(ctx, "shop", id, []string{"cat", "/out"}, "", 30*time.Second)
+	if err != nil || res.Stdout != "version one\n" {
+		t.Fatalf("the built image runs: %+v %v", res, err)
+	}
+	srv.kiln("", "machine", "destroy", "-f", id)
+
+	// One-line change: the steps before it are cached.
+	write("main.txt", "version two\n")
+	out, errs, code = srv.kiln("", "build", dir, "--project", "shop", "--tag", "localhost/shop/web:v3")
+	if code != 0 {
+		t.Fatalf("second build: %s\n%s", out, errs)
+	}
+	bs, _ = cl.ListBuilds(ctx, "shop")
+	second := bs[0]
+	if second.CachedSteps == 0 || second.BuilderReady != 0 {
+		t.Errorf("second build: %d of %d steps cached, builder ready %d ms; want cached steps on a warm builder", second.CachedSteps, second.TotalSteps, second.BuilderReady)
+	}
+	if !strings.Contains(errs, "steps cached") {
+		t.Errorf("the CLI does not report cached steps: %s", errs)
+	}
+	t.Logf("first build %d ms (builder %d ms), second %d ms with %d/%d cached", first.DurationMS, first.BuilderReady, second.DurationMS, second.CachedSteps, second.TotalSteps)
+
+	// Logs afterwards; bad input before any VM.
+	out, _, code = srv.kiln("", "build", "logs", first.ID, "--project", "shop")
+	if code != 0 || !strings.Contains(out, "ignored-files-absent") {
+		t.Errorf("build logs: %d %s", code, out)
+	}
+	os.Remove(filepath.Join(dir, "Dockerfile"))
+	if _, errs, code := srv.kiln("", "build", dir, "--project", "shop"); code == 0 || !strings.Contains(errs, "no Dockerfile at Dockerfile") {
+		t.Errorf("missing Dockerfile: exit %d: %s", code, errs)
+	}
+	if _, errs, code := srv.kiln("", "build", dir, "--project", "Bad_Name"); code == 0 || !strings.Contains(errs, "project name") {
+		t.Errorf("bad project: exit %d: %s", code, errs)
+	}
+	srv.stop(syscall.SIGTERM)
+	srv = nil
+}
