@@ -21,7 +21,6 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/client"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
-	"github.com/kilnhq/kiln/internal/testutil"
 )
 
 // kilnDevices lists the bridges and TAP devices kiln made in the test's namespace.
