@@ -308,6 +308,12 @@ type BuildResult struct {
 	TotalSteps   int          `json:"total_steps"`
 	Steps        []StepTiming `json:"steps,omitempty"`
 	BuilderReady int64        `json:"builder_ready_ms,omitempty"` // 0: the builder was warm
-	DurationMS   int64        `json:"duration_ms,omitempty"`
-	LogTruncated bool         `json:"log_truncated,omitempty"`
+	// Builder says how the builder was found: cold (booted), resumed (from a suspend)
+	// or warm (running).
+	Builder string `json:"builder,omitempty"`
+	// CacheReset says the project's cache was emptied before this build: its last
+	// builder had not stopped cleanly.
+	CacheReset   bool  `json:"cache_reset,omitempty"`
+	DurationMS   int64 `json:"duration_ms,omitempty"`
+	LogTruncated bool  `json:"log_truncated,omitempty"`
 }

@@ -162,6 +162,9 @@ func run(out string, boots, execs int) error {
 	if err := benchProxy(ctx, add); err != nil {
 		return fmt.Errorf("proxy: %w", err)
 	}
+	if err := benchBuilds(ctx, rt, dataDir, work, add); err != nil {
+		return fmt.Errorf("builds: %w", err)
+	}
 
 	printTable(os.Stdout, rep)
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {

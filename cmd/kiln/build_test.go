@@ -106,3 +106,46 @@ CMD ["sh", "-c", "cat /out; sleep 600"]
 	srv.stop(syscall.SIGTERM)
 	srv = nil
 }
+
+// kill -9 of the server mid-build: the restarted server queues the build again (an
+// infrastructure failure, recorded as a retry) and it finishes on a new builder.
+func TestBuildSurvivesServerRestart(t *testing.T) {
+	e := newEnv(t)
+	addr := freeAddr(t)
+	args := []string{"--proxy-listen", "off", "--network=false", "--build-cache-size", "4G", "--builder-memory", "1024"}
+	srv := startServer(t, e, addr, args...)
+	defer stopOnFailure(&srv)
+	base := filepath.Join(e.dataDir, "base.tar")
+	imagetest.WriteDockerTarball(t, imagetest.Base(t), "localhost/busybox:1", base)
+	if _, errs, code := srv.kiln("", "image", "load", base); code != 0 {
+		t.Fatalf("image load: %s", errs)
+	}
+	dir := filepath.Join(e.dataDir, "app")
+	os.MkdirAll(dir, 0o755)
+	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo slow-step-started; sleep 5; echo done > /done\n"), 0o644)
+	out, errs, code := srv.kiln("", "build", dir, "--project", "shop", "--detach")
+	if code != 0 {
+		t.Fatalf("kiln build --detach: %s", errs)
+	}
+	id := strings.TrimSpace(out)
+	ctx := context.Background()
+	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
+	waitFor(t, func() bool {
+		var seen bool
+		cl.BuildLogs(ctx, "shop", id, false, func(l string) { seen = seen || strings.Contains(l, "slow-step-started") })
+		return seen
+	}, "the slow step to start")
+	srv.stop(syscall.SIGKILL)
+	srv = startServer(t, e, addr, args...)
+	cl = client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
+	b, err := cl.BuildLogs(ctx, "shop", id, true, func(string) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.State != "succeeded" || len(b.Retries) != 1 || !strings.Contains(b.Retries[0], "kiln stopped") {
+		log, _, _ := srv.kiln("", "build", "logs", id, "--project", "shop")
+		t.Fatalf("after the restart: %s %s retries %q\n%s\n%s", b.State, b.Error, b.Retries, log, srv.logs)
+	}
+	srv.stop(syscall.SIGTERM)
+	srv = nil
+}

@@ -411,3 +411,26 @@ func TestLogCap(t *testing.T) {
 var guestSync = guest.ExecRequest{Argv: []string{"sync"}}
 
 func guestIO() guest.IO { return guest.IO{} }
+
+// An idle builder is suspended, and the project's next build resumes it (the same VM
+// with buildkitd still running) instead of booting one.
+func TestIdleBuilderSuspendsAndResumes(t *testing.T) {
+	h := newHarness(t, func(s *build.Service) { s.Builders.Idle = time.Second })
+	files := map[string]string{"Dockerfile": "FROM localhost/busybox:1\nRUN echo once > /once\n"}
+	first := h.wait(t, h.submit(t, "shop", api.BuildSpec{}, files, nil).ID)
+	if first.State != build.Succeeded || first.Builder != "cold" {
+		t.Fatalf("first: %+v", first)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for len(h.svc.Builders.Suspended()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the idle builder was not suspended")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	second := h.wait(t, h.submit(t, "shop", api.BuildSpec{}, files, nil).ID)
+	if second.State != build.Succeeded || second.Builder != "resumed" || second.CachedSteps != second.TotalSteps {
+		t.Fatalf("second: %+v\n%s", second, logOf(h, second.ID))
+	}
+	t.Logf("cold builder ready in %d ms, resumed in %d ms", first.BuilderReady, second.BuilderReady)
+}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +23,17 @@ const buildkitdSock = "/run/buildkit/buildkitd.sock"
 
 // cacheDir is where a builder's cache volume is mounted: buildkitd's state.
 const cacheDir = "/var/lib/buildkit"
+
+// inUse marks a cache volume whose builder has not stopped cleanly. BuildKit does not
+// flush what it writes, so a builder killed mid-build can leave a snapshot its metadata
+// calls complete but whose files never reached the disk; a cache found marked is reset.
+const inUse = cacheDir + "/.kiln-in-use"
+
+// prepareCache resets a cache its last builder did not release, then marks it in use.
+const prepareCache = `if [ -e ` + inUse + ` ]; then find ` + cacheDir + ` -mindepth 1 -maxdepth 1 ! -name lost+found -exec rm -rf {} +; echo reset; fi; touch ` + inUse + `; sync`
+
+// releaseCache flushes the cache and clears the mark: the next builder may trust it.
+const releaseCache = `sync; rm -f ` + inUse + `; sync`
 
 // Builders keeps one builder VM per project. Each project's BuildKit state lives on a
 // volume of its own (DIR/PROJECT/cache.ext4) that only that project's VM ever mounts:
@@ -42,6 +54,9 @@ type Builders struct {
 
 	mu sync.Mutex
 	m  map[string]*Builder
+	// suspended holds idle builders saved to disk, resumed by the project's next build.
+	suspended map[string]*Builder
+	resets    map[string]int
 }
 
 // Builder is a project's running builder VM with buildkitd.
@@ -50,10 +65,15 @@ type Builder struct {
 	Inst    *vmrun.Instance
 	// Ready is how long the builder took to become ready for this use: zero when it was
 	// already running (warm).
-	Ready    time.Duration
-	mu       sync.Mutex
-	busy     int
-	lastUsed time.Time
+	Ready time.Duration
+	// Resumed says this use woke the builder from a suspend rather than booting it.
+	Resumed bool
+	// CacheReset is set when booting found the cache left by a builder that did not stop
+	// cleanly, and emptied it.
+	CacheReset bool
+	mu         sync.Mutex
+	busy       int
+	lastUsed   time.Time
 }
 
 func (b *Builders) logf(format string, args ...any) {
@@ -89,19 +109,33 @@ func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error
 	if bd != nil {
 		bd.mu.Lock()
 		bd.busy++
-		bd.Ready = 0
+		bd.Ready, bd.Resumed = 0, false
 		bd.mu.Unlock()
 		b.mu.Unlock()
 		return bd, nil
 	}
+	sus := b.suspended[project]
+	delete(b.suspended, project)
 	b.mu.Unlock()
 
 	start := time.Now()
-	inst, err := b.boot(ctx, project)
+	if sus != nil {
+		if err := b.resume(ctx, sus); err == nil {
+			sus.busy, sus.Ready, sus.Resumed = 1, time.Since(start), true
+			b.mu.Lock()
+			b.m[project] = sus
+			b.mu.Unlock()
+			return sus, nil
+		} else {
+			b.logf("resuming the builder of %s failed (%v): booting a new one", project, err)
+			sus.Inst.Destroy(context.WithoutCancel(ctx))
+		}
+	}
+	inst, reset, err := b.boot(ctx, project)
 	if err != nil {
 		return nil, err
 	}
-	bd = &Builder{Project: project, Inst: inst, busy: 1, Ready: time.Since(start)}
+	bd = &Builder{Project: project, Inst: inst, busy: 1, Ready: time.Since(start), CacheReset: reset}
 	b.mu.Lock()
 	if old := b.m[project]; old != nil {
 		// Another build of the project booted one meanwhile (the queue runs one build
@@ -144,7 +178,31 @@ func (b *Builders) Running() map[string]*Builder {
 	return out
 }
 
-// StopIdle stops builders idle longer than b.Idle.
+// resume brings a suspended builder back and checks that buildkitd answers.
+func (b *Builders) resume(ctx context.Context, bd *Builder) error {
+	if err := bd.Inst.Resume(ctx); err != nil {
+		return err
+	}
+	c, err := bd.Inst.Agent.Connect(ctx, buildkitdSock)
+	if err != nil {
+		return fmt.Errorf("buildkitd does not answer after the resume: %w", err)
+	}
+	return c.Close()
+}
+
+// Suspended lists the projects whose builder is suspended.
+func (b *Builders) Suspended() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []string
+	for p := range b.suspended {
+		out = append(out, p)
+	}
+	return out
+}
+
+// StopIdle suspends builders idle longer than b.Idle (their VM saved to disk, its VMM
+// gone) where the driver can, and stops them otherwise. Either way the cache stays.
 func (b *Builders) StopIdle(ctx context.Context) {
 	b.mu.Lock()
 	var idle []*Builder
@@ -158,7 +216,23 @@ func (b *Builders) StopIdle(ctx context.Context) {
 	}
 	b.mu.Unlock()
 	for _, bd := range idle {
-		b.logf("builder of %s was idle for %s: stopping it (its cache stays)", bd.Project, b.Idle)
+		if b.RT.Driver.Capabilities().Snapshot {
+			if err := bd.Inst.Suspend(ctx); err == nil {
+				b.logf("builder of %s was idle for %s: suspended it", bd.Project, b.Idle)
+				b.mu.Lock()
+				if b.suspended == nil {
+					b.suspended = map[string]*Builder{}
+				}
+				b.suspended[bd.Project] = bd
+				b.mu.Unlock()
+				continue
+			} else {
+				b.logf("suspending the idle builder of %s failed (%v): stopping it", bd.Project, err)
+			}
+		} else {
+			b.logf("builder of %s was idle for %s: stopping it (its cache stays)", bd.Project, b.Idle)
+		}
+		b.release(ctx, bd)
 		bd.Inst.Shutdown(ctx, 10*time.Second)
 		bd.Inst.Destroy(context.WithoutCancel(ctx))
 	}
@@ -168,37 +242,77 @@ func (b *Builders) StopIdle(ctx context.Context) {
 func (b *Builders) Close(ctx context.Context) {
 	b.mu.Lock()
 	all := b.m
-	b.m = nil
+	sus := b.suspended
+	b.m, b.suspended = nil, nil
 	b.mu.Unlock()
 	for _, bd := range all {
+		b.release(ctx, bd)
+		bd.Inst.Destroy(context.WithoutCancel(ctx))
+	}
+	for _, bd := range sus {
 		bd.Inst.Destroy(context.WithoutCancel(ctx))
 	}
 }
 
 // boot starts a builder VM on the project's cache volume and waits for buildkitd.
-func (b *Builders) boot(ctx context.Context, project string) (*vmrun.Instance, error) {
+func (b *Builders) boot(ctx context.Context, project string) (inst *vmrun.Instance, reset bool, err error) {
 	cache := b.CachePath(project)
 	if _, err := os.Stat(cache); os.IsNotExist(err) {
 		if err := os.MkdirAll(filepath.Dir(cache), 0o755); err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		if err := volume.Create(ctx, cache, b.CacheBytes, ""); err != nil {
-			return nil, fmt.Errorf("creating the cache volume of %s: %w", project, err)
+			return nil, false, fmt.Errorf("creating the cache volume of %s: %w", project, err)
 		}
 		b.logf("created the cache volume of %s (%d GiB)", project, b.CacheBytes>>30)
 	}
-	inst, err := b.RT.Boot(ctx, vmrun.Spec{
+	inst, err = b.RT.Boot(ctx, vmrun.Spec{
 		Rootfs: b.Rootfs, CPUs: b.CPUs, MemoryMiB: b.MemoryMiB, Hostname: "builder",
 		Mounts: []vmrun.Mount{{Image: cache, Path: cacheDir}},
 	})
 	if err != nil {
-		return nil, fmt.Errorf("booting the builder of %s: %w", project, err)
+		return nil, false, fmt.Errorf("booting the builder of %s: %w", project, err)
+	}
+	var out strings.Builder
+	st, err := inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"sh", "-c", prepareCache}}, guest.IO{Stdout: &out})
+	if err == nil && st.Code != 0 {
+		err = fmt.Errorf("exit status %d", st.Code)
+	}
+	if err != nil {
+		inst.Destroy(context.WithoutCancel(ctx))
+		return nil, false, fmt.Errorf("preparing the cache of %s: %w", project, err)
+	}
+	if strings.Contains(out.String(), "reset") {
+		b.logf("the cache of %s was reset: its last builder did not stop cleanly, so what BuildKit left on it cannot be trusted", project)
+		b.mu.Lock()
+		if b.resets == nil {
+			b.resets = map[string]int{}
+		}
+		b.resets[project]++
+		b.mu.Unlock()
+		reset = true
 	}
 	if err := b.startBuildkitd(ctx, inst); err != nil {
 		inst.Destroy(context.WithoutCancel(ctx))
-		return nil, fmt.Errorf("starting buildkitd in the builder of %s: %w", project, err)
+		return nil, false, fmt.Errorf("starting buildkitd in the builder of %s: %w", project, err)
 	}
-	return inst, nil
+	return inst, reset, nil
+}
+
+// release flushes a builder's cache and clears its in-use mark before the VM stops.
+func (b *Builders) release(ctx context.Context, bd *Builder) {
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if st, err := bd.Inst.Agent.Exec(cctx, guest.ExecRequest{Argv: []string{"sh", "-c", releaseCache}}, guest.IO{}); err != nil || st.Code != 0 {
+		b.logf("releasing the cache of %s: %v (status %d); the next builder resets it", bd.Project, err, st.Code)
+	}
+}
+
+// CacheResets counts the project's cache resets since kiln started.
+func (b *Builders) CacheResets(project string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.resets[project]
 }
 
 func (b *Builders) startBuildkitd(ctx context.Context, inst *vmrun.Instance) error {

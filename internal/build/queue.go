@@ -121,6 +121,7 @@ func (s *Service) execute(ctx context.Context, b store.Build) {
 		if _, err := s.transition(bg, b, to, func(r *api.BuildResult) {
 			r.CachedSteps, r.TotalSteps, r.Steps = out.stats.Cached, out.stats.Total, out.stats.Steps
 			r.BuilderReady, r.DurationMS, r.LogTruncated = out.ready.Milliseconds(), time.Since(start).Milliseconds(), out.truncated
+			r.Builder, r.CacheReset = out.builder, out.cacheReset
 			edit(r)
 		}); err != nil {
 			s.logf("recording the end of build %s: %v", b.ID, err)
@@ -189,11 +190,13 @@ func joinTags(t []string) string {
 }
 
 type attemptResult struct {
-	stats     stepStats
-	ready     time.Duration
-	digest    string
-	pushed    []string
-	truncated bool
+	stats      stepStats
+	ready      time.Duration
+	builder    string
+	cacheReset bool
+	digest     string
+	pushed     []string
+	truncated  bool
 }
 
 // attempt runs the build once on the project's builder.
@@ -240,9 +243,19 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 	}
 	defer s.Builders.Release(bd)
 	out.ready = bd.Ready
-	if bd.Ready > 0 {
+	switch {
+	case bd.Resumed:
+		out.builder = "resumed"
+		fmt.Fprintf(capped, "kiln: resumed the suspended builder of %s in %s\n", b.Project, bd.Ready.Round(time.Millisecond))
+	case bd.Ready > 0:
+		out.builder = "cold"
 		fmt.Fprintf(capped, "kiln: started the builder of %s in %s\n", b.Project, bd.Ready.Round(time.Millisecond))
-	} else {
+		if bd.CacheReset {
+			out.cacheReset = true
+			fmt.Fprintf(capped, "kiln: the cache of %s was reset: its last builder did not stop cleanly (%d resets since kiln started)\n", b.Project, s.Builders.CacheResets(b.Project))
+		}
+	default:
+		out.builder = "warm"
 		fmt.Fprintf(capped, "kiln: the builder of %s is warm\n", b.Project)
 	}
 	c, err := bd.Client(ctx)
