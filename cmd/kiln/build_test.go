@@ -13,6 +13,20 @@ import (
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 )
 
+// loadBase loads the busybox base image as localhost/busybox:1 and returns an empty
+// directory for a build context.
+func loadBase(t *testing.T, srv *kilnServer) string {
+	t.Helper()
+	base := filepath.Join(srv.e.dataDir, "base.tar")
+	imagetest.WriteDockerTarball(t, imagetest.Base(t), "localhost/busybox:1", base)
+	if _, errs, code := srv.kiln("", "image", "load", base); code != 0 {
+		t.Fatalf("image load: %s", errs)
+	}
+	dir := filepath.Join(srv.e.dataDir, "app")
+	os.MkdirAll(dir, 0o755)
+	return dir
+}
+
 // A project is built with `kiln build` from a context with a .dockerignore, pushed to
 // kiln's registry and run as a machine; the second build after a one-line change reports
 // cached steps.
@@ -21,13 +35,7 @@ func TestBuildEndToEnd(t *testing.T) {
 	addr := freeAddr(t)
 	srv := startServer(t, e, addr, "--proxy-listen", freeAddr(t), "--build-cache-size", "4G", "--builder-memory", "1024")
 	defer stopOnFailure(&srv)
-	base := filepath.Join(e.dataDir, "base.tar")
-	imagetest.WriteDockerTarball(t, imagetest.Base(t), "localhost/busybox:1", base)
-	if _, errs, code := srv.kiln("", "image", "load", base); code != 0 {
-		t.Fatalf("image load: %s", errs)
-	}
-	dir := filepath.Join(e.dataDir, "app")
-	os.MkdirAll(dir, 0o755)
+	dir := loadBase(t, srv)
 	write := func(name, body string) {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
 			t.Fatal(err)
@@ -115,13 +123,7 @@ func TestBuildSurvivesServerRestart(t *testing.T) {
 	args := []string{"--proxy-listen", "off", "--network=false", "--build-cache-size", "4G", "--builder-memory", "1024"}
 	srv := startServer(t, e, addr, args...)
 	defer stopOnFailure(&srv)
-	base := filepath.Join(e.dataDir, "base.tar")
-	imagetest.WriteDockerTarball(t, imagetest.Base(t), "localhost/busybox:1", base)
-	if _, errs, code := srv.kiln("", "image", "load", base); code != 0 {
-		t.Fatalf("image load: %s", errs)
-	}
-	dir := filepath.Join(e.dataDir, "app")
-	os.MkdirAll(dir, 0o755)
+	dir := loadBase(t, srv)
 	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo slow-step-started; sleep 5; echo done > /done\n"), 0o644)
 	out, errs, code := srv.kiln("", "build", dir, "--project", "shop", "--detach")
 	if code != 0 {
