@@ -317,3 +317,22 @@ type BuildResult struct {
 	DurationMS   int64 `json:"duration_ms,omitempty"`
 	LogTruncated bool  `json:"log_truncated,omitempty"`
 }
+
+// BuildCache describes a project's build cache volume.
+type BuildCache struct {
+	Project   string `json:"project"`
+	Path      string `json:"path"`
+	SizeBytes int64  `json:"size_bytes"`
+	UsedBytes int64  `json:"used_bytes"`
+	// KeepBytes is BuildKit's GC target; above ResetAbove of the volume after a build,
+	// the cache is reset.
+	KeepBytes  int64   `json:"keep_bytes"`
+	ResetAbove float64 `json:"reset_above"`
+	Resets     int     `json:"resets"`  // since the server started
+	Builder    string  `json:"builder"` // running, suspended, stopped or none
+}
+
+// PruneResponse says what a prune freed.
+type PruneResponse struct {
+	FreedBytes int64 `json:"freed_bytes"`
+}

@@ -115,3 +115,15 @@ func (c *Client) BuildLogs(ctx context.Context, project, id string, follow bool,
 	}
 	return c.GetBuild(ctx, project, id)
 }
+
+// BuildCache describes a project's build cache.
+func (c *Client) BuildCache(ctx context.Context, project string) (api.BuildCache, error) {
+	var out api.BuildCache
+	return out, c.do(ctx, "GET", "/v1/projects/"+url.PathEscape(project)+"/cache", nil, &out)
+}
+
+// PruneBuildCache empties a project's build cache.
+func (c *Client) PruneBuildCache(ctx context.Context, project string) (api.PruneResponse, error) {
+	var out api.PruneResponse
+	return out, c.do(ctx, "POST", "/v1/projects/"+url.PathEscape(project)+"/cache/prune", nil, &out)
+}

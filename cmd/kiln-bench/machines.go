@@ -45,7 +45,8 @@ func benchImage(payloadMiB int) (v1.Image, int64, error) {
 	}
 	tw.WriteHeader(&tar.Header{Name: "bin/", Mode: 0o755, Typeflag: tar.TypeDir})
 	add("bin/busybox", 0o755, bb)
-	tw.WriteHeader(&tar.Header{Name: "bin/sh", Typeflag: tar.TypeLink, Linkname: "bin/busybox"})
+	// A hard link carries its target's mode, as docker writes it: some extractors apply it.
+	tw.WriteHeader(&tar.Header{Name: "bin/sh", Mode: 0o755, Typeflag: tar.TypeLink, Linkname: "bin/busybox"})
 	tw.WriteHeader(&tar.Header{Name: "data/", Mode: 0o755, Typeflag: tar.TypeDir})
 	total := int64(len(bb))
 	chunk := make([]byte, 1<<20)

@@ -132,7 +132,47 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 	for _, sub := range []*cobra.Command{logs, cancel} {
 		sub.Flags().StringVar(&opProject, "project", os.Getenv("KILN_PROJECT"), "the build's project (env KILN_PROJECT)")
 	}
-	c.AddCommand(ls, logs, cancel)
+	cache := &cobra.Command{Use: "cache", Short: "A project's build cache"}
+	show := &cobra.Command{Use: "show --project P", Short: "Show the cache volume's size and use, GC target and resets", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			project, err := needProject(opProject)
+			if err != nil {
+				return err
+			}
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			ci, err := cl.BuildCache(cmd.Context(), project)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("project      %s\nvolume       %s\nused         %d MiB of %d MiB\ngc keeps     %d MiB\nreset above  %.0f%% full after GC (%d resets since the server started)\nbuilder      %s\n",
+				ci.Project, ci.Path, ci.UsedBytes>>20, ci.SizeBytes>>20, ci.KeepBytes>>20, ci.ResetAbove*100, ci.Resets, ci.Builder)
+			return nil
+		}}
+	prune := &cobra.Command{Use: "prune --project P", Short: "Empty the project's build cache", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			project, err := needProject(opProject)
+			if err != nil {
+				return err
+			}
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			res, err := cl.PruneBuildCache(cmd.Context(), project)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("freed %d MiB\n", res.FreedBytes>>20)
+			return nil
+		}}
+	cache.AddCommand(show, prune)
+	for _, sub := range []*cobra.Command{show, prune} {
+		sub.Flags().StringVar(&opProject, "project", os.Getenv("KILN_PROJECT"), "project (env KILN_PROJECT)")
+	}
+	c.AddCommand(ls, logs, cancel, cache)
 	return c
 }
 

@@ -99,6 +99,10 @@ CMD ["sh", "-c", "cat /out; sleep 600"]
 	}
 	t.Logf("first build %d ms (builder %d ms), second %d ms with %d/%d cached", first.DurationMS, first.BuilderReady, second.DurationMS, second.CachedSteps, second.TotalSteps)
 
+	if out, errs, code := srv.kiln("", "build", "cache", "show", "--project", "shop"); code != 0 || !strings.Contains(out, "builder      running") || !strings.Contains(out, "used ") {
+		t.Errorf("build cache show: %d %s %s", code, out, errs)
+	}
+
 	// Logs afterwards; bad input before any VM.
 	out, _, code = srv.kiln("", "build", "logs", first.ID, "--project", "shop")
 	if code != 0 || !strings.Contains(out, "ignored-files-absent") {

@@ -434,3 +434,35 @@ func TestIdleBuilderSuspendsAndResumes(t *testing.T) {
 	}
 	t.Logf("cold builder ready in %d ms, resumed in %d ms", first.BuilderReady, second.BuilderReady)
 }
+
+// A cache over 75 % of its volume after a build is reset, logged and counted; a prune
+// empties it, so the next build caches nothing.
+func TestCacheHousekeeping(t *testing.T) {
+	h := newHarness(t, func(s *build.Service) { s.Builders.CacheBytes, s.Builders.KeepBytes = 512<<20, 128<<20 })
+	ctx := context.Background()
+	files := map[string]string{"Dockerfile": "FROM localhost/busybox:1\nRUN echo one > /one\n"}
+	if b := h.wait(t, h.submit(t, "shop", api.BuildSpec{}, files, nil).ID); b.State != build.Succeeded {
+		t.Fatalf("%+v", b)
+	}
+	info, err := h.svc.CacheInfo(ctx, "shop")
+	if err != nil || info.Builder != "running" || info.UsedBytes == 0 || info.SizeBytes < 400<<20 {
+		t.Fatalf("cache info: %+v %v", info, err)
+	}
+	// Fill the volume past 75 % behind BuildKit's back.
+	bd := h.svc.Builders.Running()["shop"]
+	fill := guest.ExecRequest{Argv: []string{"sh", "-c", "dd if=/dev/zero of=/var/lib/buildkit/filler bs=1M count=420 2>/dev/null; sync"}}
+	if st, err := bd.Inst.Agent.Exec(ctx, fill, guest.IO{}); err != nil || st.Code != 0 {
+		t.Fatalf("filling the cache volume: %+v %v", st, err)
+	}
+	b := h.wait(t, h.submit(t, "shop", api.BuildSpec{}, files, nil).ID)
+	if b.State != build.Succeeded || !strings.Contains(logOf(h, b.ID), "full after GC: reset it") || h.svc.Builders.CacheResets("shop") != 1 {
+		t.Fatalf("over-full cache: %+v resets %d\n%s", b, h.svc.Builders.CacheResets("shop"), logOf(h, b.ID))
+	}
+	bd.Inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"rm", "-f", "/var/lib/buildkit/filler"}}, guest.IO{})
+	if _, err := h.svc.PruneCache(ctx, "shop"); err != nil {
+		t.Fatal(err)
+	}
+	if b := h.wait(t, h.submit(t, "shop", api.BuildSpec{}, files, nil).ID); b.State != build.Succeeded || b.CachedSteps != 0 {
+		t.Fatalf("after a prune: %d of %d steps cached, want none", b.CachedSteps, b.TotalSteps)
+	}
+}

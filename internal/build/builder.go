@@ -284,12 +284,7 @@ func (b *Builders) boot(ctx context.Context, project string) (inst *vmrun.Instan
 	}
 	if strings.Contains(out.String(), "reset") {
 		b.logf("the cache of %s was reset: its last builder did not stop cleanly, so what BuildKit left on it cannot be trusted", project)
-		b.mu.Lock()
-		if b.resets == nil {
-			b.resets = map[string]int{}
-		}
-		b.resets[project]++
-		b.mu.Unlock()
+		b.countReset(project)
 		reset = true
 	}
 	if err := b.startBuildkitd(ctx, inst); err != nil {
@@ -306,6 +301,15 @@ func (b *Builders) release(ctx context.Context, bd *Builder) {
 	if st, err := bd.Inst.Agent.Exec(cctx, guest.ExecRequest{Argv: []string{"sh", "-c", releaseCache}}, guest.IO{}); err != nil || st.Code != 0 {
 		b.logf("releasing the cache of %s: %v (status %d); the next builder resets it", bd.Project, err, st.Code)
 	}
+}
+
+func (b *Builders) countReset(project string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.resets == nil {
+		b.resets = map[string]int{}
+	}
+	b.resets[project]++
 }
 
 // CacheResets counts the project's cache resets since kiln started.

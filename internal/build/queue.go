@@ -291,6 +291,7 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 		}
 		return out, err
 	}
+	s.checkFull(ctx, bd, c, capped)
 	digest, pushed, err := s.Images.Load(ctx, tarPath, spec.Tags...)
 	if err != nil {
 		return out, errInfra{fmt.Errorf("pushing the image to kiln's registry: %w", err)}

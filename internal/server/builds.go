@@ -187,3 +187,29 @@ func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 }
+
+func (s *Server) buildCache(w http.ResponseWriter, r *http.Request) error {
+	svc, err := s.builds()
+	if err != nil {
+		return err
+	}
+	info, err := svc.CacheInfo(r.Context(), r.PathValue("project"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, info)
+	return nil
+}
+
+func (s *Server) pruneBuildCache(w http.ResponseWriter, r *http.Request) error {
+	svc, err := s.builds()
+	if err != nil {
+		return err
+	}
+	freed, err := svc.PruneCache(r.Context(), r.PathValue("project"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.PruneResponse{FreedBytes: freed})
+	return nil
+}

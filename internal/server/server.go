@@ -108,6 +108,8 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/projects/{project}/builds/{id}", true, s.getBuild},
 		{"GET", "/v1/projects/{project}/builds/{id}/logs", true, s.buildLogs},
 		{"POST", "/v1/projects/{project}/builds/{id}/cancel", true, s.cancelBuild},
+		{"GET", "/v1/projects/{project}/cache", true, s.buildCache},
+		{"POST", "/v1/projects/{project}/cache/prune", true, s.pruneBuildCache},
 	}
 }
 
