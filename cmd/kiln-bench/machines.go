@@ -67,6 +67,7 @@ func benchImage(payloadMiB int) (v1.Image, int64, error) {
 	}
 	cf, _ := img.ConfigFile()
 	cf = cf.DeepCopy()
+	cf.Architecture, cf.OS = "amd64", "linux"
 	cf.Config.Cmd = []string{"/bin/sh", "-c", "while true; do sleep 1; done"}
 	img, err = mutate.ConfigFile(img, cf)
 	return img, total, err

@@ -120,16 +120,16 @@ func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error
 
 	start := time.Now()
 	if sus != nil {
-		if err := b.resume(ctx, sus); err == nil {
+		err := b.resume(ctx, sus)
+		if err == nil {
 			sus.busy, sus.Ready, sus.Resumed = 1, time.Since(start), true
 			b.mu.Lock()
 			b.m[project] = sus
 			b.mu.Unlock()
 			return sus, nil
-		} else {
-			b.logf("resuming the builder of %s failed (%v): booting a new one", project, err)
-			sus.Inst.Destroy(context.WithoutCancel(ctx))
 		}
+		b.logf("resuming the builder of %s failed (%v): booting a new one", project, err)
+		sus.Inst.Destroy(context.WithoutCancel(ctx))
 	}
 	inst, reset, err := b.boot(ctx, project)
 	if err != nil {
@@ -187,7 +187,15 @@ func (b *Builders) resume(ctx context.Context, bd *Builder) error {
 	if err != nil {
 		return fmt.Errorf("buildkitd does not answer after the resume: %w", err)
 	}
-	return c.Close()
+	c.Close()
+	st, err := bd.Inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"sh", "-c", "touch " + inUse + "; sync"}}, guest.IO{})
+	if err == nil && st.Code != 0 {
+		err = fmt.Errorf("exit status %d", st.Code)
+	}
+	if err != nil {
+		return fmt.Errorf("marking the cache in use: %w", err)
+	}
+	return nil
 }
 
 // Suspended lists the projects whose builder is suspended.
@@ -217,7 +225,11 @@ func (b *Builders) StopIdle(ctx context.Context) {
 	b.mu.Unlock()
 	for _, bd := range idle {
 		if b.RT.Driver.Capabilities().Snapshot {
-			if err := bd.Inst.Suspend(ctx); err == nil {
+			// The cache is released first: should the saved VM never be resumed (kiln
+			// restarted), the next builder finds it clean instead of resetting it.
+			b.release(ctx, bd)
+			err := bd.Inst.Suspend(ctx)
+			if err == nil {
 				b.logf("builder of %s was idle for %s: suspended it", bd.Project, b.Idle)
 				b.mu.Lock()
 				if b.suspended == nil {
@@ -226,9 +238,8 @@ func (b *Builders) StopIdle(ctx context.Context) {
 				b.suspended[bd.Project] = bd
 				b.mu.Unlock()
 				continue
-			} else {
-				b.logf("suspending the idle builder of %s failed (%v): stopping it", bd.Project, err)
 			}
+			b.logf("suspending the idle builder of %s failed (%v): stopping it", bd.Project, err)
 		} else {
 			b.logf("builder of %s was idle for %s: stopping it (its cache stays)", bd.Project, b.Idle)
 		}
