@@ -121,6 +121,7 @@ type Event struct {
 	Status    string `json:"status"`
 	Source    string `json:"source"`
 	Timestamp int64  `json:"timestamp"` // Unix milliseconds, as Fly reports
+	Message   string `json:"message,omitempty"`
 	Request   *struct {
 		ExitEvent *ExitEvent `json:"exit_event,omitempty"`
 	} `json:"request,omitempty"`
@@ -335,4 +336,30 @@ type BuildCache struct {
 // PruneResponse says what a prune freed.
 type PruneResponse struct {
 	FreedBytes int64 `json:"freed_bytes"`
+}
+
+// Limit is one limit the server enforces.
+type Limit struct {
+	Name        string `json:"name"`
+	Value       string `json:"value"`
+	Unit        string `json:"unit,omitempty"`
+	Source      string `json:"source"`
+	Description string `json:"description"`
+}
+
+// Host is a host's capacity: what it has, what it offers after the reserve and the
+// overcommit ratios, and what running machines and builders hold.
+type Host struct {
+	Name             string  `json:"name"`
+	State            string  `json:"state"` // up, cordoned
+	CPUs             int     `json:"cpus"`
+	MemoryMiB        int     `json:"memory_mib"`
+	CPUOvercommit    float64 `json:"cpu_overcommit"`
+	MemoryOvercommit float64 `json:"memory_overcommit"`
+	ReserveCPUs      int     `json:"reserve_cpus"`
+	ReserveMemoryMiB int     `json:"reserve_memory_mib"`
+	CPUsOffered      int     `json:"cpus_offered"`
+	MemoryOfferedMiB int     `json:"memory_offered_mib"`
+	CPUsUsed         int     `json:"cpus_used"`
+	MemoryUsedMiB    int     `json:"memory_used_mib"`
 }

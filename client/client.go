@@ -268,3 +268,24 @@ func (c *Client) ExtendVolume(ctx context.Context, app, id string, sizeGB int) (
 func (c *Client) DeleteVolume(ctx context.Context, app, id string) error {
 	return c.do(ctx, "DELETE", "/v1/apps/"+url.PathEscape(app)+"/volumes/"+url.PathEscape(id), nil, nil)
 }
+
+// Limits lists every limit the server enforces.
+func (c *Client) Limits(ctx context.Context) ([]api.Limit, error) {
+	var out []api.Limit
+	return out, c.do(ctx, "GET", "/v1/limits", nil, &out)
+}
+
+// Hosts lists the hosts with their capacity.
+func (c *Client) Hosts(ctx context.Context) ([]api.Host, error) {
+	var out []api.Host
+	return out, c.do(ctx, "GET", "/v1/hosts", nil, &out)
+}
+
+// CordonHost stops (or with false, resumes) placing new work on a host.
+func (c *Client) CordonHost(ctx context.Context, host string, cordon bool) error {
+	op := "/uncordon"
+	if cordon {
+		op = "/cordon"
+	}
+	return c.do(ctx, "POST", "/v1/hosts/"+url.PathEscape(host)+op, nil, nil)
+}

@@ -21,8 +21,11 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/assets"
 	"github.com/kilnhq/kiln/internal/build"
+	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest/agent"
 	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/limits"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/node"
@@ -31,6 +34,7 @@ import (
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
+	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
@@ -82,6 +86,15 @@ type serverOptions struct {
 	builderMemory   int
 	builderIdle     time.Duration
 	maxBuilds       int
+
+	cpuOvercommit float64
+	memOvercommit float64
+	reserveCPUs   int
+	reserveMemory int
+	capacityWait  time.Duration
+
+	// changed says whether the user set a flag, for the limits' sources.
+	changed func(name string) bool
 }
 
 func serverCmd(g *globals) *cobra.Command {
@@ -94,7 +107,10 @@ this host, and their stored logs. State lives in the data dir (--data-dir, KILN_
 the admin token is written to DATA_DIR/admin-token on first start. Machines keep running
 when the server stops or dies; the next start adopts them.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return runServer(cmd.Context(), g.dataDir, o) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			o.changed = cmd.Flags().Changed
+			return runServer(cmd.Context(), g.dataDir, o)
+		},
 	}
 	f := c.Flags()
 	f.StringVar(&o.listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
@@ -111,6 +127,11 @@ when the server stops or dies; the next start adopts them.`,
 	f.IntVar(&o.builderMemory, "builder-memory", 2048, "memory of a builder VM in MiB")
 	f.DurationVar(&o.builderIdle, "builder-idle", 10*time.Minute, "how long a project's builder stays up after its last build")
 	f.IntVar(&o.maxBuilds, "max-builds", 2, "builds running at once (each on its own project's builder)")
+	f.Float64Var(&o.cpuOvercommit, "cpu-overcommit", 4, "vCPUs offered per host CPU (after the reserve); 1 means none")
+	f.Float64Var(&o.memOvercommit, "memory-overcommit", 1, "guest memory offered per MiB of host memory (after the reserve); 1 means none")
+	f.IntVar(&o.reserveCPUs, "reserve-cpus", 0, "host CPUs kept for the host itself")
+	f.IntVar(&o.reserveMemory, "reserve-memory", 1024, "host memory kept for the host itself, MiB")
+	f.DurationVar(&o.capacityWait, "capacity-wait", time.Minute, "how long a machine or builder start waits in the capacity queue; 0 fails at once")
 	return c
 }
 
@@ -174,6 +195,19 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	images := image.Registries{Local: ln.Addr().String(), Token: tok}
 	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), tok)
 	mgr := node.New(db, rt, images, rootfsCache(dataDir), filepath.Join(dataDir, "machines"), os.Stderr)
+	hostName, _ := os.Hostname()
+	here := capacity.Host{Name: hostName, CPUs: stdruntime.NumCPU(), MemoryMiB: vmm.HostMemoryMiB(),
+		CPURatio: o.cpuOvercommit, MemRatio: o.memOvercommit, ReserveCPUs: o.reserveCPUs, ReserveMemoryMiB: o.reserveMemory}
+	if err := here.Validate(); err != nil {
+		ln.Close()
+		return fmt.Errorf("%w (flags --cpu-overcommit, --memory-overcommit, --reserve-cpus, --reserve-memory)", err)
+	}
+	if o.capacityWait < 0 {
+		ln.Close()
+		return errdefs.Invalid("--capacity-wait %s must not be negative", o.capacityWait)
+	}
+	ledger := capacity.NewLedger(here)
+	mgr.Capacity, mgr.CapacityWait = ledger, o.capacityWait
 	var nets *network.Manager
 	if o.network {
 		cfg, err := o.netConfig()
@@ -206,7 +240,12 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 		ln.Close()
 		return err
 	}
-	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds}
+	if builds != nil {
+		builds.Builders.Capacity, builds.Builders.CapacityWait = ledger, o.capacityWait
+	}
+	o.registerLimits(here, builds)
+	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds,
+		Capacity: ledger, Limits: limits.Default}
 	apiSrv.Recovering.Store(true)
 	srv := &http.Server{Handler: apiSrv.Handler()}
 	errc := make(chan error, 1)
@@ -332,4 +371,56 @@ func (o serverOptions) buildService(ctx context.Context, dataDir string, db *sql
 		MaxConcurrent:   o.maxBuilds,
 		Log:             os.Stderr,
 	}, nil
+}
+
+// registerLimits lists every limit this server enforces, with its value and where it
+// was set, in the registry `kiln limits show` prints.
+func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
+	r := limits.Default
+	src := func(flag string) string {
+		if o.changed != nil && o.changed(flag) {
+			return "flag --" + flag
+		}
+		return "default (flag --" + flag + ")"
+	}
+	r.Set("host.cpus_offered", h.AllowedCPUs(), "vCPUs", src("cpu-overcommit"), fmt.Sprintf("(%d CPUs − %d reserved) × %.2g overcommit: the vCPUs running machines and builders may hold", h.CPUs, h.ReserveCPUs, h.CPURatio))
+	r.Set("host.memory_offered", h.AllowedMemoryMiB(), "MiB", src("memory-overcommit"), fmt.Sprintf("(%d MiB − %d reserved) × %.2g overcommit: the memory running machines and builders may hold", h.MemoryMiB, h.ReserveMemoryMiB, h.MemRatio))
+	r.Set("host.cpu_overcommit", h.CPURatio, "×", src("cpu-overcommit"), fmt.Sprintf("1 to %d", capacity.MaxCPURatio))
+	r.Set("host.memory_overcommit", h.MemRatio, "×", src("memory-overcommit"), fmt.Sprintf("1 to %d", capacity.MaxMemRatio))
+	r.Set("host.reserve_cpus", h.ReserveCPUs, "CPUs", src("reserve-cpus"), "kept for the host, never offered")
+	r.Set("host.reserve_memory", h.ReserveMemoryMiB, "MiB", src("reserve-memory"), "kept for the host, never offered")
+	r.Set("capacity.queue_wait", o.capacityWait, "", src("capacity-wait"), "how long a start waits for room before it fails naming the resource")
+	r.Set("machine.cpus", fmt.Sprintf("1-%d", h.CPUs), "vCPUs", "the host's CPUs", "vCPUs of one machine")
+	r.Set("machine.memory", fmt.Sprintf("%d-%d", vmm.MinMemoryMiB, h.MemoryMiB-256), "MiB", "the host's memory less 256 MiB", "memory of one machine")
+	r.Set("machine.logs_kept", node.LogCap, "bytes", "built in", "workload output kept per machine on the host; oldest dropped first")
+	r.Set("machine.guest_output_buffer", agent.OutputCap, "bytes", "built in", "workload output the guest keeps while the host is away")
+	r.Set("network.apps", 1<<(24-mustPrefix(o.pool).Bits()), "apps", src("network-pool"), "apps with a private /24 in the pool")
+	r.Set("network.machines_per_app", 253, "machines", "built in (a /24)", "machines on one app's network")
+	r.Set("proxy.soft_limit", proxy.DefaultSoftLimit, "requests", "default (service concurrency.soft_limit)", "per machine before the proxy prefers another or starts one")
+	r.Set("proxy.hard_limit", proxy.DefaultHardLimit, "requests", "default (service concurrency.hard_limit)", "per machine; past it requests wait")
+	r.Set("proxy.wake_timeout", o.wake, "", src("wake-timeout"), "how long a request waits for a machine to start or resume")
+	r.Set("proxy.idle_timeout", o.idle, "", src("idle-timeout"), "idle time before autostop stops or suspends a machine")
+	r.Set("image.upload", int64(8<<30), "bytes", "built in", "largest image tarball accepted by POST /v1/images")
+	if b == nil {
+		return
+	}
+	r.Set("build.context", b.MaxContextBytes, "bytes", src("build-max-context"), "largest build context")
+	r.Set("build.log", b.MaxLogBytes, "bytes", "built in", "build log kept; the rest is dropped and the build marked log_truncated")
+	r.Set("build.attempts", b.MaxAttempts, "runs", "built in", "runs of a build whose infrastructure fails")
+	r.Set("build.concurrent", b.MaxConcurrent, "builds", src("max-builds"), "builds running at once, one per project")
+	r.Set("build.cache_volume", b.Builders.CacheBytes, "bytes", src("build-cache-size"), "each project's cache volume")
+	r.Set("build.cache_gc_keep", b.Builders.KeepBytes, "bytes", "60 % of build.cache_volume", "BuildKit's garbage collection target")
+	r.Set("build.cache_reset_above", fmt.Sprintf("%.0f%%", build.ResetAbove*100), "", "built in", "a cache fuller than this after a build is reset")
+	r.Set("build.builder_cpus", b.Builders.CPUs, "vCPUs", src("builder-cpus"), "vCPUs of a builder VM")
+	r.Set("build.builder_memory", b.Builders.MemoryMiB, "MiB", src("builder-memory"), "memory of a builder VM")
+	r.Set("build.builder_idle", b.Builders.Idle, "", src("builder-idle"), "idle time before a builder is suspended")
+	r.Set("build.secret", 500<<10, "bytes", "built in", "one build secret")
+}
+
+func mustPrefix(s string) netip.Prefix {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return network.DefaultPool
+	}
+	return p
 }

@@ -13,6 +13,7 @@ import (
 
 	bkclient "github.com/moby/buildkit/client"
 
+	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/vmrun"
 	"github.com/kilnhq/kiln/internal/volume"
@@ -50,7 +51,11 @@ type Builders struct {
 	MemoryMiB  int
 	// Idle is how long a builder waits for the next build before it is stopped.
 	Idle time.Duration
-	Log  io.Writer
+	// Capacity, when set, holds room for each running builder (machines and builders
+	// share a host); a builder that finds none waits up to CapacityWait.
+	Capacity     *capacity.Ledger
+	CapacityWait time.Duration
+	Log          io.Writer
 
 	mu sync.Mutex
 	m  map[string]*Builder
@@ -119,6 +124,19 @@ func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error
 	b.mu.Unlock()
 
 	start := time.Now()
+	if b.Capacity != nil {
+		size := capacity.Size{CPUs: b.CPUs, MemoryMiB: b.MemoryMiB}
+		if _, err := b.Capacity.Reserve(ctx, holdID(project), capacity.Request{Size: size}, b.CapacityWait, func(pos int, why error) {
+			b.logf("the builder of %s waits for capacity (position %d): %v", project, pos, why)
+		}); err != nil {
+			if sus != nil {
+				b.mu.Lock()
+				b.suspended[project] = sus
+				b.mu.Unlock()
+			}
+			return nil, err
+		}
+	}
 	if sus != nil {
 		err := b.resume(ctx, sus)
 		if err == nil {
@@ -133,6 +151,7 @@ func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error
 	}
 	inst, reset, err := b.boot(ctx, project)
 	if err != nil {
+		b.freeRoom(project)
 		return nil, err
 	}
 	bd = &Builder{Project: project, Inst: inst, busy: 1, Ready: time.Since(start), CacheReset: reset}
@@ -147,6 +166,15 @@ func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error
 	b.m[project] = bd
 	b.mu.Unlock()
 	return bd, nil
+}
+
+func holdID(project string) string { return "builder/" + project }
+
+// freeRoom gives back the capacity a project's builder held.
+func (b *Builders) freeRoom(project string) {
+	if b.Capacity != nil {
+		b.Capacity.Release(holdID(project))
+	}
 }
 
 // Release marks a use of the builder as done.
@@ -165,6 +193,7 @@ func (b *Builders) Discard(ctx context.Context, bd *Builder) {
 	}
 	b.mu.Unlock()
 	bd.Inst.Destroy(context.WithoutCancel(ctx))
+	b.freeRoom(bd.Project)
 }
 
 // Running lists the projects whose builder runs.
@@ -237,6 +266,7 @@ func (b *Builders) StopIdle(ctx context.Context) {
 				}
 				b.suspended[bd.Project] = bd
 				b.mu.Unlock()
+				b.freeRoom(bd.Project)
 				continue
 			}
 			b.logf("suspending the idle builder of %s failed (%v): stopping it", bd.Project, err)
@@ -246,6 +276,7 @@ func (b *Builders) StopIdle(ctx context.Context) {
 		b.release(ctx, bd)
 		bd.Inst.Shutdown(ctx, 10*time.Second)
 		bd.Inst.Destroy(context.WithoutCancel(ctx))
+		b.freeRoom(bd.Project)
 	}
 }
 
@@ -259,6 +290,7 @@ func (b *Builders) Close(ctx context.Context) {
 	for _, bd := range all {
 		b.release(ctx, bd)
 		bd.Inst.Destroy(context.WithoutCancel(ctx))
+		b.freeRoom(bd.Project)
 	}
 	for _, bd := range sus {
 		bd.Inst.Destroy(context.WithoutCancel(ctx))

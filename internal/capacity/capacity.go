@@ -272,6 +272,28 @@ func (l *Ledger) leave(w *waiter) {
 	l.broadcast()
 }
 
+// CanEverFit refuses a size no host could take even empty: waiting would not help.
+func (l *Ledger) CanEverFit(s Size) error {
+	l.mu.Lock()
+	hosts := append([]Host(nil), l.hosts...)
+	l.mu.Unlock()
+	for i := range hosts {
+		hosts[i].Cordoned = false
+	}
+	_, err := Place(hosts, nil, Request{Size: s})
+	return err
+}
+
+// Hold records room id already holds on the first host (a VM adopted after a restart),
+// whether or not it fits the ledger's numbers now.
+func (l *Ledger) Hold(id string, s Size) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.hosts) > 0 {
+		l.holds[id] = hold{host: l.hosts[0].Name, size: s}
+	}
+}
+
 // Release gives back id's room.
 func (l *Ledger) Release(id string) {
 	l.mu.Lock()

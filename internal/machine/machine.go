@@ -115,6 +115,8 @@ type Event struct {
 	Source    string    `json:"source"` // user or kiln
 	Timestamp time.Time `json:"timestamp"`
 	ExitCode  *int      `json:"exit_code,omitempty"`
+	// Message explains an event kiln caused, such as a wait for capacity.
+	Message string `json:"message,omitempty"`
 }
 
 // RestartPolicy says whether kiln restarts a machine whose workload exited.

@@ -27,6 +27,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/image"
@@ -65,6 +66,10 @@ type Manager struct {
 	Log io.Writer
 	// Net, when set, puts every machine on its app's private network.
 	Net Network
+	// Capacity, when set, holds room for every running machine; a start that finds
+	// none waits up to CapacityWait in its queue, then fails saying what was short.
+	Capacity     *capacity.Ledger
+	CapacityWait time.Duration
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -300,6 +305,11 @@ func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineR
 	if err := m.checkPorts(ctx, app, "", cfg); err != nil {
 		return store.Machine{}, err
 	}
+	if m.Capacity != nil {
+		if err := m.Capacity.CanEverFit(capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB}); err != nil {
+			return store.Machine{}, err
+		}
+	}
 	if _, err := m.rootfs(ctx, cfg.Image); err != nil {
 		return store.Machine{}, err
 	}
@@ -405,7 +415,16 @@ func (m *Manager) launch(id string, adopted *vmrun.Instance) {
 	go func() {
 		defer m.wg.Done()
 		defer close(r.done)
+		if adopted != nil && m.Capacity != nil {
+			// A running VM holds its room whatever the ledger would say now.
+			rec, _ := m.Store.GetMachine(m.ctx, id)
+			cfg := config(rec)
+			m.Capacity.Hold(id, capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB})
+		}
 		m.supervise(id, r, adopted)
+		if m.Capacity != nil {
+			m.Capacity.Release(id)
+		}
 		m.mu.Lock()
 		if m.runs[id] == r {
 			delete(m.runs, id)
@@ -477,6 +496,18 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 			return
 		}
 		offset := logs.offset()
+		if inst == nil {
+			if err := m.reserve(id, cfg); err != nil {
+				logs.close()
+				if m.ctx.Err() != nil {
+					return
+				}
+				m.logf("machine %s cannot start: %v", id, err)
+				m.Store.Transition(context.WithoutCancel(m.ctx), id, machine.Starting, machine.Failed,
+					machine.Event{Type: "capacity", Source: "kiln", Message: err.Error()})
+				return
+			}
+		}
 		if inst == nil {
 			// A suspended machine's workload goes on where it was, log offset included.
 			if inst = m.resume(id); inst != nil && m.transition(id, machine.Starting, machine.Started, "resume", nil) != nil {
@@ -728,6 +759,21 @@ func stopGrace(cfg api.MachineConfig) time.Duration {
 		}
 	}
 	return 10 * time.Second
+}
+
+// reserve holds room for the machine, waiting in the capacity queue (with its position
+// in the events) when there is none.
+func (m *Manager) reserve(id string, cfg api.MachineConfig) error {
+	if m.Capacity == nil {
+		return nil
+	}
+	size := capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB}
+	_, err := m.Capacity.Reserve(m.ctx, id, capacity.Request{Size: size}, m.CapacityWait, func(pos int, why error) {
+		m.logf("machine %s waits for capacity (position %d): %v", id, pos, why)
+		m.Store.Note(context.WithoutCancel(m.ctx), id, machine.Event{Type: "capacity-queued", Source: "kiln",
+			Message: fmt.Sprintf("position %d in the capacity queue (waits up to %s): %v", pos, m.CapacityWait, why)})
+	})
+	return err
 }
 
 // boot starts the machine's VM, with its volumes, and its workload.

@@ -20,8 +20,10 @@ import (
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/build"
+	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/limits"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/node"
 	"github.com/kilnhq/kiln/internal/store"
@@ -35,6 +37,10 @@ type Server struct {
 	Images interface {
 		Load(ctx context.Context, tarball string, extra ...string) (string, []string, error)
 	}
+	// Capacity is this server's capacity ledger, shown by GET /v1/hosts.
+	Capacity *capacity.Ledger
+	// Limits lists every limit the server enforces, for GET /v1/limits.
+	Limits *limits.Registry
 	// Builds, if set, runs builds; without it the build routes say how to enable them.
 	Builds *build.Service
 	// Registry, if set, serves the built-in OCI registry at /v2/.
@@ -109,6 +115,10 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/projects/{project}/builds/{id}/logs", true, s.buildLogs},
 		{"POST", "/v1/projects/{project}/builds/{id}/cancel", true, s.cancelBuild},
 		{"GET", "/v1/projects/{project}/cache", true, s.buildCache},
+		{"GET", "/v1/limits", true, s.listLimits},
+		{"GET", "/v1/hosts", true, s.listHosts},
+		{"POST", "/v1/hosts/{host}/cordon", true, s.cordonHost(true)},
+		{"POST", "/v1/hosts/{host}/uncordon", true, s.cordonHost(false)},
 		{"POST", "/v1/projects/{project}/cache/prune", true, s.pruneBuildCache},
 	}
 }
@@ -272,7 +282,7 @@ func (s *Server) toAPI(m store.Machine, evs []machine.Event) api.Machine {
 	json.Unmarshal(m.Config, &out.Config)
 	for i := len(evs) - 1; i >= 0; i-- { // newest first, as Fly lists them
 		e := evs[i]
-		ae := api.Event{Type: e.Type, Status: string(e.Status), Source: e.Source, Timestamp: e.Timestamp.UnixMilli()}
+		ae := api.Event{Type: e.Type, Status: string(e.Status), Source: e.Source, Timestamp: e.Timestamp.UnixMilli(), Message: e.Message}
 		if e.ExitCode != nil {
 			ae.Request = &struct {
 				ExitEvent *api.ExitEvent `json:"exit_event,omitempty"`

@@ -109,8 +109,8 @@ func appendEvent(ctx context.Context, tx *sql.Tx, id string, ev machine.Event) e
 	if ev.Timestamp.IsZero() {
 		ev.Timestamp = time.Now()
 	}
-	_, err := tx.ExecContext(ctx, `INSERT INTO machine_events (machine_id, type, status, source, ts, exit_code) VALUES (?, ?, ?, ?, ?, ?)`,
-		id, ev.Type, ev.Status, ev.Source, ev.Timestamp.UTC(), ev.ExitCode)
+	_, err := tx.ExecContext(ctx, `INSERT INTO machine_events (machine_id, type, status, source, ts, exit_code, message) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+		id, ev.Type, ev.Status, ev.Source, ev.Timestamp.UTC(), ev.ExitCode, ev.Message)
 	return err
 }
 
@@ -191,7 +191,7 @@ func (s *DB) Transition(ctx context.Context, id string, from, to machine.State, 
 }
 
 func (s *DB) Events(ctx context.Context, id string) ([]machine.Event, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT type, status, source, ts, exit_code FROM machine_events WHERE machine_id = ? ORDER BY seq`, id)
+	rows, err := s.db.QueryContext(ctx, `SELECT type, status, source, ts, exit_code, message FROM machine_events WHERE machine_id = ? ORDER BY seq`, id)
 	if err != nil {
 		return nil, err
 	}
@@ -200,7 +200,7 @@ func (s *DB) Events(ctx context.Context, id string) ([]machine.Event, error) {
 	for rows.Next() {
 		var e machine.Event
 		var exit sql.NullInt64
-		if err := rows.Scan(&e.Type, &e.Status, &e.Source, &e.Timestamp, &exit); err != nil {
+		if err := rows.Scan(&e.Type, &e.Status, &e.Source, &e.Timestamp, &exit, &e.Message); err != nil {
 			return nil, err
 		}
 		if exit.Valid {

@@ -1,0 +1,68 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+)
+
+func limitsCmd(g *globals, af *apiFlags) *cobra.Command {
+	c := &cobra.Command{Use: "limits", Short: "The limits the server enforces"}
+	c.AddCommand(&cobra.Command{Use: "show", Short: "Every limit kiln enforces: its value and where it is set", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			ls, err := cl.Limits(cmd.Context())
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%-28s  %-22s  %-32s  %s\n", "LIMIT", "VALUE", "SET BY", "WHAT")
+			for _, l := range ls {
+				v := l.Value
+				if l.Unit != "" {
+					v += " " + l.Unit
+				}
+				fmt.Printf("%-28s  %-22s  %-32s  %s\n", l.Name, v, l.Source, l.Description)
+			}
+			return nil
+		}})
+	return c
+}
+
+func hostCmd(g *globals, af *apiFlags) *cobra.Command {
+	c := &cobra.Command{Use: "host", Aliases: []string{"hosts"}, Short: "Hosts and their capacity"}
+	c.AddCommand(&cobra.Command{Use: "ls", Short: "Hosts: state, CPUs and memory (total, overcommit, reserved, offered, used)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			hs, err := cl.Hosts(cmd.Context())
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%-16s  %-8s  %-32s  %s\n", "HOST", "STATE", "CPUS used/offered (total×ratio−res)", "MEMORY MiB used/offered (total×ratio−res)")
+			for _, h := range hs {
+				fmt.Printf("%-16s  %-8s  %-32s  %s\n", h.Name, h.State,
+					fmt.Sprintf("%d/%d (%d×%.3g−%d)", h.CPUsUsed, h.CPUsOffered, h.CPUs, h.CPUOvercommit, h.ReserveCPUs),
+					fmt.Sprintf("%d/%d (%d×%.3g−%d)", h.MemoryUsedMiB, h.MemoryOfferedMiB, h.MemoryMiB, h.MemoryOvercommit, h.ReserveMemoryMiB))
+			}
+			return nil
+		}})
+	for _, op := range []struct {
+		use, short string
+		cordon     bool
+	}{{"cordon HOST", "Take no new work on a host", true}, {"uncordon HOST", "Take new work on a host again", false}} {
+		c.AddCommand(&cobra.Command{Use: op.use, Short: op.short, Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				cl, err := af.client(g)
+				if err != nil {
+					return err
+				}
+				return cl.CordonHost(cmd.Context(), args[0], op.cordon)
+			}})
+	}
+	return c
+}
