@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
 	"github.com/kilnhq/kiln/client"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 )
@@ -17,14 +19,20 @@ import (
 // directory for a build context.
 func loadBase(t *testing.T, srv *kilnServer) string {
 	t.Helper()
-	base := filepath.Join(srv.e.dataDir, "base.tar")
-	imagetest.WriteDockerTarball(t, imagetest.Base(t), "localhost/busybox:1", base)
-	if _, errs, code := srv.kiln("", "image", "load", base); code != 0 {
-		t.Fatalf("image load: %s", errs)
-	}
+	loadImage(t, srv, imagetest.Base(t), "localhost/busybox:1")
 	dir := filepath.Join(srv.e.dataDir, "app")
 	os.MkdirAll(dir, 0o755)
 	return dir
+}
+
+// loadImage loads img into the server's registry as ref with `kiln image load`.
+func loadImage(t *testing.T, srv *kilnServer, img v1.Image, ref string) {
+	t.Helper()
+	tarball := filepath.Join(srv.e.dataDir, "image.tar")
+	imagetest.WriteDockerTarball(t, img, ref, tarball)
+	if _, errs, code := srv.kiln("", "image", "load", tarball); code != 0 {
+		t.Fatalf("image load %s: %s", ref, errs)
+	}
 }
 
 // A project is built with `kiln build` from a context with a .dockerignore, pushed to

@@ -37,11 +37,7 @@ func TestCapacity(t *testing.T) {
 	defer stopOnFailure(&srv)
 	ctx := context.Background()
 	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
-	tarball := filepath.Join(e.dataDir, "app.tar")
-	imagetest.WriteDockerTarball(t, imagetest.App(t), "localhost/app:1", tarball)
-	if _, errs, code := srv.kiln("", "image", "load", tarball); code != 0 {
-		t.Fatalf("image load: %s", errs)
-	}
+	loadImage(t, srv, imagetest.App(t), "localhost/app:1")
 	cl.CreateApp(ctx, "web")
 	run := func(mem int) (api.Machine, error) {
 		return cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",

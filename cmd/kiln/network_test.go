@@ -141,11 +141,7 @@ func TestNetworkAndProxy(t *testing.T) {
 	defer stopOnFailure(&srv)
 	ctx := context.Background()
 	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
-	tarball := filepath.Join(e.dataDir, "app.tar")
-	imagetest.WriteDockerTarball(t, imagetest.App(t), "localhost/app:1", tarball)
-	if _, errs, code := srv.kiln("", "image", "load", tarball); code != 0 {
-		t.Fatalf("image load: %s", errs)
-	}
+	loadImage(t, srv, imagetest.App(t), "localhost/app:1")
 
 	// A web server that suspends when idle and wakes on request.
 	httpd := "echo hello from $(busybox hostname) > /data/index.html; exec busybox httpd -f -p 8080 -h /data"
