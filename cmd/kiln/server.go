@@ -72,6 +72,7 @@ func rootfsCache(dataDir string) image.Cache {
 // serverOptions are `kiln server`'s settings beyond the data dir.
 type serverOptions struct {
 	listen      string
+	db          string
 	network     bool
 	pool        string
 	egress      string
@@ -114,6 +115,7 @@ when the server stops or dies; the next start adopts them.`,
 	}
 	f := c.Flags()
 	f.StringVar(&o.listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
+	f.StringVar(&o.db, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). One host per database for now")
 	f.BoolVar(&o.network, "network", true, "give machines a private network per app (bridges, TAP devices, nftables; needs root)")
 	f.StringVar(&o.pool, "network-pool", network.DefaultPool.String(), "IPv4 prefix that apps' /24 networks come from")
 	f.StringVar(&o.egress, "egress", "masquerade", "machines' outbound traffic: masquerade (the host's address), an IP address to translate to, or none")
@@ -178,7 +180,11 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	} else {
 		fmt.Fprintf(os.Stderr, "kiln: admin token: %s\n", filepath.Join(dataDir, "admin-token"))
 	}
-	db, err := sqlstore.Open(ctx, filepath.Join(dataDir, "kiln.db"))
+	dsn := o.db
+	if dsn == "" {
+		dsn = filepath.Join(dataDir, "kiln.db")
+	}
+	db, err := sqlstore.Open(ctx, dsn)
 	if err != nil {
 		return err
 	}

@@ -1,5 +1,7 @@
-// Package sqlstore is the store.Store on SQLite (modernc.org/sqlite: pure Go, so kiln
-// stays one static binary), with versioned migrations applied by goose at open.
+// Package sqlstore is the store.Store on SQL: SQLite (modernc.org/sqlite: pure Go, so
+// kiln stays one static binary) for one host, PostgreSQL (pgx) for many hosts sharing
+// one database. Queries are written once with ? placeholders and rebound for
+// PostgreSQL; each dialect has its own migrations, applied by goose at open.
 package sqlstore
 
 import (
@@ -10,9 +12,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"strconv"
 	"strings"
 	"time"
 
+	_ "github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
 	_ "modernc.org/sqlite"
 
@@ -21,48 +25,99 @@ import (
 	"github.com/kilnhq/kiln/internal/store"
 )
 
-//go:embed migrations/sqlite/*.sql
+//go:embed migrations/sqlite/*.sql migrations/postgres/*.sql
 var migrations embed.FS
 
-// DB is the SQLite store.
-type DB struct{ db *sql.DB }
+// DB is the SQL store.
+type DB struct {
+	db *sql.DB
+	pg bool
+}
 
 var _ store.Store = (*DB)(nil)
 
-// Open opens (creating if needed) the database at path and migrates it to the newest
-// schema. Write transactions take the lock at BEGIN, so concurrent writers wait for each
-// other instead of failing.
-func Open(ctx context.Context, path string) (*DB, error) {
-	dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)&_txlock=immediate"
-	db, err := sql.Open("sqlite", dsn)
+// IsPostgres says whether a --db value names a PostgreSQL database rather than a file.
+func IsPostgres(dsn string) bool {
+	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
+}
+
+// Open opens (creating if needed) the database and migrates it to the newest schema:
+// a PostgreSQL URL (postgres://...), or else the path of a SQLite file. SQLite write
+// transactions take the lock at BEGIN, so concurrent writers wait for each other
+// instead of failing.
+func Open(ctx context.Context, dsn string) (*DB, error) {
+	driver, dir, dialect, conn := "sqlite", "migrations/sqlite", goose.DialectSQLite3,
+		"file:"+dsn+"?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)&_txlock=immediate"
+	pg := IsPostgres(dsn)
+	if pg {
+		driver, dir, dialect, conn = "pgx", "migrations/postgres", goose.DialectPostgres, dsn
+	}
+	db, err := sql.Open(driver, conn)
 	if err != nil {
 		return nil, err
 	}
-	sub, _ := fs.Sub(migrations, "migrations/sqlite")
-	p, err := goose.NewProvider(goose.DialectSQLite3, db, sub)
+	if pg {
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := db.PingContext(pctx)
+		cancel()
+		if err != nil {
+			db.Close()
+			return nil, errdefs.New(errdefs.ErrUnavailable, "cannot reach the PostgreSQL database: %v (is it running, and is the URL right?)", err)
+		}
+	}
+	sub, _ := fs.Sub(migrations, dir)
+	p, err := goose.NewProvider(dialect, db, sub)
 	if err != nil {
 		db.Close()
 		return nil, err
 	}
 	if _, err := p.Up(ctx); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("migrating %s: %w", path, err)
+		return nil, fmt.Errorf("migrating the database: %w", err)
 	}
-	return &DB{db: db}, nil
+	return &DB{db: db, pg: pg}, nil
+}
+
+// q rebinds a query's ? placeholders to PostgreSQL's $1, $2...
+func (s *DB) q(query string) string {
+	if !s.pg {
+		return query
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			b.WriteString("$" + strconv.Itoa(n))
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// isForeignKey says whether err is a foreign-key violation in either dialect.
+func isForeignKey(err error) bool {
+	return err != nil && (strings.Contains(err.Error(), "FOREIGN KEY") || strings.Contains(err.Error(), "23503"))
+}
+
+// isUnique says whether err is a unique-constraint violation in either dialect.
+func isUnique(err error) bool {
+	return err != nil && (strings.Contains(err.Error(), "UNIQUE") || strings.Contains(err.Error(), "23505"))
 }
 
 func (s *DB) Close() error { return s.db.Close() }
 
 func (s *DB) CreateApp(ctx context.Context, name string) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO apps (name, created_at) VALUES (?, ?)`, name, time.Now().UTC())
-	if err != nil && strings.Contains(err.Error(), "UNIQUE") {
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO apps (name, created_at) VALUES (?, ?)`), name, time.Now().UTC())
+	if err != nil && isUnique(err) {
 		return errdefs.New(errdefs.ErrConflict, "app %s already exists", name)
 	}
 	return err
 }
 
 func (s *DB) ListApps(ctx context.Context) ([]string, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT name FROM apps ORDER BY name`)
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT name FROM apps ORDER BY name`))
 	if err != nil {
 		return nil, err
 	}
@@ -88,28 +143,28 @@ func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Even
 	}
 	defer tx.Rollback()
 	now := time.Now().UTC()
-	_, err = tx.ExecContext(ctx, `INSERT INTO machines (id, app, name, state, config, version, created_at, updated_at)
-		VALUES (?, ?, ?, ?, ?, 1, ?, ?)`, m.ID, m.App, m.Name, m.State, string(m.Config), now, now)
+	_, err = tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, app, name, state, config, version, created_at, updated_at)
+		VALUES (?, ?, ?, ?, ?, 1, ?, ?)`), m.ID, m.App, m.Name, m.State, string(m.Config), now, now)
 	if err != nil {
 		switch {
-		case strings.Contains(err.Error(), "UNIQUE"):
+		case isUnique(err):
 			return errdefs.New(errdefs.ErrConflict, "app %s already has a machine named %s", m.App, m.Name)
-		case strings.Contains(err.Error(), "FOREIGN KEY"):
+		case isForeignKey(err):
 			return errdefs.New(errdefs.ErrNotFound, "app %s does not exist: create it first", m.App)
 		}
 		return err
 	}
-	if err := appendEvent(ctx, tx, m.ID, ev); err != nil {
+	if err := s.appendEvent(ctx, tx, m.ID, ev); err != nil {
 		return err
 	}
 	return tx.Commit()
 }
 
-func appendEvent(ctx context.Context, tx *sql.Tx, id string, ev machine.Event) error {
+func (s *DB) appendEvent(ctx context.Context, tx *sql.Tx, id string, ev machine.Event) error {
 	if ev.Timestamp.IsZero() {
 		ev.Timestamp = time.Now()
 	}
-	_, err := tx.ExecContext(ctx, `INSERT INTO machine_events (machine_id, type, status, source, ts, exit_code, message) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+	_, err := tx.ExecContext(ctx, s.q(`INSERT INTO machine_events (machine_id, type, status, source, ts, exit_code, message) VALUES (?, ?, ?, ?, ?, ?, ?)`),
 		id, ev.Type, ev.Status, ev.Source, ev.Timestamp.UTC(), ev.ExitCode, ev.Message)
 	return err
 }
@@ -130,7 +185,7 @@ func scanMachine(row interface{ Scan(...any) error }) (store.Machine, error) {
 }
 
 func (s *DB) GetMachine(ctx context.Context, id string) (store.Machine, error) {
-	m, err := scanMachine(s.db.QueryRowContext(ctx, `SELECT `+machineCols+` FROM machines WHERE id = ?`, id))
+	m, err := scanMachine(s.db.QueryRowContext(ctx, s.q(`SELECT `+machineCols+` FROM machines WHERE id = ?`), id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return m, errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 	}
@@ -139,13 +194,13 @@ func (s *DB) GetMachine(ctx context.Context, id string) (store.Machine, error) {
 
 func (s *DB) ListMachines(ctx context.Context, app string) ([]store.Machine, error) {
 	var n int
-	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM apps WHERE name = ?`, app).Scan(&n); err != nil {
+	if err := s.db.QueryRowContext(ctx, s.q(`SELECT count(*) FROM apps WHERE name = ?`), app).Scan(&n); err != nil {
 		return nil, err
 	}
 	if n == 0 {
 		return nil, errdefs.New(errdefs.ErrNotFound, "app %s does not exist", app)
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT `+machineCols+` FROM machines WHERE app = ? ORDER BY created_at, id`, app)
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT `+machineCols+` FROM machines WHERE app = ? ORDER BY created_at, id`), app)
 	if err != nil {
 		return nil, err
 	}
@@ -170,28 +225,28 @@ func (s *DB) Transition(ctx context.Context, id string, from, to machine.State, 
 		return err
 	}
 	defer tx.Rollback()
-	res, err := tx.ExecContext(ctx, `UPDATE machines SET state = ?, updated_at = ?, exit_code = COALESCE(?, exit_code) WHERE id = ? AND state = ?`,
+	res, err := tx.ExecContext(ctx, s.q(`UPDATE machines SET state = ?, updated_at = ?, exit_code = COALESCE(?, exit_code) WHERE id = ? AND state = ?`),
 		to, time.Now().UTC(), ev.ExitCode, id, from)
 	if err != nil {
 		return err
 	}
 	if n, _ := res.RowsAffected(); n != 1 {
 		var cur machine.State
-		err := tx.QueryRowContext(ctx, `SELECT state FROM machines WHERE id = ?`, id).Scan(&cur)
+		err := tx.QueryRowContext(ctx, s.q(`SELECT state FROM machines WHERE id = ?`), id).Scan(&cur)
 		if errors.Is(err, sql.ErrNoRows) {
 			return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 		}
 		return errdefs.New(errdefs.ErrConflict, "machine %s is %s, not %s: it changed meanwhile", id, cur, from)
 	}
 	ev.Status = to
-	if err := appendEvent(ctx, tx, id, ev); err != nil {
+	if err := s.appendEvent(ctx, tx, id, ev); err != nil {
 		return err
 	}
 	return tx.Commit()
 }
 
 func (s *DB) Events(ctx context.Context, id string) ([]machine.Event, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT type, status, source, ts, exit_code, message FROM machine_events WHERE machine_id = ? ORDER BY seq`, id)
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT type, status, source, ts, exit_code, message FROM machine_events WHERE machine_id = ? ORDER BY seq`), id)
 	if err != nil {
 		return nil, err
 	}
@@ -221,13 +276,13 @@ func scanVolume(row interface{ Scan(...any) error }) (store.Volume, error) {
 }
 
 func (s *DB) CreateVolume(ctx context.Context, v store.Volume) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO volumes (id, app, name, size_bytes, path, created_at) VALUES (?, ?, ?, ?, ?, ?)`,
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO volumes (id, app, name, size_bytes, path, created_at) VALUES (?, ?, ?, ?, ?, ?)`),
 		v.ID, v.App, v.Name, v.SizeBytes, v.Path, time.Now().UTC())
 	if err != nil {
 		switch {
-		case strings.Contains(err.Error(), "UNIQUE"):
+		case isUnique(err):
 			return errdefs.New(errdefs.ErrConflict, "app %s already has a volume named %s", v.App, v.Name)
-		case strings.Contains(err.Error(), "FOREIGN KEY"):
+		case isForeignKey(err):
 			return errdefs.New(errdefs.ErrNotFound, "app %s does not exist: create it first", v.App)
 		}
 	}
@@ -235,7 +290,7 @@ func (s *DB) CreateVolume(ctx context.Context, v store.Volume) error {
 }
 
 func (s *DB) GetVolume(ctx context.Context, app, idOrName string) (store.Volume, error) {
-	v, err := scanVolume(s.db.QueryRowContext(ctx, `SELECT `+volumeCols+` FROM volumes WHERE app = ? AND (id = ? OR name = ?)`, app, idOrName, idOrName))
+	v, err := scanVolume(s.db.QueryRowContext(ctx, s.q(`SELECT `+volumeCols+` FROM volumes WHERE app = ? AND (id = ? OR name = ?)`), app, idOrName, idOrName))
 	if errors.Is(err, sql.ErrNoRows) {
 		return v, errdefs.New(errdefs.ErrNotFound, "app %s has no volume %s: create it with `kiln volume create %s --app %s`", app, idOrName, idOrName, app)
 	}
@@ -243,7 +298,7 @@ func (s *DB) GetVolume(ctx context.Context, app, idOrName string) (store.Volume,
 }
 
 func (s *DB) ListVolumes(ctx context.Context, app string) ([]store.Volume, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+volumeCols+` FROM volumes WHERE app = ? ORDER BY created_at, id`, app)
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT `+volumeCols+` FROM volumes WHERE app = ? ORDER BY created_at, id`), app)
 	if err != nil {
 		return nil, err
 	}
@@ -263,9 +318,9 @@ func (s *DB) AttachVolume(ctx context.Context, id, machineID string) error {
 	var res sql.Result
 	var err error
 	if machineID == "" {
-		res, err = s.db.ExecContext(ctx, `UPDATE volumes SET attached_machine = NULL WHERE id = ?`, id)
+		res, err = s.db.ExecContext(ctx, s.q(`UPDATE volumes SET attached_machine = NULL WHERE id = ?`), id)
 	} else {
-		res, err = s.db.ExecContext(ctx, `UPDATE volumes SET attached_machine = ? WHERE id = ? AND (attached_machine IS NULL OR attached_machine = ?)`, machineID, id, machineID)
+		res, err = s.db.ExecContext(ctx, s.q(`UPDATE volumes SET attached_machine = ? WHERE id = ? AND (attached_machine IS NULL OR attached_machine = ?)`), machineID, id, machineID)
 	}
 	if err != nil {
 		return err
@@ -275,19 +330,19 @@ func (s *DB) AttachVolume(ctx context.Context, id, machineID string) error {
 	}
 	var holder sql.NullString
 	var name string
-	if err := s.db.QueryRowContext(ctx, `SELECT name, attached_machine FROM volumes WHERE id = ?`, id).Scan(&name, &holder); err != nil {
+	if err := s.db.QueryRowContext(ctx, s.q(`SELECT name, attached_machine FROM volumes WHERE id = ?`), id).Scan(&name, &holder); err != nil {
 		return errdefs.New(errdefs.ErrNotFound, "volume %s does not exist", id)
 	}
 	return errdefs.New(errdefs.ErrConflict, "volume %s is attached to machine %s: a volume attaches to one machine at a time; destroy that machine or use another volume", name, holder.String)
 }
 
 func (s *DB) SetVolumeSize(ctx context.Context, id string, size int64) error {
-	_, err := s.db.ExecContext(ctx, `UPDATE volumes SET size_bytes = ? WHERE id = ?`, size, id)
+	_, err := s.db.ExecContext(ctx, s.q(`UPDATE volumes SET size_bytes = ? WHERE id = ?`), size, id)
 	return err
 }
 
 func (s *DB) DeleteVolume(ctx context.Context, id string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM volumes WHERE id = ? AND attached_machine IS NULL`, id)
+	res, err := s.db.ExecContext(ctx, s.q(`DELETE FROM volumes WHERE id = ? AND attached_machine IS NULL`), id)
 	if err != nil {
 		return err
 	}
@@ -304,23 +359,23 @@ func (s *DB) UpdateConfig(ctx context.Context, id string, config []byte) error {
 	}
 	defer tx.Rollback()
 	var state machine.State
-	if err := tx.QueryRowContext(ctx, `SELECT state FROM machines WHERE id = ?`, id).Scan(&state); err != nil {
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT state FROM machines WHERE id = ?`), id).Scan(&state); err != nil {
 		return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 	}
 	if state != machine.Stopped && state != machine.Created && state != machine.Failed {
 		return errdefs.New(errdefs.ErrConflict, "machine %s is %s: its config changes only while stopped", id, state)
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE machines SET config = ?, version = version + 1, updated_at = ? WHERE id = ?`, string(config), time.Now().UTC(), id); err != nil {
+	if _, err := tx.ExecContext(ctx, s.q(`UPDATE machines SET config = ?, version = version + 1, updated_at = ? WHERE id = ?`), string(config), time.Now().UTC(), id); err != nil {
 		return err
 	}
-	if err := appendEvent(ctx, tx, id, machine.Event{Type: "update", Status: state, Source: "user"}); err != nil {
+	if err := s.appendEvent(ctx, tx, id, machine.Event{Type: "update", Status: state, Source: "user"}); err != nil {
 		return err
 	}
 	return tx.Commit()
 }
 
 func (s *DB) SetCordoned(ctx context.Context, id string, cordoned bool) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE machines SET cordoned = ? WHERE id = ?`, cordoned, id)
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET cordoned = ? WHERE id = ?`), cordoned, id)
 	if err != nil {
 		return err
 	}
@@ -333,7 +388,7 @@ func (s *DB) SetCordoned(ctx context.Context, id string, cordoned bool) error {
 func (s *DB) Lease(ctx context.Context, id string) (store.Lease, error) {
 	var l store.Lease
 	var exp sql.NullTime
-	err := s.db.QueryRowContext(ctx, `SELECT lease_nonce, lease_expires, lease_description FROM machines WHERE id = ?`, id).Scan(&l.Nonce, &exp, &l.Description)
+	err := s.db.QueryRowContext(ctx, s.q(`SELECT lease_nonce, lease_expires, lease_description FROM machines WHERE id = ?`), id).Scan(&l.Nonce, &exp, &l.Description)
 	if errors.Is(err, sql.ErrNoRows) {
 		return l, errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 	}
@@ -353,8 +408,8 @@ func (s *DB) SetLease(ctx context.Context, id, holder string, l store.Lease) err
 	if !l.ExpiresAt.IsZero() {
 		exp = l.ExpiresAt.UTC()
 	}
-	res, err := s.db.ExecContext(ctx, `UPDATE machines SET lease_nonce = ?, lease_expires = ?, lease_description = ?
-		WHERE id = ? AND (lease_nonce = '' OR lease_expires IS NULL OR lease_expires < ? OR lease_nonce = ?)`,
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET lease_nonce = ?, lease_expires = ?, lease_description = ?
+		WHERE id = ? AND (lease_nonce = '' OR lease_expires IS NULL OR lease_expires < ? OR lease_nonce = ?)`),
 		l.Nonce, exp, l.Description, id, now, holder)
 	if err != nil {
 		return err
@@ -369,7 +424,7 @@ func (s *DB) SetLease(ctx context.Context, id, holder string, l store.Lease) err
 }
 
 func (s *DB) Metadata(ctx context.Context, id string) (map[string]string, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT key, value FROM machine_metadata WHERE machine_id = ? ORDER BY key`, id)
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT key, value FROM machine_metadata WHERE machine_id = ? ORDER BY key`), id)
 	if err != nil {
 		return nil, err
 	}
@@ -388,22 +443,22 @@ func (s *DB) Metadata(ctx context.Context, id string) (map[string]string, error)
 func (s *DB) SetMetadata(ctx context.Context, id, key, value string) error {
 	var err error
 	if value == "" {
-		_, err = s.db.ExecContext(ctx, `DELETE FROM machine_metadata WHERE machine_id = ? AND key = ?`, id, key)
+		_, err = s.db.ExecContext(ctx, s.q(`DELETE FROM machine_metadata WHERE machine_id = ? AND key = ?`), id, key)
 	} else {
-		_, err = s.db.ExecContext(ctx, `INSERT INTO machine_metadata (machine_id, key, value) VALUES (?, ?, ?)
-			ON CONFLICT (machine_id, key) DO UPDATE SET value = excluded.value`, id, key, value)
+		_, err = s.db.ExecContext(ctx, s.q(`INSERT INTO machine_metadata (machine_id, key, value) VALUES (?, ?, ?)
+			ON CONFLICT (machine_id, key) DO UPDATE SET value = excluded.value`), id, key, value)
 	}
 	return err
 }
 
 func (s *DB) AddSnapshot(ctx context.Context, sn store.Snapshot) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO volume_snapshots (id, volume_id, path, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)`,
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO volume_snapshots (id, volume_id, path, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)`),
 		sn.ID, sn.VolumeID, sn.Path, sn.SizeBytes, time.Now().UTC())
 	return err
 }
 
 func (s *DB) Snapshots(ctx context.Context, volumeID string) ([]store.Snapshot, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT id, volume_id, path, size_bytes, created_at FROM volume_snapshots WHERE volume_id = ? ORDER BY created_at, id`, volumeID)
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT id, volume_id, path, size_bytes, created_at FROM volume_snapshots WHERE volume_id = ? ORDER BY created_at, id`), volumeID)
 	if err != nil {
 		return nil, err
 	}
@@ -421,8 +476,8 @@ func (s *DB) Snapshots(ctx context.Context, volumeID string) ([]store.Snapshot, 
 
 func (s *DB) Snapshot(ctx context.Context, app, id string) (store.Snapshot, error) {
 	var sn store.Snapshot
-	err := s.db.QueryRowContext(ctx, `SELECT s.id, s.volume_id, s.path, s.size_bytes, s.created_at FROM volume_snapshots s
-		JOIN volumes v ON v.id = s.volume_id WHERE s.id = ? AND v.app = ?`, id, app).Scan(&sn.ID, &sn.VolumeID, &sn.Path, &sn.SizeBytes, &sn.CreatedAt)
+	err := s.db.QueryRowContext(ctx, s.q(`SELECT s.id, s.volume_id, s.path, s.size_bytes, s.created_at FROM volume_snapshots s
+		JOIN volumes v ON v.id = s.volume_id WHERE s.id = ? AND v.app = ?`), id, app).Scan(&sn.ID, &sn.VolumeID, &sn.Path, &sn.SizeBytes, &sn.CreatedAt)
 	if errors.Is(err, sql.ErrNoRows) {
 		return sn, errdefs.New(errdefs.ErrNotFound, "app %s has no volume snapshot %s: list them with GET /v1/apps/%s/volumes/VOLUME/snapshots", app, id, app)
 	}
@@ -435,10 +490,10 @@ func (s *DB) Note(ctx context.Context, id string, ev machine.Event) error {
 		return err
 	}
 	defer tx.Rollback()
-	if err := tx.QueryRowContext(ctx, `SELECT state FROM machines WHERE id = ?`, id).Scan(&ev.Status); err != nil {
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT state FROM machines WHERE id = ?`), id).Scan(&ev.Status); err != nil {
 		return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 	}
-	if err := appendEvent(ctx, tx, id, ev); err != nil {
+	if err := s.appendEvent(ctx, tx, id, ev); err != nil {
 		return err
 	}
 	return tx.Commit()
@@ -460,13 +515,13 @@ func (s *DB) CreateBuild(ctx context.Context, b store.Build) error {
 	if len(b.Result) == 0 {
 		b.Result = json.RawMessage("{}")
 	}
-	_, err := s.db.ExecContext(ctx, `INSERT INTO builds (`+buildCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO builds (`+buildCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
 		b.ID, b.Project, b.Branch, b.State, b.Attempt, string(b.Spec), string(b.Result), b.NotBefore.UTC(), b.CreatedAt.UTC(), b.UpdatedAt.UTC())
 	return err
 }
 
 func (s *DB) GetBuild(ctx context.Context, id string) (store.Build, error) {
-	b, err := scanBuild(s.db.QueryRowContext(ctx, `SELECT `+buildCols+` FROM builds WHERE id = ?`, id))
+	b, err := scanBuild(s.db.QueryRowContext(ctx, s.q(`SELECT `+buildCols+` FROM builds WHERE id = ?`), id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return b, errdefs.New(errdefs.ErrNotFound, "build %s does not exist", id)
 	}
@@ -474,7 +529,7 @@ func (s *DB) GetBuild(ctx context.Context, id string) (store.Build, error) {
 }
 
 func (s *DB) queryBuilds(ctx context.Context, q string, args ...any) ([]store.Build, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+buildCols+` FROM builds `+q, args...)
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT `+buildCols+` FROM builds `+q), args...)
 	if err != nil {
 		return nil, err
 	}
@@ -506,7 +561,7 @@ func (s *DB) BuildsInState(ctx context.Context, states ...string) ([]store.Build
 }
 
 func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from string) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ? WHERE id = ? AND state = ?`,
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ? WHERE id = ? AND state = ?`),
 		b.State, b.Attempt, string(b.Result), b.NotBefore.UTC(), time.Now().UTC(), b.ID, from)
 	if err != nil {
 		return err

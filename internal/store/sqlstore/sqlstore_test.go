@@ -4,16 +4,31 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
+	"github.com/kilnhq/kiln/internal/testutil"
 )
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testutil.StopPostgres()
+	os.Exit(testutil.Finish(code))
+}
+
+// forEachDialect runs a test on SQLite and on a real PostgreSQL.
+func forEachDialect(t *testing.T, test func(t *testing.T, dsn string)) {
+	t.Run("sqlite", func(t *testing.T) { test(t, filepath.Join(t.TempDir(), "kiln.db")) })
+	t.Run("postgres", func(t *testing.T) { test(t, testutil.Postgres(t)) })
+}
 
 func open(t *testing.T, path string) *sqlstore.DB {
 	t.Helper()
@@ -25,9 +40,11 @@ func open(t *testing.T, path string) *sqlstore.DB {
 	return db
 }
 
-func TestMachineLifecycle(t *testing.T) {
+func TestMachineLifecycle(t *testing.T) { forEachDialect(t, testMachineLifecycle) }
+
+func testMachineLifecycle(t *testing.T, dsn string) {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "kiln.db")
+	path := dsn
 	db := open(t, path)
 	if err := db.CreateApp(ctx, "web"); err != nil {
 		t.Fatal(err)
@@ -93,9 +110,11 @@ func TestMachineLifecycle(t *testing.T) {
 
 // Of many concurrent attempts at the same transition exactly one wins, and exactly one
 // event is written.
-func TestTransitionIsCompareAndSwap(t *testing.T) {
+func TestTransitionIsCompareAndSwap(t *testing.T) { forEachDialect(t, testTransitionIsCompareAndSwap) }
+
+func testTransitionIsCompareAndSwap(t *testing.T, dsn string) {
 	ctx := context.Background()
-	db := open(t, filepath.Join(t.TempDir(), "kiln.db"))
+	db := open(t, dsn)
 	db.CreateApp(ctx, "web")
 	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "a", State: machine.Created, Config: []byte(`{}`)}, machine.Event{Type: "launch", Source: "user"})
 	var wg sync.WaitGroup
@@ -122,9 +141,11 @@ func TestTransitionIsCompareAndSwap(t *testing.T) {
 	}
 }
 
-func TestVolumes(t *testing.T) {
+func TestVolumes(t *testing.T) { forEachDialect(t, testVolumes) }
+
+func testVolumes(t *testing.T, dsn string) {
 	ctx := context.Background()
-	db := open(t, filepath.Join(t.TempDir(), "kiln.db"))
+	db := open(t, dsn)
 	db.CreateApp(ctx, "web")
 	if err := db.CreateVolume(ctx, store.Volume{ID: "vol1", App: "web", Name: "data", SizeBytes: 1 << 30, Path: "/v/vol1.ext4"}); err != nil {
 		t.Fatal(err)
@@ -155,5 +176,41 @@ func TestVolumes(t *testing.T) {
 	}
 	if _, err := db.GetVolume(ctx, "web", "data"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("after delete: %v", err)
+	}
+}
+
+func TestBuilds(t *testing.T) { forEachDialect(t, testBuilds) }
+
+func testBuilds(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	now := time.Now()
+	for i, id := range []string{"b1", "b2"} {
+		b := store.Build{ID: id, Project: "shop", Branch: "main", State: "queued", Spec: []byte(`{}`),
+			NotBefore: now, CreatedAt: now.Add(time.Duration(i) * time.Second), UpdatedAt: now}
+		if err := db.CreateBuild(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if bs, err := db.ListBuilds(ctx, "shop"); err != nil || len(bs) != 2 || bs[0].ID != "b2" {
+		t.Fatalf("list, newest first: %+v %v", bs, err)
+	}
+	if q, err := db.BuildsInState(ctx, "queued", "running"); err != nil || len(q) != 2 || q[0].ID != "b1" {
+		t.Fatalf("queue, oldest first: %+v %v", q, err)
+	}
+	b, _ := db.GetBuild(ctx, "b1")
+	b.State, b.Attempt, b.Result = "running", 1, []byte(`{"error":"x"}`)
+	if err := db.UpdateBuild(ctx, b, "queued"); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.UpdateBuild(ctx, b, "queued"); !errors.Is(err, errdefs.ErrConflict) {
+		t.Fatalf("a second swap from queued: %v", err)
+	}
+	got, _ := db.GetBuild(ctx, "b1")
+	if got.State != "running" || got.Attempt != 1 || string(got.Result) != `{"error":"x"}` {
+		t.Fatalf("after update: %+v", got)
+	}
+	if _, err := db.GetBuild(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("unknown build: %v", err)
 	}
 }
