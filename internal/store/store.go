@@ -15,17 +15,19 @@ import (
 
 // Machine is a machine's record.
 type Machine struct {
-	ID        string          `json:"id"`
-	App       string          `json:"app"`
-	Name      string          `json:"name"`
-	State     machine.State   `json:"state"`
-	Config    json.RawMessage `json:"config"`
-	Version   int             `json:"version"`
-	ExitCode  *int            `json:"exit_code,omitempty"`
-	Restarts  int             `json:"restarts"`
-	Cordoned  bool            `json:"cordoned"`
-	CreatedAt time.Time       `json:"created_at"`
-	UpdatedAt time.Time       `json:"updated_at"`
+	ID       string          `json:"id"`
+	App      string          `json:"app"`
+	Name     string          `json:"name"`
+	State    machine.State   `json:"state"`
+	Config   json.RawMessage `json:"config"`
+	Version  int             `json:"version"`
+	ExitCode *int            `json:"exit_code,omitempty"`
+	Restarts int             `json:"restarts"`
+	Cordoned bool            `json:"cordoned"`
+	// Host runs the machine; "" on a database only one host uses.
+	Host      string    `json:"host,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
 }
 
 // Lease is an exclusive claim on a machine: while it holds, changes need its nonce.
@@ -133,4 +135,27 @@ type Builds interface {
 	// UpdateBuild writes b if the stored build is still in state from; otherwise it is
 	// ErrConflict and nothing changes.
 	UpdateBuild(ctx context.Context, b Build, from string) error
+}
+
+// Host is a host sharing the database: what it offers and when it last said it was alive.
+type Host struct {
+	Name             string    `json:"name"`
+	APIURL           string    `json:"api_url"`
+	CPUs             int       `json:"cpus"`
+	MemoryMiB        int       `json:"memory_mib"`
+	CPURatio         float64   `json:"cpu_ratio"`
+	MemRatio         float64   `json:"memory_ratio"`
+	ReserveCPUs      int       `json:"reserve_cpus"`
+	ReserveMemoryMiB int       `json:"reserve_memory_mib"`
+	Cordoned         bool      `json:"cordoned"`
+	HeartbeatAt      time.Time `json:"heartbeat_at"`
+}
+
+// Hosts persists the hosts of a cluster and its shared settings.
+type Hosts interface {
+	RegisterHost(ctx context.Context, h Host) error
+	Heartbeat(ctx context.Context, name string, at time.Time) error
+	ListHosts(ctx context.Context) ([]Host, error)
+	SetHostCordoned(ctx context.Context, name string, cordoned bool) error
+	Setting(ctx context.Context, key, def string) (string, error)
 }

@@ -143,8 +143,8 @@ func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Even
 	}
 	defer tx.Rollback()
 	now := time.Now().UTC()
-	_, err = tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, app, name, state, config, version, created_at, updated_at)
-		VALUES (?, ?, ?, ?, ?, 1, ?, ?)`), m.ID, m.App, m.Name, m.State, string(m.Config), now, now)
+	_, err = tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, app, name, state, config, version, created_at, updated_at, host)
+		VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)`), m.ID, m.App, m.Name, m.State, string(m.Config), now, now, m.Host)
 	if err != nil {
 		switch {
 		case isUnique(err):
@@ -169,13 +169,13 @@ func (s *DB) appendEvent(ctx context.Context, tx *sql.Tx, id string, ev machine.
 	return err
 }
 
-const machineCols = `id, app, name, state, config, version, exit_code, restarts, created_at, updated_at, cordoned`
+const machineCols = `id, app, name, state, config, version, exit_code, restarts, created_at, updated_at, cordoned, host`
 
 func scanMachine(row interface{ Scan(...any) error }) (store.Machine, error) {
 	var m store.Machine
 	var cfg string
 	var exit sql.NullInt64
-	err := row.Scan(&m.ID, &m.App, &m.Name, &m.State, &cfg, &m.Version, &exit, &m.Restarts, &m.CreatedAt, &m.UpdatedAt, &m.Cordoned)
+	err := row.Scan(&m.ID, &m.App, &m.Name, &m.State, &cfg, &m.Version, &exit, &m.Restarts, &m.CreatedAt, &m.UpdatedAt, &m.Cordoned, &m.Host)
 	if exit.Valid {
 		c := int(exit.Int64)
 		m.ExitCode = &c
@@ -574,4 +574,71 @@ func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from string) error 
 		return errdefs.New(errdefs.ErrConflict, "build %s is %s, not %s: it changed meanwhile", b.ID, cur.State, from)
 	}
 	return nil
+}
+
+var _ store.Hosts = (*DB)(nil)
+
+const hostCols = `name, api_url, cpus, memory_mib, cpu_ratio, memory_ratio, reserve_cpus, reserve_memory_mib, cordoned, heartbeat_at`
+
+// RegisterHost records a host joining (or rejoining) with what it offers; its cordon
+// stays as it was.
+func (s *DB) RegisterHost(ctx context.Context, h store.Host) error {
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO hosts (`+hostCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT (name) DO UPDATE SET api_url = excluded.api_url, cpus = excluded.cpus, memory_mib = excluded.memory_mib,
+		cpu_ratio = excluded.cpu_ratio, memory_ratio = excluded.memory_ratio, reserve_cpus = excluded.reserve_cpus,
+		reserve_memory_mib = excluded.reserve_memory_mib, heartbeat_at = excluded.heartbeat_at`),
+		h.Name, h.APIURL, h.CPUs, h.MemoryMiB, h.CPURatio, h.MemRatio, h.ReserveCPUs, h.ReserveMemoryMiB, h.Cordoned, h.HeartbeatAt.UTC())
+	return err
+}
+
+// Heartbeat says the host is alive now.
+func (s *DB) Heartbeat(ctx context.Context, name string, at time.Time) error {
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE hosts SET heartbeat_at = ? WHERE name = ?`), at.UTC(), name)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return errdefs.New(errdefs.ErrNotFound, "host %s is not registered", name)
+	}
+	return nil
+}
+
+// ListHosts lists the hosts by name.
+func (s *DB) ListHosts(ctx context.Context) ([]store.Host, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT `+hostCols+` FROM hosts ORDER BY name`))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []store.Host
+	for rows.Next() {
+		var h store.Host
+		if err := rows.Scan(&h.Name, &h.APIURL, &h.CPUs, &h.MemoryMiB, &h.CPURatio, &h.MemRatio, &h.ReserveCPUs, &h.ReserveMemoryMiB, &h.Cordoned, &h.HeartbeatAt); err != nil {
+			return nil, err
+		}
+		out = append(out, h)
+	}
+	return out, rows.Err()
+}
+
+// SetHostCordoned cordons or uncordons a host.
+func (s *DB) SetHostCordoned(ctx context.Context, name string, c bool) error {
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE hosts SET cordoned = ? WHERE name = ?`), c, name)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return errdefs.New(errdefs.ErrNotFound, "no host %s: list them with `kiln host ls`", name)
+	}
+	return nil
+}
+
+// Setting returns a cluster-wide setting, storing def first if it is not set: the first
+// host to start decides.
+func (s *DB) Setting(ctx context.Context, key, def string) (string, error) {
+	if _, err := s.db.ExecContext(ctx, s.q(`INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING`), key, def); err != nil {
+		return "", err
+	}
+	var v string
+	return v, s.db.QueryRowContext(ctx, s.q(`SELECT value FROM settings WHERE key = ?`), key).Scan(&v)
 }

@@ -214,3 +214,37 @@ func testBuilds(t *testing.T, dsn string) {
 		t.Fatalf("unknown build: %v", err)
 	}
 }
+
+func TestHosts(t *testing.T) { forEachDialect(t, testHosts) }
+
+func testHosts(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	now := time.Now()
+	h := store.Host{Name: "h1", APIURL: "http://10.0.0.1:4280", CPUs: 8, MemoryMiB: 32768, CPURatio: 4, MemRatio: 1.5, ReserveMemoryMiB: 1024, HeartbeatAt: now}
+	if err := db.RegisterHost(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.SetHostCordoned(ctx, "h1", true); err != nil {
+		t.Fatal(err)
+	}
+	h.CPUs = 16 // rejoins with more CPUs: the cordon stays
+	if err := db.RegisterHost(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Heartbeat(ctx, "h1", now.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	hs, err := db.ListHosts(ctx)
+	if err != nil || len(hs) != 1 || hs[0].CPUs != 16 || !hs[0].Cordoned || hs[0].MemRatio != 1.5 || hs[0].HeartbeatAt.Sub(now) < 900*time.Millisecond {
+		t.Fatalf("hosts: %+v %v", hs, err)
+	}
+	if err := db.Heartbeat(ctx, "nope", now); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("heartbeat of an unknown host: %v", err)
+	}
+	a, _ := db.Setting(ctx, "admin_token", "first")
+	b, _ := db.Setting(ctx, "admin_token", "second")
+	if a != "first" || b != "first" {
+		t.Fatalf("the first host's setting must win: %q %q", a, b)
+	}
+}
