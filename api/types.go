@@ -144,6 +144,7 @@ type Machine struct {
 	Version    int           `json:"version"`
 	Cordoned   bool          `json:"cordoned,omitempty"`
 	PrivateIP  string        `json:"private_ip,omitempty"`
+	Host       string        `json:"host,omitempty"` // the host that runs it, when hosts share a database
 	CreatedAt  time.Time     `json:"created_at"`
 	UpdatedAt  time.Time     `json:"updated_at"`
 	Events     []Event       `json:"events,omitempty"`

@@ -27,6 +27,7 @@ func TestMain(m *testing.M) {
 		os.Exit(code)
 	}
 	code := m.Run()
+	testutil.StopPostgres()
 	if kilnBin != "" {
 		os.RemoveAll(filepath.Dir(kilnBin))
 	}

@@ -73,6 +73,8 @@ func rootfsCache(dataDir string) image.Cache {
 type serverOptions struct {
 	listen      string
 	db          string
+	hostName    string
+	advertise   string
 	network     bool
 	pool        string
 	egress      string
@@ -116,6 +118,8 @@ when the server stops or dies; the next start adopts them.`,
 	f := c.Flags()
 	f.StringVar(&o.listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
 	f.StringVar(&o.db, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). One host per database for now")
+	f.StringVar(&o.hostName, "host-name", "", "this host's name among the hosts sharing a database (default: the system's host name)")
+	f.StringVar(&o.advertise, "advertise", "", "the URL other hosts reach this host's API at (default http://LISTEN)")
 	f.BoolVar(&o.network, "network", true, "give machines a private network per app (bridges, TAP devices, nftables; needs root)")
 	f.StringVar(&o.pool, "network-pool", network.DefaultPool.String(), "IPv4 prefix that apps' /24 networks come from")
 	f.StringVar(&o.egress, "egress", "masquerade", "machines' outbound traffic: masquerade (the host's address), an IP address to translate to, or none")
@@ -214,6 +218,40 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	}
 	ledger := capacity.NewLedger(here)
 	mgr.Capacity, mgr.CapacityWait = ledger, o.capacityWait
+	if o.hostName != "" {
+		here.Name = o.hostName
+		ledger = capacity.NewLedger(here)
+		mgr.Capacity = ledger
+	}
+	advertise := o.advertise
+	if advertise == "" {
+		advertise = "http://" + ln.Addr().String()
+	}
+	if err := db.RegisterHost(ctx, store.Host{Name: here.Name, APIURL: advertise, CPUs: here.CPUs, MemoryMiB: here.MemoryMiB,
+		CPURatio: here.CPURatio, MemRatio: here.MemRatio, ReserveCPUs: here.ReserveCPUs, ReserveMemoryMiB: here.ReserveMemoryMiB, HeartbeatAt: time.Now()}); err != nil {
+		ln.Close()
+		return fmt.Errorf("registering host %s: %w", here.Name, err)
+	}
+	// The host registry also carries cordons on a single host.
+	var cluster store.Hosts = db
+	if sqlstore.IsPostgres(dsn) {
+		// Hosts share the database: each runs the machines created through it, calls
+		// about another host's machine go there, and the first host's token is everyone's.
+		mgr.Host = here.Name
+		shared, err := db.Setting(ctx, "admin_token", tok)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		if shared != tok {
+			tok = shared
+			os.WriteFile(filepath.Join(dataDir, "admin-token"), []byte(tok+"\n"), 0o600)
+			fmt.Fprintf(os.Stderr, "kiln: using the cluster's admin token (written to %s)\n", filepath.Join(dataDir, "admin-token"))
+		}
+	}
+	hbctx, stopHeartbeat := context.WithCancel(ctx)
+	defer stopHeartbeat()
+	go heartbeat(hbctx, db, ledger, here.Name)
 	var nets *network.Manager
 	if o.network {
 		cfg, err := o.netConfig()
@@ -250,7 +288,7 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 		builds.Builders.Capacity, builds.Builders.CapacityWait = ledger, o.capacityWait
 	}
 	o.registerLimits(here, builds)
-	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds,
+	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds, Hosts: cluster, HostName: here.Name,
 		Capacity: ledger, Limits: limits.Default}
 	apiSrv.Recovering.Store(true)
 	srv := &http.Server{Handler: apiSrv.Handler()}
@@ -429,4 +467,49 @@ func mustPrefix(s string) netip.Prefix {
 		return network.DefaultPool
 	}
 	return p
+}
+
+// heartbeat tells the database this host is alive every two seconds and applies a
+// cordon set through any host. While the database is unreachable it says so once, and
+// again when it is back; machines keep running meanwhile.
+func heartbeat(ctx context.Context, db *sqlstore.DB, ledger *capacity.Ledger, name string) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	down := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		err := db.Heartbeat(ctx, name, time.Now())
+		var hosts []store.Host
+		if err == nil {
+			hosts, err = db.ListHosts(ctx)
+		}
+		if err != nil {
+			if !down && ctx.Err() == nil {
+				fmt.Fprintf(os.Stderr, "kiln: the database does not answer (%v); running machines go on, and changes wait for it\n", err)
+			}
+			down = true
+			continue
+		}
+		if down {
+			fmt.Fprintln(os.Stderr, "kiln: the database answers again")
+			down = false
+		}
+		for _, h := range hosts {
+			if h.Name != name {
+				continue
+			}
+			if was := ledger.Cordoned(name); was != h.Cordoned {
+				ledger.SetCordoned(name, h.Cordoned)
+				if h.Cordoned {
+					fmt.Fprintf(os.Stderr, "kiln: host %s is cordoned: it takes no new machines or builders\n", name)
+				} else {
+					fmt.Fprintf(os.Stderr, "kiln: host %s is uncordoned: it takes new work again\n", name)
+				}
+			}
+		}
+	}
 }

@@ -185,6 +185,18 @@ func (l *Ledger) SetCordoned(name string, c bool) error {
 	return errdefs.New(errdefs.ErrNotFound, "no host %s", name)
 }
 
+// Cordoned says whether a host is cordoned.
+func (l *Ledger) Cordoned(name string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, h := range l.hosts {
+		if h.Name == name {
+			return h.Cordoned
+		}
+	}
+	return false
+}
+
 func (l *Ledger) broadcast() {
 	close(l.changed)
 	l.changed = make(chan struct{})

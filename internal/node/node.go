@@ -70,6 +70,9 @@ type Manager struct {
 	// none waits up to CapacityWait in its queue, then fails saying what was short.
 	Capacity     *capacity.Ledger
 	CapacityWait time.Duration
+	// Host names this host in a database several hosts share: new machines are recorded
+	// as its own, and it runs and recovers only those.
+	Host string
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -340,7 +343,7 @@ func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineR
 		claimed = append(claimed, v.ID)
 	}
 	raw, _ := json.Marshal(cfg)
-	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw}
+	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: m.Host}
 	if err := m.Store.CreateMachine(ctx, rec, machine.Event{Type: "launch", Status: machine.Created, Source: "user"}); err != nil {
 		release()
 		return rec, err
@@ -1069,6 +1072,9 @@ func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 	return m.Store.GetMachine(ctx, id)
 }
 
+// Mine says whether this host runs the machine.
+func (m *Manager) Mine(rec store.Machine) bool { return rec.Host == "" || rec.Host == m.Host }
+
 // PrivateIP is the machine's address on its app's network, if it has one.
 func (m *Manager) PrivateIP(id string) string {
 	if m.Net == nil {
@@ -1108,7 +1114,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 				return err
 			}
 			for _, rec := range ms {
-				if rec.State != machine.Destroyed && rec.State != machine.Destroying {
+				if rec.State != machine.Destroyed && rec.State != machine.Destroying && m.Mine(rec) {
 					exists[rec.ID] = true
 				}
 			}
@@ -1188,7 +1194,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 			continue
 		}
 		for _, rec := range ms {
-			if haveVM[rec.ID] {
+			if haveVM[rec.ID] || !m.Mine(rec) {
 				continue
 			}
 			switch rec.State {

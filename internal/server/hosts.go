@@ -1,10 +1,14 @@
 package server
 
 import (
+	"encoding/json"
 	"net/http"
+	"time"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/machine"
 )
 
 func (s *Server) listLimits(w http.ResponseWriter, r *http.Request) error {
@@ -24,13 +28,38 @@ func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
 	if s.Capacity == nil {
 		return errdefs.New(errdefs.ErrMissingDependency, "this server keeps no capacity ledger")
 	}
-	hosts, used := s.Capacity.Hosts()
+	local, used := s.Capacity.Hosts()
+	var hosts []capacity.Host
+	beats := map[string]time.Time{}
+	if s.Hosts != nil {
+		rows, err := s.Hosts.ListHosts(r.Context())
+		if err != nil {
+			return err
+		}
+		running, err := s.runningByHost(r)
+		if err != nil {
+			return err
+		}
+		for _, h := range rows {
+			hosts = append(hosts, capacity.Host{Name: h.Name, CPUs: h.CPUs, MemoryMiB: h.MemoryMiB, CPURatio: h.CPURatio, MemRatio: h.MemRatio,
+				ReserveCPUs: h.ReserveCPUs, ReserveMemoryMiB: h.ReserveMemoryMiB, Cordoned: h.Cordoned})
+			beats[h.Name] = h.HeartbeatAt
+			if h.Name != s.HostName {
+				used[h.Name] = running[h.Name]
+			}
+		}
+	} else {
+		hosts = local
+	}
 	out := []api.Host{}
 	for _, h := range hosts {
 		u := used[h.Name]
 		state := "up"
 		if h.Cordoned {
 			state = "cordoned"
+		}
+		if t, ok := beats[h.Name]; ok && time.Since(t) > HostDownAfter {
+			state = "down"
 		}
 		out = append(out, api.Host{Name: h.Name, State: state, CPUs: h.CPUs, MemoryMiB: h.MemoryMiB,
 			CPUOvercommit: h.CPURatio, MemoryOvercommit: h.MemRatio, ReserveCPUs: h.ReserveCPUs, ReserveMemoryMiB: h.ReserveMemoryMiB,
@@ -40,12 +69,52 @@ func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// runningByHost sums what the machines that hold room (starting to suspending) ask for,
+// per host, from the store: other hosts' ledgers are theirs.
+func (s *Server) runningByHost(r *http.Request) (map[string]capacity.Size, error) {
+	out := map[string]capacity.Size{}
+	apps, err := s.Store.ListApps(r.Context())
+	if err != nil {
+		return nil, err
+	}
+	for _, app := range apps {
+		ms, err := s.Store.ListMachines(r.Context(), app)
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range ms {
+			switch m.State {
+			case machine.Starting, machine.Started, machine.Stopping, machine.Suspending:
+			default:
+				continue
+			}
+			var cfg api.MachineConfig
+			json.Unmarshal(m.Config, &cfg)
+			u := out[m.Host]
+			u.CPUs += cfg.Guest.CPUs
+			u.MemoryMiB += cfg.Guest.MemoryMB
+			out[m.Host] = u
+		}
+	}
+	return out, nil
+}
+
 func (s *Server) cordonHost(c bool) func(http.ResponseWriter, *http.Request) error {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		if s.Capacity == nil {
 			return errdefs.New(errdefs.ErrMissingDependency, "this server keeps no capacity ledger")
 		}
-		if err := s.Capacity.SetCordoned(r.PathValue("host"), c); err != nil {
+		name := r.PathValue("host")
+		if s.Hosts != nil {
+			if err := s.Hosts.SetHostCordoned(r.Context(), name, c); err != nil {
+				return err
+			}
+			if name != s.HostName {
+				writeJSON(w, http.StatusOK, api.OK{OK: true}) // that host applies it at its next heartbeat
+				return nil
+			}
+		}
+		if err := s.Capacity.SetCordoned(name, c); err != nil {
 			return err
 		}
 		writeJSON(w, http.StatusOK, api.OK{OK: true})

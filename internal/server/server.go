@@ -37,6 +37,10 @@ type Server struct {
 	Images interface {
 		Load(ctx context.Context, tarball string, extra ...string) (string, []string, error)
 	}
+	// Hosts, when set, is the cluster's host registry: calls about a machine another
+	// host runs go to that host, and GET /v1/hosts lists them all. HostName is this one.
+	Hosts    store.Hosts
+	HostName string
 	// Capacity is this server's capacity ledger, shown by GET /v1/hosts.
 	Capacity *capacity.Ledger
 	// Limits lists every limit the server enforces, for GET /v1/limits.
@@ -135,6 +139,9 @@ func (s *Server) Handler() http.Handler {
 			if r.auth && s.Recovering.Load() {
 				w.Header().Set("Retry-After", "2")
 				writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: "kiln is starting and adopting its running machines: retry in a moment"})
+				return
+			}
+			if strings.Contains(r.Path, "/machines/{id}") && s.forward(w, req) {
 				return
 			}
 			if err := r.h(w, req); err != nil {
@@ -276,9 +283,10 @@ func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
 func (s *Server) toAPI(m store.Machine, evs []machine.Event) api.Machine {
 	out := api.Machine{ID: m.ID, Name: m.Name, State: string(m.State), Region: "local", InstanceID: fmt.Sprintf("%s-v%d", m.ID, m.Version),
 		ExitCode: m.ExitCode, Version: m.Version, Cordoned: m.Cordoned, CreatedAt: m.CreatedAt, UpdatedAt: m.UpdatedAt}
-	if m.State != machine.Destroyed {
+	if m.State != machine.Destroyed && s.Node.Mine(m) {
 		out.PrivateIP = s.Node.PrivateIP(m.ID)
 	}
+	out.Host = m.Host
 	json.Unmarshal(m.Config, &out.Config)
 	for i := len(evs) - 1; i >= 0; i-- { // newest first, as Fly lists them
 		e := evs[i]

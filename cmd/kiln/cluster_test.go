@@ -1,0 +1,108 @@
+package main_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/client"
+	"github.com/kilnhq/kiln/internal/image/imagetest"
+	"github.com/kilnhq/kiln/internal/testutil"
+)
+
+// Two hosts share one real PostgreSQL: they share the admin token; each runs the
+// machines created through it; the API answers on either host (calls about the other's
+// machine are forwarded); host ls shows both, and a killed host as down, with its
+// machine neither answered for nor started elsewhere; a cordon set on one host reaches
+// the other.
+func TestTwoHostsOnePostgres(t *testing.T) {
+	dsn := testutil.Postgres(t)
+	start := func(name string) (*env, *kilnServer) {
+		e := newEnv(t)
+		srv := startServer(t, e, freeAddr(t), "--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false")
+		return e, srv
+	}
+	ea, a := start("host-a")
+	defer stopOnFailure(&a)
+	eb, b := start("host-b")
+	defer stopOnFailure(&b)
+	ta, tb := readToken(t, filepath.Join(ea.dataDir, "admin-token")), readToken(t, filepath.Join(eb.dataDir, "admin-token"))
+	if ta != tb {
+		t.Fatalf("the hosts have different admin tokens")
+	}
+	ctx := context.Background()
+	ca, cb := client.New(a.url, ta), client.New(b.url, tb)
+	loadImage(t, a, imagetest.App(t), "localhost/app:1")
+	// B's machines pull from B's own registry.
+	loadImage(t, b, imagetest.App(t), "localhost/app:1")
+	ca.CreateApp(ctx, "web")
+	m, err := ca.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "while true; do sleep 1; done"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cb.Wait(ctx, "web", m.ID, "started", 90*time.Second); err != nil {
+		t.Fatalf("waiting through the other host: %v\n%s", err, a.logs)
+	}
+	got, err := cb.GetMachine(ctx, "web", m.ID)
+	if err != nil || got.Host != "host-a" {
+		t.Fatalf("machine seen from host-b: %+v %v", got, err)
+	}
+	res, err := cb.Exec(ctx, "web", m.ID, []string{"busybox", "hostname"}, "", 30*time.Second)
+	if err != nil || strings.TrimSpace(res.Stdout) != m.ID {
+		t.Fatalf("exec through host-b: %+v %v", res, err)
+	}
+	out, _, _ := b.kiln("", "host", "ls")
+	if !strings.Contains(out, "host-a") || !strings.Contains(out, "host-b") || strings.Count(out, " up ") != 2 {
+		t.Fatalf("host ls:\n%s", out)
+	}
+	if !strings.Contains(out, "1/") {
+		t.Errorf("host ls does not count host-a's machine:\n%s", out)
+	}
+
+	// A cordon set through host-a reaches host-b at its next heartbeat.
+	if _, errs, code := a.kiln("", "host", "cordon", "host-b"); code != 0 {
+		t.Fatal(errs)
+	}
+	waitFor(t, func() bool { return strings.Contains(b.logs.String(), "host host-b is cordoned") }, "host-b to apply the cordon")
+	cb.CreateApp(ctx, "blog")
+	m2, err := cb.CreateMachine(ctx, "blog", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "while true; do sleep 1; done"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool {
+		evs, _ := cb.Events(ctx, "blog", m2.ID)
+		return hasMessage(evs, "capacity-queued", "host host-b is cordoned")
+	}, "host-b to hold its new machine while cordoned")
+	a.kiln("", "host", "uncordon", "host-b")
+	if err := cb.Wait(ctx, "blog", m2.ID, "started", 90*time.Second); err != nil {
+		t.Fatalf("after uncordon: %v", err)
+	}
+
+	// host-a dies: host-b reports it down and does not take over its machine.
+	a.stop(syscall.SIGKILL)
+	waitFor(t, func() bool {
+		out, _, _ := b.kiln("", "host", "ls")
+		return strings.Contains(out, "host-a") && strings.Contains(out, "down")
+	}, "host-a to show as down")
+	if _, err := cb.Exec(ctx, "web", m.ID, []string{"true"}, "", 10*time.Second); err == nil || !strings.Contains(err.Error(), "host-a, which is down") {
+		t.Errorf("a call about the dead host's machine: %v", err)
+	}
+	if procs := testutil.ProcessesNaming(filepath.Join(eb.dataDir, "vms")); len(procs) != 1 {
+		t.Errorf("host-b runs %d VMs, want only its own machine's: %v", len(procs), procs)
+	}
+	// Clean up host-a's VM (its server is gone) and host-b's machine.
+	testutil.KillProcessesNaming(ea.dataDir)
+	os.RemoveAll(filepath.Join(ea.dataDir, "vms"))
+	os.RemoveAll(filepath.Join(ea.dataDir, "locks"))
+	a = nil
+	b.kiln("", "machine", "destroy", "-f", m2.ID)
+	b.stop(syscall.SIGTERM)
+	b = nil
+}

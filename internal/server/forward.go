@@ -1,0 +1,65 @@
+package server
+
+import (
+	"fmt"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/store"
+)
+
+// HostDownAfter is how long a host may go without a heartbeat before it counts as down.
+const HostDownAfter = 10 * time.Second
+
+const forwardedHeader = "Kiln-Forwarded-By"
+
+// forward sends a call about a machine that another host runs to that host, so the API
+// can be called on any host. It reports whether it answered the request.
+func (s *Server) forward(w http.ResponseWriter, r *http.Request) bool {
+	if s.Hosts == nil {
+		return false
+	}
+	m, err := s.Store.GetMachine(r.Context(), r.PathValue("id"))
+	if err != nil || s.Node.Mine(m) {
+		return false // the handler answers (404, or the call itself)
+	}
+	if by := r.Header.Get(forwardedHeader); by != "" {
+		writeJSON(w, http.StatusBadGateway, api.Error{Error: fmt.Sprintf("machine %s runs on host %s, and %s forwarded this call here: the hosts disagree about where it runs", m.ID, m.Host, by)})
+		return true
+	}
+	hosts, err := s.Hosts.ListHosts(r.Context())
+	if err != nil {
+		writeError(w, err)
+		return true
+	}
+	var owner *store.Host
+	for i := range hosts {
+		if hosts[i].Name == m.Host {
+			owner = &hosts[i]
+		}
+	}
+	if owner == nil {
+		writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: fmt.Sprintf("machine %s runs on host %s, which is not registered", m.ID, m.Host)})
+		return true
+	}
+	if time.Since(owner.HeartbeatAt) > HostDownAfter {
+		writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: fmt.Sprintf("machine %s runs on host %s, which is down (last heartbeat %s ago); kiln does not move machines by itself", m.ID, m.Host, time.Since(owner.HeartbeatAt).Round(time.Second))})
+		return true
+	}
+	target, err := url.Parse(owner.APIURL)
+	if err != nil {
+		writeError(w, err)
+		return true
+	}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.FlushInterval = -1 // logs and waits stream
+	rp.ErrorHandler = func(w http.ResponseWriter, _ *http.Request, err error) {
+		writeJSON(w, http.StatusBadGateway, api.Error{Error: fmt.Sprintf("machine %s runs on host %s (%s), which did not answer: %v", m.ID, m.Host, owner.APIURL, err)})
+	}
+	r.Header.Set(forwardedHeader, s.HostName)
+	rp.ServeHTTP(w, r)
+	return true
+}
