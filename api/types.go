@@ -291,6 +291,8 @@ type Build struct {
 	Attempt int `json:"attempt"`
 	// QueuePosition is the build's place among queued builds (1 = next), while queued.
 	QueuePosition int `json:"queue_position,omitempty"`
+	// Host runs (or last ran) the build, when hosts share a database.
+	Host string `json:"host,omitempty"`
 	BuildResult
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`

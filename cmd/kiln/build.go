@@ -115,7 +115,10 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 			if follow {
 				return followBuild(cmd.Context(), af, g, project, args[0])
 			}
-			cl, _ := af.client(g)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
 			_, err = cl.BuildLogs(cmd.Context(), project, args[0], false, func(l string) { fmt.Println(l) })
 			return err
 		}}
@@ -126,7 +129,10 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 			if err != nil {
 				return err
 			}
-			cl, _ := af.client(g)
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
 			return cl.CancelBuild(cmd.Context(), project, args[0])
 		}}
 	for _, sub := range []*cobra.Command{logs, cancel} {

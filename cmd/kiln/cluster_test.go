@@ -106,3 +106,80 @@ func TestTwoHostsOnePostgres(t *testing.T) {
 	b.stop(syscall.SIGTERM)
 	b = nil
 }
+
+// Two hosts share a PostgreSQL and build the same project: a build goes to the host
+// holding the project's cache; when that host is killed mid-build, the other takes the
+// build over once its heartbeat stops, with a fresh cache, and finishes it.
+func TestBuildMovesWhenItsHostDies(t *testing.T) {
+	dsn := testutil.Postgres(t)
+	args := func(name string) []string {
+		return []string{"--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false", "--build-cache-size", "4G", "--builder-memory", "1024"}
+	}
+	ea := newEnv(t)
+	a := startServer(t, ea, freeAddr(t), args("host-a")...)
+	defer stopOnFailure(&a)
+	eb := newEnv(t)
+	b := startServer(t, eb, freeAddr(t), args("host-b")...)
+	defer stopOnFailure(&b)
+	dir := loadBase(t, a)
+	loadBase(t, b) // each host's builds pull from its own registry
+	ctx := context.Background()
+	cb := client.New(b.url, readToken(t, filepath.Join(eb.dataDir, "admin-token")))
+
+	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo first > /first\n"), 0o644)
+	if out, errs, code := a.kiln("", "build", dir, "--project", "shop"); code != 0 {
+		t.Fatalf("first build: %s %s", out, errs)
+	}
+	bs, _ := cb.ListBuilds(ctx, "shop")
+	cacheHost := bs[0].Host
+	servers := map[string]*kilnServer{"host-a": a, "host-b": b}
+	envs := map[string]*env{"host-a": ea, "host-b": eb}
+	other := map[string]string{"host-a": "host-b", "host-b": "host-a"}[cacheHost]
+	if cacheHost == "" || servers[other] == nil {
+		t.Fatalf("first build ran on %q", cacheHost)
+	}
+
+	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo slow-step-started; sleep 6; echo done > /done\n"), 0o644)
+	out, errs, code := servers[other].kiln("", "build", dir, "--project", "shop", "--detach")
+	if code != 0 {
+		t.Fatalf("second build: %s", errs)
+	}
+	id := strings.TrimSpace(out)
+	cl := client.New(servers[other].url, readToken(t, filepath.Join(envs[other].dataDir, "admin-token")))
+	waitFor(t, func() bool {
+		got, _ := cl.GetBuild(ctx, "shop", id)
+		var seen bool
+		cl.BuildLogs(ctx, "shop", id, false, func(l string) { seen = seen || strings.Contains(l, "slow-step-started") })
+		return got.State == "running" && seen
+	}, "the second build to run")
+	if got, _ := cl.GetBuild(ctx, "shop", id); got.Host != cacheHost {
+		t.Fatalf("the build runs on %s, not on %s which holds the project's cache", got.Host, cacheHost)
+	}
+	servers[cacheHost].stop(syscall.SIGKILL)
+	testutil.KillProcessesNaming(envs[cacheHost].dataDir) // its builder goes with it
+	var done api.Build
+	deadline := time.Now().Add(3 * time.Minute)
+	for time.Now().Before(deadline) {
+		done, _ = cl.GetBuild(ctx, "shop", id)
+		if done.State == "succeeded" || done.State == "failed" || done.State == "canceled" {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	log, _, _ := servers[other].kiln("", "build", "logs", id, "--project", "shop")
+	if done.State != "succeeded" || done.Host != other || len(done.Retries) != 1 || !strings.Contains(done.Retries[0], "stopped heartbeating") {
+		t.Fatalf("after the cache host died: %s on %s, retries %q, %s\n%s\n%s", done.State, done.Host, done.Retries, done.Error, log, servers[other].logs)
+	}
+	if !strings.Contains(log, "is down: building on "+other+" with a fresh cache") {
+		t.Errorf("the build log does not say it moved:\n%s", log)
+	}
+	os.RemoveAll(filepath.Join(envs[cacheHost].dataDir, "vms"))
+	os.RemoveAll(filepath.Join(envs[cacheHost].dataDir, "locks"))
+	if cacheHost == "host-a" {
+		a = nil
+	} else {
+		b = nil
+	}
+	servers[other].stop(syscall.SIGTERM)
+	a, b = nil, nil
+}

@@ -43,11 +43,11 @@ func hostCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Printf("%-16s  %-8s  %-32s  %s\n", "HOST", "STATE", "CPUS used/offered (total×ratio−res)", "MEMORY MiB used/offered (total×ratio−res)")
+			fmt.Printf("%-16s  %-8s  %-32s  %s\n", "HOST", "STATE", "CPUS used/offered ((total−res)×ratio)", "MEMORY MiB used/offered ((total−res)×ratio)")
 			for _, h := range hs {
 				fmt.Printf("%-16s  %-8s  %-32s  %s\n", h.Name, h.State,
-					fmt.Sprintf("%d/%d (%d×%.3g−%d)", h.CPUsUsed, h.CPUsOffered, h.CPUs, h.CPUOvercommit, h.ReserveCPUs),
-					fmt.Sprintf("%d/%d (%d×%.3g−%d)", h.MemoryUsedMiB, h.MemoryOfferedMiB, h.MemoryMiB, h.MemoryOvercommit, h.ReserveMemoryMiB))
+					fmt.Sprintf("%d/%d ((%d−%d)×%.3g)", h.CPUsUsed, h.CPUsOffered, h.CPUs, h.ReserveCPUs, h.CPUOvercommit),
+					fmt.Sprintf("%d/%d ((%d−%d)×%.3g)", h.MemoryUsedMiB, h.MemoryOfferedMiB, h.MemoryMiB, h.ReserveMemoryMiB, h.MemoryOvercommit))
 			}
 			return nil
 		}})

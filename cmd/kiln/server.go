@@ -286,6 +286,9 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	}
 	if builds != nil {
 		builds.Builders.Capacity, builds.Builders.CapacityWait = ledger, o.capacityWait
+		if mgr.Host != "" {
+			builds.Host, builds.Hosts = mgr.Host, db
+		}
 	}
 	o.registerLimits(here, builds)
 	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds, Hosts: cluster, HostName: here.Name,

@@ -22,6 +22,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -85,12 +86,19 @@ type Service struct {
 	// MaxConcurrent bounds builds running at once (each on its own project's builder).
 	MaxConcurrent int
 	Log           io.Writer
+	// Host names this host when several share the database: it claims builds for itself,
+	// prefers those whose project's cache it holds, and takes over the builds of a host
+	// whose heartbeat stopped. Hosts lists them; both unset on a single host.
+	Host  string
+	Hosts store.Hosts
 
 	mu      sync.Mutex
 	running map[string]context.CancelFunc
 	secrets map[string]map[string][]byte // build ID → secrets, in memory only
 	reasons map[string]string            // build ID → why it is being canceled
 	wake    chan struct{}
+	wg      sync.WaitGroup // attempts and idle checks under way
+	idling  atomic.Bool
 }
 
 func (s *Service) logf(format string, args ...any) {
@@ -170,10 +178,27 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 	if err := s.checkDockerfile(ctx, ctxDir, spec); err != nil {
 		return fail(err)
 	}
+	var packed []byte
+	if s.Hosts != nil {
+		// Any host may run or retry the build: its context goes to the shared store.
+		var err error
+		if packed, err = packDir(ctxDir); err != nil {
+			return fail(err)
+		}
+	}
 	now := time.Now()
 	raw, _ := json.Marshal(spec)
 	rec := store.Build{ID: id, Project: project, Branch: spec.Branch, State: Queued, Spec: raw, Result: json.RawMessage("{}"),
 		NotBefore: now, CreatedAt: now, UpdatedAt: now}
+	if packed != nil {
+		if err := s.Store.PutBuildContext(ctx, id, packed); err != nil {
+			return fail(err)
+		}
+	}
+	if err := s.Store.CreateBuild(ctx, rec); err != nil {
+		s.Store.DeleteBuildContext(context.WithoutCancel(ctx), id)
+		return fail(err)
+	}
 	if len(secrets) > 0 {
 		s.mu.Lock()
 		if s.secrets == nil {
@@ -181,9 +206,6 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 		}
 		s.secrets[id] = secrets
 		s.mu.Unlock()
-	}
-	if err := s.Store.CreateBuild(ctx, rec); err != nil {
-		return fail(err)
 	}
 	if spec.Branch != "" && !spec.NoSupersede {
 		s.supersede(ctx, project, spec.Branch, id)
@@ -194,9 +216,9 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 
 // checkDockerfile parses the Dockerfile and checks the target and the local base images.
 func (s *Service) checkDockerfile(ctx context.Context, ctxDir string, spec api.BuildSpec) error {
-	b, err := os.ReadFile(filepath.Join(ctxDir, filepath.FromSlash(spec.Dockerfile)))
+	b, err := readDockerfile(ctxDir, spec.Dockerfile)
 	if err != nil {
-		return errdefs.Invalid("no Dockerfile at %s in the build context: add one, or name it with --file", spec.Dockerfile)
+		return err
 	}
 	stages, err := parseStages(b)
 	if err != nil {
@@ -223,6 +245,34 @@ func (s *Service) checkDockerfile(ctx context.Context, ctxDir string, spec api.B
 		}
 	}
 	return nil
+}
+
+// readDockerfile reads the Dockerfile from inside the context only: the path and every
+// directory on it must be real files and directories there, never symlinks, which could
+// point at the host's files.
+func readDockerfile(ctxDir, rel string) ([]byte, error) {
+	cur := ctxDir
+	parts := strings.Split(rel, "/")
+	for i, part := range parts {
+		cur = filepath.Join(cur, part)
+		fi, err := os.Lstat(cur)
+		if err != nil {
+			return nil, errdefs.Invalid("no Dockerfile at %s in the build context: add one, or name it with --file", rel)
+		}
+		if fi.Mode()&os.ModeSymlink != 0 {
+			return nil, errdefs.Invalid("the Dockerfile path %s goes through a symlink (%s): name the real file with --file", rel, strings.Join(parts[:i+1], "/"))
+		}
+	}
+	root, err := os.OpenRoot(ctxDir)
+	if err != nil {
+		return nil, err
+	}
+	defer root.Close()
+	b, err := root.ReadFile(rel)
+	if err != nil {
+		return nil, errdefs.Invalid("reading the Dockerfile %s: %v", rel, err)
+	}
+	return b, nil
 }
 
 func parseStages(dockerfile []byte) ([]instructions.Stage, error) {
@@ -263,7 +313,7 @@ func localBases(stages []instructions.Stage) []string {
 
 // toAPI turns a record into the API's shape.
 func toAPI(b store.Build) api.Build {
-	out := api.Build{ID: b.ID, Project: b.Project, State: b.State, Attempt: b.Attempt, CreatedAt: b.CreatedAt, UpdatedAt: b.UpdatedAt}
+	out := api.Build{ID: b.ID, Project: b.Project, State: b.State, Attempt: b.Attempt, Host: b.Host, CreatedAt: b.CreatedAt, UpdatedAt: b.UpdatedAt}
 	json.Unmarshal(b.Spec, &out.Spec)
 	json.Unmarshal(b.Result, &out.BuildResult)
 	return out
@@ -318,6 +368,14 @@ func (s *Service) transition(ctx context.Context, b store.Build, to string, edit
 	if err := s.Store.UpdateBuild(ctx, nb, b.State); err != nil {
 		return b, err
 	}
+	if Terminal(to) {
+		// Done: its secrets and its context go; its log stays.
+		s.dropSecrets(b.ID)
+		os.RemoveAll(filepath.Join(s.BuildDir(b.ID), "context"))
+		if s.Hosts != nil {
+			s.Store.DeleteBuildContext(ctx, b.ID)
+		}
+	}
 	return nb, nil
 }
 
@@ -342,11 +400,17 @@ func (s *Service) cancel(ctx context.Context, id, why string) error {
 		s.mu.Lock()
 		stop := s.running[id]
 		s.mu.Unlock()
-		if stop != nil {
-			s.writeLog(id, "kiln: "+why+"\n")
-			s.setCancelReason(id, why)
-			stop()
+		if stop == nil {
+			if b.Host != "" && b.Host != s.Host {
+				return errdefs.New(errdefs.ErrConflict, "build %s runs on host %s: cancel it there", id, b.Host)
+			}
+			// Its attempt just ended; the build is queued or done by now.
+			time.Sleep(50 * time.Millisecond)
+			return s.cancel(ctx, id, why)
 		}
+		s.writeLog(id, "kiln: "+why+"\n")
+		s.setCancelReason(id, why)
+		stop()
 		return nil
 	default:
 		return errdefs.New(errdefs.ErrConflict, "build %s is already %s", id, b.State)

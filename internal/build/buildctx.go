@@ -2,9 +2,12 @@ package build
 
 import (
 	"archive/tar"
+	"bytes"
+	"compress/gzip"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -15,6 +18,9 @@ import (
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
+// MaxContextEntries bounds the files, directories and links in one build context.
+const MaxContextEntries = 200000
+
 // ExtractContext unpacks an uploaded build context into dir, which must be empty. It is
 // strict where an image layer is lenient, because the tar comes from a caller: an entry
 // whose name leaves the context (absolute, or through ..) or passes through a symlink
@@ -23,7 +29,10 @@ import (
 func ExtractContext(r io.Reader, dir string, max int64) (int64, error) {
 	tr := tar.NewReader(r)
 	var total int64
-	for {
+	for entries := 0; ; entries++ {
+		if entries >= MaxContextEntries {
+			return total, errdefs.Invalid("the build context has more than %d entries: leave files out with .dockerignore", MaxContextEntries)
+		}
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
 			return total, nil
@@ -120,4 +129,73 @@ func (c *cappedWriter) Write(p []byte) (int, error) {
 	}
 	c.n += int64(len(p))
 	return c.w.Write(p)
+}
+
+// packDir writes dir (files, directories, symlinks) as a gzipped tar, for the store.
+func packDir(dir string) ([]byte, error) {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(zw)
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == dir {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		link := ""
+		if info.Mode()&os.ModeSymlink != 0 {
+			if link, err = os.Readlink(p); err != nil {
+				return err
+			}
+		} else if !info.Mode().IsRegular() && !info.IsDir() {
+			return nil
+		}
+		hdr, err := tar.FileInfoHeader(info, link)
+		if err != nil {
+			return err
+		}
+		hdr.Name = filepath.ToSlash(rel)
+		if info.IsDir() {
+			hdr.Name += "/"
+		}
+		if err := tw.WriteHeader(hdr); err != nil {
+			return err
+		}
+		if info.Mode().IsRegular() {
+			f, err := os.Open(p)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			_, err = io.Copy(tw, f)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	if err := zw.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// unpackStored restores a context packDir made.
+func unpackStored(data []byte, dir string, max int64) error {
+	zr, err := gzip.NewReader(bytes.NewReader(data))
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	_, err = ExtractContext(zr, dir, max)
+	return err
 }

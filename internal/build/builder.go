@@ -62,6 +62,7 @@ type Builders struct {
 	// suspended holds idle builders saved to disk, resumed by the project's next build.
 	suspended map[string]*Builder
 	resets    map[string]int
+	plocks    map[string]*sync.Mutex
 }
 
 // Builder is a project's running builder VM with buildkitd.
@@ -95,6 +96,11 @@ func (b *Builders) CachePath(project string) string {
 // Acquire returns the project's builder, booting it (and creating its cache volume) if
 // it is not running. Release it when the build is done.
 func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error) {
+	// One project's builder changes one step at a time: two VMs must never mount its
+	// cache volume, and a suspend must finish before a resume.
+	pl := b.projectLock(project)
+	pl.Lock()
+	defer pl.Unlock()
 	b.mu.Lock()
 	if b.m == nil {
 		b.m = map[string]*Builder{}
@@ -156,19 +162,24 @@ func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error
 	}
 	bd = &Builder{Project: project, Inst: inst, busy: 1, Ready: time.Since(start), CacheReset: reset}
 	b.mu.Lock()
-	if old := b.m[project]; old != nil {
-		// Another build of the project booted one meanwhile (the queue runs one build
-		// per project, so this is a retry racing a restart): keep the first.
-		b.mu.Unlock()
-		inst.Destroy(context.WithoutCancel(ctx))
-		return b.Acquire(ctx, project)
-	}
 	b.m[project] = bd
 	b.mu.Unlock()
 	return bd, nil
 }
 
 func holdID(project string) string { return "builder/" + project }
+
+func (b *Builders) projectLock(project string) *sync.Mutex {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.plocks == nil {
+		b.plocks = map[string]*sync.Mutex{}
+	}
+	if b.plocks[project] == nil {
+		b.plocks[project] = &sync.Mutex{}
+	}
+	return b.plocks[project]
+}
 
 // freeRoom gives back the capacity a project's builder held.
 func (b *Builders) freeRoom(project string) {
@@ -242,42 +253,61 @@ func (b *Builders) Suspended() []string {
 // gone) where the driver can, and stops them otherwise. Either way the cache stays.
 func (b *Builders) StopIdle(ctx context.Context) {
 	b.mu.Lock()
-	var idle []*Builder
-	for p, bd := range b.m {
-		bd.mu.Lock()
-		if bd.busy == 0 && time.Since(bd.lastUsed) > b.Idle {
-			idle = append(idle, bd)
-			delete(b.m, p)
-		}
-		bd.mu.Unlock()
+	var projects []string
+	for p := range b.m {
+		projects = append(projects, p)
 	}
 	b.mu.Unlock()
-	for _, bd := range idle {
-		if b.RT.Driver.Capabilities().Snapshot {
-			// The cache is released first: should the saved VM never be resumed (kiln
-			// restarted), the next builder finds it clean instead of resetting it.
-			b.release(ctx, bd)
-			err := bd.Inst.Suspend(ctx)
-			if err == nil {
-				b.logf("builder of %s was idle for %s: suspended it", bd.Project, b.Idle)
-				b.mu.Lock()
-				if b.suspended == nil {
-					b.suspended = map[string]*Builder{}
-				}
-				b.suspended[bd.Project] = bd
-				b.mu.Unlock()
-				b.freeRoom(bd.Project)
-				continue
-			}
-			b.logf("suspending the idle builder of %s failed (%v): stopping it", bd.Project, err)
-		} else {
-			b.logf("builder of %s was idle for %s: stopping it (its cache stays)", bd.Project, b.Idle)
-		}
-		b.release(ctx, bd)
-		bd.Inst.Shutdown(ctx, 10*time.Second)
-		bd.Inst.Destroy(context.WithoutCancel(ctx))
-		b.freeRoom(bd.Project)
+	for _, p := range projects {
+		pl := b.projectLock(p)
+		pl.Lock()
+		b.stopIfIdle(ctx, p)
+		pl.Unlock()
 	}
+}
+
+// stopIfIdle suspends or stops the project's builder if it is still idle; the caller
+// holds the project's lock.
+func (b *Builders) stopIfIdle(ctx context.Context, project string) {
+	b.mu.Lock()
+	bd := b.m[project]
+	idle := false
+	if bd != nil {
+		bd.mu.Lock()
+		idle = bd.busy == 0 && time.Since(bd.lastUsed) > b.Idle
+		bd.mu.Unlock()
+	}
+	if idle {
+		delete(b.m, project)
+	}
+	b.mu.Unlock()
+	if !idle {
+		return
+	}
+	if b.RT.Driver.Capabilities().Snapshot {
+		// The cache is released first: should the saved VM never be resumed (kiln
+		// restarted), the next builder finds it clean instead of resetting it.
+		b.release(ctx, bd)
+		err := bd.Inst.Suspend(ctx)
+		if err == nil {
+			b.logf("builder of %s was idle for %s: suspended it", bd.Project, b.Idle)
+			b.mu.Lock()
+			if b.suspended == nil {
+				b.suspended = map[string]*Builder{}
+			}
+			b.suspended[bd.Project] = bd
+			b.mu.Unlock()
+			b.freeRoom(bd.Project)
+			return
+		}
+		b.logf("suspending the idle builder of %s failed (%v): stopping it", bd.Project, err)
+	} else {
+		b.logf("builder of %s was idle for %s: stopping it (its cache stays)", bd.Project, b.Idle)
+	}
+	b.release(ctx, bd)
+	bd.Inst.Shutdown(ctx, 10*time.Second)
+	bd.Inst.Destroy(context.WithoutCancel(ctx))
+	b.freeRoom(bd.Project)
 }
 
 // Close stops every builder.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -23,8 +24,17 @@ func (s *Service) Run(ctx context.Context) {
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
 	for {
+		s.takeOver(ctx)
 		s.schedule(ctx)
-		s.Builders.StopIdle(ctx)
+		if s.idling.CompareAndSwap(false, true) {
+			// Suspending a builder takes seconds: the queue does not wait for it.
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer s.idling.Store(false)
+				s.Builders.StopIdle(ctx)
+			}()
+		}
 		s.mu.Lock()
 		w := s.wake
 		s.mu.Unlock()
@@ -35,6 +45,7 @@ func (s *Service) Run(ctx context.Context) {
 				stop()
 			}
 			s.mu.Unlock()
+			s.wg.Wait() // every attempt has recorded how it ended
 			return
 		case <-w:
 		case <-t.C:
@@ -49,6 +60,9 @@ func (s *Service) recover(ctx context.Context) {
 		return
 	}
 	for _, b := range bs {
+		if b.Host != s.Host {
+			continue // another host's: it recovers its own, or takeOver does when it is down
+		}
 		s.logf("build %s was running when kiln stopped: queueing it again", b.ID)
 		s.retryOrFail(ctx, b, "kiln stopped while the build ran")
 	}
@@ -69,29 +83,57 @@ func (s *Service) schedule(ctx context.Context) {
 		return
 	}
 	busy := map[string]bool{}
+	n := 0
 	for _, b := range running {
-		busy[b.Project] = true
+		busy[b.Project] = true // one build per project, on whichever host
+		if b.Host == s.Host {
+			n++
+		}
 	}
-	n := len(running)
+	live := s.liveHosts(ctx)
 	for _, b := range queued {
 		if n >= s.MaxConcurrent || busy[b.Project] || time.Now().Before(b.NotBefore) {
 			continue
 		}
-		b.Attempt++
-		started, err := s.transition(ctx, b, Running, nil)
-		if err != nil {
-			continue // canceled or taken meanwhile
+		note := ""
+		if s.Host != "" {
+			cacheHost := s.cacheHost(ctx, b.Project)
+			switch {
+			case cacheHost == "" || cacheHost == s.Host:
+			case live[cacheHost]:
+				continue // the host with the project's cache takes it: compute goes to the cache
+			default:
+				note = fmt.Sprintf("kiln: host %s, which holds the cache of %s, is down: building on %s with a fresh cache\n", cacheHost, b.Project, s.Host)
+			}
 		}
-		busy[b.Project] = true
-		n++
 		bctx, stop := context.WithCancel(ctx)
 		s.mu.Lock()
 		if s.running == nil {
 			s.running = map[string]context.CancelFunc{}
 		}
+		// Registered before the build shows as running, so that a cancel always finds it.
 		s.running[b.ID] = stop
+		delete(s.reasons, b.ID)
 		s.mu.Unlock()
+		b.Attempt++
+		b.Host = s.Host
+		started, err := s.transition(ctx, b, Running, nil)
+		if err != nil {
+			s.mu.Lock()
+			delete(s.running, b.ID)
+			s.mu.Unlock()
+			stop()
+			continue // canceled, or claimed by another host, meanwhile
+		}
+		if note != "" {
+			s.writeLog(b.ID, note)
+			s.logf("%s", strings.TrimSpace(note))
+		}
+		busy[b.Project] = true
+		n++
+		s.wg.Add(1)
 		go func() {
+			defer s.wg.Done()
 			defer stop()
 			s.execute(bctx, started)
 			s.mu.Lock()
@@ -203,6 +245,19 @@ type attemptResult struct {
 func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult, err error) {
 	spec := toAPI(b).Spec
 	dir := s.BuildDir(b.ID)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return out, errInfra{err}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "context")); err != nil && s.Hosts != nil {
+		// Submitted through another host: the context comes from the shared store.
+		data, err := s.Store.BuildContext(ctx, b.ID)
+		if err != nil {
+			return out, errInfra{fmt.Errorf("fetching the build context: %w", err)}
+		}
+		if err := unpackStored(data, filepath.Join(dir, "context"), s.MaxContextBytes); err != nil {
+			return out, errInfra{fmt.Errorf("unpacking the build context: %w", err)}
+		}
+	}
 	logf, err := os.OpenFile(s.LogPath(b.ID), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		return out, errInfra{err}
@@ -214,7 +269,11 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 	fmt.Fprintf(capped, "kiln: build %s of %s, attempt %d\n", b.ID, b.Project, b.Attempt)
 
 	// Base images from kiln's registry go into the shared OCI layout store.
-	stages, err := parseStages(mustRead(filepath.Join(dir, "context", filepath.FromSlash(spec.Dockerfile))))
+	df, err := readDockerfile(filepath.Join(dir, "context"), spec.Dockerfile)
+	if err != nil {
+		return out, err
+	}
+	stages, err := parseStages(df)
 	if err != nil {
 		return out, err
 	}
@@ -318,7 +377,62 @@ func (s *Service) builderHealthy(ctx context.Context, bd *Builder) bool {
 	return true
 }
 
-func mustRead(p string) []byte {
-	b, _ := os.ReadFile(p)
-	return b
+// liveHosts lists the hosts whose heartbeat is recent; nil on a single host.
+func (s *Service) liveHosts(ctx context.Context) map[string]bool {
+	if s.Hosts == nil {
+		return nil
+	}
+	hs, err := s.Hosts.ListHosts(ctx)
+	if err != nil {
+		return nil
+	}
+	live := map[string]bool{}
+	for _, h := range hs {
+		if time.Since(h.HeartbeatAt) <= HostDownAfter {
+			live[h.Name] = true
+		}
+	}
+	return live
+}
+
+// HostDownAfter is how long a host may go without a heartbeat before its builds are
+// taken over.
+const HostDownAfter = 10 * time.Second
+
+// cacheHost is the host that ran the project's last successful build: its builder's
+// cache is there.
+func (s *Service) cacheHost(ctx context.Context, project string) string {
+	bs, err := s.Store.ListBuilds(ctx, project)
+	if err != nil {
+		return ""
+	}
+	for _, b := range bs {
+		if b.State == Succeeded && b.Host != "" {
+			return b.Host
+		}
+	}
+	return ""
+}
+
+// takeOver queues again the builds of hosts that stopped heartbeating: their builder
+// is gone with them (an infrastructure failure, retried here or elsewhere).
+func (s *Service) takeOver(ctx context.Context) {
+	if s.Hosts == nil {
+		return
+	}
+	live := s.liveHosts(ctx)
+	if live == nil {
+		return
+	}
+	running, err := s.Store.BuildsInState(ctx, Running)
+	if err != nil {
+		return
+	}
+	for _, b := range running {
+		if b.Host == "" || b.Host == s.Host || live[b.Host] {
+			continue
+		}
+		s.logf("build %s ran on host %s, which stopped heartbeating: queueing it again", b.ID, b.Host)
+		s.retryOrFail(ctx, b, fmt.Sprintf("host %s stopped heartbeating mid-build", b.Host))
+	}
 }

@@ -220,7 +220,10 @@ func (l *Ledger) Position(id string) int {
 // Reserve for the same id replaces its hold.
 func (l *Ledger) Reserve(ctx context.Context, id string, r Request, wait time.Duration, onQueued func(pos int, why error)) (string, error) {
 	l.mu.Lock()
-	delete(l.holds, id)
+	if _, ok := l.holds[id]; ok {
+		delete(l.holds, id)
+		l.broadcast() // the room it held may be what a waiter needs
+	}
 	host, err := l.tryLocked(id, r)
 	if err == nil || wait <= 0 {
 		l.mu.Unlock()

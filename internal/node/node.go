@@ -500,10 +500,27 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 		}
 		offset := logs.offset()
 		if inst == nil {
-			if err := m.reserve(id, cfg); err != nil {
+			// A stop while the machine waits for room ends the wait.
+			rctx, rcancel := context.WithCancel(m.ctx)
+			r.mu.Lock()
+			r.cancel = rcancel
+			stopNow := r.stopping
+			r.mu.Unlock()
+			if stopNow {
+				rcancel()
+			}
+			err := m.reserve(rctx, id, cfg)
+			rcancel()
+			if err == nil && r.stopRequested() {
+				if m.Capacity != nil {
+					m.Capacity.Release(id)
+				}
+				err = context.Canceled
+			}
+			if err != nil {
 				logs.close()
-				if m.ctx.Err() != nil {
-					return
+				if m.ctx.Err() != nil || r.stopRequested() {
+					return // settle completes the stop
 				}
 				m.logf("machine %s cannot start: %v", id, err)
 				m.Store.Transition(context.WithoutCancel(m.ctx), id, machine.Starting, machine.Failed,
@@ -715,6 +732,9 @@ func (r *run) requestStop() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.stopping = true
+	if r.cancel != nil {
+		r.cancel() // ends a wait for room, or the wait on the workload
+	}
 }
 
 // settle finishes what a supervisor that has ended left in between: a stop it did not
@@ -766,12 +786,12 @@ func stopGrace(cfg api.MachineConfig) time.Duration {
 
 // reserve holds room for the machine, waiting in the capacity queue (with its position
 // in the events) when there is none.
-func (m *Manager) reserve(id string, cfg api.MachineConfig) error {
+func (m *Manager) reserve(ctx context.Context, id string, cfg api.MachineConfig) error {
 	if m.Capacity == nil {
 		return nil
 	}
 	size := capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB}
-	_, err := m.Capacity.Reserve(m.ctx, id, capacity.Request{Size: size}, m.CapacityWait, func(pos int, why error) {
+	_, err := m.Capacity.Reserve(ctx, id, capacity.Request{Size: size}, m.CapacityWait, func(pos int, why error) {
 		m.logf("machine %s waits for capacity (position %d): %v", id, pos, why)
 		m.Store.Note(context.WithoutCancel(m.ctx), id, machine.Event{Type: "capacity-queued", Source: "kiln",
 			Message: fmt.Sprintf("position %d in the capacity queue (waits up to %s): %v", pos, m.CapacityWait, why)})
@@ -944,7 +964,7 @@ func (m *Manager) destroyRecord(id string, from machine.State) error {
 	os.RemoveAll(m.LogDir(id))
 	if m.Net != nil {
 		if err := m.Net.Detach(ctx, id); err != nil {
-			m.logf("machine %s: removing its network device: %v (the next start retries)", id, err)
+			m.logf("machine %s: removing its network device: %v (kiln removes it at its next restart)", id, err)
 		}
 	}
 	return m.Store.Transition(ctx, id, machine.Destroying, machine.Destroyed, machine.Event{Type: "destroy", Source: "kiln"})

@@ -70,6 +70,13 @@ func (p *Proxy) check(ctx context.Context) {
 	}
 }
 
+// checkClient asks the machine itself: no proxy from the environment, no redirects
+// (a guest could otherwise point the host at another address).
+var checkClient = &http.Client{
+	Transport:     &http.Transport{Proxy: nil, DisableKeepAlives: true},
+	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+}
+
 type checkRun struct {
 	t   Target
 	svc api.Service
@@ -87,7 +94,7 @@ func (d checkRun) run(ctx context.Context) error {
 			path = "/"
 		}
 		req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+addr+path, nil)
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := checkClient.Do(req)
 		if err != nil {
 			return err
 		}

@@ -136,6 +136,11 @@ func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	if s.Hosts != nil && b.Host != "" && b.Host != s.HostName && r.Header.Get(forwardedHeader) == "" && !build.Terminal(b.State) {
+		// The running attempt's log is on the host that runs it.
+		s.forwardTo(w, r, b.Host, "build "+b.ID)
+		return nil
+	}
 	follow := r.URL.Query().Get("follow") == "true"
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-cache")

@@ -30,36 +30,42 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request) bool {
 		writeJSON(w, http.StatusBadGateway, api.Error{Error: fmt.Sprintf("machine %s runs on host %s, and %s forwarded this call here: the hosts disagree about where it runs", m.ID, m.Host, by)})
 		return true
 	}
+	s.forwardTo(w, r, m.Host, "machine "+m.ID)
+	return true
+}
+
+// forwardTo sends the request to the named host's API; what names the thing asked about
+// in errors.
+func (s *Server) forwardTo(w http.ResponseWriter, r *http.Request, host, what string) {
 	hosts, err := s.Hosts.ListHosts(r.Context())
 	if err != nil {
 		writeError(w, err)
-		return true
+		return
 	}
 	var owner *store.Host
 	for i := range hosts {
-		if hosts[i].Name == m.Host {
+		if hosts[i].Name == host {
 			owner = &hosts[i]
 		}
 	}
 	if owner == nil {
-		writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: fmt.Sprintf("machine %s runs on host %s, which is not registered", m.ID, m.Host)})
-		return true
+		writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: fmt.Sprintf("%s is on host %s, which is not registered", what, host)})
+		return
 	}
 	if time.Since(owner.HeartbeatAt) > HostDownAfter {
-		writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: fmt.Sprintf("machine %s runs on host %s, which is down (last heartbeat %s ago); kiln does not move machines by itself", m.ID, m.Host, time.Since(owner.HeartbeatAt).Round(time.Second))})
-		return true
+		writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: fmt.Sprintf("%s runs on host %s, which is down (last heartbeat %s ago); kiln does not move machines by itself", what, host, time.Since(owner.HeartbeatAt).Round(time.Second))})
+		return
 	}
 	target, err := url.Parse(owner.APIURL)
 	if err != nil {
 		writeError(w, err)
-		return true
+		return
 	}
 	rp := httputil.NewSingleHostReverseProxy(target)
 	rp.FlushInterval = -1 // logs and waits stream
 	rp.ErrorHandler = func(w http.ResponseWriter, _ *http.Request, err error) {
-		writeJSON(w, http.StatusBadGateway, api.Error{Error: fmt.Sprintf("machine %s runs on host %s (%s), which did not answer: %v", m.ID, m.Host, owner.APIURL, err)})
+		writeJSON(w, http.StatusBadGateway, api.Error{Error: fmt.Sprintf("%s is on host %s (%s), which did not answer: %v", what, host, owner.APIURL, err)})
 	}
 	r.Header.Set(forwardedHeader, s.HostName)
 	rp.ServeHTTP(w, r)
-	return true
 }

@@ -121,6 +121,8 @@ type Build struct {
 	NotBefore time.Time       `json:"not_before"`
 	CreatedAt time.Time       `json:"created_at"`
 	UpdatedAt time.Time       `json:"updated_at"`
+	// Host runs (or last ran) the build; "" on a database only one host uses.
+	Host string `json:"host,omitempty"`
 }
 
 // Builds persists builds and their queue.
@@ -135,6 +137,11 @@ type Builds interface {
 	// UpdateBuild writes b if the stored build is still in state from; otherwise it is
 	// ErrConflict and nothing changes.
 	UpdateBuild(ctx context.Context, b Build, from string) error
+	// Build contexts are kept in the store when hosts share it, so that any host can
+	// run (or retry) a build.
+	PutBuildContext(ctx context.Context, id string, data []byte) error
+	BuildContext(ctx context.Context, id string) ([]byte, error)
+	DeleteBuildContext(ctx context.Context, id string) error
 }
 
 // Host is a host sharing the database: what it offers and when it last said it was alive.

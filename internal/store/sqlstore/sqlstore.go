@@ -501,12 +501,12 @@ func (s *DB) Note(ctx context.Context, id string, ev machine.Event) error {
 
 var _ store.Builds = (*DB)(nil)
 
-const buildCols = `id, project, branch, state, attempt, spec, result, not_before, created_at, updated_at`
+const buildCols = `id, project, branch, state, attempt, spec, result, not_before, created_at, updated_at, host`
 
 func scanBuild(row interface{ Scan(...any) error }) (store.Build, error) {
 	var b store.Build
 	var spec, result string
-	err := row.Scan(&b.ID, &b.Project, &b.Branch, &b.State, &b.Attempt, &spec, &result, &b.NotBefore, &b.CreatedAt, &b.UpdatedAt)
+	err := row.Scan(&b.ID, &b.Project, &b.Branch, &b.State, &b.Attempt, &spec, &result, &b.NotBefore, &b.CreatedAt, &b.UpdatedAt, &b.Host)
 	b.Spec, b.Result = json.RawMessage(spec), json.RawMessage(result)
 	return b, err
 }
@@ -515,8 +515,8 @@ func (s *DB) CreateBuild(ctx context.Context, b store.Build) error {
 	if len(b.Result) == 0 {
 		b.Result = json.RawMessage("{}")
 	}
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO builds (`+buildCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
-		b.ID, b.Project, b.Branch, b.State, b.Attempt, string(b.Spec), string(b.Result), b.NotBefore.UTC(), b.CreatedAt.UTC(), b.UpdatedAt.UTC())
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO builds (`+buildCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+		b.ID, b.Project, b.Branch, b.State, b.Attempt, string(b.Spec), string(b.Result), b.NotBefore.UTC(), b.CreatedAt.UTC(), b.UpdatedAt.UTC(), b.Host)
 	return err
 }
 
@@ -561,8 +561,8 @@ func (s *DB) BuildsInState(ctx context.Context, states ...string) ([]store.Build
 }
 
 func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from string) error {
-	res, err := s.db.ExecContext(ctx, s.q(`UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ? WHERE id = ? AND state = ?`),
-		b.State, b.Attempt, string(b.Result), b.NotBefore.UTC(), time.Now().UTC(), b.ID, from)
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ?, host = ? WHERE id = ? AND state = ?`),
+		b.State, b.Attempt, string(b.Result), b.NotBefore.UTC(), time.Now().UTC(), b.Host, b.ID, from)
 	if err != nil {
 		return err
 	}
@@ -641,4 +641,26 @@ func (s *DB) Setting(ctx context.Context, key, def string) (string, error) {
 	}
 	var v string
 	return v, s.db.QueryRowContext(ctx, s.q(`SELECT value FROM settings WHERE key = ?`), key).Scan(&v)
+}
+
+// PutBuildContext keeps a build's context (a compressed tar) where every host can read it.
+func (s *DB) PutBuildContext(ctx context.Context, id string, data []byte) error {
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO build_contexts (build_id, data) VALUES (?, ?)`), id, data)
+	return err
+}
+
+// BuildContext returns a build's stored context.
+func (s *DB) BuildContext(ctx context.Context, id string) ([]byte, error) {
+	var b []byte
+	err := s.db.QueryRowContext(ctx, s.q(`SELECT data FROM build_contexts WHERE build_id = ?`), id).Scan(&b)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, errdefs.New(errdefs.ErrNotFound, "build %s has no stored context", id)
+	}
+	return b, err
+}
+
+// DeleteBuildContext drops a finished build's context.
+func (s *DB) DeleteBuildContext(ctx context.Context, id string) error {
+	_, err := s.db.ExecContext(ctx, s.q(`DELETE FROM build_contexts WHERE build_id = ?`), id)
+	return err
 }
