@@ -1,11 +1,9 @@
 package main
 
 import (
-	"archive/tar"
 	"context"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
@@ -293,61 +292,13 @@ func tarContext(dir, dockerfile string, w io.Writer) error {
 		}
 	}
 	keep := map[string]bool{filepath.ToSlash(filepath.Clean(dockerfile)): true, ".dockerignore": true}
-	tw := tar.NewWriter(w)
-	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
+	return build.WriteTar(w, dir, func(rel string, isDir bool) (bool, bool) {
+		if pm == nil || keep[rel] {
+			return false, false
 		}
-		rel, _ := filepath.Rel(dir, p)
-		if rel == "." {
-			return nil
+		if ok, _ := pm.MatchesOrParentMatches(rel); ok {
+			return true, isDir && !pm.Exclusions()
 		}
-		rel = filepath.ToSlash(rel)
-		if pm != nil && !keep[rel] {
-			if ok, _ := pm.MatchesOrParentMatches(rel); ok {
-				if d.IsDir() && !pm.Exclusions() {
-					return filepath.SkipDir
-				}
-				return nil
-			}
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		link := ""
-		if info.Mode()&os.ModeSymlink != 0 {
-			if link, err = os.Readlink(p); err != nil {
-				return err
-			}
-		} else if !info.Mode().IsRegular() && !info.IsDir() {
-			return nil // sockets, devices: nothing a build can use
-		}
-		hdr, err := tar.FileInfoHeader(info, link)
-		if err != nil {
-			return err
-		}
-		hdr.Name = rel
-		if info.IsDir() {
-			hdr.Name += "/"
-		}
-		hdr.Uid, hdr.Gid, hdr.Uname, hdr.Gname = 0, 0, "", ""
-		if err := tw.WriteHeader(hdr); err != nil {
-			return err
-		}
-		if info.Mode().IsRegular() {
-			f, err := os.Open(p)
-			if err != nil {
-				return err
-			}
-			_, err = io.Copy(tw, f)
-			f.Close()
-			return err
-		}
-		return nil
+		return false, false
 	})
-	if err != nil {
-		return err
-	}
-	return tw.Close()
 }

@@ -131,16 +131,27 @@ func (c *cappedWriter) Write(p []byte) (int, error) {
 	return c.w.Write(p)
 }
 
-// packDir writes dir (files, directories, symlinks) as a gzipped tar, for the store.
-func packDir(dir string) ([]byte, error) {
-	var buf bytes.Buffer
-	zw := gzip.NewWriter(&buf)
-	tw := tar.NewWriter(zw)
+// Exclude decides, for a path relative to the context, whether WriteTar leaves it out;
+// skipDir leaves out a whole directory.
+type Exclude func(rel string, isDir bool) (skip, skipDir bool)
+
+// WriteTar writes dir's files, directories and symlinks as a tar stream with paths
+// relative to dir, owned by root, leaving out what exclude says.
+func WriteTar(w io.Writer, dir string, exclude Exclude) error {
+	tw := tar.NewWriter(w)
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil || p == dir {
 			return err
 		}
 		rel, _ := filepath.Rel(dir, p)
+		rel = filepath.ToSlash(rel)
+		if exclude != nil {
+			if skip, skipDir := exclude(rel, d.IsDir()); skipDir {
+				return filepath.SkipDir
+			} else if skip {
+				return nil
+			}
+		}
 		info, err := d.Info()
 		if err != nil {
 			return err
@@ -151,16 +162,17 @@ func packDir(dir string) ([]byte, error) {
 				return err
 			}
 		} else if !info.Mode().IsRegular() && !info.IsDir() {
-			return nil
+			return nil // sockets, devices: nothing a build can use
 		}
 		hdr, err := tar.FileInfoHeader(info, link)
 		if err != nil {
 			return err
 		}
-		hdr.Name = filepath.ToSlash(rel)
+		hdr.Name = rel
 		if info.IsDir() {
 			hdr.Name += "/"
 		}
+		hdr.Uid, hdr.Gid, hdr.Uname, hdr.Gname = 0, 0, "", ""
 		if err := tw.WriteHeader(hdr); err != nil {
 			return err
 		}
@@ -176,9 +188,16 @@ func packDir(dir string) ([]byte, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if err := tw.Close(); err != nil {
+	return tw.Close()
+}
+
+// packDir writes dir as a gzipped tar, for the store.
+func packDir(dir string) ([]byte, error) {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	if err := WriteTar(zw, dir, nil); err != nil {
 		return nil, err
 	}
 	if err := zw.Close(); err != nil {
