@@ -189,6 +189,30 @@ func TestNetworkAndProxy(t *testing.T) {
 		t.Fatalf("another app reached web's machine: %+v", res)
 	}
 
+	// Host services are out of reach: a listener on all the host's addresses does not
+	// answer a machine at its gateway.
+	hostSvc, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hostSvc.Close()
+	go func() {
+		for {
+			c, err := hostSvc.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("host-service\n"))
+			c.Close()
+		}
+	}()
+	gw := webM.PrivateIP[:strings.LastIndex(webM.PrivateIP, ".")] + ".1"
+	port := hostSvc.Addr().(*net.TCPAddr).Port
+	res, _ = cl.Exec(ctx, "web", peer.ID, []string{"sh", "-c", fmt.Sprintf("busybox nc -w 3 %s %d", gw, port)}, "", 30*time.Second)
+	if strings.Contains(res.Stdout, "host-service") {
+		t.Errorf("a machine reached a host service at its gateway %s:%d", gw, port)
+	}
+
 	// Egress leaves through NAT from the configured source address.
 	res, err = cl.Exec(ctx, "web", peer.ID, []string{"sh", "-c", "echo out | busybox nc -w 5 " + outsideAddr + " 9000"}, "", 60*time.Second)
 	if err != nil || res.ExitCode != 0 {

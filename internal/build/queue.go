@@ -10,6 +10,8 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/errdefs"
@@ -348,6 +350,9 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 			s.Builders.Discard(ctx, bd)
 			return out, errInfra{fmt.Errorf("the builder VM or its buildkitd went away mid-build: %v", err)}
 		}
+		if infrastructure(err) {
+			return out, errInfra{err}
+		}
 		return out, err
 	}
 	s.checkFull(ctx, bd, c, capped)
@@ -435,4 +440,15 @@ func (s *Service) takeOver(ctx context.Context) {
 		s.logf("build %s ran on host %s, which stopped heartbeating: queueing it again", b.ID, b.Host)
 		s.retryOrFail(ctx, b, fmt.Sprintf("host %s stopped heartbeating mid-build", b.Host))
 	}
+}
+
+// infrastructure says whether a solve error, with the builder still healthy, is kiln's
+// side failing rather than the build: the connection to buildkitd, or a full cache volume.
+func infrastructure(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.ResourceExhausted:
+		return true
+	}
+	msg := err.Error()
+	return strings.Contains(msg, "no space left on device") || strings.Contains(msg, "transport is closing") || strings.Contains(msg, "session ended")
 }

@@ -373,6 +373,7 @@ func (m *Manager) ensureApp(app string) error {
 	if err := netlink.AddrReplace(link, addr); err != nil {
 		return fmt.Errorf("address %s on %s: %w", gw, name, err)
 	}
+	noIPv6(name)
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("bringing up %s: %w", name, err)
 	}
@@ -405,6 +406,7 @@ func (m *Manager) ensureTAP(l Lease) error {
 			return err
 		}
 	}
+	noIPv6(l.TAP)
 	if err := netlink.LinkSetMaster(link, br); err != nil {
 		return fmt.Errorf("attaching %s to %s: %w", l.TAP, br.Attrs().Name, err)
 	}
@@ -465,4 +467,10 @@ func (m *Manager) resolve(app, name string) []netip.Addr {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Less(out[j]) })
 	return out
+}
+
+// noIPv6 turns IPv6 off on one of kiln's devices: app networks are IPv4 only, and the
+// host must not take router advertisements from a guest.
+func noIPv6(dev string) {
+	os.WriteFile(filepath.Join("/proc/sys/net/ipv6/conf", dev, "disable_ipv6"), []byte("1\n"), 0o644)
 }

@@ -17,20 +17,27 @@ func (m *Manager) rules() string {
 	all := "kb" + m.tag + "*"
 	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\n", t, t)
 	fmt.Fprintf(&b, "table inet %s {\n", t)
-	// Traffic to the host itself: a machine may reach its own gateway (resolver, proxy
-	// replies) but no other app's gateway, and may not forge its source address.
+	// Traffic to the host itself: replies to what the host opened (the proxy, health
+	// checks) and DNS to the machine's own gateway, nothing else: no host service, no
+	// other app's gateway, no forged source address, no IPv6 (router advertisements
+	// from a guest could otherwise route the host through it).
 	b.WriteString("\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n")
+	fmt.Fprintf(&b, "\t\tiifname %q meta nfproto ipv6 drop\n", all)
 	for _, app := range m.appsSorted() {
 		idx := m.st.Apps[app]
 		sub := m.subnet(idx)
 		fmt.Fprintf(&b, "\t\tiifname %q ip saddr != %s drop\n", m.bridgeName(idx), sub)
-		fmt.Fprintf(&b, "\t\tiifname %q ip daddr %s ip daddr != %s drop\n", m.bridgeName(idx), m.cfg.Pool, hostAddr(sub, 1))
+		fmt.Fprintf(&b, "\t\tiifname %q ip daddr %s meta l4proto { tcp, udp } th dport 53 accept\n", m.bridgeName(idx), hostAddr(sub, 1))
 	}
+	fmt.Fprintf(&b, "\t\tiifname %q ct state established,related accept\n", all)
+	fmt.Fprintf(&b, "\t\tiifname %q drop\n", all)
 	b.WriteString("\t}\n")
 	// Routed traffic: within one app it is bridged and never gets here (unless
 	// br_netfilter is loaded, hence the first rule); between apps it is dropped; out of
 	// the pool it is allowed when egress is on; in from outside only as replies.
 	b.WriteString("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n")
+	fmt.Fprintf(&b, "\t\tiifname %q meta nfproto ipv6 drop\n", all)
+	fmt.Fprintf(&b, "\t\toifname %q meta nfproto ipv6 drop\n", all)
 	for _, app := range m.appsSorted() {
 		idx := m.st.Apps[app]
 		br := m.bridgeName(idx)
