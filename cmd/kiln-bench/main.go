@@ -165,6 +165,9 @@ func run(out string, boots, execs int) error {
 	if err := benchBuilds(ctx, rt, dataDir, work, add); err != nil {
 		return fmt.Errorf("builds: %w", err)
 	}
+	if err := benchPlacement(ctx, work, add); err != nil {
+		return fmt.Errorf("placement: %w", err)
+	}
 
 	printTable(os.Stdout, rep)
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {

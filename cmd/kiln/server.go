@@ -141,6 +141,9 @@ when the server stops or dies; the next start adopts them.`,
 	return c
 }
 
+// MaxClockSkew is how far a host's clock may be from the database's when it joins.
+const MaxClockSkew = 2 * time.Second
+
 // DefaultProxyListen is where the proxy's HTTP listener binds unless told otherwise.
 const DefaultProxyListen = "127.0.0.1:8080"
 
@@ -226,6 +229,15 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	advertise := o.advertise
 	if advertise == "" {
 		advertise = "http://" + ln.Addr().String()
+	}
+	// Heartbeats and leases compare clocks across hosts: one far off would look dead, or
+	// never die.
+	if skew, err := db.ClockSkew(ctx); err != nil {
+		ln.Close()
+		return err
+	} else if skew > MaxClockSkew || skew < -MaxClockSkew {
+		ln.Close()
+		return errdefs.Invalid("this host's clock is %s off the database's (more than %s): fix its time (NTP) before it joins", skew.Round(time.Millisecond), MaxClockSkew)
 	}
 	if err := db.RegisterHost(ctx, store.Host{Name: here.Name, APIURL: advertise, CPUs: here.CPUs, MemoryMiB: here.MemoryMiB,
 		CPURatio: here.CPURatio, MemRatio: here.MemRatio, ReserveCPUs: here.ReserveCPUs, ReserveMemoryMiB: here.ReserveMemoryMiB, HeartbeatAt: time.Now()}); err != nil {

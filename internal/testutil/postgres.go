@@ -42,9 +42,18 @@ func pgBin() (string, error) {
 // that nothing of it is left.
 func Postgres(t testing.TB) string {
 	t.Helper()
+	dsn, err := PostgresDB()
+	if err != nil {
+		t.Fatalf("PostgreSQL: %v", err)
+	}
+	return dsn
+}
+
+// PostgresDB is Postgres for callers without a testing.TB (the benchmarks).
+func PostgresDB() (string, error) {
 	pgOnce.Do(startPostgres)
 	if pgErr != nil {
-		t.Fatalf("PostgreSQL: %v", pgErr)
+		return "", pgErr
 	}
 	pgMu.Lock()
 	pgN++
@@ -52,13 +61,13 @@ func Postgres(t testing.TB) string {
 	pgMu.Unlock()
 	db, err := sql.Open("pgx", pgDSN+" dbname=postgres")
 	if err != nil {
-		t.Fatal(err)
+		return "", err
 	}
 	defer db.Close()
 	if _, err := db.Exec("CREATE DATABASE " + name); err != nil {
-		t.Fatalf("creating database %s: %v", name, err)
+		return "", fmt.Errorf("creating database %s: %w", name, err)
 	}
-	return "postgres:///" + name + "?host=" + pgDir + "&port=5432&user=postgres"
+	return "postgres:///" + name + "?host=" + pgDir + "&port=5432&user=postgres", nil
 }
 
 func startPostgres() {

@@ -664,3 +664,18 @@ func (s *DB) DeleteBuildContext(ctx context.Context, id string) error {
 	_, err := s.db.ExecContext(ctx, s.q(`DELETE FROM build_contexts WHERE build_id = ?`), id)
 	return err
 }
+
+// ClockSkew is how far this host's clock is from the database server's; zero on SQLite,
+// where they are the same machine.
+func (s *DB) ClockSkew(ctx context.Context) (time.Duration, error) {
+	if !s.pg {
+		return 0, nil
+	}
+	var dbNow time.Time
+	before := time.Now()
+	if err := s.db.QueryRowContext(ctx, `SELECT CURRENT_TIMESTAMP`).Scan(&dbNow); err != nil {
+		return 0, err
+	}
+	local := before.Add(time.Since(before) / 2)
+	return local.Sub(dbNow), nil
+}

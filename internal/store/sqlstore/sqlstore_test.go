@@ -248,3 +248,12 @@ func testHosts(t *testing.T, dsn string) {
 		t.Fatalf("the first host's setting must win: %q %q", a, b)
 	}
 }
+
+func TestClockSkew(t *testing.T) { forEachDialect(t, testClockSkew) }
+
+func testClockSkew(t *testing.T, dsn string) {
+	skew, err := open(t, dsn).ClockSkew(context.Background())
+	if err != nil || skew > time.Second || skew < -time.Second {
+		t.Fatalf("skew against a database on this machine: %s %v", skew, err)
+	}
+}
