@@ -81,6 +81,6 @@ func benchPlacement(ctx context.Context, work string, add func(string, float64, 
 	if err != nil {
 		return err
 	}
-	add("machine_record_postgres_p50", ms(pg), "ms", fmt.Sprintf("same on PostgreSQL over a Unix socket (%.1fx SQLite)", float64(pg)/float64(lite)))
+	add("machine_record_postgres_p50", ms(pg), "ms", fmt.Sprintf("same on PostgreSQL over a Unix socket, a test server with fsync off (%.1fx SQLite)", float64(pg)/float64(lite)))
 	return nil
 }
