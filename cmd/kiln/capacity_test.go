@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -32,8 +33,15 @@ func TestCapacity(t *testing.T) {
 	e := newEnv(t)
 	addr := freeAddr(t)
 	reserve := vmm.HostMemoryMiB() - 640
-	srv := startServer(t, e, addr, "--proxy-listen", "off", "--network=false", "--memory-overcommit", "1",
-		"--reserve-memory", itoa(reserve), "--capacity-wait", "2m")
+	// Limits come from one config file (flag names as keys); an unknown key is refused.
+	bad := filepath.Join(e.dataDir, "bad.toml")
+	os.WriteFile(bad, []byte("capacity-wiat = \"2m\"\n"), 0o644)
+	if _, errs, code := e.run("", "server", "--config", bad); code == 0 || !strings.Contains(errs, `unknown setting "capacity-wiat"`) {
+		t.Fatalf("a config file with an unknown key: exit %d: %s", code, errs)
+	}
+	conf := filepath.Join(e.dataDir, "server.toml")
+	os.WriteFile(conf, []byte("capacity-wait = \"2m\"\nmemory-overcommit = 1\nreserve-memory = "+itoa(reserve)+"\n"), 0o644)
+	srv := startServer(t, e, addr, "--proxy-listen", "off", "--network=false", "--config", conf)
 	defer stopOnFailure(&srv)
 	ctx := context.Background()
 	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
@@ -73,7 +81,7 @@ func TestCapacity(t *testing.T) {
 	}
 
 	out, errs, code := srv.kiln("", "limits", "show")
-	for _, want := range []string{"host.memory_offered", "640 MiB", "flag --reserve-memory", "capacity.queue_wait", "2m0s", "flag --capacity-wait", "machine.memory", "network.apps"} {
+	for _, want := range []string{"host.memory_offered", "640 MiB", "config file (reserve-memory)", "capacity.queue_wait", "2m0s", "config file (capacity-wait)", "default (flag --wake-timeout)", "machine.memory", "network.apps"} {
 		if code != 0 || !strings.Contains(out, want) {
 			t.Errorf("limits show lacks %q: %d %s %s", want, code, out, errs)
 		}

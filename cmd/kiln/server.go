@@ -16,7 +16,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/BurntSushi/toml"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/assets"
@@ -96,12 +98,15 @@ type serverOptions struct {
 	reserveMemory int
 	capacityWait  time.Duration
 
-	// changed says whether the user set a flag, for the limits' sources.
-	changed func(name string) bool
+	// changed says whether the user set a flag, for the limits' sources; fromFile
+	// lists those the config file set.
+	changed  func(name string) bool
+	fromFile map[string]bool
 }
 
 func serverCmd(g *globals) *cobra.Command {
 	var o serverOptions
+	var serverConfig string
 	c := &cobra.Command{
 		Use:   "server",
 		Short: "Run kiln's API and machines on this host (SQLite, local images)",
@@ -111,11 +116,17 @@ the admin token is written to DATA_DIR/admin-token on first start. Machines keep
 when the server stops or dies; the next start adopts them.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			fromFile, err := applyServerConfig(cmd.Flags(), serverConfig)
+			if err != nil {
+				return err
+			}
 			o.changed = cmd.Flags().Changed
+			o.fromFile = fromFile
 			return runServer(cmd.Context(), g.dataDir, o)
 		},
 	}
 	f := c.Flags()
+	f.StringVar(&serverConfig, "config", os.Getenv("KILN_SERVER_CONFIG"), "a TOML file setting any of these flags by name (flags on the command line win; env KILN_SERVER_CONFIG)")
 	f.StringVar(&o.listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
 	f.StringVar(&o.db, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). One host per database for now")
 	f.StringVar(&o.hostName, "host-name", "", "this host's name among the hosts sharing a database (default: the system's host name)")
@@ -437,7 +448,10 @@ func (o serverOptions) buildService(ctx context.Context, dataDir string, db *sql
 func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r := limits.Default
 	src := func(flag string) string {
-		if o.changed != nil && o.changed(flag) {
+		switch {
+		case o.fromFile[flag]:
+			return "config file (" + flag + ")"
+		case o.changed != nil && o.changed(flag):
 			return "flag --" + flag
 		}
 		return "default (flag --" + flag + ")"
@@ -527,4 +541,34 @@ func heartbeat(ctx context.Context, db *sqlstore.DB, ledger *capacity.Ledger, na
 			}
 		}
 	}
+}
+
+// applyServerConfig sets the flags a TOML config file names (keys are flag names, like
+// capacity-wait = "2m") unless the command line set them. An unknown key is an error
+// that names it. It returns the flags the file set.
+func applyServerConfig(fs *pflag.FlagSet, path string) (map[string]bool, error) {
+	if path == "" {
+		return nil, nil
+	}
+	var raw map[string]any
+	md, err := toml.DecodeFile(path, &raw)
+	if err != nil {
+		return nil, errdefs.Invalid("server config %s: %v", path, err)
+	}
+	set := map[string]bool{}
+	for _, key := range md.Keys() {
+		name := key.String()
+		fl := fs.Lookup(name)
+		if fl == nil || name == "config" {
+			return nil, errdefs.Invalid("server config %s: unknown setting %q: use the name of a `kiln server` flag, like capacity-wait", path, name)
+		}
+		if fs.Changed(name) {
+			continue // the command line wins
+		}
+		if err := fs.Set(name, fmt.Sprint(raw[name])); err != nil {
+			return nil, errdefs.Invalid("server config %s: %s: %v", path, name, err)
+		}
+		set[name] = true
+	}
+	return set, nil
 }
