@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	stdruntime "runtime"
@@ -207,6 +208,19 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 		return err
 	}
 	defer db.Close()
+	if sqlstore.IsPostgres(dsn) {
+		// The first host's token is everyone's: API calls and registry pulls between
+		// hosts carry it.
+		shared, err := db.Setting(ctx, "admin_token", tok)
+		if err != nil {
+			return err
+		}
+		if shared != tok {
+			tok = shared
+			os.WriteFile(filepath.Join(dataDir, "admin-token"), []byte(tok+"\n"), 0o600)
+			fmt.Fprintf(os.Stderr, "kiln: using the cluster's admin token (written to %s)\n", filepath.Join(dataDir, "admin-token"))
+		}
+	}
 	rt, accel, err := runtime(ctx, dataDir, "qemu", "", "", os.Stderr)
 	if err != nil {
 		return err
@@ -217,6 +231,9 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 		return fmt.Errorf("listening on %s: %w (another kiln server? choose one with --listen)", listen, err)
 	}
 	images := image.Registries{Local: ln.Addr().String(), Token: tok}
+	if sqlstore.IsPostgres(dsn) {
+		images.Peers = func(ctx context.Context) []string { return peerRegistries(ctx, db) }
+	}
 	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), tok)
 	mgr := node.New(db, rt, images, rootfsCache(dataDir), filepath.Join(dataDir, "machines"), os.Stderr)
 	hostName, _ := os.Hostname()
@@ -258,18 +275,11 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	// The host registry also carries cordons on a single host.
 	var cluster store.Hosts = db
 	if sqlstore.IsPostgres(dsn) {
-		// Hosts share the database: each runs the machines created through it, calls
-		// about another host's machine go there, and the first host's token is everyone's.
+		// Hosts share the database: new machines go where they fit best, each host runs
+		// those placed on it, and calls about another host's machine go there.
 		mgr.Host = here.Name
-		shared, err := db.Setting(ctx, "admin_token", tok)
-		if err != nil {
-			ln.Close()
-			return err
-		}
-		if shared != tok {
-			tok = shared
-			os.WriteFile(filepath.Join(dataDir, "admin-token"), []byte(tok+"\n"), 0o600)
-			fmt.Fprintf(os.Stderr, "kiln: using the cluster's admin token (written to %s)\n", filepath.Join(dataDir, "admin-token"))
+		mgr.Place = func(ctx context.Context, size capacity.Size) (string, error) {
+			return placeMachine(ctx, db, mgr, size)
 		}
 	}
 	hbctx, stopHeartbeat := context.WithCancel(ctx)
@@ -336,6 +346,22 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 			stopBuilds()
 			<-done
 			builds.Builders.Close(context.WithoutCancel(ctx))
+		}()
+	}
+	if mgr.Host != "" {
+		cctx, stopClaims := context.WithCancel(ctx)
+		defer stopClaims()
+		go func() {
+			t := time.NewTicker(time.Second)
+			defer t.Stop()
+			for {
+				select {
+				case <-cctx.Done():
+					return
+				case <-t.C:
+					mgr.Claim(cctx)
+				}
+			}
 		}()
 	}
 	if px != nil {
@@ -571,4 +597,49 @@ func applyServerConfig(fs *pflag.FlagSet, path string) (map[string]bool, error) 
 		set[name] = true
 	}
 	return set, nil
+}
+
+// liveHosts lists the hosts whose heartbeat is recent.
+func liveHosts(ctx context.Context, db *sqlstore.DB) ([]store.Host, error) {
+	hs, err := db.ListHosts(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []store.Host
+	for _, h := range hs {
+		if time.Since(h.HeartbeatAt) <= server.HostDownAfter {
+			out = append(out, h)
+		}
+	}
+	return out, nil
+}
+
+// peerRegistries lists the live hosts' registries (their API address serves /v2/).
+func peerRegistries(ctx context.Context, db *sqlstore.DB) []string {
+	hs, _ := liveHosts(ctx, db)
+	var out []string
+	for _, h := range hs {
+		if u, err := url.Parse(h.APIURL); err == nil && u.Host != "" {
+			out = append(out, u.Host)
+		}
+	}
+	return out
+}
+
+// placeMachine picks the live, uncordoned host with the most room for a new machine.
+func placeMachine(ctx context.Context, db *sqlstore.DB, mgr *node.Manager, size capacity.Size) (string, error) {
+	hs, err := liveHosts(ctx, db)
+	if err != nil {
+		return "", err
+	}
+	used, err := mgr.UsageByHost(ctx)
+	if err != nil {
+		return "", err
+	}
+	var hosts []capacity.Host
+	for _, h := range hs {
+		hosts = append(hosts, capacity.Host{Name: h.Name, CPUs: h.CPUs, MemoryMiB: h.MemoryMiB, CPURatio: h.CPURatio, MemRatio: h.MemRatio,
+			ReserveCPUs: h.ReserveCPUs, ReserveMemoryMiB: h.ReserveMemoryMiB, Cordoned: h.Cordoned})
+	}
+	return capacity.Place(hosts, used, capacity.Request{Size: size})
 }

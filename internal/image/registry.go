@@ -28,6 +28,9 @@ type Registries struct {
 	Local string
 	// Token authenticates to the built-in registry.
 	Token string
+	// Peers, if set, lists the other hosts' registries (host:port), tried in turn for a
+	// localhost/ image this one lacks. They share the token.
+	Peers func(ctx context.Context) []string
 }
 
 // NormalizeRef parses a reference; "app:1" means Docker Hub's library/app:1, as with
@@ -64,7 +67,30 @@ func (r Registries) where(ctx context.Context, ref string) (name.Reference, []re
 }
 
 // Resolve fetches an image's manifest; its layers are read when the image is converted.
+// A localhost/ image this host's registry lacks is looked for in the Peers' registries
+// (the other hosts sharing its database), so a machine placed here finds an image loaded
+// through another host.
 func (r Registries) Resolve(ctx context.Context, ref string) (v1.Image, error) {
+	img, err := r.resolve(ctx, ref)
+	if err == nil || !errors.Is(err, errdefs.ErrNotFound) || r.Peers == nil {
+		return img, err
+	}
+	parsed, perr := name.ParseReference(ref)
+	if perr != nil || parsed.Context().RegistryStr() != "localhost" {
+		return img, err
+	}
+	for _, peer := range r.Peers(ctx) {
+		if peer == r.Local {
+			continue
+		}
+		if pimg, perr := (Registries{Local: peer, Token: r.Token}).resolve(ctx, ref); perr == nil {
+			return pimg, nil
+		}
+	}
+	return img, err
+}
+
+func (r Registries) resolve(ctx context.Context, ref string) (v1.Image, error) {
 	where, opts, err := r.where(ctx, ref)
 	if err != nil {
 		return nil, err

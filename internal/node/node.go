@@ -70,9 +70,12 @@ type Manager struct {
 	// none waits up to CapacityWait in its queue, then fails saying what was short.
 	Capacity     *capacity.Ledger
 	CapacityWait time.Duration
-	// Host names this host in a database several hosts share: new machines are recorded
-	// as its own, and it runs and recovers only those.
+	// Host names this host in a database several hosts share: it runs and recovers only
+	// the machines placed on it.
 	Host string
+	// Place, if set, picks the host for a new machine (without volumes, which stay with
+	// their host); nil keeps every machine on this host.
+	Place func(ctx context.Context, size capacity.Size) (string, error)
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -343,10 +346,24 @@ func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineR
 		claimed = append(claimed, v.ID)
 	}
 	raw, _ := json.Marshal(cfg)
-	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: m.Host}
+	host := m.Host
+	if m.Place != nil && len(cfg.Mounts) == 0 {
+		// Where nothing fits now, the machine stays here and waits in this host's queue.
+		if h, err := m.Place(ctx, capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB}); err == nil {
+			host = h
+		}
+	}
+	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: host}
 	if err := m.Store.CreateMachine(ctx, rec, machine.Event{Type: "launch", Status: machine.Created, Source: "user"}); err != nil {
 		release()
 		return rec, err
+	}
+	if host != m.Host {
+		// Placed on another host: it starts the machine when it claims it.
+		if _, err := m.act(ctx, id, machine.ActionStart); err != nil {
+			return rec, err
+		}
+		return m.Store.GetMachine(ctx, id)
 	}
 	if err := m.Start(ctx, id); err != nil {
 		return rec, err
@@ -1090,6 +1107,62 @@ func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 		}
 	}
 	return m.Store.GetMachine(ctx, id)
+}
+
+// Claim starts the machines other hosts placed here: those starting on this host that no
+// supervisor runs (a start made here launches at once, so the grace keeps them apart).
+func (m *Manager) Claim(ctx context.Context) {
+	apps, err := m.Store.ListApps(ctx)
+	if err != nil {
+		return
+	}
+	for _, app := range apps {
+		ms, err := m.Store.ListMachines(ctx, app)
+		if err != nil {
+			continue
+		}
+		for _, rec := range ms {
+			if rec.State != machine.Starting || rec.Host != m.Host || m.Host == "" || time.Since(rec.UpdatedAt) < 2*time.Second {
+				continue
+			}
+			m.mu.Lock()
+			_, running := m.runs[rec.ID]
+			m.mu.Unlock()
+			if !running {
+				m.logf("machine %s was placed on this host: starting it", rec.ID)
+				m.launch(rec.ID, nil)
+			}
+		}
+	}
+}
+
+// UsageByHost sums what the machines holding room (starting to suspending) ask for, per
+// host, from the store.
+func (m *Manager) UsageByHost(ctx context.Context) (map[string]capacity.Size, error) {
+	out := map[string]capacity.Size{}
+	apps, err := m.Store.ListApps(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, app := range apps {
+		ms, err := m.Store.ListMachines(ctx, app)
+		if err != nil {
+			return nil, err
+		}
+		for _, rec := range ms {
+			switch rec.State {
+			case machine.Starting, machine.Started, machine.Stopping, machine.Suspending:
+			default:
+				continue
+			}
+			cfg := config(rec)
+			u := out[rec.Host]
+			u.CPUs += cfg.Guest.CPUs
+			u.MemoryMiB += cfg.Guest.MemoryMB
+			out[rec.Host] = u
+		}
+	}
+	return out, nil
 }
 
 // Mine says whether this host runs the machine.

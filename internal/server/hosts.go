@@ -1,14 +1,12 @@
 package server
 
 import (
-	"encoding/json"
 	"net/http"
 	"time"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/errdefs"
-	"github.com/kilnhq/kiln/internal/machine"
 )
 
 func (s *Server) listLimits(w http.ResponseWriter, r *http.Request) error {
@@ -36,7 +34,7 @@ func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
 		if err != nil {
 			return err
 		}
-		running, err := s.runningByHost(r)
+		running, err := s.Node.UsageByHost(r.Context())
 		if err != nil {
 			return err
 		}
@@ -67,36 +65,6 @@ func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
-}
-
-// runningByHost sums what the machines that hold room (starting to suspending) ask for,
-// per host, from the store: other hosts' ledgers are theirs.
-func (s *Server) runningByHost(r *http.Request) (map[string]capacity.Size, error) {
-	out := map[string]capacity.Size{}
-	apps, err := s.Store.ListApps(r.Context())
-	if err != nil {
-		return nil, err
-	}
-	for _, app := range apps {
-		ms, err := s.Store.ListMachines(r.Context(), app)
-		if err != nil {
-			return nil, err
-		}
-		for _, m := range ms {
-			switch m.State {
-			case machine.Starting, machine.Started, machine.Stopping, machine.Suspending:
-			default:
-				continue
-			}
-			var cfg api.MachineConfig
-			json.Unmarshal(m.Config, &cfg)
-			u := out[m.Host]
-			u.CPUs += cfg.Guest.CPUs
-			u.MemoryMiB += cfg.Guest.MemoryMB
-			out[m.Host] = u
-		}
-	}
-	return out, nil
 }
 
 func (s *Server) cordonHost(c bool) func(http.ResponseWriter, *http.Request) error {
