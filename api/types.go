@@ -366,3 +366,17 @@ type Host struct {
 	CPUsUsed         int     `json:"cpus_used"`
 	MemoryUsedMiB    int     `json:"memory_used_mib"`
 }
+
+// DrainReport says what draining a host did with each of its machines.
+type DrainReport struct {
+	Host  string       `json:"host"`
+	Moved []DrainEntry `json:"moved"`
+	Kept  []DrainEntry `json:"kept"`
+}
+
+// DrainEntry is one machine in a drain report: where it went, or why it stayed.
+type DrainEntry struct {
+	Machine string `json:"machine"`
+	To      string `json:"to,omitempty"`
+	Why     string `json:"why,omitempty"`
+}

@@ -289,3 +289,9 @@ func (c *Client) CordonHost(ctx context.Context, host string, cordon bool) error
 	}
 	return c.do(ctx, "POST", "/v1/hosts/"+url.PathEscape(host)+op, nil, nil)
 }
+
+// DrainHost cordons a host and moves what it can of its machines to other hosts.
+func (c *Client) DrainHost(ctx context.Context, host string) (api.DrainReport, error) {
+	var out api.DrainReport
+	return out, c.do(ctx, "POST", "/v1/hosts/"+url.PathEscape(host)+"/drain", nil, &out)
+}

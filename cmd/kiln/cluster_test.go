@@ -81,6 +81,17 @@ func TestTwoHostsOnePostgres(t *testing.T) {
 	}
 	b.kiln("", "host", "uncordon", "host-a")
 
+	// Draining host-b (asked through host-a) moves its machine to host-a, running.
+	out, errs, code := a.kiln("", "host", "drain", "host-b")
+	if code != 0 || !strings.Contains(out, "moved  "+m2.ID+"  to host-a") {
+		t.Fatalf("drain: %d %s %s", code, out, errs)
+	}
+	waitFor(t, func() bool {
+		got, _ := ca.GetMachine(ctx, "web", m2.ID)
+		return got.Host == "host-a" && got.State == "started"
+	}, "the drained machine to run on host-a")
+	b.kiln("", "host", "uncordon", "host-b")
+
 	// host-a dies: host-b reports it down and does not take over its machine.
 	a.stop(syscall.SIGKILL)
 	waitFor(t, func() bool {
@@ -90,15 +101,14 @@ func TestTwoHostsOnePostgres(t *testing.T) {
 	if _, err := cb.Exec(ctx, "web", m.ID, []string{"true"}, "", 10*time.Second); err == nil || !strings.Contains(err.Error(), "host-a, which is down") {
 		t.Errorf("a call about the dead host's machine: %v", err)
 	}
-	if procs := testutil.ProcessesNaming(filepath.Join(eb.dataDir, "vms")); len(procs) != 1 {
-		t.Errorf("host-b runs %d VMs, want only its own machine's: %v", len(procs), procs)
+	if procs := testutil.ProcessesNaming(filepath.Join(eb.dataDir, "vms")); len(procs) != 0 {
+		t.Errorf("host-b runs %d VMs after host-a died, want none (its machine moved to host-a by the drain): %v", len(procs), procs)
 	}
 	// Clean up host-a's VM (its server is gone) and host-b's machine.
 	testutil.KillProcessesNaming(ea.dataDir)
 	os.RemoveAll(filepath.Join(ea.dataDir, "vms"))
 	os.RemoveAll(filepath.Join(ea.dataDir, "locks"))
 	a = nil
-	b.kiln("", "machine", "destroy", "-f", m2.ID)
 	_ = eb
 	b.stop(syscall.SIGTERM)
 	b = nil

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/spf13/cobra"
 )
@@ -29,6 +30,28 @@ func limitsCmd(g *globals, af *apiFlags) *cobra.Command {
 			return nil
 		}})
 	return c
+}
+
+func drainCmd(g *globals, af *apiFlags) *cobra.Command {
+	return &cobra.Command{Use: "drain HOST", Short: "Cordon a host and move its machines to other hosts; says what stayed and why", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			rep, err := cl.DrainHost(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			for _, m := range rep.Moved {
+				fmt.Printf("moved  %s  to %s\n", m.Machine, m.To)
+			}
+			for _, m := range rep.Kept {
+				fmt.Printf("kept   %s  %s\n", m.Machine, m.Why)
+			}
+			fmt.Fprintf(os.Stderr, "host %s is cordoned: %d machines moved, %d stayed\n", rep.Host, len(rep.Moved), len(rep.Kept))
+			return nil
+		}}
 }
 
 func hostCmd(g *globals, af *apiFlags) *cobra.Command {
@@ -64,5 +87,6 @@ func hostCmd(g *globals, af *apiFlags) *cobra.Command {
 				return cl.CordonHost(cmd.Context(), args[0], op.cordon)
 			}})
 	}
+	c.AddCommand(drainCmd(g, af))
 	return c
 }

@@ -1109,6 +1109,72 @@ func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 	return m.Store.GetMachine(ctx, id)
 }
 
+// Drain moves this host's machines elsewhere: each one without volumes is stopped, given
+// to the host with the most room and started there. Machines with volumes stay (their
+// data is here), as do those nothing else can take; the report says why. The caller
+// cordons the host first, so that nothing new comes.
+func (m *Manager) Drain(ctx context.Context, hosts store.Hosts) (api.DrainReport, error) {
+	rep := api.DrainReport{Host: m.Host, Moved: []api.DrainEntry{}, Kept: []api.DrainEntry{}}
+	apps, err := m.Store.ListApps(ctx)
+	if err != nil {
+		return rep, err
+	}
+	for _, app := range apps {
+		ms, err := m.Store.ListMachines(ctx, app)
+		if err != nil {
+			return rep, err
+		}
+		for _, rec := range ms {
+			if !m.Mine(rec) || rec.State == machine.Destroyed || rec.State == machine.Destroying {
+				continue
+			}
+			keep := func(why string) { rep.Kept = append(rep.Kept, api.DrainEntry{Machine: rec.ID, Why: why}) }
+			cfg := config(rec)
+			if len(cfg.Mounts) > 0 {
+				keep("its volumes live on this host")
+				continue
+			}
+			if m.Place == nil || hosts == nil {
+				keep("no other host shares this host's database")
+				continue
+			}
+			to, err := m.Place(ctx, capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB})
+			if err == nil && to == m.Host {
+				err = fmt.Errorf("no other host has room")
+			}
+			if err != nil {
+				keep(err.Error())
+				continue
+			}
+			wasRunning := rec.State != machine.Stopped && rec.State != machine.Failed && rec.State != machine.Created
+			if wasRunning {
+				if err := m.Stop(ctx, rec.ID); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+					keep("stopping it: " + err.Error())
+					continue
+				}
+				if err := m.Wait(ctx, rec.ID, machine.Stopped, 2*time.Minute); err != nil {
+					keep("stopping it: " + err.Error())
+					continue
+				}
+			}
+			if err := hosts.MoveMachine(ctx, rec.ID, to); err != nil {
+				keep(err.Error())
+				continue
+			}
+			if m.Net != nil {
+				m.Net.Detach(ctx, rec.ID)
+			}
+			m.Store.Note(ctx, rec.ID, machine.Event{Type: "moved", Source: "kiln", Message: fmt.Sprintf("drained from host %s to host %s", m.Host, to)})
+			if wasRunning {
+				// The new host claims it.
+				m.act(ctx, rec.ID, machine.ActionStart)
+			}
+			rep.Moved = append(rep.Moved, api.DrainEntry{Machine: rec.ID, To: to})
+		}
+	}
+	return rep, nil
+}
+
 // Claim starts the machines other hosts placed here: those starting on this host that no
 // supervisor runs (a start made here launches at once, so the grace keeps them apart).
 func (m *Manager) Claim(ctx context.Context) {

@@ -89,3 +89,34 @@ func (s *Server) cordonHost(c bool) func(http.ResponseWriter, *http.Request) err
 		return nil
 	}
 }
+
+// drainHost cordons a host and moves what it can of its machines elsewhere; the host
+// itself does the work, so a call made elsewhere goes to it.
+func (s *Server) drainHost(w http.ResponseWriter, r *http.Request) error {
+	name := r.PathValue("host")
+	if s.Hosts != nil && name != s.HostName {
+		if r.Header.Get(forwardedHeader) != "" {
+			return errdefs.New(errdefs.ErrNotFound, "no host %s here", name)
+		}
+		s.forwardTo(w, r, name, "host "+name)
+		return nil
+	}
+	if s.Capacity == nil || (s.Hosts == nil && name != s.HostName) {
+		return errdefs.New(errdefs.ErrNotFound, "no host %s: list them with `kiln host ls`", name)
+	}
+	if s.Hosts != nil {
+		if err := s.Hosts.SetHostCordoned(r.Context(), name, true); err != nil {
+			return err
+		}
+	}
+	if err := s.Capacity.SetCordoned(name, true); err != nil {
+		return err
+	}
+	rep, err := s.Node.Drain(r.Context(), s.Hosts)
+	if err != nil {
+		return err
+	}
+	rep.Host = name
+	writeJSON(w, http.StatusOK, rep)
+	return nil
+}

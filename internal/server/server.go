@@ -123,6 +123,7 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/hosts", true, s.listHosts},
 		{"POST", "/v1/hosts/{host}/cordon", true, s.cordonHost(true)},
 		{"POST", "/v1/hosts/{host}/uncordon", true, s.cordonHost(false)},
+		{"POST", "/v1/hosts/{host}/drain", true, s.drainHost},
 		{"POST", "/v1/projects/{project}/cache/prune", true, s.pruneBuildCache},
 	}
 }

@@ -165,4 +165,6 @@ type Hosts interface {
 	ListHosts(ctx context.Context) ([]Host, error)
 	SetHostCordoned(ctx context.Context, name string, cordoned bool) error
 	Setting(ctx context.Context, key, def string) (string, error)
+	// MoveMachine gives a stopped machine to another host.
+	MoveMachine(ctx context.Context, id, host string) error
 }

@@ -679,3 +679,15 @@ func (s *DB) ClockSkew(ctx context.Context) (time.Duration, error) {
 	local := before.Add(time.Since(before) / 2)
 	return local.Sub(dbNow), nil
 }
+
+// MoveMachine records that a stopped machine now belongs to another host.
+func (s *DB) MoveMachine(ctx context.Context, id, host string) error {
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET host = ?, updated_at = ? WHERE id = ? AND state = ?`), host, time.Now().UTC(), id, machine.Stopped)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return errdefs.New(errdefs.ErrConflict, "machine %s is not stopped: only a stopped machine moves", id)
+	}
+	return nil
+}
