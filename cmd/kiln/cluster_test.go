@@ -2,9 +2,13 @@ package main_test
 
 import (
 	"context"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -188,5 +192,120 @@ func TestBuildMovesWhenItsHostDies(t *testing.T) {
 		b = nil
 	}
 	servers[other].stop(syscall.SIGTERM)
+	a, b = nil, nil
+}
+
+// forwarder carries TCP connections to a Unix socket until it is cut: the test's way of
+// partitioning one host from the database.
+type forwarder struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	conns []net.Conn
+	cut   bool
+}
+
+func newForwarder(t *testing.T, sock string) *forwarder {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &forwarder{ln: ln}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			f.mu.Lock()
+			if f.cut {
+				f.mu.Unlock()
+				c.Close()
+				continue
+			}
+			u, err := net.Dial("unix", sock)
+			if err != nil {
+				f.mu.Unlock()
+				c.Close()
+				continue
+			}
+			f.conns = append(f.conns, c, u)
+			f.mu.Unlock()
+			go func() { io.Copy(u, c); u.Close() }()
+			go func() { io.Copy(c, u); c.Close() }()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); f.setCut(true) })
+	return f
+}
+
+func (f *forwarder) port() string { return strconv.Itoa(f.ln.Addr().(*net.TCPAddr).Port) }
+
+func (f *forwarder) setCut(cut bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cut = cut
+	if cut {
+		for _, c := range f.conns {
+			c.Close()
+		}
+		f.conns = nil
+	}
+}
+
+// A host cut off from PostgreSQL keeps its machine running and says so; the other host
+// marks it down but never starts that machine itself; when the database is back, the
+// first host heartbeats again and answers for its machine.
+func TestPartitionFromPostgres(t *testing.T) {
+	dsn := testutil.Postgres(t)
+	fw := newForwarder(t, testutil.PostgresSocket())
+	dbName := strings.TrimPrefix(dsn[:strings.Index(dsn, "?")], "postgres:///")
+	viaTCP := "postgres://postgres@127.0.0.1:" + fw.port() + "/" + dbName + "?sslmode=disable"
+	ea := newEnv(t)
+	a := startServer(t, ea, freeAddr(t), "--db", viaTCP, "--host-name", "host-a", "--proxy-listen", "off", "--network=false")
+	defer stopOnFailure(&a)
+	eb := newEnv(t)
+	b := startServer(t, eb, freeAddr(t), "--db", dsn, "--host-name", "host-b", "--proxy-listen", "off", "--network=false")
+	defer stopOnFailure(&b)
+	ctx := context.Background()
+	ca := client.New(a.url, readToken(t, filepath.Join(ea.dataDir, "admin-token")))
+	cb := client.New(b.url, readToken(t, filepath.Join(eb.dataDir, "admin-token")))
+	loadImage(t, a, imagetest.App(t), "localhost/app:1")
+	ca.CreateApp(ctx, "web")
+	m, err := ca.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "while true; do sleep 1; done"}}}})
+	if err != nil || m.Host != "host-a" {
+		t.Fatalf("machine: %+v %v", m, err)
+	}
+	if err := ca.Wait(ctx, "web", m.ID, "started", 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	fw.setCut(true)
+	waitFor(t, func() bool { return strings.Contains(a.logs.String(), "the database does not answer") }, "host-a to notice the partition")
+	waitFor(t, func() bool {
+		out, _, _ := b.kiln("", "host", "ls")
+		return strings.Contains(out, "host-a") && strings.Contains(out, "down")
+	}, "host-b to mark host-a down")
+	time.Sleep(3 * time.Second) // room for a wrong claim
+	if procs := testutil.ProcessesNaming(filepath.Join(eb.dataDir, "vms")); len(procs) != 0 {
+		t.Fatalf("host-b started a VM while host-a was cut off: %v", procs)
+	}
+	if procs := testutil.ProcessesNaming(filepath.Join(ea.dataDir, "vms")); len(procs) != 1 {
+		t.Fatalf("host-a's machine did not keep running through the partition: %v", procs)
+	}
+
+	fw.setCut(false)
+	waitFor(t, func() bool { return strings.Contains(a.logs.String(), "the database answers again") }, "host-a to reach the database again")
+	waitFor(t, func() bool {
+		out, _, _ := b.kiln("", "host", "ls")
+		return strings.Count(out, " up ") == 2
+	}, "host-a to be up again")
+	res, err := cb.Exec(ctx, "web", m.ID, []string{"busybox", "true"}, "", 30*time.Second)
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("exec through host-b after the partition: %+v %v", res, err)
+	}
+	a.kiln("", "machine", "destroy", "-f", m.ID)
+	a.stop(syscall.SIGTERM)
+	b.stop(syscall.SIGTERM)
 	a, b = nil, nil
 }

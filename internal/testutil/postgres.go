@@ -145,3 +145,6 @@ func StopPostgres() {
 		os.RemoveAll(pgDir)
 	}
 }
+
+// PostgresSocket is the Unix socket of the test PostgreSQL (after Postgres was called).
+func PostgresSocket() string { return filepath.Join(pgDir, ".s.PGSQL.5432") }
