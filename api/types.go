@@ -113,6 +113,9 @@ type CreateMachineRequest struct {
 	Name   string        `json:"name,omitempty"`
 	Region string        `json:"region,omitempty"`
 	Config MachineConfig `json:"config"`
+	// NoCapacityWait fails the request at once, naming the resource, when the machine
+	// does not fit now, instead of queueing its start.
+	NoCapacityWait bool `json:"no_capacity_wait,omitempty"`
 }
 
 // Event is one entry of a machine's journal.

@@ -61,6 +61,15 @@ func TestCapacity(t *testing.T) {
 	if err := cl.Wait(ctx, "web", first.ID, "started", 90*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	// A caller that will not wait is refused at once, with the numbers.
+	_, err = cl.CreateMachine(ctx, "web", api.CreateMachineRequest{NoCapacityWait: true, Config: api.MachineConfig{Image: "localhost/app:1",
+		Guest: api.Guest{CPUs: 1, MemoryMB: 384}, Init: api.Init{Cmd: []string{"sh", "-c", "sleep 1000"}}}})
+	if err == nil || !strings.Contains(err.Error(), "384 MiB asked, 384 of 640 MiB in use") {
+		t.Fatalf("no_capacity_wait: %v", err)
+	}
+	if ms, _ := cl.ListMachines(ctx, "web"); len(ms) != 1 {
+		t.Fatalf("a refused machine was recorded: %d machines", len(ms))
+	}
 	second, err := run(384)
 	if err != nil {
 		t.Fatal(err)

@@ -118,45 +118,60 @@ func TestTwoHostsOnePostgres(t *testing.T) {
 	b = nil
 }
 
-// Two hosts share a PostgreSQL and build the same project: a build goes to the host
-// holding the project's cache; when that host is killed mid-build, the other takes the
+// Three hosts share a PostgreSQL and build the same project: a build goes to the host
+// holding the project's cache; when that host is killed mid-build, another takes the
 // build over once its heartbeat stops, with a fresh cache, and finishes it.
 func TestBuildMovesWhenItsHostDies(t *testing.T) {
 	dsn := testutil.Postgres(t)
-	args := func(name string) []string {
-		return []string{"--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false", "--build-cache-size", "4G", "--builder-memory", "1024"}
+	names := []string{"host-a", "host-b", "host-c"}
+	servers := map[string]*kilnServer{}
+	envs := map[string]*env{}
+	for _, name := range names {
+		e := newEnv(t)
+		srv := startServer(t, e, freeAddr(t), "--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false",
+			"--build-cache-size", "4G", "--builder-memory", "1024")
+		servers[name], envs[name] = srv, e
 	}
-	ea := newEnv(t)
-	a := startServer(t, ea, freeAddr(t), args("host-a")...)
-	defer stopOnFailure(&a)
-	eb := newEnv(t)
-	b := startServer(t, eb, freeAddr(t), args("host-b")...)
-	defer stopOnFailure(&b)
+	defer func() {
+		for _, name := range names {
+			srv := servers[name]
+			stopOnFailure(&srv)
+		}
+	}()
+	a := servers["host-a"]
 	dir := loadBase(t, a)
-	loadBase(t, b) // each host's builds pull from its own registry
+	// Builds pull base images from their own host's registry: every host gets it.
+	loadImage(t, servers["host-b"], imagetest.Base(t), "localhost/busybox:1")
+	loadImage(t, servers["host-c"], imagetest.Base(t), "localhost/busybox:1")
 	ctx := context.Background()
-	cb := client.New(b.url, readToken(t, filepath.Join(eb.dataDir, "admin-token")))
+	clientOf := func(name string) *client.Client {
+		return client.New(servers[name].url, readToken(t, filepath.Join(envs[name].dataDir, "admin-token")))
+	}
 
 	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo first > /first\n"), 0o644)
 	if out, errs, code := a.kiln("", "build", dir, "--project", "shop"); code != 0 {
 		t.Fatalf("first build: %s %s", out, errs)
 	}
-	bs, _ := cb.ListBuilds(ctx, "shop")
+	bs, _ := clientOf("host-a").ListBuilds(ctx, "shop")
 	cacheHost := bs[0].Host
-	servers := map[string]*kilnServer{"host-a": a, "host-b": b}
-	envs := map[string]*env{"host-a": ea, "host-b": eb}
-	other := map[string]string{"host-a": "host-b", "host-b": "host-a"}[cacheHost]
-	if cacheHost == "" || servers[other] == nil {
+	if servers[cacheHost] == nil {
 		t.Fatalf("first build ran on %q", cacheHost)
+	}
+	var via string
+	for _, n := range names {
+		if n != cacheHost {
+			via = n
+			break
+		}
 	}
 
 	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo slow-step-started; sleep 6; echo done > /done\n"), 0o644)
-	out, errs, code := servers[other].kiln("", "build", dir, "--project", "shop", "--detach")
+	out, errs, code := servers[via].kiln("", "build", dir, "--project", "shop", "--detach")
 	if code != 0 {
 		t.Fatalf("second build: %s", errs)
 	}
 	id := strings.TrimSpace(out)
-	cl := client.New(servers[other].url, readToken(t, filepath.Join(envs[other].dataDir, "admin-token")))
+	cl := clientOf(via)
 	waitFor(t, func() bool {
 		got, _ := cl.GetBuild(ctx, "shop", id)
 		var seen bool
@@ -168,6 +183,9 @@ func TestBuildMovesWhenItsHostDies(t *testing.T) {
 	}
 	servers[cacheHost].stop(syscall.SIGKILL)
 	testutil.KillProcessesNaming(envs[cacheHost].dataDir) // its builder goes with it
+	os.RemoveAll(filepath.Join(envs[cacheHost].dataDir, "vms"))
+	os.RemoveAll(filepath.Join(envs[cacheHost].dataDir, "locks"))
+	servers[cacheHost] = nil
 	var done api.Build
 	deadline := time.Now().Add(3 * time.Minute)
 	for time.Now().Before(deadline) {
@@ -177,22 +195,19 @@ func TestBuildMovesWhenItsHostDies(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	log, _, _ := servers[other].kiln("", "build", "logs", id, "--project", "shop")
-	if done.State != "succeeded" || done.Host != other || len(done.Retries) != 1 || !strings.Contains(done.Retries[0], "stopped heartbeating") {
-		t.Fatalf("after the cache host died: %s on %s, retries %q, %s\n%s\n%s", done.State, done.Host, done.Retries, done.Error, log, servers[other].logs)
+	log, _, _ := servers[via].kiln("", "build", "logs", id, "--project", "shop")
+	if done.State != "succeeded" || done.Host == cacheHost || servers[done.Host] == nil || len(done.Retries) != 1 || !strings.Contains(done.Retries[0], "stopped heartbeating") {
+		t.Fatalf("after the cache host died: %s on %s, retries %q, %s\n%s", done.State, done.Host, done.Retries, done.Error, log)
 	}
-	if !strings.Contains(log, "is down: building on "+other+" with a fresh cache") {
+	if !strings.Contains(log, "is down: building on "+done.Host+" with a fresh cache") {
 		t.Errorf("the build log does not say it moved:\n%s", log)
 	}
-	os.RemoveAll(filepath.Join(envs[cacheHost].dataDir, "vms"))
-	os.RemoveAll(filepath.Join(envs[cacheHost].dataDir, "locks"))
-	if cacheHost == "host-a" {
-		a = nil
-	} else {
-		b = nil
+	for _, n := range names {
+		if servers[n] != nil {
+			servers[n].stop(syscall.SIGTERM)
+			servers[n] = nil
+		}
 	}
-	servers[other].stop(syscall.SIGTERM)
-	a, b = nil, nil
 }
 
 // forwarder carries TCP connections to a Unix socket until it is cut: the test's way of

@@ -97,6 +97,7 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 		autostop           string
 		autostart          bool
 		minRunning         int
+		noWait             bool
 	)
 	run := &cobra.Command{
 		Use:   "run IMAGE [-- COMMAND...]",
@@ -150,7 +151,7 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err := cl.CreateApp(ctx, app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 				return err
 			}
-			m, err := cl.CreateMachine(ctx, app, api.CreateMachineRequest{Name: name, Config: cfg})
+			m, err := cl.CreateMachine(ctx, app, api.CreateMachineRequest{Name: name, Config: cfg, NoCapacityWait: noWait})
 			if err != nil {
 				return err
 			}
@@ -172,6 +173,7 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	run.Flags().StringVar(&autostop, "autostop", "", "what the proxy does with the machine when idle: off, stop or suspend")
 	run.Flags().BoolVar(&autostart, "autostart", false, "let a request start or resume the machine (default: on when --autostop is)")
 	run.Flags().IntVar(&minRunning, "min-running", 0, "machines of the app that autostop leaves running")
+	run.Flags().BoolVar(&noWait, "no-capacity-wait", false, "fail at once if the machine does not fit now, instead of waiting in the capacity queue")
 
 	var lsApp string
 	var asJSON bool

@@ -353,9 +353,19 @@ func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineR
 			host = h
 		}
 	}
+	if req.NoCapacityWait && host == m.Host && m.Capacity != nil {
+		// Hold the room now; the start takes over the hold.
+		if _, err := m.Capacity.Reserve(ctx, id, capacity.Request{Size: capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB}}, 0, nil); err != nil {
+			release()
+			return store.Machine{}, err
+		}
+	}
 	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: host}
 	if err := m.Store.CreateMachine(ctx, rec, machine.Event{Type: "launch", Status: machine.Created, Source: "user"}); err != nil {
 		release()
+		if m.Capacity != nil {
+			m.Capacity.Release(id)
+		}
 		return rec, err
 	}
 	if host != m.Host {

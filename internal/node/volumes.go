@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -54,6 +55,8 @@ func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int
 				return v, err
 			}
 		}
+	} else if err := diskRoom(filepath.Dir(v.Path), v.SizeBytes); err != nil {
+		return store.Volume{}, err
 	} else if err := volume.Create(ctx, v.Path, v.SizeBytes, ""); err != nil {
 		return v, err
 	}
@@ -168,6 +171,23 @@ func sparseCopy(ctx context.Context, src, dst string) error {
 	if err != nil {
 		os.Remove(dst)
 		return fmt.Errorf("copying %s: %v: %s", src, err, out)
+	}
+	return nil
+}
+
+// diskRoom refuses a volume the filesystem under dir could not hold once full: volumes
+// are sparse, so an overcommitted disk fails later, inside a guest, with no one told.
+func diskRoom(dir string, size int64) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return err
+	}
+	free := int64(st.Bavail) * st.Bsize
+	if size > free {
+		return errdefs.New(errdefs.ErrCapacity, "not enough disk for a %d GiB volume: %d GiB free under %s", size>>30, free>>30, dir)
 	}
 	return nil
 }

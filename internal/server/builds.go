@@ -136,8 +136,8 @@ func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if s.Hosts != nil && b.Host != "" && b.Host != s.HostName && r.Header.Get(forwardedHeader) == "" && !build.Terminal(b.State) {
-		// The running attempt's log is on the host that runs it.
+	if s.Hosts != nil && b.Host != "" && b.Host != s.HostName && r.Header.Get(forwardedHeader) == "" && s.hostLive(r, b.Host) {
+		// The log of the build's last attempt is on the host that ran it.
 		s.forwardTo(w, r, b.Host, "build "+b.ID)
 		return nil
 	}

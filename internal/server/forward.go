@@ -69,3 +69,17 @@ func (s *Server) forwardTo(w http.ResponseWriter, r *http.Request, host, what st
 	r.Header.Set(forwardedHeader, s.HostName)
 	rp.ServeHTTP(w, r)
 }
+
+// hostLive says whether the named host has heartbeated recently.
+func (s *Server) hostLive(r *http.Request, name string) bool {
+	hosts, err := s.Hosts.ListHosts(r.Context())
+	if err != nil {
+		return false
+	}
+	for _, h := range hosts {
+		if h.Name == name {
+			return time.Since(h.HeartbeatAt) <= HostDownAfter
+		}
+	}
+	return false
+}
