@@ -8,7 +8,9 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/node"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
 	"github.com/kilnhq/kiln/internal/testutil"
@@ -22,30 +24,55 @@ func benchPlacement(ctx context.Context, work string, add func(string, float64, 
 	for i := range hosts {
 		hosts[i] = capacity.Host{Name: fmt.Sprintf("h%03d", i), CPUs: 64, MemoryMiB: 256 << 10, CPURatio: 4, MemRatio: 1.5, ReserveMemoryMiB: 4096}
 	}
-	type rec struct {
-		host string
-		size capacity.Size
+	// 10 000 started machines in a SQLite store, spread over the hosts.
+	db, err := sqlstore.Open(ctx, filepath.Join(work, "placement-many.db"))
+	if err != nil {
+		return err
 	}
-	machines := make([]rec, nMachines)
-	for i := range machines {
-		machines[i] = rec{host: hosts[i%nHosts].Name, size: capacity.Size{CPUs: 1 + i%4, MemoryMiB: 256 << (i % 4)}}
+	defer db.Close()
+	db.CreateApp(ctx, "many")
+	for i := 0; i < nMachines; i++ {
+		id := fmt.Sprintf("p%05d", i)
+		cfg := fmt.Sprintf(`{"image":"x","guest":{"cpus":%d,"memory_mb":%d}}`, 1+i%4, 256<<(i%4))
+		if err := db.CreateMachine(ctx, store.Machine{ID: id, App: "many", Name: id, State: machine.Created, Config: []byte(cfg), Host: hosts[i%nHosts].Name},
+			machine.Event{Type: "launch", Status: machine.Created, Source: "bench"}); err != nil {
+			return err
+		}
+		db.Transition(ctx, id, machine.Created, machine.Starting, machine.Event{Type: "start", Source: "bench"})
+		db.Transition(ctx, id, machine.Starting, machine.Started, machine.Event{Type: "start", Source: "bench"})
+	}
+	mgr := node.New(db, nil, nil, image.Cache{}, work, nil)
+	defer mgr.Close()
+	place := func(used map[string]capacity.Size) error {
+		_, err := capacity.Place(hosts, used, capacity.Request{Size: capacity.Size{CPUs: 2, MemoryMiB: 1024}})
+		return err
+	}
+	used, err := mgr.UsageByHost(ctx)
+	if err != nil {
+		return err
 	}
 	n := 0
 	start := time.Now()
 	for time.Since(start) < 2*time.Second {
-		used := map[string]capacity.Size{}
-		for _, m := range machines {
-			u := used[m.host]
-			u.CPUs += m.size.CPUs
-			u.MemoryMiB += m.size.MemoryMiB
-			used[m.host] = u
-		}
-		if _, err := capacity.Place(hosts, used, capacity.Request{Size: capacity.Size{CPUs: 2, MemoryMiB: 1024}}); err != nil {
+		if err := place(used); err != nil {
 			return err
 		}
 		n++
 	}
-	add("placement_decisions", float64(n)/time.Since(start).Seconds(), "/s", fmt.Sprintf("%d hosts, usage summed from %d machine records each time", nHosts, nMachines))
+	add("placement_decisions", float64(n)/time.Since(start).Seconds(), "/s", fmt.Sprintf("capacity.Place over %d hosts, usage of %d machines already summed", nHosts, nMachines))
+	n = 0
+	start = time.Now()
+	for time.Since(start) < 3*time.Second {
+		used, err := mgr.UsageByHost(ctx)
+		if err != nil {
+			return err
+		}
+		if err := place(used); err != nil {
+			return err
+		}
+		n++
+	}
+	add("placement_decisions_from_store", float64(n)/time.Since(start).Seconds(), "/s", fmt.Sprintf("each decision reads the %d machines from SQLite first", nMachines))
 
 	create := func(dsn string) (time.Duration, error) {
 		db, err := sqlstore.Open(ctx, dsn)

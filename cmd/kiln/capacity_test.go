@@ -89,7 +89,21 @@ func TestCapacity(t *testing.T) {
 		t.Fatalf("the queued machine did not start once room freed: %v", err)
 	}
 
+	// Every limit in the server's registry is shown, with a value, a source and what it
+	// bounds.
+	registry, err := cl.Limits(ctx)
+	if err != nil || len(registry) < 20 {
+		t.Fatalf("limits: %d %v", len(registry), err)
+	}
 	out, errs, code := srv.kiln("", "limits", "show")
+	for _, l := range registry {
+		if l.Value == "" || l.Source == "" || l.Description == "" {
+			t.Errorf("limit %s lacks a value, source or description: %+v", l.Name, l)
+		}
+		if !strings.Contains(out, l.Name) {
+			t.Errorf("limits show does not list %s", l.Name)
+		}
+	}
 	for _, want := range []string{"host.memory_offered", "640 MiB", "config file (reserve-memory)", "capacity.queue_wait", "2m0s", "config file (capacity-wait)", "default (flag --wake-timeout)", "machine.memory", "network.apps"} {
 		if code != 0 || !strings.Contains(out, want) {
 			t.Errorf("limits show lacks %q: %d %s %s", want, code, out, errs)
