@@ -433,7 +433,8 @@ func TestServerEndToEnd(t *testing.T) {
 	}
 	waitFor(t, func() bool {
 		out, _, _ := srv.kiln("", "logs", reader.ID)
-		return strings.Contains(out, "persisted")
+		// Both lines: the data, then df's line for /data (the output may come in pieces).
+		return strings.Contains(out, "persisted") && strings.Contains(out, "/data")
 	}, "the volume's data in a new machine")
 	out, _, _ = srv.kiln("", "logs", reader.ID)
 	if !strings.Contains(out, " 20") { // df shows about 2 GiB (20xxxxx KiB) after the extend
