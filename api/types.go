@@ -270,7 +270,10 @@ type BuildSpec struct {
 	Labels     map[string]string `json:"labels,omitempty"`
 	// Branch, when set, lets a newer build of the same project and branch cancel this
 	// one (unless NoSupersede).
-	Branch      string `json:"branch,omitempty"`
+	Branch string `json:"branch,omitempty"`
+	// GitURL, when set, is where the context comes from (kiln clones it on the host,
+	// at GitRef: a branch, tag or commit); the request's context part is then empty.
+	GitURL      string `json:"git_url,omitempty"`
 	GitRef      string `json:"git_ref,omitempty"`
 	NoSupersede bool   `json:"no_supersede,omitempty"`
 	// SecretIDs names the secrets sent with the request; their values are never stored.
@@ -323,6 +326,8 @@ type BuildResult struct {
 	CacheReset   bool  `json:"cache_reset,omitempty"`
 	DurationMS   int64 `json:"duration_ms,omitempty"`
 	LogTruncated bool  `json:"log_truncated,omitempty"`
+	// Pruned says the image was deleted from the registry: newer builds replaced it.
+	Pruned bool `json:"pruned,omitempty"`
 }
 
 // BuildCache describes a project's build cache volume.

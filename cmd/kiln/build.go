@@ -1,6 +1,7 @@
 package main
 
 import (
+	"archive/tar"
 	"context"
 	"fmt"
 	"io"
@@ -20,24 +21,28 @@ import (
 func buildCmd(g *globals, af *apiFlags) *cobra.Command {
 	var (
 		project, file, target, branch, gitRef string
+		gitURL                                string
 		tags, buildArgs, labels, secrets      []string
 		noSupersede, detach                   bool
 	)
 	c := &cobra.Command{
-		Use:   "build DIR --project P [--tag REF]...",
+		Use:   "build [DIR | --git URL] --project P [--tag REF]...",
 		Short: "Build a Dockerfile in the project's builder VM and push the image to kiln's registry",
 		Long: `Build DIR (the context; .dockerignore is honoured) with BuildKit in the project's own
 builder microVM, whose cache volume stays on the server: the second build reuses every
 unchanged layer and RUN --mount=type=cache directory. The image is pushed to kiln's
 registry under each --tag (default localhost/PROJECT:BUILD_ID). Progress is BuildKit's
 plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
-		Args: cobra.ExactArgs(1),
+		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
+			if (len(args) == 1) == (gitURL != "") {
+				return errdefs.Invalid("give the context as a directory or as --git URL (one of them)")
+			}
 			if project == "" {
 				return errdefs.Invalid("--project is required: builds of one project share its builder and cache")
 			}
-			spec := api.BuildSpec{Dockerfile: file, Target: target, Tags: tags, Branch: branch, GitRef: gitRef, NoSupersede: noSupersede}
+			spec := api.BuildSpec{Dockerfile: file, Target: target, Tags: tags, Branch: branch, GitRef: gitRef, GitURL: gitURL, NoSupersede: noSupersede}
 			var err error
 			if spec.BuildArgs, err = keyValues("--build-arg", buildArgs); err != nil {
 				return err
@@ -54,7 +59,13 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 				return err
 			}
 			pr, pw := io.Pipe()
-			go func() { pw.CloseWithError(tarContext(args[0], spec.Dockerfile, pw)) }()
+			go func() {
+				if gitURL != "" {
+					pw.CloseWithError(tar.NewWriter(pw).Close()) // an empty context: the server clones
+					return
+				}
+				pw.CloseWithError(tarContext(args[0], spec.Dockerfile, pw))
+			}()
 			b, err := cl.SubmitBuild(ctx, project, spec, pr, sec)
 			pr.Close()
 			if err != nil {
@@ -77,7 +88,8 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 	f.StringArrayVar(&labels, "label", nil, "image label K=V (repeatable)")
 	f.StringArrayVar(&secrets, "secret", nil, "secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable); never stored")
 	f.StringVar(&branch, "branch", "", "branch: a newer build of the same branch cancels this one")
-	f.StringVar(&gitRef, "git-ref", "", "git ref recorded in the image's labels")
+	f.StringVar(&gitRef, "git-ref", "", "with --git: the branch, tag or commit to build; always recorded in the image's labels")
+	f.StringVar(&gitURL, "git", "", "build from a git repository (https://, ssh://, git:// or file://) that kiln clones, instead of DIR")
 	f.BoolVar(&noSupersede, "no-supersede", false, "do not let a newer build of the branch cancel this one")
 	f.BoolVarP(&detach, "detach", "d", false, "queue the build and print its ID without waiting")
 

@@ -3,6 +3,7 @@ package main_test
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -109,6 +110,19 @@ CMD ["sh", "-c", "cat /out; sleep 600"]
 
 	if out, errs, code := srv.kiln("", "build", "cache", "show", "--project", "shop"); code != 0 || !strings.Contains(out, "builder      running") || !strings.Contains(out, "used ") {
 		t.Errorf("build cache show: %d %s %s", code, out, errs)
+	}
+
+	// From a git repository, cloned by the server.
+	repo := filepath.Join(e.dataDir, "repo")
+	os.MkdirAll(repo, 0o755)
+	os.WriteFile(filepath.Join(repo, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo from-git > /g\n"), 0o644)
+	for _, args := range [][]string{{"init", "-q", "-b", "main"}, {"add", "."}, {"-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"}} {
+		if out, err := exec.Command("git", append([]string{"-C", repo}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("git %v: %v %s", args, err, out)
+		}
+	}
+	if out, errs, code := srv.kiln("", "build", "--git", "file://"+repo, "--git-ref", "main", "--project", "shop", "--tag", "localhost/shop/git:1"); code != 0 || !strings.Contains(out, "localhost/shop/git:1") {
+		t.Errorf("kiln build --git: %d %s %s", code, out, errs)
 	}
 
 	// Logs afterwards; bad input before any VM.

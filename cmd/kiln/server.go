@@ -92,6 +92,7 @@ type serverOptions struct {
 	builderMemory   int
 	builderIdle     time.Duration
 	maxBuilds       int
+	imagesKept      int
 
 	cpuOvercommit float64
 	memOvercommit float64
@@ -145,6 +146,7 @@ when the server stops or dies; the next start adopts them.`,
 	f.IntVar(&o.builderMemory, "builder-memory", 2048, "memory of a builder VM in MiB")
 	f.DurationVar(&o.builderIdle, "builder-idle", 10*time.Minute, "how long a project's builder stays up after its last build")
 	f.IntVar(&o.maxBuilds, "max-builds", 2, "builds running at once (each on its own project's builder)")
+	f.IntVar(&o.imagesKept, "build-images-kept", 10, "newest build images kept per project in the registry; older ones are pruned (0 keeps all)")
 	f.Float64Var(&o.cpuOvercommit, "cpu-overcommit", 4, "vCPUs offered per host CPU (after the reserve); 1 means none")
 	f.Float64Var(&o.memOvercommit, "memory-overcommit", 1, "guest memory offered per MiB of host memory (after the reserve); 1 means none")
 	f.IntVar(&o.reserveCPUs, "reserve-cpus", 0, "host CPUs kept for the host itself")
@@ -465,6 +467,7 @@ func (o serverOptions) buildService(ctx context.Context, dataDir string, db *sql
 		MaxAttempts:     3,
 		Backoff:         2 * time.Second,
 		MaxConcurrent:   o.maxBuilds,
+		KeepImages:      o.imagesKept,
 		Log:             os.Stderr,
 	}, nil
 }
@@ -514,6 +517,7 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("build.builder_memory", b.Builders.MemoryMiB, "MiB", src("builder-memory"), "memory of a builder VM")
 	r.Set("build.builder_idle", b.Builders.Idle, "", src("builder-idle"), "idle time before a builder is suspended")
 	r.Set("build.secret", 500<<10, "bytes", "built in", "one build secret")
+	r.Set("build.images_kept", b.KeepImages, "images", src("build-images-kept"), "newest build images kept per project; older ones are deleted from the registry")
 }
 
 func mustPrefix(s string) netip.Prefix {

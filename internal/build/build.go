@@ -67,6 +67,8 @@ func Terminal(s string) bool { return s == Succeeded || s == Failed || s == Canc
 type Images interface {
 	Resolve(ctx context.Context, ref string) (v1.Image, error)
 	Load(ctx context.Context, tarball string, extra ...string) (string, []string, error)
+	// Delete removes a manifest (REPO@DIGEST) from kiln's registry.
+	Delete(ctx context.Context, ref string) error
 }
 
 // Service queues and runs builds.
@@ -85,6 +87,9 @@ type Service struct {
 	Backoff     time.Duration
 	// MaxConcurrent bounds builds running at once (each on its own project's builder).
 	MaxConcurrent int
+	// KeepImages is how many of a project's newest build images stay in the registry;
+	// older ones are pruned. Zero keeps all.
+	KeepImages int
 	Log           io.Writer
 	// Host names this host when several share the database: it claims builds for itself,
 	// prefers those whose project's cache it holds, and takes over the builds of a host
@@ -174,6 +179,18 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 	}
 	if _, err := ExtractContext(contextTar, ctxDir, s.MaxContextBytes); err != nil {
 		return fail(err)
+	}
+	if spec.GitURL != "" {
+		if ents, _ := os.ReadDir(ctxDir); len(ents) > 0 {
+			return fail(errdefs.Invalid("a build takes its context from git_url or from the request, not both"))
+		}
+		if err := checkGitURL(spec.GitURL); err != nil {
+			return fail(err)
+		}
+		os.Remove(ctxDir)
+		if err := cloneContext(ctx, spec.GitURL, spec.GitRef, ctxDir); err != nil {
+			return fail(err)
+		}
 	}
 	if err := s.checkDockerfile(ctx, ctxDir, spec); err != nil {
 		return fail(err)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -35,10 +36,18 @@ func TestMain(m *testing.M) {
 // registry stands in for kiln's registry in these tests: it serves the busybox base
 // image and keeps what builds push. (The server's end-to-end test uses the real one.)
 type registry struct {
-	mu     sync.Mutex
-	base   v1.Image
-	pushed map[string]v1.Image
-	dir    string
+	mu      sync.Mutex
+	base    v1.Image
+	pushed  map[string]v1.Image
+	dir     string
+	deleted []string
+}
+
+func (r *registry) Delete(_ context.Context, ref string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.deleted = append(r.deleted, ref)
+	return nil
 }
 
 func (r *registry) Resolve(_ context.Context, ref string) (v1.Image, error) {
@@ -464,5 +473,76 @@ func TestCacheHousekeeping(t *testing.T) {
 	}
 	if b := h.wait(t, h.submit(t, "shop", api.BuildSpec{}, files, nil).ID); b.State != build.Succeeded || b.CachedSteps != 0 {
 		t.Fatalf("after a prune: %d of %d steps cached, want none", b.CachedSteps, b.TotalSteps)
+	}
+}
+
+// Only the newest KeepImages build images of a project stay; older ones are deleted by
+// digest, and the build says so.
+func TestPruneOldImages(t *testing.T) {
+	h := newHarness(t, func(s *build.Service) { s.KeepImages = 1 })
+	ctx := context.Background()
+	first := h.wait(t, h.submit(t, "shop", api.BuildSpec{Tags: []string{"localhost/shop/web:1"}}, map[string]string{"Dockerfile": "FROM localhost/busybox:1\nRUN echo 1 > /v\n"}, nil).ID)
+	second := h.wait(t, h.submit(t, "shop", api.BuildSpec{Tags: []string{"localhost/shop/web:2"}}, map[string]string{"Dockerfile": "FROM localhost/busybox:1\nRUN echo 2 > /v\n"}, nil).ID)
+	if first.State != build.Succeeded || second.State != build.Succeeded {
+		t.Fatalf("%+v %+v", first, second)
+	}
+	h.reg.mu.Lock()
+	deleted := append([]string(nil), h.reg.deleted...)
+	h.reg.mu.Unlock()
+	if len(deleted) != 1 || deleted[0] != "localhost/shop/web@"+first.Image {
+		t.Fatalf("deleted %v, want only the first build's image", deleted)
+	}
+	if b, _ := h.svc.Get(ctx, first.ID); !b.Pruned {
+		t.Error("the first build does not say its image was pruned")
+	}
+	if b, _ := h.svc.Get(ctx, second.ID); b.Pruned {
+		t.Error("the newest build's image was pruned")
+	}
+}
+
+// A context can come from a git repository, at a branch or a commit; kiln clones it on
+// the host. Bad git input is refused before any VM starts.
+func TestGitContext(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	repo := testutil.TempDir(t)
+	git := func(args ...string) string {
+		cmd := exec.Command("git", append([]string{"-C", repo, "-c", "user.name=t", "-c", "user.email=t@t"}, args...)...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("git %v: %v %s", args, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	git("init", "-q", "-b", "main")
+	os.WriteFile(filepath.Join(repo, "Dockerfile"), []byte("FROM localhost/busybox:1\nCOPY msg /msg\n"), 0o644)
+	os.WriteFile(filepath.Join(repo, "msg"), []byte("from git v1\n"), 0o644)
+	git("add", ".")
+	git("commit", "-q", "-m", "v1")
+	v1 := git("rev-parse", "HEAD")
+	os.WriteFile(filepath.Join(repo, "msg"), []byte("from git v2\n"), 0o644)
+	git("commit", "-q", "-am", "v2")
+	for _, c := range []struct{ ref, want string }{{"main", "from git v2\n"}, {v1, "from git v1\n"}} {
+		b := h.wait(t, h.submit(t, "shop", api.BuildSpec{GitURL: "file://" + repo, GitRef: c.ref, Tags: []string{"localhost/shop/git:" + c.ref[:4]}}, map[string]string{}, nil).ID)
+		if b.State != build.Succeeded {
+			t.Fatalf("git build at %s: %+v\n%s", c.ref, b, logOf(h, b.ID))
+		}
+		img, _ := h.reg.Resolve(ctx, "localhost/shop/git:"+c.ref[:4])
+		if got, _ := fileIn(t, img, "msg"); got != c.want {
+			t.Errorf("at %s the image has %q, want %q", c.ref, got, c.want)
+		}
+	}
+	for _, bad := range []struct {
+		spec api.BuildSpec
+		ctx  map[string]string
+		want string
+	}{
+		{api.BuildSpec{GitURL: "ext::sh -c touch% /tmp/pwned"}, map[string]string{}, `scheme "ext" is not supported`},
+		{api.BuildSpec{GitURL: "file://" + repo}, map[string]string{"Dockerfile": "FROM x\n"}, "not both"},
+		{api.BuildSpec{GitURL: "file://" + repo, GitRef: "no-such-branch"}, map[string]string{}, "fetching the build context"},
+	} {
+		if _, err := h.svc.Submit(ctx, "shop", bad.spec, ctxTar(bad.ctx), nil); err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Errorf("%+v: %v, want %q", bad.spec, err, bad.want)
+		}
 	}
 }

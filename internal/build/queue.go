@@ -176,6 +176,7 @@ func (s *Service) execute(ctx context.Context, b store.Build) {
 	case err == nil:
 		s.writeLog(b.ID, fmt.Sprintf("kiln: pushed %s (%s); %d of %d steps cached; %s\n", out.digest, joinTags(out.pushed), out.stats.Cached, out.stats.Total, time.Since(start).Round(time.Millisecond)))
 		finish(Succeeded, func(r *api.BuildResult) { r.Image, r.Pushed, r.Error, r.Failure = out.digest, out.pushed, "", "" })
+		s.pruneImages(bg, b.Project)
 		s.dropSecrets(b.ID)
 	case why != "":
 		finish(Canceled, func(r *api.BuildResult) { r.Error = why })

@@ -189,3 +189,16 @@ func savedRefs(path string) []string {
 		}
 	}
 }
+
+// Delete removes a manifest (REPO@DIGEST) from the built-in registry; the registry's
+// garbage collection frees its blobs.
+func (r Registries) Delete(ctx context.Context, ref string) error {
+	where, opts, err := r.where(ctx, ref)
+	if err != nil {
+		return err
+	}
+	if _, ok := where.(name.Digest); !ok {
+		return errdefs.Invalid("delete %s: name the image by digest (REPO@sha256:...)", ref)
+	}
+	return remote.Delete(where, opts...)
+}
