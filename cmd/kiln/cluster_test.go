@@ -113,7 +113,6 @@ func TestTwoHostsOnePostgres(t *testing.T) {
 	os.RemoveAll(filepath.Join(ea.dataDir, "vms"))
 	os.RemoveAll(filepath.Join(ea.dataDir, "locks"))
 	a = nil
-	_ = eb
 	b.stop(syscall.SIGTERM)
 	b = nil
 }

@@ -396,6 +396,16 @@ func (s *Service) transition(ctx context.Context, b store.Build, to string, edit
 	return nb, nil
 }
 
+// updateResult changes what a finished build records (its image was pruned, say) without
+// changing its state: a compare-and-swap on that state, so a concurrent change wins.
+func (s *Service) updateResult(ctx context.Context, b store.Build, edit func(*api.BuildResult)) error {
+	var res api.BuildResult
+	json.Unmarshal(b.Result, &res)
+	edit(&res)
+	b.Result, _ = json.Marshal(res)
+	return s.Store.UpdateBuild(ctx, b, b.State)
+}
+
 // Cancel stops a queued or running build.
 func (s *Service) Cancel(ctx context.Context, id string) error {
 	return s.cancel(ctx, id, "canceled by the user")

@@ -51,11 +51,7 @@ func (s *Service) pruneImages(ctx context.Context, project string) {
 		if !ok {
 			continue
 		}
-		res.Pruned = true
-		raw, _ := json.Marshal(res)
-		b.Result = raw
-		// A change of the result only: the state stays succeeded.
-		s.Store.UpdateBuild(ctx, b, Succeeded)
+		s.updateResult(ctx, b, func(r *api.BuildResult) { r.Pruned = true })
 		s.logf("pruned the image of build %s of %s (%s): %d newer builds are kept", b.ID, project, res.Image, s.KeepImages)
 	}
 }
