@@ -76,7 +76,15 @@ func (e *env) run(stdin string, args ...string) (string, string, int) {
 	c.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
 	c.Stdout, c.Stderr = &out, &errb
-	err := c.Run()
+	if err := c.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	// A command that hangs fails the test instead of holding CI until its deadline.
+	hung := time.AfterFunc(5*time.Minute, func() { c.Process.Kill() })
+	err := c.Wait()
+	if !hung.Stop() {
+		e.t.Fatalf("kiln %s did not finish within 5 minutes; its output:\n%s\n%s", strings.Join(args, " "), out.String(), errb.String())
+	}
 	code := 0
 	if ee, ok := err.(*exec.ExitError); ok {
 		code = ee.ExitCode()

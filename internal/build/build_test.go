@@ -41,6 +41,7 @@ type registry struct {
 	pushed  map[string]v1.Image
 	dir     string
 	deleted []string
+	closers []func() // the pushed images read from unpacked tarballs until the test ends
 }
 
 func (r *registry) Delete(_ context.Context, ref string) error {
@@ -70,10 +71,13 @@ func (r *registry) Load(_ context.Context, tarball string, extra ...string) (str
 		return "", nil, err
 	}
 	os.WriteFile(cp, b, 0o644)
-	img, _, err := image.OpenTarball(cp)
+	img, closeImg, err := image.OpenTarball(cp)
 	if err != nil {
 		return "", nil, err
 	}
+	r.mu.Lock()
+	r.closers = append(r.closers, closeImg)
+	r.mu.Unlock()
 	dg, _ := img.Digest()
 	r.mu.Lock()
 	for _, t := range extra {
@@ -128,6 +132,11 @@ func newHarness(t *testing.T, opts ...func(*build.Service)) *harness {
 	}
 	t.Cleanup(func() { db.Close() })
 	reg := &registry{base: imagetest.Base(t), pushed: map[string]v1.Image{}, dir: dir}
+	t.Cleanup(func() {
+		for _, c := range reg.closers {
+			c()
+		}
+	})
 	bs := &build.Builders{RT: rt, Rootfs: rootfs, Dir: filepath.Join(dir, "builders"), CacheBytes: 4 << 30, KeepBytes: 2 << 30,
 		CPUs: 2, MemoryMiB: 1024, Idle: time.Hour, Log: os.Stderr}
 	svc := &build.Service{Store: db, Builders: bs, Bases: &build.Bases{Dir: filepath.Join(dir, "bases")}, Images: reg,
