@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/client"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
@@ -119,16 +120,12 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 	var opProject string
 	logs := &cobra.Command{Use: "logs BUILD_ID [-f]", Short: "Print a build's log", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			project, err := needProject(opProject)
+			project, cl, err := projectClient(af, g, opProject)
 			if err != nil {
 				return err
 			}
 			if follow {
 				return followBuild(cmd.Context(), af, g, project, args[0])
-			}
-			cl, err := af.client(g)
-			if err != nil {
-				return err
 			}
 			_, err = cl.BuildLogs(cmd.Context(), project, args[0], false, func(l string) { fmt.Println(l) })
 			return err
@@ -136,11 +133,7 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 	logs.Flags().BoolVarP(&follow, "follow", "f", false, "wait for the build and print lines as they come")
 	cancel := &cobra.Command{Use: "cancel BUILD_ID", Short: "Cancel a queued or running build", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			project, err := needProject(opProject)
-			if err != nil {
-				return err
-			}
-			cl, err := af.client(g)
+			project, cl, err := projectClient(af, g, opProject)
 			if err != nil {
 				return err
 			}
@@ -152,11 +145,7 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 	cache := &cobra.Command{Use: "cache", Short: "A project's build cache"}
 	show := &cobra.Command{Use: "show --project P", Short: "Show the cache volume's size and use, GC target and resets", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			project, err := needProject(opProject)
-			if err != nil {
-				return err
-			}
-			cl, err := af.client(g)
+			project, cl, err := projectClient(af, g, opProject)
 			if err != nil {
 				return err
 			}
@@ -170,11 +159,7 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 		}}
 	prune := &cobra.Command{Use: "prune --project P", Short: "Empty the project's build cache", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			project, err := needProject(opProject)
-			if err != nil {
-				return err
-			}
-			cl, err := af.client(g)
+			project, cl, err := projectClient(af, g, opProject)
 			if err != nil {
 				return err
 			}
@@ -193,11 +178,13 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 	return c
 }
 
-func needProject(p string) (string, error) {
-	if p == "" {
-		return "", errdefs.Invalid("--project is required (or set KILN_PROJECT)")
+// projectClient checks --project and returns it with an API client.
+func projectClient(af *apiFlags, g *globals, project string) (string, *client.Client, error) {
+	if project == "" {
+		return "", nil, errdefs.Invalid("--project is required (or set KILN_PROJECT)")
 	}
-	return p, nil
+	cl, err := af.client(g)
+	return project, cl, err
 }
 
 // followBuild prints a build's log until it ends and turns its end into an exit status.
