@@ -39,8 +39,10 @@ type Config struct {
 	// Egress is the source address machines' outbound traffic is translated to. The zero
 	// value masquerades behind whatever address the outbound interface has; Disabled
 	// turns egress off.
-	Egress       netip.Addr
-	EgressOff    bool
+	Egress    netip.Addr
+	EgressOff bool
+	// EgressAllow opens ranges that BlockedByDefault closes (a private registry, say).
+	EgressAllow  []netip.Prefix
 	DomainSuffix string // names are <machine>.vm.<app>.<suffix>; default "internal"
 }
 
@@ -82,7 +84,8 @@ type Manager struct {
 
 	mu        sync.Mutex
 	st        state
-	resolvers map[string]*resolver // app → resolver on its gateway
+	resolvers map[string]*resolver    // app → resolver on its gateway
+	hosts     map[string][]netip.Addr // kind → kiln's own hosts machines never reach
 }
 
 // Open loads the state; call Reconcile before attaching machines.
@@ -94,6 +97,11 @@ func Open(dir string, cfg Config, log io.Writer) (*Manager, error) {
 		return nil, errdefs.Invalid("network pool %s: want an IPv4 prefix between /8 and /23, like 10.208.0.0/16", cfg.Pool)
 	}
 	cfg.Pool = cfg.Pool.Masked()
+	for _, p := range cfg.EgressAllow {
+		if !p.Addr().Is4() {
+			return nil, errdefs.Invalid("egress allow %s: want an IPv4 prefix like 10.1.2.0/24 (machines have no IPv6)", p)
+		}
+	}
 	if cfg.DomainSuffix == "" {
 		cfg.DomainSuffix = "internal"
 	}
@@ -153,8 +161,10 @@ func (m *Manager) ownsLink(name string) bool {
 func (m *Manager) tableName() string { return "kiln_" + m.tag }
 
 // subnet is app index idx's /24.
-func (m *Manager) subnet(idx int) netip.Prefix {
-	a := m.cfg.Pool.Addr().As4()
+func (m *Manager) subnet(idx int) netip.Prefix { return subnetOf(m.cfg.Pool, idx) }
+
+func subnetOf(pool netip.Prefix, idx int) netip.Prefix {
+	a := pool.Addr().As4()
 	base := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
 	base += uint32(idx) << 8
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(base >> 24), byte(base >> 16), byte(base >> 8), 0}), 24)
@@ -234,14 +244,17 @@ func (m *Manager) appIndex(app string) (int, error) {
 	for _, i := range m.st.Apps {
 		used[i] = true
 	}
-	n := 1 << (24 - m.cfg.Pool.Bits())
-	for i := 0; i < n; i++ {
-		if !used[i] {
-			m.st.Apps[app] = i
-			return i, nil
-		}
+	// A /24 the host already routes (another kiln data directory's apps, a VPN) would
+	// shadow that route or be shadowed by it: its machines get "no route to host".
+	routes, err := hostRoutes()
+	if err != nil {
+		return 0, err
 	}
-	return 0, errdefs.New(errdefs.ErrCapacity, "the network pool %s has no /24 left for app %s: %d apps have one; give kiln a larger pool (--network-pool)", m.cfg.Pool, app, n)
+	if i, ok := pickSubnet(m.cfg.Pool, used, routes); ok {
+		m.st.Apps[app] = i
+		return i, nil
+	}
+	return 0, errdefs.New(errdefs.ErrCapacity, "the network pool %s has no /24 left for app %s: %d apps have one and the host routes the rest; give kiln a larger pool (--network-pool)", m.cfg.Pool, app, len(used))
 }
 
 func (m *Manager) freeHost(app string) (int, error) {

@@ -140,3 +140,115 @@ func TestBadConfig(t *testing.T) {
 		}
 	}
 }
+
+func TestPickSubnetSkipsRoutedSubnets(t *testing.T) {
+	pool := netip.MustParsePrefix("10.208.0.0/16")
+	p := netip.MustParsePrefix
+	for _, tc := range []struct {
+		name   string
+		used   map[int]bool
+		routes []netip.Prefix
+		want   int
+		ok     bool
+	}{
+		{"nothing routed", nil, nil, 0, true},
+		{"used by an app", map[int]bool{0: true}, nil, 1, true},
+		{"another data dir's bridge", nil, []netip.Prefix{p("10.208.0.0/24")}, 1, true},
+		{"used and routed", map[int]bool{0: true}, []netip.Prefix{p("10.208.1.0/24")}, 2, true},
+		{"a host route inside", nil, []netip.Prefix{p("10.208.0.77/32")}, 1, true},
+		{"a wider route inside the pool", nil, []netip.Prefix{p("10.208.0.0/23")}, 2, true},
+		{"routes covering the pool", nil, []netip.Prefix{p("0.0.0.0/0"), p("10.0.0.0/8"), p("10.208.0.0/16")}, 0, true},
+		{"routes elsewhere", nil, []netip.Prefix{p("192.168.1.0/24"), p("10.209.0.0/24")}, 0, true},
+		{"all routed", nil, []netip.Prefix{p("10.208.0.0/17"), p("10.208.128.0/17")}, 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := pickSubnet(pool, tc.used, tc.routes)
+			if got != tc.want || ok != tc.ok {
+				t.Errorf("pickSubnet = %d, %v; want %d, %v", got, ok, tc.want, tc.ok)
+			}
+		})
+	}
+}
+
+// Two kiln data directories on one host: the second must not take the /24 the first
+// one's bridge routes, or its machines get "no route to host".
+func TestTwoDataDirsTakeDifferentSubnets(t *testing.T) {
+	ctx := context.Background()
+	var leases []Lease
+	for i := 0; i < 2; i++ {
+		m, err := Open(testutil.TempDir(t), Config{}, os.Stderr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.RemoveAll(ctx)
+		defer m.Close()
+		l, err := m.Attach(ctx, "shop", "m1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		leases = append(leases, l)
+	}
+	if leases[0].Addr.Masked() == leases[1].Addr.Masked() {
+		t.Fatalf("both data dirs took %s", leases[0].Addr.Masked())
+	}
+}
+
+// nftList returns kiln's table as nft prints it.
+func nftList(t *testing.T, m *Manager) string {
+	t.Helper()
+	out, err := exec.Command("nft", "list", "table", "inet", m.tableName()).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list: %v: %s", err, out)
+	}
+	return string(out)
+}
+
+// The egress sets: what is blocked by default, what the operator allows, and kiln's
+// own hosts, which no allow opens; rewriting them is idempotent.
+func TestEgressSets(t *testing.T) {
+	ctx := context.Background()
+	allow := []netip.Prefix{netip.MustParsePrefix("10.1.2.0/24"), netip.MustParsePrefix("10.1.2.128/25")}
+	m, err := Open(testutil.TempDir(t), Config{EgressAllow: allow}, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.RemoveAll(ctx)
+	defer m.Close()
+	if _, err := m.Attach(ctx, "shop", "m1"); err != nil {
+		t.Fatal(err)
+	}
+	// Peer hosts appear in the never set, even one inside an allowed range.
+	peers := []netip.Addr{netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("10.1.2.3")}
+	if err := m.BlockHosts(ctx, "peers", peers); err != nil {
+		t.Fatal(err)
+	}
+	first := nftList(t, m)
+	for _, want := range []string{
+		"set egress_blocked", "10.0.0.0/8", "169.254.0.0/16", "192.168.0.0/16", "172.16.0.0/12", "100.64.0.0/10",
+		"set egress_allow", "10.1.2.0/24",
+		"set egress_never", "203.0.113.7", "10.1.2.3", "10.208.0.0/16",
+		"ip daddr @egress_never drop", "ip daddr @egress_allow accept", "ip daddr @egress_blocked drop",
+	} {
+		if !strings.Contains(first, want) {
+			t.Errorf("rules lack %q:\n%s", want, first)
+		}
+	}
+	never := strings.Index(first, "@egress_never")
+	allowAt := strings.Index(first, "@egress_allow")
+	blocked := strings.Index(first, "@egress_blocked")
+	if !(never < allowAt && allowAt < blocked) {
+		t.Errorf("the sets are not checked never, allow, blocked in that order:\n%s", first)
+	}
+	if err := m.BlockHosts(ctx, "peers", peers); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Reconcile(ctx, func(string) bool { return true }); err != nil {
+		t.Fatal(err)
+	}
+	if again := nftList(t, m); again != first {
+		t.Errorf("rewriting the rules changed them:\n%s\nthen\n%s", first, again)
+	}
+	if _, err := Open(testutil.TempDir(t), Config{EgressAllow: []netip.Prefix{netip.MustParsePrefix("fd00::/8")}}, nil); err == nil {
+		t.Error("an IPv6 egress allow was accepted")
+	}
+}

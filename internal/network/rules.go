@@ -17,6 +17,7 @@ func (m *Manager) rules() string {
 	all := "kb" + m.tag + "*"
 	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\n", t, t)
 	fmt.Fprintf(&b, "table inet %s {\n", t)
+	m.egressSets(&b)
 	// Traffic to the host itself: replies to what the host opened (the proxy, health
 	// checks) and DNS to the machine's own gateway, nothing else: no host service, no
 	// other app's gateway, no forged source address, no IPv6 (router advertisements
@@ -34,7 +35,8 @@ func (m *Manager) rules() string {
 	b.WriteString("\t}\n")
 	// Routed traffic: within one app it is bridged and never gets here (unless
 	// br_netfilter is loaded, hence the first rule); between apps it is dropped; out of
-	// the pool it is allowed when egress is on; in from outside only as replies.
+	// the pool it is allowed when egress is on, to the internet only (egress.go); in from
+	// outside only as replies.
 	b.WriteString("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n")
 	fmt.Fprintf(&b, "\t\tiifname %q meta nfproto ipv6 drop\n", all)
 	fmt.Fprintf(&b, "\t\toifname %q meta nfproto ipv6 drop\n", all)
@@ -49,6 +51,8 @@ func (m *Manager) rules() string {
 	fmt.Fprintf(&b, "\t\toifname %q drop\n", all)
 	if m.cfg.EgressOff {
 		fmt.Fprintf(&b, "\t\tiifname %q drop\n", all)
+	} else {
+		egressRules(&b, all)
 	}
 	b.WriteString("\t}\n")
 	if !m.cfg.EgressOff {
