@@ -1,0 +1,244 @@
+package connlimit_test
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/connlimit"
+)
+
+const childEnv = "CONNLIMIT_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		serveChild()
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// serve runs an HTTP server with lim whose handler trusts requests that carry
+// "Authorization: ok".
+func serve(t *testing.T, lim connlimit.HTTP) (string, *connlimit.Pending) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, pl := connlimit.NewServer(ln, handler(), lim)
+	go srv.Serve(pl)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String(), pl
+}
+
+func handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") == "ok" {
+			connlimit.Trust(r.Context())
+		}
+		io.WriteString(w, "ok")
+	})
+}
+
+// halfOpen opens a connection that sends a request line and never ends its headers.
+func halfOpen(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c := dial(t, addr)
+	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// closedWithin reports whether the server closes c within d (reading nothing else).
+func closedWithin(c net.Conn, d time.Duration) bool {
+	c.SetReadDeadline(time.Now().Add(d))
+	_, err := io.Copy(io.Discard, c)
+	return !errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// get sends one request on c and returns the body.
+func get(t *testing.T, c net.Conn, br *bufio.Reader, auth string) string {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\n\r\n", auth)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("request on a kept-alive connection: %v", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+func TestHeaderTimeoutClosesSlowClient(t *testing.T) {
+	addr, _ := serve(t, connlimit.HTTP{HeaderTimeout: 200 * time.Millisecond})
+	c := halfOpen(t, addr)
+	start := time.Now()
+	if !closedWithin(c, 5*time.Second) {
+		t.Fatal("a connection that never finished its headers was still open after 5s (header timeout 200ms)")
+	}
+	if d := time.Since(start); d < 150*time.Millisecond {
+		t.Fatalf("closed after %s, before the header timeout", d)
+	}
+}
+
+func TestHeaderSizeCap(t *testing.T) {
+	addr, _ := serve(t, connlimit.HTTP{MaxHeaderBytes: 1 << 10})
+	req, _ := http.NewRequest("GET", "http://"+addr+"/", nil)
+	req.Header.Set("X-Big", strings.Repeat("a", 8<<10))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("8 KiB of headers with a 1 KiB cap: %d, want 431", resp.StatusCode)
+	}
+}
+
+func TestIdleTimeoutClosesKeptAliveConnection(t *testing.T) {
+	addr, _ := serve(t, connlimit.HTTP{IdleTimeout: 200 * time.Millisecond})
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if body := get(t, c, bufio.NewReader(c), "ok"); body != "ok" {
+		t.Fatalf("body %q", body)
+	}
+	if !closedWithin(c, 5*time.Second) {
+		t.Fatal("an idle kept-alive connection was still open after 5s (idle timeout 200ms)")
+	}
+}
+
+// Past the cap the oldest half-open connections are closed; the newest stay, a client
+// that sends its request is answered, and an authenticated connection is never shed.
+func TestPendingCapShedsTheOldest(t *testing.T) {
+	const max = 8
+	addr, pl := serve(t, connlimit.HTTP{MaxPending: max, HeaderTimeout: time.Minute})
+
+	trusted, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer trusted.Close()
+	tr := bufio.NewReader(trusted)
+	get(t, trusted, tr, "ok")
+	anon, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer anon.Close()
+	get(t, anon, bufio.NewReader(anon), "")
+
+	var conns []net.Conn
+	for i := 0; i < 5*max; i++ {
+		conns = append(conns, halfOpen(t, addr))
+	}
+	// The anonymous idle connection and the oldest half-open ones were shed.
+	for i, c := range append([]net.Conn{anon}, conns[:len(conns)-max]...) {
+		if !closedWithin(c, 5*time.Second) {
+			t.Fatalf("connection %d of %d past the cap of %d is still open", i, len(conns)+1, max)
+		}
+	}
+	if n := pl.PendingConns(); n != max {
+		t.Fatalf("%d pending connections, want the cap, %d", n, max)
+	}
+	for i, c := range conns[len(conns)-max:] {
+		if closedWithin(c, 10*time.Millisecond) {
+			t.Fatalf("newest connection %d was closed, but it was within the cap", i)
+		}
+	}
+	if body := get(t, trusted, tr, "ok"); body != "ok" {
+		t.Fatalf("the authenticated connection after the flood: %q", body)
+	}
+	resp, err := http.Get("http://" + addr + "/")
+	if err != nil {
+		t.Fatalf("a new client during the flood: %v", err)
+	}
+	resp.Body.Close()
+}
+
+// serveChild is the server of TestMoreHalfOpenThanFileDescriptors: a process allowed 64
+// open files, serving HTTP (16 pending at most) and raw TCP (16 connections at most).
+func serveChild() {
+	lim := syscall.Rlimit{Cur: 64, Max: 64}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		fmt.Println("setrlimit:", err)
+		os.Exit(1)
+	}
+	hl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Println(err)
+		os.Exit(1)
+	}
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Println(err)
+		os.Exit(1)
+	}
+	srv, pl := connlimit.NewServer(hl, handler(), connlimit.HTTP{MaxPending: 16, HeaderTimeout: time.Minute})
+	go srv.Serve(pl)
+	capped := connlimit.Cap(tl, 16, "test", nil)
+	go func() {
+		for {
+			c, err := capped.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	fmt.Println(hl.Addr(), tl.Addr())
+	io.Copy(io.Discard, os.Stdin) // the parent closes stdin when done
+}
+
+// With ten times more half-open connections (HTTP and raw TCP) than the server process
+// may hold open files, a request still answers within a second.
+func TestMoreHalfOpenThanFileDescriptors(t *testing.T) {
+	exe, _ := os.Executable()
+	child := exec.Command(exe, "-test.run=^$")
+	child.Env = append(os.Environ(), childEnv+"=1")
+	stdin, _ := child.StdinPipe()
+	stdout, _ := child.StdoutPipe()
+	child.Stderr = os.Stderr
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer child.Wait()
+	defer stdin.Close()
+	line, _ := bufio.NewReader(stdout).ReadString('\n')
+	addrs := strings.Fields(line)
+	if len(addrs) != 2 {
+		t.Fatalf("child: %q", line)
+	}
+	for i := 0; i < 320; i++ {
+		halfOpen(t, addrs[0])
+		c, err := net.Dial("tcp", addrs[1])
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	start := time.Now()
+	cl := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := cl.Get("http://" + addrs[0] + "/")
+	if err != nil {
+		t.Fatalf("a request past 640 half-open connections to a process allowed 64 files: %v", err)
+	}
+	resp.Body.Close()
+	if d := time.Since(start); d > time.Second || resp.StatusCode != 200 {
+		t.Fatalf("answered %d in %s, want 200 within 1s", resp.StatusCode, d)
+	}
+}
