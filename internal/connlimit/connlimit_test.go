@@ -2,7 +2,6 @@ package connlimit_test
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/internal/connlimit"
+	"github.com/kilnhq/kiln/internal/connlimit/connlimittest"
 )
 
 const childEnv = "CONNLIMIT_TEST_CHILD"
@@ -50,23 +50,6 @@ func handler() http.Handler {
 	})
 }
 
-// halfOpen opens a connection that sends a request line and never ends its headers.
-func halfOpen(t *testing.T, addr string) net.Conn {
-	t.Helper()
-	c := dial(t, addr)
-	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
-// closedWithin reports whether the server closes c within d (reading nothing else).
-func closedWithin(c net.Conn, d time.Duration) bool {
-	c.SetReadDeadline(time.Now().Add(d))
-	_, err := io.Copy(io.Discard, c)
-	return !errors.Is(err, os.ErrDeadlineExceeded)
-}
-
 // get sends one request on c and returns the body.
 func get(t *testing.T, c net.Conn, br *bufio.Reader, auth string) string {
 	t.Helper()
@@ -83,9 +66,9 @@ func get(t *testing.T, c net.Conn, br *bufio.Reader, auth string) string {
 
 func TestHeaderTimeoutClosesSlowClient(t *testing.T) {
 	addr, _ := serve(t, connlimit.HTTP{HeaderTimeout: 200 * time.Millisecond})
-	c := halfOpen(t, addr)
+	c := connlimittest.HalfOpen(t, addr)
 	start := time.Now()
-	if !closedWithin(c, 5*time.Second) {
+	if !connlimittest.ClosedWithin(c, 5*time.Second) {
 		t.Fatal("a connection that never finished its headers was still open after 5s (header timeout 200ms)")
 	}
 	if d := time.Since(start); d < 150*time.Millisecond {
@@ -117,7 +100,7 @@ func TestIdleTimeoutClosesKeptAliveConnection(t *testing.T) {
 	if body := get(t, c, bufio.NewReader(c), "ok"); body != "ok" {
 		t.Fatalf("body %q", body)
 	}
-	if !closedWithin(c, 5*time.Second) {
+	if !connlimittest.ClosedWithin(c, 5*time.Second) {
 		t.Fatal("an idle kept-alive connection was still open after 5s (idle timeout 200ms)")
 	}
 }
@@ -144,11 +127,11 @@ func TestPendingCapShedsTheOldest(t *testing.T) {
 
 	var conns []net.Conn
 	for i := 0; i < 5*max; i++ {
-		conns = append(conns, halfOpen(t, addr))
+		conns = append(conns, connlimittest.HalfOpen(t, addr))
 	}
 	// The anonymous idle connection and the oldest half-open ones were shed.
 	for i, c := range append([]net.Conn{anon}, conns[:len(conns)-max]...) {
-		if !closedWithin(c, 5*time.Second) {
+		if !connlimittest.ClosedWithin(c, 5*time.Second) {
 			t.Fatalf("connection %d of %d past the cap of %d is still open", i, len(conns)+1, max)
 		}
 	}
@@ -156,7 +139,7 @@ func TestPendingCapShedsTheOldest(t *testing.T) {
 		t.Fatalf("%d pending connections, want the cap, %d", n, max)
 	}
 	for i, c := range conns[len(conns)-max:] {
-		if closedWithin(c, 10*time.Millisecond) {
+		if connlimittest.ClosedWithin(c, 10*time.Millisecond) {
 			t.Fatalf("newest connection %d was closed, but it was within the cap", i)
 		}
 	}
@@ -224,7 +207,7 @@ func TestMoreHalfOpenThanFileDescriptors(t *testing.T) {
 		t.Fatalf("child: %q", line)
 	}
 	for i := 0; i < 320; i++ {
-		halfOpen(t, addrs[0])
+		connlimittest.HalfOpen(t, addrs[0])
 		c, err := net.Dial("tcp", addrs[1])
 		if err != nil {
 			t.Fatal(err)

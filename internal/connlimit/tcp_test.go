@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/internal/connlimit"
+	"github.com/kilnhq/kiln/internal/connlimit/connlimittest"
 )
 
 func listen(t *testing.T) net.Listener {
@@ -17,16 +18,6 @@ func listen(t *testing.T) net.Listener {
 	}
 	t.Cleanup(func() { ln.Close() })
 	return ln
-}
-
-func dial(t *testing.T, addr string) net.Conn {
-	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
 }
 
 // Past the cap a new connection is closed at once; closing one makes room again.
@@ -43,18 +34,18 @@ func TestCapRefusesNewConnections(t *testing.T) {
 		}
 	}()
 	addr := capped.Addr().String()
-	a, b := dial(t, addr), dial(t, addr)
+	a, b := connlimittest.Dial(t, addr), connlimittest.Dial(t, addr)
 	first := <-accepted
 	<-accepted
-	over := dial(t, addr)
-	if !closedWithin(over, 5*time.Second) {
+	over := connlimittest.Dial(t, addr)
+	if !connlimittest.ClosedWithin(over, 5*time.Second) {
 		t.Fatal("a third connection over a cap of 2 stayed open")
 	}
-	if closedWithin(a, 10*time.Millisecond) || closedWithin(b, 10*time.Millisecond) {
+	if connlimittest.ClosedWithin(a, 10*time.Millisecond) || connlimittest.ClosedWithin(b, 10*time.Millisecond) {
 		t.Fatal("a connection within the cap was closed")
 	}
 	first.Close()
-	dial(t, addr)
+	connlimittest.Dial(t, addr)
 	select {
 	case <-accepted:
 	case <-time.After(5 * time.Second):
@@ -94,7 +85,7 @@ func TestPipeClosesBothSidesWhenIdle(t *testing.T) {
 			backConn <- c
 		}
 	}()
-	front := dial(t, pipeThrough(t, back.Addr().String(), 300*time.Millisecond))
+	front := connlimittest.Dial(t, pipeThrough(t, back.Addr().String(), 300*time.Millisecond))
 	m := <-backConn
 	defer m.Close()
 	// Bytes that keep passing, one way only, keep it open past the idle time.
@@ -110,7 +101,7 @@ func TestPipeClosesBothSidesWhenIdle(t *testing.T) {
 		}
 		last = time.Now()
 	}
-	if !closedWithin(front, 5*time.Second) || !closedWithin(m, 5*time.Second) {
+	if !connlimittest.ClosedWithin(front, 5*time.Second) || !connlimittest.ClosedWithin(m, 5*time.Second) {
 		t.Fatal("an idle piped connection was still open after 5s (idle timeout 300ms)")
 	}
 	if d := time.Since(last); d < 250*time.Millisecond {
@@ -130,7 +121,7 @@ func TestPipeHalfClose(t *testing.T) {
 		c.Write(append([]byte("got "), b...))
 		c.Close()
 	}()
-	front := dial(t, pipeThrough(t, back.Addr().String(), time.Minute))
+	front := connlimittest.Dial(t, pipeThrough(t, back.Addr().String(), time.Minute))
 	front.Write([]byte("hello"))
 	front.(*net.TCPConn).CloseWrite()
 	front.SetReadDeadline(time.Now().Add(5 * time.Second))

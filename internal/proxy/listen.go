@@ -3,13 +3,15 @@ package proxy
 import (
 	"context"
 	"errors"
-	"io"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httputil"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/kilnhq/kiln/internal/connlimit"
 )
 
 // portListener serves one public port: HTTP routed by Host, or raw TCP.
@@ -37,10 +39,14 @@ func (p *Proxy) listen(port int, addr string, isHTTP bool) (*portListener, error
 	}
 	l := &portListener{ln: ln, http: isHTTP}
 	if isHTTP {
-		l.srv = &http.Server{Handler: p.httpHandler(port), ReadHeaderTimeout: 30 * time.Second}
-		go l.srv.Serve(ln)
+		lim := p.cfg.HTTP
+		lim.What = fmt.Sprintf("proxy port %d", port)
+		lim.Log = p.logf
+		var pl *connlimit.Pending
+		l.srv, pl = connlimit.NewServer(ln, p.httpHandler(port), lim)
+		go l.srv.Serve(pl)
 	} else {
-		go p.serveTCP(port, ln)
+		go p.serveTCP(port, connlimit.Cap(ln, p.cfg.TCPMaxConns, fmt.Sprintf("raw TCP port %d", port), p.logf))
 	}
 	return l, nil
 }
@@ -99,7 +105,8 @@ func (p *Proxy) httpHandler(port int) http.Handler {
 	})
 }
 
-// serveTCP pipes each connection to a machine of the app that owns the port.
+// serveTCP pipes each connection to a machine of the app that owns the port; ln caps
+// how many are open, and a connection idle both ways is closed.
 func (p *Proxy) serveTCP(port int, ln net.Listener) {
 	for {
 		c, err := ln.Accept()
@@ -123,20 +130,7 @@ func (p *Proxy) serveTCP(port int, ln net.Listener) {
 				p.logf("port %d: machine %s: %v", port, l.target.ID, err)
 				return
 			}
-			defer m.Close()
-			done := make(chan struct{})
-			go func() {
-				io.Copy(m, c)
-				if tc, ok := m.(*net.TCPConn); ok {
-					tc.CloseWrite()
-				}
-				close(done)
-			}()
-			io.Copy(c, m)
-			if tc, ok := c.(*net.TCPConn); ok {
-				tc.CloseWrite()
-			}
-			<-done
+			connlimit.Pipe(c, m, p.cfg.TCPIdleTimeout)
 		}()
 	}
 }

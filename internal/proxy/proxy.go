@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/connlimit"
 	"github.com/kilnhq/kiln/internal/machine"
 )
 
@@ -54,13 +55,29 @@ type Config struct {
 	WakeTimeout time.Duration
 	// Refresh is how often the proxy reads machine states; default 250ms.
 	Refresh time.Duration
-	Log     io.Writer
+	// HTTP bounds slow and hostile clients on each HTTP listener (connlimit.DefaultHTTP
+	// where zero). Nothing authenticates there, so every connection not in a request
+	// counts as pending.
+	HTTP connlimit.HTTP
+	// TCPMaxConns caps the open connections of each raw TCP port (default
+	// DefaultTCPMaxConns); past it new ones are closed at once. TCPIdleTimeout (default
+	// DefaultTCPIdleTimeout) closes a raw TCP connection that passed no byte either way
+	// for that long.
+	TCPMaxConns    int
+	TCPIdleTimeout time.Duration
+	Log            io.Writer
 }
 
 // Default concurrency limits, as Fly sets them.
 const (
 	DefaultSoftLimit = 20
 	DefaultHardLimit = 25
+)
+
+// Defaults for raw TCP ports.
+const (
+	DefaultTCPMaxConns    = 1024
+	DefaultTCPIdleTimeout = 10 * time.Minute
 )
 
 // Proxy serves machines' public ports.
@@ -102,6 +119,13 @@ func New(m Machines, cfg Config) *Proxy {
 	}
 	if cfg.Refresh == 0 {
 		cfg.Refresh = 250 * time.Millisecond
+	}
+	cfg.HTTP = cfg.HTTP.WithDefaults()
+	if cfg.TCPMaxConns <= 0 {
+		cfg.TCPMaxConns = DefaultTCPMaxConns
+	}
+	if cfg.TCPIdleTimeout <= 0 {
+		cfg.TCPIdleTimeout = DefaultTCPIdleTimeout
 	}
 	host, _, _ := net.SplitHostPort(cfg.HTTPAddr)
 	return &Proxy{cfg: cfg, m: m, host: host, stats: map[string]*stat{}, ports: map[int]*portListener{}, changed: make(chan struct{})}

@@ -111,7 +111,14 @@ func (f *fakeMachines) Suspend(_ context.Context, id string) error {
 }
 
 func startProxy(t *testing.T, f *fakeMachines, idle time.Duration) *Proxy {
-	p := New(f, Config{HTTPAddr: "127.0.0.1:0", IdleTimeout: idle, WakeTimeout: 10 * time.Second, Refresh: 20 * time.Millisecond})
+	return startProxyWith(t, f, Config{IdleTimeout: idle})
+}
+
+// startProxyWith starts a proxy with cfg, filling in the test's address, wake timeout
+// and refresh.
+func startProxyWith(t *testing.T, f *fakeMachines, cfg Config) *Proxy {
+	cfg.HTTPAddr, cfg.WakeTimeout, cfg.Refresh = "127.0.0.1:0", 10*time.Second, 20*time.Millisecond
+	p := New(f, cfg)
 	if err := p.Listen(); err != nil {
 		t.Fatal(err)
 	}
