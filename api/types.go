@@ -165,6 +165,11 @@ type ExecRequest struct {
 	Command []string `json:"command,omitempty"`
 	Timeout int      `json:"timeout,omitempty"` // seconds
 	Stdin   string   `json:"stdin,omitempty"`
+	// TTY runs the command on a terminal of Rows × Cols; stderr then arrives on stdout.
+	// It is meant for a streaming exec (Upgrade: kiln-exec).
+	TTY  bool   `json:"tty,omitempty"`
+	Rows uint16 `json:"rows,omitempty"`
+	Cols uint16 `json:"cols,omitempty"`
 }
 
 // ExecResponse answers an exec.
@@ -173,6 +178,53 @@ type ExecResponse struct {
 	ExitSignal int    `json:"exit_signal,omitempty"`
 	Stdout     string `json:"stdout"`
 	Stderr     string `json:"stderr"`
+	// Truncated says stdout or stderr passed the exec.output limit and only its start is
+	// here; the command still ran to its end. A streaming exec has no such limit.
+	Truncated bool `json:"truncated,omitempty"`
+}
+
+// ExecUpgrade is the Upgrade token that turns POST .../exec into a streaming exec: the
+// server answers 101 Switching Protocols and the connection carries exec frames.
+const ExecUpgrade = "kiln-exec"
+
+// Frame types of a streaming exec. Every frame is one type byte, a 4-byte big-endian
+// payload length, then the payload (at most ExecFrameMax bytes).
+const (
+	// FrameStdin (client → server) carries input; an empty one closes the command's stdin.
+	FrameStdin byte = 0
+	// FrameStdout and FrameStderr (server → client) carry output.
+	FrameStdout byte = 1
+	FrameStderr byte = 2
+	// FrameResize (client → server) is a JSON WinSize: the terminal's new size.
+	FrameResize byte = 3
+	// FrameSignal (client → server) is a JSON ExecSignalRequest.
+	FrameSignal byte = 4
+	// FrameExit (server → client) is a JSON ExecExit, the last frame.
+	FrameExit byte = 5
+	// FrameError (server → client) is a message saying why the exec failed; the last frame.
+	FrameError byte = 6
+)
+
+// ExecFrameMax is the largest payload of one exec frame.
+const ExecFrameMax = 64 << 10
+
+// WinSize is a terminal's size.
+type WinSize struct {
+	Rows uint16 `json:"rows"`
+	Cols uint16 `json:"cols"`
+}
+
+// ExecSignalRequest delivers a signal to a streaming exec's process.
+type ExecSignalRequest struct {
+	Signal int `json:"signal"`
+}
+
+// ExecExit ends a streaming exec.
+type ExecExit struct {
+	// ExitCode is the exit code, or 128+signal when a signal ended the process.
+	ExitCode   int  `json:"exit_code"`
+	ExitSignal int  `json:"exit_signal,omitempty"`
+	TimedOut   bool `json:"timed_out,omitempty"`
 }
 
 // LogLine is one line of a machine's workload output (NDJSON on the logs endpoint).

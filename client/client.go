@@ -59,11 +59,16 @@ func (c *Client) request(ctx context.Context, method, path string, body io.Reade
 	if err != nil {
 		return nil, err
 	}
-	if c.Token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.Token)
-	}
 	if ctype != "" {
 		req.Header.Set("Content-Type", ctype)
+	}
+	return c.send(req)
+}
+
+// send authenticates req, sends it, and turns an error answer into an *Error.
+func (c *Client) send(req *http.Request) (*http.Response, error) {
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
@@ -162,7 +167,8 @@ func (c *Client) Wait(ctx context.Context, app, id, state string, timeout time.D
 	return c.do(ctx, "GET", mpath(app, id)+fmt.Sprintf("/wait?state=%s&timeout=%d", url.QueryEscape(state), int(timeout.Seconds())), nil, nil)
 }
 
-// Exec runs a command in a started machine.
+// Exec runs a command in a started machine and returns its output, at most 1 MiB of
+// each stream (Truncated says when there was more). ExecStream has no such limit.
 func (c *Client) Exec(ctx context.Context, app, id string, argv []string, stdin string, timeout time.Duration) (api.ExecResponse, error) {
 	var out api.ExecResponse
 	return out, c.do(ctx, "POST", mpath(app, id)+"/exec", api.ExecRequest{Command: argv, Stdin: stdin, Timeout: int(timeout.Seconds())}, &out)

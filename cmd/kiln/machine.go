@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -209,34 +211,20 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	ls.Flags().StringVar(&lsApp, "app", os.Getenv("KILN_APP"), "app (env KILN_APP)")
 	ls.Flags().BoolVar(&asJSON, "json", false, "print JSON with the API's field names")
 
+	var execTTY, execInteractive bool
+	var execTimeout time.Duration
 	exec := &cobra.Command{
-		Use: "exec ID -- COMMAND...", Short: "Run a command in a started machine", Args: cobra.MinimumNArgs(2),
+		Use: "exec ID -- COMMAND...", Short: "Run a command in a started machine, its input and output streamed", Args: cobra.MinimumNArgs(2),
+		Long: "Run a command in a started machine, as its workload's user. Input and output are streamed, " +
+			"any size; the command's exit status becomes kiln's. Stdin is passed on when it is not a terminal, " +
+			"or with -i or -t. Ending kiln (Ctrl-C without -t) kills the command.",
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := af.client(g)
-			if err != nil {
-				return err
-			}
-			app, m, err := cl.FindMachine(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			var stdin string
-			if fi, err := os.Stdin.Stat(); err == nil && fi.Mode()&os.ModeCharDevice == 0 {
-				b, _ := io.ReadAll(io.LimitReader(os.Stdin, 1<<20))
-				stdin = string(b)
-			}
-			res, err := cl.Exec(cmd.Context(), app, m.ID, args[1:], stdin, 60*time.Second)
-			if err != nil {
-				return err
-			}
-			os.Stdout.WriteString(res.Stdout)
-			os.Stderr.WriteString(res.Stderr)
-			if res.ExitCode != 0 {
-				return exitError{res.ExitCode}
-			}
-			return nil
+			return execMachine(cmd.Context(), af, g, args[0], args[1:], execTTY, execInteractive, execTimeout)
 		},
 	}
+	exec.Flags().BoolVarP(&execTTY, "tty", "t", false, "run the command on a terminal (stdin must be one)")
+	exec.Flags().BoolVarP(&execInteractive, "interactive", "i", false, "pass stdin on even when it is a terminal")
+	exec.Flags().DurationVar(&execTimeout, "timeout", 0, "kill the command after this long (0: no limit; at most the server's exec.timeout_max)")
 	var force bool
 	act := func(use, short string, f func(ctx context.Context, cl *client.Client, app, id string) error) *cobra.Command {
 		return &cobra.Command{
@@ -514,4 +502,62 @@ func parsePort(s string) (api.Service, error) {
 		return api.Service{}, bad
 	}
 	return api.Service{Protocol: "tcp", InternalPort: ip, Ports: []api.ServicePort{port}}, nil
+}
+
+// execMachine runs argv in a machine over a streaming exec and returns its exit status
+// as kiln's.
+func execMachine(ctx context.Context, af *apiFlags, g *globals, ref string, argv []string, tty, interactive bool, timeout time.Duration) error {
+	stdinFd, stdoutFd := int(os.Stdin.Fd()), int(os.Stdout.Fd())
+	if tty && !term.IsTerminal(stdinFd) {
+		return errdefs.Invalid("--tty needs a terminal on stdin")
+	}
+	cl, err := af.client(g)
+	if err != nil {
+		return err
+	}
+	app, m, err := cl.FindMachine(ctx, ref)
+	if err != nil {
+		return err
+	}
+	req := api.ExecRequest{Command: argv, TTY: tty, Timeout: int((timeout + time.Second - 1) / time.Second)}
+	if tty {
+		if w, h, err := term.GetSize(stdoutFd); err == nil {
+			req.Rows, req.Cols = uint16(h), uint16(w)
+		}
+	}
+	sess, err := cl.ExecStream(ctx, app, m.ID, req)
+	if err != nil {
+		return err
+	}
+	var stdin io.Reader
+	if tty || interactive || !term.IsTerminal(stdinFd) {
+		stdin = os.Stdin
+	}
+	if tty {
+		if old, err := term.MakeRaw(stdinFd); err == nil {
+			defer term.Restore(stdinFd, old)
+		}
+		winch := make(chan os.Signal, 1)
+		signal.Notify(winch, syscall.SIGWINCH)
+		defer signal.Stop(winch)
+		go func() {
+			for range winch {
+				if w, h, err := term.GetSize(stdoutFd); err == nil {
+					sess.Resize(uint16(h), uint16(w))
+				}
+			}
+		}()
+	}
+	st, err := sess.Run(ctx, stdin, os.Stdout, os.Stderr)
+	if err != nil {
+		return err
+	}
+	if st.TimedOut {
+		fmt.Fprintf(os.Stderr, "kiln: %s timed out after %s and was killed\n", argv[0], timeout)
+		return exitError{124}
+	}
+	if st.ExitCode != 0 {
+		return exitError{st.ExitCode}
+	}
+	return nil
 }

@@ -5,7 +5,6 @@
 package node
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -1034,30 +1033,6 @@ func (m *Manager) running(id string) (*vmrun.Instance, guest.ExecRequest) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.inst, r.as
-}
-
-// Exec runs a command in a started machine, as its workload's user, with its
-// environment and working directory.
-func (m *Manager) Exec(ctx context.Context, id string, req guest.ExecRequest, stdin []byte) (api.ExecResponse, error) {
-	inst, as := m.running(id)
-	if inst == nil {
-		return api.ExecResponse{}, errdefs.New(errdefs.ErrConflict, "machine %s is not running: start it first", id)
-	}
-	req.Env = append(append([]string{}, as.Env...), req.Env...)
-	req.UID, req.GID = as.UID, as.GID
-	if req.Dir == "" {
-		req.Dir = as.Dir
-	}
-	var out, errb bytes.Buffer
-	pio := guest.IO{Stdout: &out, Stderr: &errb}
-	if stdin != nil {
-		pio.Stdin = bytes.NewReader(stdin)
-	}
-	st, err := inst.Agent.Exec(ctx, req, pio)
-	if err != nil {
-		return api.ExecResponse{}, err
-	}
-	return api.ExecResponse{ExitCode: st.Code, ExitSignal: st.Signal, Stdout: out.String(), Stderr: errb.String()}, nil
 }
 
 // Signal delivers a signal to a started machine's workload.

@@ -21,6 +21,7 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/internal/connlimit"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/limits"
@@ -136,6 +137,11 @@ func (s *Server) Handler() http.Handler {
 			if r.auth && !s.authorized(req) {
 				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "missing or wrong bearer token: send Authorization: Bearer TOKEN (the admin token is in DATA_DIR/admin-token)"})
 				return
+			}
+			if r.auth {
+				// An authenticated client's connection is no longer shed by the cap on
+				// unauthenticated ones (connlimit), however many half-open ones arrive.
+				connlimit.Trust(req.Context())
 			}
 			if r.auth && s.Recovering.Load() {
 				w.Header().Set("Retry-After", "2")
@@ -464,9 +470,15 @@ func (s *Server) execMachine(w http.ResponseWriter, r *http.Request) error {
 	if len(argv) == 0 {
 		return errdefs.Invalid("command is required: the argv to run, e.g. [\"cat\", \"/etc/os-release\"]")
 	}
-	timeout := time.Duration(req.Timeout) * time.Second
-	if timeout <= 0 {
+	// node.StartExec holds the timeout to exec.timeout_max; min keeps a huge one huge.
+	gr := guest.ExecRequest{Argv: argv, TTY: req.TTY, Rows: req.Rows, Cols: req.Cols, TimeoutMS: int64(min(req.Timeout, 1<<31)) * 1000}
+	if upgrading(r) {
+		return s.execStream(w, r, m.ID, gr)
+	}
+	timeout := time.Duration(gr.TimeoutMS) * time.Millisecond
+	if timeout == 0 {
 		timeout = 60 * time.Second
+		gr.TimeoutMS = timeout.Milliseconds()
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeout+5*time.Second)
 	defer cancel()
@@ -474,7 +486,7 @@ func (s *Server) execMachine(w http.ResponseWriter, r *http.Request) error {
 	if req.Stdin != "" {
 		stdin = []byte(req.Stdin)
 	}
-	res, err := s.Node.Exec(ctx, m.ID, guest.ExecRequest{Argv: argv, TimeoutMS: timeout.Milliseconds()}, stdin)
+	res, err := s.Node.Exec(ctx, m.ID, gr, stdin)
 	if err != nil {
 		if errors.Is(err, errdefs.ErrNotFound) {
 			writeJSON(w, http.StatusOK, api.ExecResponse{ExitCode: 127, Stderr: err.Error() + "\n"})

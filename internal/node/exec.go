@@ -1,0 +1,59 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
+)
+
+// ExecOutputCap bounds each stream of a buffered exec (stdout, stderr) that the host
+// holds in memory; the rest is read from the guest and dropped, and the answer says
+// truncated. A streaming exec has no cap: its output is never held, only passed on.
+const ExecOutputCap = 1 << 20
+
+// MaxExecTimeout is the longest timeout an exec may ask for. A request above it is
+// refused rather than clamped, so a caller never believes it has more time than it has.
+const MaxExecTimeout = time.Hour
+
+// StartExec starts a command in a started machine, as its workload's user, with its
+// environment and working directory, wired to pio. The caller waits for it.
+func (m *Manager) StartExec(ctx context.Context, id string, req guest.ExecRequest, pio guest.IO) (*guest.Process, error) {
+	if t := time.Duration(req.TimeoutMS) * time.Millisecond; t > MaxExecTimeout || t < 0 {
+		return nil, errdefs.Invalid("exec timeout %s: want from 0 (none) up to the limit exec.timeout_max (%s)", t, MaxExecTimeout)
+	}
+	inst, as := m.running(id)
+	if inst == nil {
+		return nil, errdefs.New(errdefs.ErrConflict, "machine %s is not running: start it first", id)
+	}
+	req.Env = append(append([]string{}, as.Env...), req.Env...)
+	req.UID, req.GID = as.UID, as.GID
+	if req.Dir == "" {
+		req.Dir = as.Dir
+	}
+	return inst.Agent.Start(ctx, req, pio)
+}
+
+// Exec runs a command in a started machine and returns its output, at most
+// ExecOutputCap bytes of each stream.
+func (m *Manager) Exec(ctx context.Context, id string, req guest.ExecRequest, stdin []byte) (api.ExecResponse, error) {
+	out := &guest.LimitedBuffer{Max: ExecOutputCap}
+	errb := &guest.LimitedBuffer{Max: ExecOutputCap}
+	pio := guest.IO{Stdout: out, Stderr: errb}
+	if stdin != nil {
+		pio.Stdin = bytes.NewReader(stdin)
+	}
+	p, err := m.StartExec(ctx, id, req, pio)
+	if err != nil {
+		return api.ExecResponse{}, err
+	}
+	st, err := p.Wait(ctx)
+	if err != nil {
+		return api.ExecResponse{}, err
+	}
+	return api.ExecResponse{ExitCode: st.Code, ExitSignal: st.Signal, Stdout: out.String(), Stderr: errb.String(),
+		Truncated: out.Truncated || errb.Truncated}, nil
+}
