@@ -7,6 +7,7 @@ package image
 import (
 	"archive/tar"
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -17,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/Microsoft/hcsshim/ext4/tar2ext4"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
@@ -143,10 +145,18 @@ type Rootfs struct {
 }
 
 // Cache converts images to root filesystems under Dir, once per digest.
-type Cache struct{ Dir string }
+type Cache struct {
+	Dir    string
+	Limits Limits
+}
 
 // Rootfs returns img's root filesystem, converting it on first use. Progress lines go
 // to log.
+//
+// The layers are merged as a stream and written straight into an ext4 image file by an
+// ext4 writer in this process (tar2ext4): no path, mode, owner, device node, setuid bit,
+// link or extended attribute from the image is ever created on the host's own
+// filesystem, so nothing in an image can reach outside its own disk file.
 func (c Cache) Rootfs(ctx context.Context, img v1.Image, log io.Writer) (Rootfs, error) {
 	digest, err := img.Digest()
 	if err != nil {
@@ -162,71 +172,104 @@ func (c Cache) Rootfs(ctx context.Context, img v1.Image, log io.Writer) (Rootfs,
 			}
 		}
 	}
-	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
-		return out, err
-	}
-	tree, err := os.MkdirTemp(c.Dir, "unpack-")
-	if err != nil {
-		return out, err
-	}
-	defer os.RemoveAll(tree)
-	if log != nil {
-		fmt.Fprintf(log, "converting image %s to a root filesystem\n", digest.String()[:19])
-	}
-	size, err := unpackImage(img, tree)
-	if err != nil {
+	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
 		return out, err
 	}
 	cf, err := img.ConfigFile()
 	if err != nil {
+		return out, errdefs.Invalid("reading the image's config: %v", err)
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		return out, errdefs.Invalid("reading the image's layers: %v", err)
+	}
+	if log != nil {
+		fmt.Fprintf(log, "converting image %s to a root filesystem\n", digest.String()[:19])
+	}
+	// Each conversion writes its own temporary file; the rename publishes it whole.
+	tmp, err := os.CreateTemp(c.Dir, key+".*.tmp")
+	if err != nil {
 		return out, err
 	}
-	if out.Run, err = runOf(cf.Config, tree); err != nil {
+	defer func() {
+		tmp.Close()
+		os.Remove(tmp.Name())
+	}()
+	files, err := convert(ctx, layers, tmp, c.Limits)
+	if err != nil {
+		return out, fmt.Errorf("converting image %s: %w", digest, err)
+	}
+	if out.Run, err = runOf(cf.Config, files); err != nil {
 		return out, err
 	}
-	// Room for metadata and small files; the VM writes to its own layer, not here.
-	tmp := out.Path + ".tmp"
-	os.Remove(tmp)
-	if err := volume.Create(ctx, tmp, size*13/10+32<<20, tree); err != nil {
+	if err := tmp.Sync(); err != nil {
 		return out, err
 	}
 	b, _ := json.Marshal(out.Run)
-	if err := os.WriteFile(meta, b, 0o644); err != nil {
+	if err := writeFileSync(meta, b, 0o600); err != nil {
 		return out, err
 	}
-	return out, os.Rename(tmp, out.Path)
+	if err := os.Rename(tmp.Name(), out.Path); err != nil {
+		return out, err
+	}
+	return out, syncDir(c.Dir)
 }
 
-// unpackImage applies img's layers in order under root.
-func unpackImage(img v1.Image, root string) (int64, error) {
-	layers, err := img.Layers()
+// RemoveStale deletes the temporary files of conversions that a crash interrupted. Call
+// it before any conversion starts.
+func (c Cache) RemoveStale() error {
+	tmps, err := filepath.Glob(filepath.Join(c.Dir, "*.tmp"))
 	if err != nil {
-		return 0, err
+		return err
 	}
-	var total int64
-	for i, l := range layers {
-		rc, err := l.Uncompressed()
-		if err != nil {
-			return total, fmt.Errorf("layer %d: %w", i, err)
-		}
-		n, err := ApplyLayer(rc, root)
-		rc.Close()
-		total += n
-		if err != nil {
-			return total, fmt.Errorf("layer %d: %w", i, err)
+	for _, t := range tmps {
+		if err := os.Remove(t); err != nil && !os.IsNotExist(err) {
+			return err
 		}
 	}
-	return total, nil
+	// Trees unpacked by kiln versions before streaming conversion.
+	olds, _ := filepath.Glob(filepath.Join(c.Dir, "unpack-*"))
+	for _, o := range olds {
+		os.RemoveAll(o)
+	}
+	return nil
 }
+
+// convert merges layers and writes them into dst as an ext4 filesystem. It returns the
+// small files it kept to resolve the image's user (etc/passwd, etc/group).
+func convert(ctx context.Context, layers []v1.Layer, dst *os.File, lim Limits) (files func(string) ([]byte, bool), err error) {
+	pr, pw := io.Pipe()
+	fl := newFlattener(pw, lim)
+	done := make(chan error, 1)
+	go func() {
+		err := fl.flatten(ctx, layers)
+		pw.CloseWithError(err)
+		done <- err
+	}()
+	// Metadata room for the largest image allowed, so the cap, not the writer, decides.
+	convErr := tar2ext4.ConvertTarToExt4(pr, dst, tar2ext4.MaximumDiskSize(fl.lim.MaxBytes+fl.lim.MaxBytes/4+64<<20))
+	pr.CloseWithError(errConverterStopped)
+	// The flattener's error says what was wrong with the image; the writer's error only
+	// echoes it.
+	if ferr := <-done; ferr != nil && !errors.Is(ferr, errConverterStopped) {
+		return nil, ferr
+	}
+	if convErr != nil {
+		return nil, errdefs.Invalid("writing the root filesystem: %v", convErr)
+	}
+	return fl.file, padInodeBitmaps(dst, dst)
+}
+
+var errConverterStopped = errors.New("ext4 writer stopped")
 
 // runOf resolves an image config's entrypoint, cmd, env, workdir and user.
-func runOf(cfg v1.Config, root string) (Run, error) {
+func runOf(cfg v1.Config, files func(string) ([]byte, bool)) (Run, error) {
 	r := Run{Argv: append(append([]string{}, cfg.Entrypoint...), cfg.Cmd...), Env: cfg.Env, Dir: cfg.WorkingDir}
 	if cfg.User == "" {
 		return r, nil
 	}
 	user, group, _ := strings.Cut(cfg.User, ":")
-	uid, gid, err := lookup(root, user, group)
+	uid, gid, err := lookup(files, user, group)
 	if err != nil {
 		return r, err
 	}
@@ -235,14 +278,13 @@ func runOf(cfg v1.Config, root string) (Run, error) {
 }
 
 // lookup resolves a user and group, by number or by name from the image's own files.
-func lookup(root, user, group string) (uint32, uint32, error) {
+func lookup(files func(string) ([]byte, bool), user, group string) (uint32, uint32, error) {
 	find := func(file, name string) ([]string, bool) {
-		f, err := os.Open(filepath.Join(root, "etc", file))
-		if err != nil {
+		b, ok := files("etc/" + file)
+		if !ok {
 			return nil, false
 		}
-		defer f.Close()
-		sc := bufio.NewScanner(f)
+		sc := bufio.NewScanner(bytes.NewReader(b))
 		for sc.Scan() {
 			parts := strings.Split(sc.Text(), ":")
 			if len(parts) >= 4 && parts[0] == name {
@@ -273,4 +315,13 @@ func lookup(root, user, group string) (uint32, uint32, error) {
 		}
 	}
 	return uint32(uid), uint32(gid), nil
+}
+
+// within joins name to root lexically, confining it: "../x" and "/x" both land at root/x.
+func within(root, name string) (string, error) {
+	p := filepath.Join(root, filepath.Clean("/"+name))
+	if p != root && !strings.HasPrefix(p, root+string(filepath.Separator)) {
+		return "", errdefs.Invalid("image entry %q points outside the root filesystem", name)
+	}
+	return p, nil
 }

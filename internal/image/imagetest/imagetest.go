@@ -30,6 +30,7 @@ type Entry struct {
 	Body     []byte
 	Link     string
 	Xattrs   map[string]string
+	Dev      [2]int64 // major, minor of a device node
 }
 
 // Layer builds an uncompressed layer from entries.
@@ -39,7 +40,8 @@ func Layer(t testing.TB, entries ...Entry) v1.Layer {
 	tw := tar.NewWriter(&buf)
 	for _, e := range entries {
 		h := &tar.Header{Name: e.Name, Typeflag: e.Type, Mode: e.Mode, Uid: e.UID, Gid: e.GID,
-			Linkname: e.Link, ModTime: time.Unix(1700000000, 0), Format: tar.FormatPAX}
+			Linkname: e.Link, ModTime: time.Unix(1700000000, 0), Format: tar.FormatPAX,
+			Devmajor: e.Dev[0], Devminor: e.Dev[1]}
 		if h.Typeflag == 0 {
 			h.Typeflag = tar.TypeReg
 		}
