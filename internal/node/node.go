@@ -326,23 +326,15 @@ func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineR
 	if !nameRE.MatchString(name) {
 		return store.Machine{}, errdefs.Invalid("name %q: use lowercase letters, digits and dashes, up to 63", name)
 	}
-	// Volumes are claimed before the record exists and released if it cannot be made.
-	var claimed []string
-	release := func() {
-		for _, v := range claimed {
-			m.Store.AttachVolume(context.WithoutCancel(ctx), v, "")
-		}
-	}
+	// Volumes are claimed in the transaction that makes the record: a crash leaves both
+	// or neither, never a volume held by a machine that does not exist.
+	var volumes []string
 	for _, mt := range cfg.Mounts {
 		v, err := m.Store.GetVolume(ctx, app, mt.Volume)
-		if err == nil {
-			err = m.Store.AttachVolume(ctx, v.ID, id)
-		}
 		if err != nil {
-			release()
 			return store.Machine{}, err
 		}
-		claimed = append(claimed, v.ID)
+		volumes = append(volumes, v.ID)
 	}
 	raw, _ := json.Marshal(cfg)
 	host := m.Host
@@ -355,13 +347,11 @@ func (m *Manager) Create(ctx context.Context, app string, req api.CreateMachineR
 	if req.NoCapacityWait && host == m.Host && m.Capacity != nil {
 		// Hold the room now; the start takes over the hold.
 		if _, err := m.Capacity.Reserve(ctx, id, capacity.Request{Size: capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB}}, 0, nil); err != nil {
-			release()
 			return store.Machine{}, err
 		}
 	}
 	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: host}
-	if err := m.Store.CreateMachine(ctx, rec, machine.Event{Type: "launch", Status: machine.Created, Source: "user"}); err != nil {
-		release()
+	if err := m.Store.CreateMachine(ctx, rec, machine.Event{Type: "launch", Status: machine.Created, Source: "user"}, volumes...); err != nil {
 		if m.Capacity != nil {
 			m.Capacity.Release(id)
 		}
@@ -979,13 +969,15 @@ func (m *Manager) destroyRecord(id string, from machine.State) error {
 	if err := m.Store.Transition(ctx, id, from, machine.Destroying, machine.Event{Type: "destroy", Source: "user"}); err != nil {
 		return err
 	}
-	// Volumes outlive their machine.
-	if rec, err := m.Store.GetMachine(ctx, id); err == nil {
-		for _, mt := range config(rec).Mounts {
-			if v, err := m.Store.GetVolume(ctx, rec.App, mt.Volume); err == nil && v.AttachedMachine == id {
-				m.Store.AttachVolume(ctx, v.ID, "")
-			}
-		}
+	return m.finishDestroy(ctx, id)
+}
+
+// finishDestroy takes a destroying machine to destroyed. Every step is safe to redo, so
+// Recover calls it for a destroy that a crash cut short.
+func (m *Manager) finishDestroy(ctx context.Context, id string) error {
+	// Volumes outlive their machine: all it holds are let go, whatever its config names.
+	if err := m.Store.DetachVolumes(ctx, id); err != nil {
+		return fmt.Errorf("destroying machine %s: detaching its volumes: %w", id, err)
 	}
 	os.RemoveAll(m.LogDir(id))
 	if m.Net != nil {
@@ -1083,7 +1075,8 @@ func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 		}
 	}
 	raw, _ := json.Marshal(cfg)
-	if err := m.Store.UpdateConfig(ctx, id, raw); err != nil {
+	// From the version read above: an update that raced this one is not overwritten.
+	if err := m.Store.UpdateConfig(ctx, id, rec.Version, raw); err != nil {
 		return rec, err
 	}
 	if wasRunning {
@@ -1359,10 +1352,40 @@ func (m *Manager) Recover(ctx context.Context) error {
 				m.transition(rec.ID, machine.Stopping, machine.Stopped, "stop", nil)
 			case machine.Destroying:
 				// Kiln stopped part-way through a destroy; the steps left are safe to redo.
-				os.RemoveAll(m.LogDir(rec.ID))
-				m.transition(rec.ID, machine.Destroying, machine.Destroyed, "destroy", nil)
+				if err := m.finishDestroy(ctx, rec.ID); err != nil {
+					m.logf("machine %s: finishing its destroy: %v", rec.ID, err)
+				}
 			}
 		}
 	}
+	m.releaseOrphanVolumes(ctx, apps)
 	return nil
+}
+
+// releaseOrphanVolumes lets go of volumes held by machines that do not exist or are
+// destroyed: claims that a kiln older than the one-transaction create, or a crash in a
+// destroy, left behind. Such a volume could otherwise never be attached again.
+func (m *Manager) releaseOrphanVolumes(ctx context.Context, apps []string) {
+	for _, app := range apps {
+		vs, err := m.Store.ListVolumes(ctx, app)
+		if err != nil {
+			continue
+		}
+		for _, v := range vs {
+			if v.AttachedMachine == "" {
+				continue
+			}
+			rec, err := m.Store.GetMachine(ctx, v.AttachedMachine)
+			if err == nil && rec.State != machine.Destroyed {
+				continue
+			}
+			if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+				continue
+			}
+			m.logf("volume %s: releasing it from machine %s, which is gone", v.Name, v.AttachedMachine)
+			if err := m.Store.DetachVolumes(ctx, v.AttachedMachine); err != nil {
+				m.logf("volume %s: %v", v.Name, err)
+			}
+		}
+	}
 }

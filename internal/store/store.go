@@ -63,8 +63,11 @@ type Store interface {
 	CreateApp(ctx context.Context, name string) error
 	// ListApps lists app names, sorted.
 	ListApps(ctx context.Context) ([]string, error)
-	// CreateMachine inserts m (its state must be created) with its launch event.
-	CreateMachine(ctx context.Context, m Machine, ev machine.Event) error
+	// CreateMachine inserts m (its state must be created) with its launch event, and
+	// attaches the volumes (by ID) to it, all in one transaction: a volume is never held by
+	// a machine that does not exist. A volume another machine holds is ErrConflict, and
+	// then nothing is created.
+	CreateMachine(ctx context.Context, m Machine, ev machine.Event, volumes ...string) error
 	GetMachine(ctx context.Context, id string) (Machine, error)
 	// ListMachines lists an app's machines, oldest first; an unknown app is ErrNotFound.
 	ListMachines(ctx context.Context, app string) ([]Machine, error)
@@ -77,9 +80,11 @@ type Store interface {
 	// Events returns a machine's journal, oldest first.
 	Events(ctx context.Context, id string) ([]machine.Event, error)
 
-	// UpdateConfig replaces a stopped machine's config, making a new version, and
-	// records an update event.
-	UpdateConfig(ctx context.Context, id string, config []byte) error
+	// UpdateConfig replaces a stopped machine's config, making version+1, and records an
+	// update event, if the machine is still at version (the one the new config was made
+	// from); otherwise it is ErrConflict and nothing changes, so that of two concurrent
+	// updates neither is lost without its caller knowing.
+	UpdateConfig(ctx context.Context, id string, version int, config []byte) error
 	SetCordoned(ctx context.Context, id string, cordoned bool) error
 	// Lease returns the machine's lease; a zero Lease if none holds.
 	Lease(ctx context.Context, id string) (Lease, error)
@@ -95,8 +100,11 @@ type Store interface {
 	GetVolume(ctx context.Context, app, idOrName string) (Volume, error)
 	ListVolumes(ctx context.Context, app string) ([]Volume, error)
 	// AttachVolume records that machineID holds the volume; a volume held by another
-	// machine is ErrConflict naming it. An empty machineID detaches.
+	// machine is ErrConflict naming it, and so is a machine that does not exist or is
+	// destroyed. An empty machineID detaches.
 	AttachVolume(ctx context.Context, id, machineID string) error
+	// DetachVolumes lets go of every volume machineID holds, whatever its config says.
+	DetachVolumes(ctx context.Context, machineID string) error
 	SetVolumeSize(ctx context.Context, id string, size int64) error
 	DeleteVolume(ctx context.Context, id string) error
 	AddSnapshot(ctx context.Context, sn Snapshot) error
@@ -109,7 +117,7 @@ type Store interface {
 
 // Build is a build's record. Spec is what was asked for and Result what happened, both
 // owned by the build service; State changes only through Builds.UpdateBuild's compare
-// and swap.
+// and swap, on the build's Rev.
 type Build struct {
 	ID        string          `json:"id"`
 	Project   string          `json:"project"`
@@ -125,6 +133,19 @@ type Build struct {
 	Host string `json:"host,omitempty"`
 }
 
+// BuildRev names one attempt of a build at one state: what a change to the build
+// compares. The state alone is not enough: a host cut off from the others still holds
+// its attempt as running while another host has taken the build over as a new running
+// attempt, and the late result of the old one must not land on the new one.
+type BuildRev struct {
+	State   string
+	Attempt int
+	Host    string
+}
+
+// Rev is the revision b was read at.
+func (b Build) Rev() BuildRev { return BuildRev{State: b.State, Attempt: b.Attempt, Host: b.Host} }
+
 // Builds persists builds and their queue.
 type Builds interface {
 	CreateBuild(ctx context.Context, b Build) error
@@ -134,9 +155,9 @@ type Builds interface {
 	ListBuilds(ctx context.Context, project string) ([]Build, error)
 	// BuildsInState lists builds in any of the states, oldest first: the queue.
 	BuildsInState(ctx context.Context, states ...string) ([]Build, error)
-	// UpdateBuild writes b if the stored build is still in state from; otherwise it is
-	// ErrConflict and nothing changes.
-	UpdateBuild(ctx context.Context, b Build, from string) error
+	// UpdateBuild writes b if the stored build is still at from (its state, attempt and
+	// host); otherwise it is ErrConflict and nothing changes.
+	UpdateBuild(ctx context.Context, b Build, from BuildRev) error
 	// Build contexts are kept in the store when hosts share it, so that any host can
 	// run (or retry) a build.
 	PutBuildContext(ctx context.Context, id string, data []byte) error

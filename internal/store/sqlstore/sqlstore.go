@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -51,6 +52,8 @@ func Open(ctx context.Context, dsn string) (*DB, error) {
 	pg := IsPostgres(dsn)
 	if pg {
 		driver, dir, dialect, conn = "pgx", "migrations/postgres", goose.DialectPostgres, dsn
+	} else if err := ownerOnly(dsn); err != nil {
+		return nil, err
 	}
 	db, err := sql.Open(driver, conn)
 	if err != nil {
@@ -76,6 +79,24 @@ func Open(ctx context.Context, dsn string) (*DB, error) {
 		return nil, fmt.Errorf("migrating the database: %w", err)
 	}
 	return &DB{db: db, pg: pg}, nil
+}
+
+// ownerOnly makes a SQLite database file, and the journal files beside it, readable by
+// its owner only: it holds every machine's config and environment, secrets among them,
+// and build contexts. SQLite creates its -wal and -shm files with the database file's mode,
+// so creating that one 0600 is enough for a new database; an existing one is tightened.
+func ownerOnly(path string) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("opening the database %s: %w", path, err)
+	}
+	f.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm", path + "-journal"} {
+		if err := os.Chmod(p, 0o600); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("making the database %s private: %w", p, err)
+		}
+	}
+	return nil
 }
 
 // q rebinds a query's ? placeholders to PostgreSQL's $1, $2...
@@ -133,7 +154,7 @@ func (s *DB) ListApps(ctx context.Context) ([]string, error) {
 	return out, rows.Err()
 }
 
-func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Event) error {
+func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Event, volumes ...string) error {
 	if m.State != machine.Created {
 		return errdefs.Invalid("a new machine starts in state created, not %s", m.State)
 	}
@@ -153,6 +174,11 @@ func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Even
 			return errdefs.New(errdefs.ErrNotFound, "app %s does not exist: create it first", m.App)
 		}
 		return err
+	}
+	for _, v := range volumes {
+		if err := s.attachVolume(ctx, tx, v, m.ID); err != nil {
+			return err
+		}
 	}
 	if err := s.appendEvent(ctx, tx, m.ID, ev); err != nil {
 		return err
@@ -315,12 +341,29 @@ func (s *DB) ListVolumes(ctx context.Context, app string) ([]store.Volume, error
 }
 
 func (s *DB) AttachVolume(ctx context.Context, id, machineID string) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := s.attachVolume(ctx, tx, id, machineID); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// attachVolume is AttachVolume inside tx. A machine takes a volume only while its record
+// exists and is not being destroyed: a claim by a machine that never came to be, or one
+// on its way out, would hold the volume for ever.
+func (s *DB) attachVolume(ctx context.Context, tx *sql.Tx, id, machineID string) error {
 	var res sql.Result
 	var err error
 	if machineID == "" {
-		res, err = s.db.ExecContext(ctx, s.q(`UPDATE volumes SET attached_machine = NULL WHERE id = ?`), id)
+		res, err = tx.ExecContext(ctx, s.q(`UPDATE volumes SET attached_machine = NULL WHERE id = ?`), id)
 	} else {
-		res, err = s.db.ExecContext(ctx, s.q(`UPDATE volumes SET attached_machine = ? WHERE id = ? AND (attached_machine IS NULL OR attached_machine = ?)`), machineID, id, machineID)
+		res, err = tx.ExecContext(ctx, s.q(`UPDATE volumes SET attached_machine = ? WHERE id = ? AND (attached_machine IS NULL OR attached_machine = ?)
+			AND EXISTS (SELECT 1 FROM machines WHERE id = ? AND state NOT IN (?, ?))`),
+			machineID, id, machineID, machineID, machine.Destroying, machine.Destroyed)
 	}
 	if err != nil {
 		return err
@@ -330,10 +373,18 @@ func (s *DB) AttachVolume(ctx context.Context, id, machineID string) error {
 	}
 	var holder sql.NullString
 	var name string
-	if err := s.db.QueryRowContext(ctx, s.q(`SELECT name, attached_machine FROM volumes WHERE id = ?`), id).Scan(&name, &holder); err != nil {
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT name, attached_machine FROM volumes WHERE id = ?`), id).Scan(&name, &holder); err != nil {
 		return errdefs.New(errdefs.ErrNotFound, "volume %s does not exist", id)
 	}
-	return errdefs.New(errdefs.ErrConflict, "volume %s is attached to machine %s: a volume attaches to one machine at a time; destroy that machine or use another volume", name, holder.String)
+	if holder.Valid && holder.String != machineID {
+		return errdefs.New(errdefs.ErrConflict, "volume %s is attached to machine %s: a volume attaches to one machine at a time; destroy that machine or use another volume", name, holder.String)
+	}
+	return errdefs.New(errdefs.ErrConflict, "volume %s cannot attach to machine %s: the machine does not exist or is being destroyed", name, machineID)
+}
+
+func (s *DB) DetachVolumes(ctx context.Context, machineID string) error {
+	_, err := s.db.ExecContext(ctx, s.q(`UPDATE volumes SET attached_machine = NULL WHERE attached_machine = ?`), machineID)
+	return err
 }
 
 func (s *DB) SetVolumeSize(ctx context.Context, id string, size int64) error {
@@ -352,20 +403,29 @@ func (s *DB) DeleteVolume(ctx context.Context, id string) error {
 	return nil
 }
 
-func (s *DB) UpdateConfig(ctx context.Context, id string, config []byte) error {
+func (s *DB) UpdateConfig(ctx context.Context, id string, version int, config []byte) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
+	// One statement compares and swaps: on PostgreSQL a read followed by a write in a
+	// read-committed transaction lets two updates both pass the read.
 	var state machine.State
-	if err := tx.QueryRowContext(ctx, s.q(`SELECT state FROM machines WHERE id = ?`), id).Scan(&state); err != nil {
-		return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
-	}
-	if state != machine.Stopped && state != machine.Created && state != machine.Failed {
+	err = tx.QueryRowContext(ctx, s.q(`UPDATE machines SET config = ?, version = version + 1, updated_at = ?
+		WHERE id = ? AND version = ? AND state IN (?, ?, ?) RETURNING state`),
+		string(config), time.Now().UTC(), id, version, machine.Stopped, machine.Created, machine.Failed).Scan(&state)
+	if errors.Is(err, sql.ErrNoRows) {
+		var cur int
+		if err := tx.QueryRowContext(ctx, s.q(`SELECT state, version FROM machines WHERE id = ?`), id).Scan(&state, &cur); err != nil {
+			return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
+		}
+		if cur != version {
+			return errdefs.New(errdefs.ErrConflict, "machine %s changed meanwhile (it is at version %d, this update was made from %d): read it again and retry", id, cur, version)
+		}
 		return errdefs.New(errdefs.ErrConflict, "machine %s is %s: its config changes only while stopped", id, state)
 	}
-	if _, err := tx.ExecContext(ctx, s.q(`UPDATE machines SET config = ?, version = version + 1, updated_at = ? WHERE id = ?`), string(config), time.Now().UTC(), id); err != nil {
+	if err != nil {
 		return err
 	}
 	if err := s.appendEvent(ctx, tx, id, machine.Event{Type: "update", Status: state, Source: "user"}); err != nil {
@@ -560,9 +620,10 @@ func (s *DB) BuildsInState(ctx context.Context, states ...string) ([]store.Build
 	return s.queryBuilds(ctx, `WHERE state IN (?`+strings.Repeat(", ?", len(states)-1)+`) ORDER BY created_at, id`, args...)
 }
 
-func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from string) error {
-	res, err := s.db.ExecContext(ctx, s.q(`UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ?, host = ? WHERE id = ? AND state = ?`),
-		b.State, b.Attempt, string(b.Result), b.NotBefore.UTC(), time.Now().UTC(), b.Host, b.ID, from)
+func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from store.BuildRev) error {
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ?, host = ?
+		WHERE id = ? AND state = ? AND attempt = ? AND host = ?`),
+		b.State, b.Attempt, string(b.Result), b.NotBefore.UTC(), time.Now().UTC(), b.Host, b.ID, from.State, from.Attempt, from.Host)
 	if err != nil {
 		return err
 	}
@@ -571,9 +632,17 @@ func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from string) error 
 		if err != nil {
 			return err
 		}
-		return errdefs.New(errdefs.ErrConflict, "build %s is %s, not %s: it changed meanwhile", b.ID, cur.State, from)
+		return errdefs.New(errdefs.ErrConflict, "build %s is %s (attempt %d%s), not %s (attempt %d%s): it changed meanwhile",
+			b.ID, cur.State, cur.Attempt, onHost(cur.Host), from.State, from.Attempt, onHost(from.Host))
 	}
 	return nil
+}
+
+func onHost(h string) string {
+	if h == "" {
+		return ""
+	}
+	return " on host " + h
 }
 
 var _ store.Hosts = (*DB)(nil)

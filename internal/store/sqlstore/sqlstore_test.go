@@ -2,6 +2,7 @@ package sqlstore_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -38,6 +39,14 @@ func open(t *testing.T, path string) *sqlstore.DB {
 	}
 	t.Cleanup(func() { db.Close() })
 	return db
+}
+
+// createMachine records machine id of app web (made if need be), claiming the volumes.
+func createMachine(db *sqlstore.DB, id string, volumes ...string) error {
+	ctx := context.Background()
+	db.CreateApp(ctx, "web")
+	m := store.Machine{ID: id, App: "web", Name: id, State: machine.Created, Config: []byte(`{}`)}
+	return db.CreateMachine(ctx, m, machine.Event{Type: "launch", Source: "user"}, volumes...)
 }
 
 func TestMachineLifecycle(t *testing.T) { forEachDialect(t, testMachineLifecycle) }
@@ -157,6 +166,11 @@ func testVolumes(t *testing.T, dsn string) {
 	if err != nil || v.ID != "vol1" {
 		t.Fatalf("by name: %+v %v", v, err)
 	}
+	for _, id := range []string{"m1", "m2"} {
+		if err := createMachine(db, id); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := db.AttachVolume(ctx, "vol1", "m1"); err != nil {
 		t.Fatal(err)
 	}
@@ -199,11 +213,12 @@ func testBuilds(t *testing.T, dsn string) {
 		t.Fatalf("queue, oldest first: %+v %v", q, err)
 	}
 	b, _ := db.GetBuild(ctx, "b1")
+	from := b.Rev()
 	b.State, b.Attempt, b.Result = "running", 1, []byte(`{"error":"x"}`)
-	if err := db.UpdateBuild(ctx, b, "queued"); err != nil {
+	if err := db.UpdateBuild(ctx, b, from); err != nil {
 		t.Fatal(err)
 	}
-	if err := db.UpdateBuild(ctx, b, "queued"); !errors.Is(err, errdefs.ErrConflict) {
+	if err := db.UpdateBuild(ctx, b, from); !errors.Is(err, errdefs.ErrConflict) {
 		t.Fatalf("a second swap from queued: %v", err)
 	}
 	got, _ := db.GetBuild(ctx, "b1")
@@ -256,4 +271,208 @@ func testClockSkew(t *testing.T, dsn string) {
 	if err != nil || skew > time.Second || skew < -time.Second {
 		t.Fatalf("skew against a database on this machine: %s %v", skew, err)
 	}
+}
+
+// A host cut off from the database's other users keeps running its attempt; meanwhile
+// another host queues the build again and runs it as a new attempt. The first host's
+// late result must not land on that attempt, whichever of state, attempt and host it
+// differs in.
+func TestStaleBuildAttemptIsRefused(t *testing.T) { forEachDialect(t, testStaleBuildAttemptIsRefused) }
+
+func testStaleBuildAttemptIsRefused(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	now := time.Now()
+	if err := db.CreateBuild(ctx, store.Build{ID: "b1", Project: "shop", State: "queued", Spec: []byte(`{}`), NotBefore: now, CreatedAt: now, UpdatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	// swap moves the stored build on, as the build service does.
+	swap := func(state string, attempt int, host string) store.Build {
+		t.Helper()
+		cur, err := db.GetBuild(ctx, "b1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		nb := cur
+		nb.State, nb.Attempt, nb.Host = state, attempt, host
+		if err := db.UpdateBuild(ctx, nb, cur.Rev()); err != nil {
+			t.Fatalf("%s, attempt %d on %s: %v", state, attempt, host, err)
+		}
+		got, _ := db.GetBuild(ctx, "b1")
+		return got
+	}
+	late := func(name string, stale store.Build) {
+		t.Helper()
+		res := stale
+		res.State, res.Result = "succeeded", []byte(`{"image":"sha256:stale"}`)
+		before, _ := db.GetBuild(ctx, "b1")
+		if err := db.UpdateBuild(ctx, res, stale.Rev()); !errors.Is(err, errdefs.ErrConflict) {
+			t.Errorf("%s: a late result of attempt %d on %s was accepted (%v) over attempt %d on %s", name, stale.Attempt, stale.Host, err, before.Attempt, before.Host)
+		}
+		after, _ := db.GetBuild(ctx, "b1")
+		if after.State != before.State || after.Attempt != before.Attempt || after.Host != before.Host || string(after.Result) != string(before.Result) {
+			t.Errorf("%s: a refused result changed the build: %+v, was %+v", name, after, before)
+		}
+	}
+
+	onA := swap("running", 1, "a")
+	swap("queued", 1, "a") // host b sees a's heartbeat stop and queues the build again
+	onB := swap("running", 2, "b")
+	late("another host took over", onA)
+
+	// Same attempt number, other host: a record written by a host that counted alike.
+	swap("queued", 2, "b")
+	swap("running", 3, "a")
+	late("same host and state, older attempt", onA)
+	impostor := onB
+	impostor.Attempt = 3
+	late("same attempt, other host", impostor)
+
+	// The attempt that holds the build finishes normally.
+	cur, _ := db.GetBuild(ctx, "b1")
+	done := cur
+	done.State = "succeeded"
+	if err := db.UpdateBuild(ctx, done, cur.Rev()); err != nil {
+		t.Fatalf("the current attempt's result: %v", err)
+	}
+}
+
+// Concurrent read-modify-write updates of one machine's config each either land or are
+// told to retry: none is lost.
+func TestConfigUpdatesAreNotLost(t *testing.T) { forEachDialect(t, testConfigUpdatesAreNotLost) }
+
+func testConfigUpdatesAreNotLost(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	if err := createMachine(db, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	const writers = 8
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	conflicts := 0
+	for i := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				rec, err := db.GetMachine(ctx, "m1")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				cfg := map[string]string{}
+				json.Unmarshal(rec.Config, &cfg)
+				cfg[fmt.Sprintf("w%d", i)] = "set"
+				raw, _ := json.Marshal(cfg)
+				err = db.UpdateConfig(ctx, "m1", rec.Version, raw)
+				if err == nil {
+					return
+				}
+				if !errors.Is(err, errdefs.ErrConflict) {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				conflicts++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	rec, _ := db.GetMachine(ctx, "m1")
+	cfg := map[string]string{}
+	json.Unmarshal(rec.Config, &cfg)
+	if len(cfg) != writers || rec.Version != 1+writers {
+		t.Errorf("after %d concurrent updates (%d told to retry): version %d, config %v; want version %d and every writer's key", writers, conflicts, rec.Version, cfg, 1+writers)
+	}
+	evs, _ := db.Events(ctx, "m1")
+	if n := len(evs) - 1; n != writers {
+		t.Errorf("%d update events, want %d", n, writers)
+	}
+	// An update from an old version is refused and says so.
+	if err := db.UpdateConfig(ctx, "m1", 1, []byte(`{}`)); !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "version") {
+		t.Errorf("update from a stale version: %v", err)
+	}
+	// A running machine's config does not change underneath it.
+	db.Transition(ctx, "m1", machine.Created, machine.Starting, machine.Event{Type: "start"})
+	if err := db.UpdateConfig(ctx, "m1", rec.Version, []byte(`{}`)); !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "starting") {
+		t.Errorf("update while starting: %v", err)
+	}
+	if err := db.UpdateConfig(ctx, "nope", 1, []byte(`{}`)); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("update of an unknown machine: %v", err)
+	}
+}
+
+// A volume is held only by a machine whose record exists: the record and its claims are
+// made in one transaction, and a refused claim leaves no machine behind.
+func TestVolumeClaimsNeedAMachine(t *testing.T) { forEachDialect(t, testVolumeClaimsNeedAMachine) }
+
+func testVolumeClaimsNeedAMachine(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	db.CreateApp(ctx, "web")
+	for _, id := range []string{"vol1", "vol2"} {
+		if err := db.CreateVolume(ctx, store.Volume{ID: id, App: "web", Name: id, SizeBytes: 1 << 30, Path: "/v/" + id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.AttachVolume(ctx, "vol1", "ghost"); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("attach to a machine that does not exist: %v", err)
+	}
+	if err := createMachine(db, "m1", "vol1"); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := db.GetVolume(ctx, "web", "vol1"); v.AttachedMachine != "m1" {
+		t.Errorf("vol1 is held by %q, want m1", v.AttachedMachine)
+	}
+	// m2 asks for a free volume and a held one: it is not created, and takes neither.
+	if err := createMachine(db, "m2", "vol2", "vol1"); !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "m1") {
+		t.Errorf("a machine claiming a held volume: %v", err)
+	}
+	if _, err := db.GetMachine(ctx, "m2"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("the refused machine exists: %v", err)
+	}
+	if v, _ := db.GetVolume(ctx, "web", "vol2"); v.AttachedMachine != "" {
+		t.Errorf("the refused machine holds vol2")
+	}
+	// A machine on its way out takes nothing new, and DetachVolumes frees what it held.
+	db.Transition(ctx, "m1", machine.Created, machine.Destroying, machine.Event{Type: "destroy"})
+	if err := db.AttachVolume(ctx, "vol2", "m1"); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("attach to a machine being destroyed: %v", err)
+	}
+	if err := db.DetachVolumes(ctx, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := createMachine(db, "m3", "vol1"); err != nil {
+		t.Errorf("vol1 after its machine let go: %v", err)
+	}
+}
+
+// The SQLite file and its journals are the owner's alone, new or already there.
+func TestSQLiteFileIsPrivate(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "kiln.db")
+	check := func(when string) {
+		t.Helper()
+		for _, p := range []string{path, path + "-wal", path + "-shm"} {
+			fi, err := os.Stat(p)
+			if err != nil {
+				t.Fatalf("%s: %v", when, err)
+			}
+			if fi.Mode().Perm() != 0o600 {
+				t.Errorf("%s: %s has mode %v, want -rw-------", when, filepath.Base(p), fi.Mode().Perm())
+			}
+		}
+	}
+	db := open(t, path)
+	db.CreateApp(context.Background(), "web") // a write, so that the journals exist
+	check("a new database")
+	db.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		os.Chmod(p, 0o644)
+	}
+	db = open(t, path)
+	db.CreateApp(context.Background(), "api")
+	check("a database made before kiln kept it private")
 }
