@@ -90,7 +90,7 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 	f.StringArrayVar(&secrets, "secret", nil, "secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable); never stored")
 	f.StringVar(&branch, "branch", "", "branch: a newer build of the same branch cancels this one")
 	f.StringVar(&gitRef, "git-ref", "", "with --git: the branch, tag or commit to build; always recorded in the image's labels")
-	f.StringVar(&gitURL, "git", "", "build from a git repository (https://, ssh://, git:// or file://) that kiln clones, instead of DIR")
+	f.StringVar(&gitURL, "git", "", "build from a git repository (https://, ssh:// or git://; file:// where the server runs with --build-git-allow-file) that the server fetches, instead of DIR")
 	f.BoolVar(&noSupersede, "no-supersede", false, "do not let a newer build of the branch cancel this one")
 	f.BoolVarP(&detach, "detach", "d", false, "queue the build and print its ID without waiting")
 

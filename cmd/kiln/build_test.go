@@ -14,6 +14,7 @@ import (
 
 	"github.com/kilnhq/kiln/client"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
+	"github.com/kilnhq/kiln/internal/testutil"
 )
 
 // loadBase loads the busybox base image as localhost/busybox:1 and returns an empty
@@ -42,7 +43,7 @@ func loadImage(t *testing.T, srv *kilnServer, img v1.Image, ref string) {
 func TestBuildEndToEnd(t *testing.T) {
 	e := newEnv(t)
 	addr := freeAddr(t)
-	srv := startServer(t, e, addr, "--proxy-listen", freeAddr(t), "--build-cache-size", "4G", "--builder-memory", "1024")
+	srv := startServer(t, e, addr, "--proxy-listen", freeAddr(t), "--build-cache-size", "4G", "--builder-memory", "1024", "--build-git-allow-file")
 	defer stopOnFailure(&srv)
 	dir := loadBase(t, srv)
 	write := func(name, body string) {
@@ -113,8 +114,8 @@ CMD ["sh", "-c", "cat /out; sleep 600"]
 	}
 
 	// From a git repository, cloned by the server.
-	repo := filepath.Join(e.dataDir, "repo")
-	os.MkdirAll(repo, 0o755)
+	repo := testutil.TempDir(t)
+	os.Chmod(repo, 0o755) // the server's git fetches as an unprivileged user
 	os.WriteFile(filepath.Join(repo, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo from-git > /g\n"), 0o644)
 	for _, args := range [][]string{{"init", "-q", "-b", "main"}, {"add", "."}, {"-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"}} {
 		if out, err := exec.Command("git", append([]string{"-C", repo}, args...)...).CombinedOutput(); err != nil {

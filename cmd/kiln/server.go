@@ -93,6 +93,8 @@ type serverOptions struct {
 	builderIdle     time.Duration
 	maxBuilds       int
 	imagesKept      int
+	gitAllowFile    bool
+	gitTimeout      time.Duration
 
 	cpuOvercommit float64
 	memOvercommit float64
@@ -147,6 +149,8 @@ when the server stops or dies; the next start adopts them.`,
 	f.DurationVar(&o.builderIdle, "builder-idle", 10*time.Minute, "how long a project's builder stays up after its last build")
 	f.IntVar(&o.maxBuilds, "max-builds", 2, "builds running at once (each on its own project's builder)")
 	f.IntVar(&o.imagesKept, "build-images-kept", 10, "newest build images kept per project in the registry; older ones are pruned (0 keeps all)")
+	f.BoolVar(&o.gitAllowFile, "build-git-allow-file", false, "let kiln build --git take file:// URLs, repositories on this host readable by the user nobody")
+	f.DurationVar(&o.gitTimeout, "build-git-timeout", build.DefaultGitTimeout, "how long fetching one build context from git may take")
 	f.Float64Var(&o.cpuOvercommit, "cpu-overcommit", 4, "vCPUs offered per host CPU (after the reserve); 1 means none")
 	f.Float64Var(&o.memOvercommit, "memory-overcommit", 1, "guest memory offered per MiB of host memory (after the reserve); 1 means none")
 	f.IntVar(&o.reserveCPUs, "reserve-cpus", 0, "host CPUs kept for the host itself")
@@ -446,6 +450,9 @@ func (o serverOptions) buildService(ctx context.Context, dataDir string, db *sql
 	if err != nil || maxContext <= 0 {
 		return nil, errdefs.Invalid("--build-max-context %q: want a size like 512M", o.buildMaxContext)
 	}
+	if o.gitTimeout <= 0 {
+		return nil, errdefs.Invalid("--build-git-timeout %s: want a positive duration, like 5m", o.gitTimeout)
+	}
 	if o.maxBuilds < 1 || o.builderCPUs < 1 || o.builderMemory < 512 || o.builderIdle <= 0 {
 		return nil, errdefs.Invalid("--max-builds and --builder-cpus must be at least 1, --builder-memory at least 512 (MiB), --builder-idle positive")
 	}
@@ -468,6 +475,7 @@ func (o serverOptions) buildService(ctx context.Context, dataDir string, db *sql
 		Backoff:         2 * time.Second,
 		MaxConcurrent:   o.maxBuilds,
 		KeepImages:      o.imagesKept,
+		Git:             build.GitOptions{AllowFile: o.gitAllowFile, Timeout: o.gitTimeout},
 		Log:             os.Stderr,
 	}, nil
 }
@@ -518,6 +526,8 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("build.builder_idle", b.Builders.Idle, "", src("builder-idle"), "idle time before a builder is suspended")
 	r.Set("build.secret", 500<<10, "bytes", "built in", "one build secret")
 	r.Set("build.images_kept", b.KeepImages, "images", src("build-images-kept"), "newest build images kept per project; older ones are deleted from the registry")
+	r.Set("build.git_timeout", b.Git.Timeout, "", src("build-git-timeout"), "time one git fetch of a build context may take")
+	r.Set("build.git_allow_file", b.Git.AllowFile, "", src("build-git-allow-file"), "whether git builds may take file:// URLs (repositories on the host)")
 }
 
 func mustPrefix(s string) netip.Prefix {

@@ -81,6 +81,11 @@ type Service struct {
 	Dir             string
 	MaxContextBytes int64
 	MaxLogBytes     int64
+	// Git says how contexts from git_url are fetched.
+	Git GitOptions
+	// MayPull decides whether a project's builds may use an image of kiln's registry as
+	// a base; nil means OwnOrShared.
+	MayPull func(project, ref string) error
 	// MaxAttempts bounds runs of a build whose infrastructure fails; Backoff is the
 	// first wait before a retry, doubled each time.
 	MaxAttempts int
@@ -90,7 +95,7 @@ type Service struct {
 	// KeepImages is how many of a project's newest build images stay in the registry;
 	// older ones are pruned. Zero keeps all.
 	KeepImages int
-	Log           io.Writer
+	Log        io.Writer
 	// Host names this host when several share the database: it claims builds for itself,
 	// prefers those whose project's cache it holds, and takes over the builds of a host
 	// whose heartbeat stopped. Hosts lists them; both unset on a single host.
@@ -184,15 +189,11 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 		if ents, _ := os.ReadDir(ctxDir); len(ents) > 0 {
 			return fail(errdefs.Invalid("a build takes its context from git_url or from the request, not both"))
 		}
-		if err := checkGitURL(spec.GitURL); err != nil {
-			return fail(err)
-		}
-		os.Remove(ctxDir)
-		if err := cloneContext(ctx, spec.GitURL, spec.GitRef, ctxDir); err != nil {
+		if err := cloneContext(ctx, s.Git, spec.GitURL, spec.GitRef, ctxDir, s.MaxContextBytes); err != nil {
 			return fail(err)
 		}
 	}
-	if err := s.checkDockerfile(ctx, ctxDir, spec); err != nil {
+	if err := s.checkDockerfile(ctx, project, ctxDir, spec); err != nil {
 		return fail(err)
 	}
 	var packed []byte
@@ -232,7 +233,7 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 }
 
 // checkDockerfile parses the Dockerfile and checks the target and the local base images.
-func (s *Service) checkDockerfile(ctx context.Context, ctxDir string, spec api.BuildSpec) error {
+func (s *Service) checkDockerfile(ctx context.Context, project, ctxDir string, spec api.BuildSpec) error {
 	b, err := readDockerfile(ctxDir, spec.Dockerfile)
 	if err != nil {
 		return err
@@ -256,7 +257,11 @@ func (s *Service) checkDockerfile(ctx context.Context, ctxDir string, spec api.B
 			return errdefs.Invalid("target stage %q is not in %s (stages: %s)", spec.Target, spec.Dockerfile, strings.Join(names, ", "))
 		}
 	}
-	for _, ref := range localBases(stages) {
+	refs, err := s.localBases(project, stages)
+	if err != nil {
+		return err
+	}
+	for _, ref := range refs {
 		if _, err := s.Images.Resolve(ctx, ref); err != nil {
 			return errdefs.Invalid("base image %s is not in kiln's registry: load it with `kiln image load` first (%v)", ref, err)
 		}
@@ -308,8 +313,23 @@ func parseStages(dockerfile []byte) ([]instructions.Stage, error) {
 }
 
 // localBases lists FROM images served by kiln's registry (localhost/...), which reach
-// the builder through the build's session.
-func localBases(stages []instructions.Stage) []string {
+// the builder through the build's session, refusing those project may not use.
+func (s *Service) localBases(project string, stages []instructions.Stage) ([]string, error) {
+	mayPull := s.MayPull
+	if mayPull == nil {
+		mayPull = OwnOrShared
+	}
+	refs := fromImages(stages)
+	for _, ref := range refs {
+		if err := mayPull(project, ref); err != nil {
+			return nil, err
+		}
+	}
+	return refs, nil
+}
+
+// fromImages lists the localhost/ images stages name in FROM.
+func fromImages(stages []instructions.Stage) []string {
 	named := map[string]bool{}
 	var out []string
 	for _, st := range stages {
@@ -368,10 +388,8 @@ func (s *Service) List(ctx context.Context, project string) ([]api.Build, error)
 	return out, nil
 }
 
-// transition is the one place a build's state changes: a compare-and-swap in the store
-// on the state, attempt and host b was read at, with result changes applied to the
-// record. Going to running starts a new attempt on this host, so that whatever the
-// previous attempt (on a host cut off meanwhile, say) still reports is refused.
+// transition is the one place a build's state changes: a compare-and-swap in the store,
+// with result changes applied to the record.
 func (s *Service) transition(ctx context.Context, b store.Build, to string, edit func(*api.BuildResult)) (store.Build, error) {
 	if err := CheckTransition(b.State, to); err != nil {
 		return b, err
@@ -384,10 +402,7 @@ func (s *Service) transition(ctx context.Context, b store.Build, to string, edit
 	raw, _ := json.Marshal(res)
 	nb := b
 	nb.State, nb.Result = to, raw
-	if to == Running {
-		nb.Attempt, nb.Host = b.Attempt+1, s.Host
-	}
-	if err := s.Store.UpdateBuild(ctx, nb, b.Rev()); err != nil {
+	if err := s.Store.UpdateBuild(ctx, nb, b.State); err != nil {
 		return b, err
 	}
 	if Terminal(to) {
@@ -402,14 +417,13 @@ func (s *Service) transition(ctx context.Context, b store.Build, to string, edit
 }
 
 // updateResult changes what a finished build records (its image was pruned, say) without
-// changing its state: a compare-and-swap on what it was read at, so a concurrent change
-// wins.
+// changing its state: a compare-and-swap on that state, so a concurrent change wins.
 func (s *Service) updateResult(ctx context.Context, b store.Build, edit func(*api.BuildResult)) error {
 	var res api.BuildResult
 	json.Unmarshal(b.Result, &res)
 	edit(&res)
 	b.Result, _ = json.Marshal(res)
-	return s.Store.UpdateBuild(ctx, b, b.Rev())
+	return s.Store.UpdateBuild(ctx, b, b.State)
 }
 
 // Cancel stops a queued or running build.

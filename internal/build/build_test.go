@@ -512,9 +512,10 @@ func TestPruneOldImages(t *testing.T) {
 // A context can come from a git repository, at a branch or a commit; kiln clones it on
 // the host. Bad git input is refused before any VM starts.
 func TestGitContext(t *testing.T) {
-	h := newHarness(t)
+	h := newHarness(t, func(s *build.Service) { s.Git.AllowFile = true })
 	ctx := context.Background()
 	repo := testutil.TempDir(t)
+	os.Chmod(repo, 0o755) // git fetches as an unprivileged user
 	git := func(args ...string) string {
 		cmd := exec.Command("git", append([]string{"-C", repo, "-c", "user.name=t", "-c", "user.email=t@t"}, args...)...)
 		out, err := cmd.CombinedOutput()

@@ -117,6 +117,8 @@ func (s *Service) schedule(ctx context.Context) {
 		s.running[b.ID] = stop
 		delete(s.reasons, b.ID)
 		s.mu.Unlock()
+		b.Attempt++
+		b.Host = s.Host
 		started, err := s.transition(ctx, b, Running, nil)
 		if err != nil {
 			s.mu.Lock()
@@ -269,7 +271,8 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 	defer func() { out.truncated = capped.truncated }()
 	fmt.Fprintf(capped, "kiln: build %s of %s, attempt %d\n", b.ID, b.Project, b.Attempt)
 
-	// Base images from kiln's registry go into the shared OCI layout store.
+	// Base images from kiln's registry go into the shared OCI layout store; the build
+	// sees only its own (solve).
 	df, err := readDockerfile(filepath.Join(dir, "context"), spec.Dockerfile)
 	if err != nil {
 		return out, err
@@ -278,8 +281,12 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 	if err != nil {
 		return out, err
 	}
+	refs, err := s.localBases(b.Project, stages)
+	if err != nil {
+		return out, err
+	}
 	bases := map[string]v1.Hash{}
-	for _, ref := range localBases(stages) {
+	for _, ref := range refs {
 		img, err := s.Images.Resolve(ctx, ref)
 		if err != nil {
 			return out, fmt.Errorf("base image %s: %w", ref, err)

@@ -28,7 +28,8 @@ import (
 // build's session like the context does.
 const baseStoreID = "kiln-images"
 
-// Bases holds base images in an OCI layout directory shared by all builds.
+// Bases holds base images in an OCI layout directory shared by all builds; each build
+// sees only its own through View.
 type Bases struct {
 	Dir string
 	mu  sync.Mutex
@@ -121,14 +122,18 @@ func solve(ctx context.Context, c *bkclient.Client, bases *Bases, s solveSpec) (
 		Session: []session.Attachable{secretsprovider.FromMap(s.Secrets)},
 	}
 	if len(s.Bases) > 0 {
-		st, err := bases.store()
+		digests := make([]v1.Hash, 0, len(s.Bases))
+		for ref, dg := range s.Bases {
+			attrs["context:"+ref] = fmt.Sprintf("oci-layout://%s@%s", baseStoreID, dg)
+			digests = append(digests, dg)
+		}
+		// The session shows this build's bases only, read-only: BuildKit runs in the
+		// builder VM, which is the project's, not the host's.
+		st, err := bases.View(digests)
 		if err != nil {
 			return stats, err
 		}
 		opt.OCIStores = map[string]content.Store{baseStoreID: st}
-		for ref, dg := range s.Bases {
-			attrs["context:"+ref] = fmt.Sprintf("oci-layout://%s@%s", baseStoreID, dg)
-		}
 	}
 	ch := make(chan *bkclient.SolveStatus)
 	tee := make(chan *bkclient.SolveStatus)
