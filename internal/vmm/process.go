@@ -7,9 +7,12 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kilnhq/kiln/internal/cgroup"
 )
 
 // Process is a running VMM process as every driver sees it: who it is and when it is
@@ -20,9 +23,23 @@ type Process struct {
 	done  <-chan struct{}
 }
 
-// StartProcess starts cmd and reaps it when it exits.
-func StartProcess(cmd *exec.Cmd) (*Process, error) {
-	if err := cmd.Start(); err != nil {
+// StartProcess starts cmd as c's user, inside c's cgroup, and reaps it when it exits.
+func StartProcess(cmd *exec.Cmd, c Confine) (*Process, error) {
+	if c.UID != 0 || c.GID != 0 {
+		if cmd.SysProcAttr == nil {
+			cmd.SysProcAttr = &syscall.SysProcAttr{}
+		}
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: c.UID, Gid: c.GID, Groups: c.Groups}
+	}
+	start := cmd.Start
+	if c.Cgroup != "" {
+		cg, err := cgroup.Host()
+		if err != nil {
+			return nil, err
+		}
+		start = func() error { return cg.Start(c.Cgroup, cmd) }
+	}
+	if err := start(); err != nil {
 		return nil, err
 	}
 	done := make(chan struct{})
@@ -83,11 +100,7 @@ func (p *Process) Stop(ctx context.Context, grace time.Duration, request func(co
 // LogTail returns the end of a VMM's log, prefixed with a newline, for error messages;
 // a VMM that fails must not fail without its log.
 func LogTail(path string) string {
-	b, _ := os.ReadFile(path)
-	s := strings.TrimSpace(string(b))
-	if len(s) > 1500 {
-		s = s[len(s)-1500:]
-	}
+	s := strings.TrimSpace(string(fileTail(path, 1500)))
 	if s == "" {
 		return ""
 	}

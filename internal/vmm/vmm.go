@@ -59,6 +59,23 @@ type Config struct {
 	NICs    []NIC
 	// Accel is the accelerator to use; empty lets the driver choose (KVM if usable).
 	Accel Accel
+	// Confine is the user and cgroup the VMM runs in.
+	Confine Confine
+}
+
+// Confine is how a VMM process is held in. The caller (vmrun) picks the user, makes the
+// cgroup beforehand and removes it afterwards; the driver only starts its process with
+// them, and adds its own sandbox (QEMU's seccomp filter, Firecracker's jailer). The zero
+// value runs the VMM as the caller, in the caller's cgroup.
+type Confine struct {
+	// UID and GID are the VMM's user and group; 0 keeps the caller's.
+	UID uint32 `json:"uid,omitempty"`
+	GID uint32 `json:"gid,omitempty"`
+	// Groups are supplementary groups: the group owning /dev/kvm, say.
+	Groups []uint32 `json:"groups,omitempty"`
+	// Cgroup is the group, relative to the hierarchy's root, the VMM starts in
+	// ("kiln/<vm id>"); "" is none.
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 // Capabilities say what a driver can do beyond the basic lifecycle.

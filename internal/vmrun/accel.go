@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/vmm"
 )
@@ -56,6 +57,6 @@ func (rt *Runtime) ResolveAccel(ctx context.Context, log io.Writer) (vmm.Accel, 
 	if ctx.Err() != nil {
 		return "", "", ctx.Err()
 	}
-	os.WriteFile(cache, []byte(string(verdict)+"\n"+why+"\n"), 0o644)
+	atomicfile.WriteFile(cache, []byte(string(verdict)+"\n"+why+"\n"), 0o644)
 	return verdict, why, nil
 }

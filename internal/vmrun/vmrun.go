@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/internal/assets"
+	"github.com/kilnhq/kiln/internal/atomicfile"
+	"github.com/kilnhq/kiln/internal/cgroup"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/vmm"
@@ -34,6 +36,12 @@ type Runtime struct {
 	// BootTimeout bounds how long a guest may take to answer after Start; zero means
 	// DefaultBootTimeout.
 	BootTimeout time.Duration
+	// UIDs are the host users VMMs run as, one per VM; zero means DefaultUIDs. Data dirs
+	// sharing a host should be given ranges of their own.
+	UIDs UIDRange
+	// MemoryOverheadMiB is what a VM's cgroup allows beyond its RAM for the VMM; zero
+	// means DefaultMemoryOverheadMiB.
+	MemoryOverheadMiB int
 }
 
 // Mount attaches an ext4 image read-write at an absolute path in the guest.
@@ -117,11 +125,7 @@ func newID() string {
 
 func writeRecord(dir string, r record) error {
 	b, _ := json.MarshalIndent(r, "", "  ")
-	tmp := filepath.Join(dir, "record.json.tmp")
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(dir, "record.json"))
+	return atomicfile.WriteFile(filepath.Join(dir, "record.json"), b, 0o600)
 }
 
 // ValidateMounts checks mounts before anything is created.
@@ -181,11 +185,23 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 			inst.Destroy(context.WithoutCancel(ctx))
 		}
 	}()
-	rec := record{ID: id, Owner: spec.Owner, Mounts: spec.Mounts}
+	if confined() {
+		// The VMM's user and cgroup are recorded before either is taken or made, so that
+		// Reap finds them whenever kiln dies.
+		if cfg.Confine, err = rt.claimUser(id); err != nil {
+			return inst, err
+		}
+		cfg.Confine.Cgroup = cgroup.Name(id)
+	}
+	inst.Config = cfg
+	rec := record{ID: id, Owner: spec.Owner, Mounts: spec.Mounts, Config: cfg}
 	if spec.Owner == "" {
 		rec.OwnerPID, rec.OwnerStart = os.Getpid(), vmm.ProcStart(os.Getpid())
 	}
 	if err := writeRecord(dir, rec); err != nil {
+		return inst, err
+	}
+	if err := rt.makeCgroup(cfg); err != nil {
 		return inst, err
 	}
 	cmdline := "kiln.root=" + root.UUID
@@ -283,7 +299,7 @@ func (rt *Runtime) Adopt(ctx context.Context, id string) (*Instance, error) {
 	if err != nil {
 		return nil, errdefs.New(errdefs.ErrNotFound, "vm %s has no record: %v", id, err)
 	}
-	inst := &Instance{ID: id, Dir: dir, rt: rt}
+	inst := &Instance{ID: id, Dir: dir, rt: rt, Config: rec.Config}
 	vm, err := rt.Driver.Recover(ctx, rec.Handle)
 	if vm != nil {
 		inst.VM = vm
@@ -329,7 +345,11 @@ func (inst *Instance) Suspend(ctx context.Context) error {
 	}
 	inst.Agent.Close()
 	inst.Agent = nil
-	return inst.VM.Kill(ctx)
+	if err := inst.VM.Kill(ctx); err != nil {
+		return err
+	}
+	// The cgroup holds a running VMM only; Resume makes it again.
+	return removeCgroup(inst.Config.Confine.Cgroup)
 }
 
 // Resume starts the VM again from what Suspend saved, reconnects the agent and corrects
@@ -338,6 +358,10 @@ func (inst *Instance) Resume(ctx context.Context) error {
 	r, ok := inst.rt.Driver.(vmm.Restorer)
 	if !ok {
 		return errdefs.New(errdefs.ErrInvalid, "the %s driver cannot resume VMs", inst.rt.Driver.Name())
+	}
+	// The cgroup is gone since the suspend (and so is every cgroup after a host reboot).
+	if err := inst.rt.makeCgroup(inst.Config); err != nil {
+		return err
 	}
 	vm, err := r.Restore(ctx, inst.Config, inst.SnapshotDir())
 	if err != nil {
@@ -435,19 +459,19 @@ func (inst *Instance) connect(ctx context.Context) error {
 	return fmt.Errorf("connecting to the guest agent: %w%s", err, inst.consoleTail())
 }
 
+// consoleTailBytes is how much of the guest console a boot error shows.
+const consoleTailBytes = 3000
+
 // consoleTail is the end of the guest console, for errors: a VM that fails must not fail
 // without its logs.
 func (inst *Instance) consoleTail() string {
 	if inst.VM == nil {
 		return ""
 	}
-	b, _ := os.ReadFile(inst.VM.ConsoleLog())
-	s := strings.TrimSpace(string(b))
+	// Only the end is read: a guest may have written megabytes.
+	s := strings.TrimSpace(string(vmm.ConsoleTail(inst.VM.ConsoleLog(), consoleTailBytes)))
 	if s == "" {
 		return ""
-	}
-	if len(s) > 3000 {
-		s = s[len(s)-3000:]
 	}
 	return "\n--- guest console ---\n" + s
 }
@@ -488,8 +512,12 @@ func (inst *Instance) Destroy(ctx context.Context) error {
 	for _, l := range inst.leases {
 		l.Release()
 	}
+	if err := removeCgroup(inst.Config.Confine.Cgroup); err != nil {
+		errs = append(errs, err)
+	}
 	if err := os.RemoveAll(inst.Dir); err != nil {
 		errs = append(errs, err)
 	}
+	releaseUser(inst.rt.DataDir, inst.Config.Confine.UID, inst.ID)
 	return errors.Join(errs...)
 }

@@ -131,7 +131,11 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 	// Firecracker writes the guest's serial console to its stdout.
 	cmd.Stdout, cmd.Stderr = console, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	proc, err := vmm.StartProcess(cmd)
+	// Firecracker opens the files the API names itself, so only the jailer, which links
+	// them into a chroot it owns, can run it as the VM's user; either way it starts in the
+	// VM's cgroup (the jailer execs Firecracker in place).
+	confine := vmm.Confine{Cgroup: cfg.Confine.Cgroup}
+	proc, err := vmm.StartProcess(cmd, confine)
 	if err != nil {
 		return nil, fmt.Errorf("starting firecracker: %w", err)
 	}

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/vmm"
@@ -61,11 +63,29 @@ const (
 	qmpSock    = "qmp.sock"
 	agentSock  = "agent.sock"
 	consoleLog = "console.log"
-	vmmLog     = "vmm.log"
+	// consoleSock carries the guest console to kiln, which keeps it in consoleLog, capped.
+	consoleSock = "console.sock"
+	vmmLog      = "vmm.log"
 )
 
-// Args returns QEMU's command line for cfg. Exported for tests and `--verbose`.
-func Args(cfg vmm.Config) []string {
+// Sandbox is QEMU's seccomp filter: no obsolete system calls, no setuid or other privilege
+// changes, no new processes (so no exec: migration, which is why snapshots go through a
+// descriptor), no scheduler or resource changes. QEMU enters it before it runs the guest.
+const Sandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+// Command is QEMU's command line for cfg and the open files it names by descriptor
+// number. QEMU opens no path of the VM's itself: kiln, as root, opens the monitor and
+// agent sockets, the console, kernel, initramfs, disks and TAP devices, and hands them
+// over. So the unprivileged VMM needs no way into DATA_DIR (0700), cannot reach root
+// filesystems that other VMs share except through the descriptors it was given, and
+// owns no file it could leave behind. The caller closes the files once QEMU has started.
+func Command(cfg vmm.Config) (args []string, files []*os.File, err error) {
+	c := &command{}
+	defer func() {
+		if err != nil {
+			c.close()
+		}
+	}()
 	accel, cpu := "tcg,thread=multi,tb-size=64", "max"
 	if cfg.Accel == vmm.AccelKVM {
 		accel, cpu = "kvm", "host"
@@ -74,37 +94,152 @@ func Args(cfg vmm.Config) []string {
 	if cfg.Cmdline != "" {
 		cmdline += " " + cfg.Cmdline
 	}
-	a := []string{
+	qmp, err := listen(filepath.Join(cfg.Dir, qmpSock))
+	if err != nil {
+		return nil, nil, err
+	}
+	qmpFD := c.fd(qmp)
+	agent, err := listen(filepath.Join(cfg.Dir, agentSock))
+	if err != nil {
+		return nil, nil, err
+	}
+	agentFD := c.fd(agent)
+	// The console is a socket kiln reads into a capped log (vmm.CaptureConsole), not a
+	// file QEMU writes: that would grow as long as the guest writes.
+	console, err := listen(filepath.Join(cfg.Dir, consoleSock))
+	if err != nil {
+		return nil, nil, err
+	}
+	consoleFD := c.fd(console)
+	kernel, err := os.Open(cfg.Kernel)
+	if err != nil {
+		return nil, nil, err
+	}
+	c.args = append(c.args,
+		// The VM's directory names the process, for the reaper and for people.
+		"-name", strings.ReplaceAll(cfg.Dir, ",", ",,")+"/",
+		"-sandbox", Sandbox,
 		"-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
 		"-accel", accel, "-cpu", cpu,
 		"-smp", fmt.Sprint(cfg.CPUs), "-m", fmt.Sprintf("%dM", cfg.MemoryMiB),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-S",
-		"-kernel", cfg.Kernel, "-append", cmdline,
-		"-chardev", "file,id=con,path=" + filepath.Join(cfg.Dir, consoleLog),
+		// QEMU reads the kernel and initramfs by path only; /proc/self/fd/N reaches the
+		// descriptor it was given without walking DATA_DIR.
+		"-kernel", fmt.Sprintf("/proc/self/fd/%d", c.fd(kernel)), "-append", cmdline,
+		"-chardev", fmt.Sprintf("socket,id=con,fd=%d,server=on,wait=off", consoleFD),
 		"-serial", "chardev:con",
-		"-qmp", "unix:" + filepath.Join(cfg.Dir, qmpSock) + ",server=on,wait=off",
+		"-chardev", fmt.Sprintf("socket,id=qmp,fd=%d,server=on,wait=off", qmpFD),
+		"-mon", "chardev=qmp,mode=control",
 		"-device", "virtio-serial-device",
-		"-chardev", "socket,id=agent,path=" + filepath.Join(cfg.Dir, agentSock) + ",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name=" + guest.PortName,
-	}
+		"-chardev", fmt.Sprintf("socket,id=agent,fd=%d,server=on,wait=off", agentFD),
+		"-device", "virtserialport,chardev=agent,name="+guest.PortName,
+	)
 	if cfg.Initramfs != "" {
-		a = append(a, "-initrd", cfg.Initramfs)
+		f, err := os.Open(cfg.Initramfs)
+		if err != nil {
+			return nil, nil, err
+		}
+		c.args = append(c.args, "-initrd", fmt.Sprintf("/proc/self/fd/%d", c.fd(f)))
 	}
 	for i, d := range cfg.Disks {
-		opt := fmt.Sprintf("id=disk%d,file=%s,format=raw,if=none", i, d.Path)
+		// A read-write disk's set also holds a read-only descriptor: QEMU may reopen an
+		// image read-only (around a migration) and takes from the set the descriptor
+		// whose access mode matches.
+		ro, err := os.Open(d.Path)
+		if err != nil {
+			return nil, nil, fmt.Errorf("disk %s: %w", d.Path, err)
+		}
+		set := c.fdset(ro)
+		opt := fmt.Sprintf("id=disk%d,file=/dev/fdset/%d,format=raw,if=none", i, set)
 		if d.ReadOnly {
 			opt += ",readonly=on"
+		} else {
+			rw, err := os.OpenFile(d.Path, os.O_RDWR, 0)
+			if err != nil {
+				return nil, nil, fmt.Errorf("disk %s: %w", d.Path, err)
+			}
+			c.addToSet(rw, set)
 		}
-		a = append(a, "-drive", opt, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
+		c.args = append(c.args, "-drive", opt, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
 	}
 	for i, n := range cfg.NICs {
+		tap, err := openTAP(n.HostDev)
+		if err != nil {
+			return nil, nil, err
+		}
 		dev := fmt.Sprintf("virtio-net-device,netdev=net%d", i)
 		if n.MAC != "" {
 			dev += ",mac=" + n.MAC
 		}
-		a = append(a, "-netdev", fmt.Sprintf("tap,id=net%d,ifname=%s,script=no,downscript=no", i, n.HostDev), "-device", dev)
+		c.args = append(c.args, "-netdev", fmt.Sprintf("tap,id=net%d,fd=%d", i, c.fd(tap)), "-device", dev)
 	}
-	return a
+	return c.args, c.files, nil
+}
+
+// command collects arguments and the files they refer to.
+type command struct {
+	args  []string
+	files []*os.File
+	sets  int
+}
+
+// fd hands f to QEMU and returns its number there (extra files start at 3).
+func (c *command) fd(f *os.File) int {
+	c.files = append(c.files, f)
+	return 2 + len(c.files)
+}
+
+// fdset puts f in a new descriptor set, for options that take /dev/fdset/N.
+func (c *command) fdset(f *os.File) int {
+	c.sets++
+	c.addToSet(f, c.sets)
+	return c.sets
+}
+
+func (c *command) addToSet(f *os.File, set int) {
+	c.args = append(c.args, "-add-fd", fmt.Sprintf("fd=%d,set=%d", c.fd(f), set))
+}
+
+func (c *command) close() {
+	for _, f := range c.files {
+		f.Close()
+	}
+}
+
+// listen makes a Unix socket at path that only root may connect to and returns its
+// listening descriptor; the socket outlives this process, so a later kiln can Recover.
+func listen(path string) (*os.File, error) {
+	os.Remove(path)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	ln.SetUnlinkOnClose(false)
+	defer ln.Close()
+	if err := os.Chmod(path, 0o600); err != nil {
+		return nil, err
+	}
+	return ln.File()
+}
+
+// openTAP attaches to the TAP device the caller created, with the flags QEMU itself
+// would use (no packet information, virtio-net headers).
+func openTAP(name string) (*os.File, error) {
+	f, err := os.OpenFile("/dev/net/tun", os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening /dev/net/tun: %w", err)
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		f.Close()
+		return nil, errdefs.Invalid("tap device name %q: %v", name, err)
+	}
+	ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+	if err := unix.IoctlIfreq(int(f.Fd()), unix.TUNSETIFF, ifr); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("attaching to tap device %s: %w", name, err)
+	}
+	return f, nil
 }
 
 type vm struct {
@@ -112,6 +247,9 @@ type vm struct {
 	h  vmm.Handle
 	mu sync.Mutex
 	q  *qmp
+	// con is the console connection that conDone says was read to its end.
+	con     net.Conn
+	conDone chan struct{}
 }
 
 var _ vmm.VM = (*vm)(nil)
@@ -140,26 +278,32 @@ func (d *Driver) create(ctx context.Context, cfg config) (*vm, error) {
 	if cfg.Accel == "" {
 		cfg.Accel = vmm.AccelTCG
 	}
-	// Sockets of an earlier VMM in this directory (a restore) must not be in the way.
-	vmm.RemoveFiles(cfg.Dir, qmpSock, agentSock)
-	logf, err := os.Create(filepath.Join(cfg.Dir, vmmLog))
+	logf, err := os.OpenFile(filepath.Join(cfg.Dir, vmmLog), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close()
-	args := Args(cfg.Config)
+	args, files, err := Command(cfg.Config)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
 	if cfg.incoming {
 		args = append(args, "-incoming", "defer")
 	}
 	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Stdout, cmd.Stderr, cmd.ExtraFiles = logf, logf, files
 	// Own session: a terminal's Ctrl-C reaches kiln, which then stops the VM in order,
 	// instead of reaching QEMU directly.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if d.KillWithParent {
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	}
-	proc, err := vmm.StartProcess(cmd)
+	proc, err := vmm.StartProcess(cmd, cfg.Confine)
 	if err != nil {
 		return nil, fmt.Errorf("starting qemu: %w", err)
 	}
@@ -182,6 +326,8 @@ func (d *Driver) create(ctx context.Context, cfg config) (*vm, error) {
 		v.Kill(context.WithoutCancel(ctx))
 		return nil, fmt.Errorf("qemu did not come up: %w%s", err, vmm.LogTail(filepath.Join(cfg.Dir, vmmLog)))
 	}
+	// Before the guest runs (-S), so the log has its first line.
+	v.captureConsole()
 	return v, nil
 }
 
@@ -198,12 +344,40 @@ func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
 		return v, fmt.Errorf("re-attaching to qemu pid %d: %w", h.PID, err)
 	}
 	v.q = q
+	v.captureConsole()
 	return v, nil
 }
 
 func (v *vm) Handle() vmm.Handle    { return v.h }
 func (v *vm) Wait() <-chan struct{} { return v.Exited() }
-func (v *vm) ConsoleLog() string    { return filepath.Join(v.h.Dir, consoleLog) }
+
+// ConsoleLog is the console's log. Once QEMU has exited it returns after what QEMU wrote
+// is in the log (or a second has passed), so a boot failure's error has the last lines.
+func (v *vm) ConsoleLog() string {
+	if v.IsExited() && v.conDone != nil {
+		select {
+		case <-v.conDone:
+		case <-time.After(time.Second):
+		}
+	}
+	return filepath.Join(v.h.Dir, consoleLog)
+}
+
+// captureConsole reads the guest console from QEMU's socket into the capped log until
+// QEMU exits or the VM is detached. While no kiln reads it QEMU drops console output:
+// a kiln that is down loses lines, never disk.
+func (v *vm) captureConsole() {
+	c, err := net.Dial("unix", filepath.Join(v.h.Dir, consoleSock))
+	if err != nil {
+		return
+	}
+	v.con, v.conDone = c, make(chan struct{})
+	go func() {
+		defer close(v.conDone)
+		defer c.Close()
+		vmm.CaptureConsole(c, filepath.Join(v.h.Dir, consoleLog))
+	}()
+}
 
 func (v *vm) qmpRun(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
 	v.mu.Lock()
@@ -239,12 +413,32 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 	if _, err := v.qmpRun(ctx, "stop", nil); err != nil {
 		return err
 	}
-	// QEMU 7.2 has no file: migration URI; exec: runs the command with /bin/sh.
-	uri := "exec:cat > " + shellQuote(filepath.Join(dir, stateFile))
-	if _, err := v.qmpRun(ctx, "migrate", map[string]any{"uri": uri}); err != nil {
+	f, err := os.OpenFile(filepath.Join(dir, stateFile), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := v.migrate(ctx, "migrate", f); err != nil {
 		return fmt.Errorf("saving vm %s: %w", v.h.ID, err)
 	}
 	return v.waitMigration(ctx)
+}
+
+// migrate runs a migration command (migrate, migrate-incoming) on f. QEMU 7.2 has no
+// file: URI, and exec: would need a shell that the sandbox forbids (spawn=deny); so the
+// file, opened here, is passed over the monitor socket (getfd) and used as fd:.
+func (v *vm) migrate(ctx context.Context, cmd string, f *os.File) error {
+	v.mu.Lock()
+	q := v.q
+	v.mu.Unlock()
+	if q == nil || v.IsExited() {
+		return errdefs.New(errdefs.ErrConflict, "vm %s is not running", v.h.ID)
+	}
+	if _, err := q.runWithFile(ctx, "getfd", map[string]any{"fdname": stateFile}, f); err != nil {
+		return err
+	}
+	_, err := q.run(ctx, cmd, map[string]any{"uri": "fd:" + stateFile})
+	return err
 }
 
 // waitMigration polls until the migration in either direction has completed.
@@ -275,15 +469,14 @@ func (v *vm) waitMigration(ctx context.Context) error {
 	}
 }
 
-func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
-
 // Restore starts QEMU with cfg (the same devices the snapshot was taken with) and loads
 // dir/state into it, then lets the guest run on from where it was saved.
 func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.VM, error) {
-	state := filepath.Join(dir, stateFile)
-	if _, err := os.Stat(state); err != nil {
+	state, err := os.Open(filepath.Join(dir, stateFile))
+	if err != nil {
 		return nil, errdefs.New(errdefs.ErrNotFound, "no saved state in %s: %v", dir, err)
 	}
+	defer state.Close()
 	v, err := d.create(ctx, config{Config: cfg, incoming: true})
 	if err != nil {
 		return nil, err
@@ -292,7 +485,7 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.V
 		v.Destroy(context.WithoutCancel(ctx))
 		return nil, err
 	}
-	if _, err := v.qmpRun(ctx, "migrate-incoming", map[string]any{"uri": "exec:cat " + shellQuote(state)}); err != nil {
+	if err := v.migrate(ctx, "migrate-incoming", state); err != nil {
 		return fail(fmt.Errorf("restoring vm %s: %w", cfg.ID, err))
 	}
 	if err := v.waitMigration(ctx); err != nil {
@@ -320,6 +513,10 @@ func (v *vm) Detach() error {
 		v.q.close()
 		v.q = nil
 	}
+	if v.con != nil {
+		// A later Recover reads the console from here on.
+		v.con.Close()
+	}
 	return nil
 }
 
@@ -327,7 +524,10 @@ func (v *vm) Detach() error {
 func (v *vm) Destroy(ctx context.Context) error {
 	err := v.Kill(ctx)
 	v.Detach()
-	if rerr := vmm.RemoveFiles(v.h.Dir, qmpSock, agentSock, consoleLog, vmmLog); err == nil {
+	if v.conDone != nil {
+		<-v.conDone // it must not write the log again once removed
+	}
+	if rerr := vmm.RemoveFiles(v.h.Dir, qmpSock, agentSock, consoleSock, consoleLog, consoleLog+".1", vmmLog); err == nil {
 		err = rerr
 	}
 	return err

@@ -1,15 +1,28 @@
 package qemu_test
 
 import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kilnhq/kiln/internal/cgroup"
+	"github.com/kilnhq/kiln/internal/guest"
 
 	"github.com/kilnhq/kiln/internal/testutil"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmm/qemu"
 	"github.com/kilnhq/kiln/internal/vmm/vmmtest"
 	"github.com/kilnhq/kiln/internal/vmrun"
+	"github.com/kilnhq/kiln/internal/volume"
 )
 
 func TestMain(m *testing.M) {
@@ -23,10 +36,98 @@ func TestConformance(t *testing.T) {
 	}, vmmtest.Options{})
 }
 
-func TestArgs(t *testing.T) {
-	cfg := vmm.Config{ID: "x", Dir: "/d", CPUs: 2, MemoryMiB: 300, Kernel: "/k", Initramfs: "/i",
-		Cmdline: "kiln.root=abc", Disks: []vmm.Disk{{Path: "/r", ReadOnly: true}, {Path: "/data"}},
-		NICs: []vmm.NIC{{HostDev: "tap0", MAC: "06:00:00:00:00:01"}}}
+// TestConfined boots a VM and looks at its QEMU from the host: it runs as a user of its
+// own (not root), under its seccomp filter, in the VM's cgroup with the VM's CPUs and
+// memory (plus the VMM's overhead) as limits; its volume works; it stays so across a
+// suspend and resume; and the cgroup and the user's claim go with the VM.
+func TestConfined(t *testing.T) {
+	testutil.RequireQEMU(t)
+	if os.Geteuid() != 0 {
+		t.Skip("confining a VMM needs root")
+	}
+	rt := testutil.Runtime(t, &qemu.Driver{})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	img := filepath.Join(rt.DataDir, "data.ext4")
+	if err := volume.Create(ctx, img, 64<<20, ""); err != nil {
+		t.Fatal(err)
+	}
+	inst, err := rt.Boot(ctx, vmrun.Spec{CPUs: 2, MemoryMiB: 300, Mounts: []vmrun.Mount{{Image: img, Path: "/data"}}})
+	if err != nil {
+		t.Fatalf("boot: %v", err)
+	}
+	defer inst.Destroy(context.Background())
+	cg, err := cgroup.Host()
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := cgroup.Name(inst.ID)
+	want := cgroup.Limits{CPUs: 2, MemoryBytes: (300 + vmrun.DefaultMemoryOverheadMiB) << 20}
+	check := func(when string) {
+		t.Helper()
+		pid := inst.VM.Handle().PID
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		status := map[string][]string{}
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok {
+				status[k] = strings.Fields(v)
+			}
+		}
+		for _, key := range []string{"Uid", "Gid"} {
+			if ids := status[key]; len(ids) != 4 || slices.Contains(ids, "0") {
+				t.Errorf("%s: QEMU %s = %v, want no 0 among them", when, key, ids)
+			}
+		}
+		if s := status["Seccomp"]; len(s) != 1 || s[0] != "2" {
+			t.Errorf("%s: QEMU seccomp mode %v, want 2 (filter)", when, s)
+		}
+		if g, err := cg.Of(pid); err != nil || g != name {
+			t.Errorf("%s: QEMU is in cgroup %q (%v), want %q", when, g, err, name)
+		}
+		if l, err := cg.Limits(name); err != nil || l != want {
+			t.Errorf("%s: cgroup v%d limits %+v (%v), want %+v", when, cg.Version(), l, err, want)
+		}
+		var out bytes.Buffer
+		st, err := inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"sh", "-c", "echo " + when + " >> /data/log && sync && cat /data/log"}}, guest.IO{Stdout: &out})
+		if err != nil || st.Code != 0 || !strings.HasSuffix(out.String(), when+"\n") {
+			t.Errorf("%s: writing to the volume: %q %+v %v", when, out.String(), st, err)
+		}
+	}
+	check("booted")
+	if err := inst.Suspend(ctx); err != nil {
+		t.Fatalf("suspend: %v", err)
+	}
+	if _, err := cg.Limits(name); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the cgroup outlived the suspended VMM: %v", err)
+	}
+	if err := inst.Resume(ctx); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	check("resumed")
+	if err := inst.Destroy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cg.Limits(name); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the cgroup outlived the VM: %v", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(rt.DataDir, "vmusers")); len(ents) != 0 {
+		t.Errorf("%d VMM user claims left after the VM was destroyed", len(ents))
+	}
+}
+
+// TestCommand: QEMU gets its files as descriptors, runs sandboxed, and names its VM's
+// directory (what the reaper looks for).
+func TestCommand(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"k", "i", "r", "data"} {
+		os.WriteFile(filepath.Join(dir, f), []byte(f), 0o644)
+	}
+	p := func(f string) string { return filepath.Join(dir, f) }
+	cfg := vmm.Config{ID: "x", Dir: dir, CPUs: 2, MemoryMiB: 300, Kernel: p("k"), Initramfs: p("i"),
+		Cmdline: "kiln.root=abc", Disks: []vmm.Disk{{Path: p("r"), ReadOnly: true}, {Path: p("data")}}}
 	for _, tc := range []struct {
 		accel vmm.Accel
 		want  []string
@@ -35,12 +136,36 @@ func TestArgs(t *testing.T) {
 		{vmm.AccelKVM, []string{"-accel kvm", "-cpu host"}},
 	} {
 		cfg.Accel = tc.accel
-		got := strings.Join(qemu.Args(cfg), " ")
-		for _, w := range append(tc.want, "-smp 2", "-m 300M", "-no-reboot", "file=/r,format=raw,if=none,readonly=on", "id=disk1,file=/data,format=raw,if=none -device",
-			"-netdev tap,id=net0,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net0,mac=06:00:00:00:00:01") {
+		args, files, err := qemu.Command(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := strings.Join(args, " ")
+		// Descriptors from 3: qmp, agent, console, kernel, initramfs, the read-only disk,
+		// then the read-write disk twice (read-only and read-write).
+		for _, w := range append(tc.want, "-name "+dir+"/", "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+			"-smp 2", "-m 300M", "-no-reboot", "socket,id=qmp,fd=3,server=on,wait=off", "socket,id=agent,fd=4,server=on,wait=off",
+			"-add-fd fd=5,set=1", "file,id=con,path=/dev/fdset/1", "-kernel /proc/self/fd/6", "-initrd /proc/self/fd/7",
+			"-add-fd fd=8,set=2", "id=disk0,file=/dev/fdset/2,format=raw,if=none,readonly=on",
+			"-add-fd fd=9,set=3", "-add-fd fd=10,set=3", "id=disk1,file=/dev/fdset/3,format=raw,if=none -device") {
 			if !strings.Contains(got, w) {
 				t.Errorf("%s: args lack %q:\n%s", tc.accel, w, got)
 			}
+		}
+		if strings.Contains(got, p("k")) || strings.Contains(got, p("r")) {
+			t.Errorf("QEMU is given a path to open itself:\n%s", got)
+		}
+		modes := []int{}
+		for _, f := range files {
+			fl, _ := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+			modes = append(modes, fl&unix.O_ACCMODE)
+			f.Close()
+		}
+		if len(modes) != 8 || modes[2] != unix.O_WRONLY || modes[5] != unix.O_RDONLY || modes[6] != unix.O_RDONLY || modes[7] != unix.O_RDWR {
+			t.Errorf("access modes of the %d files: %v", len(files), modes)
+		}
+		if fi, err := os.Stat(filepath.Join(dir, "qmp.sock")); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("qmp socket: %v %v, want mode 0600", fi, err)
 		}
 	}
 }

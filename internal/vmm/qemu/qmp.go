@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -72,6 +74,12 @@ func (q *qmp) read(ctx context.Context, v *qmpReply) error {
 // run executes one command and returns its "return" value. Events read while waiting
 // are dropped: kiln learns about VM exits from the process, not from QMP events.
 func (q *qmp) run(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
+	return q.runWithFile(ctx, cmd, args, nil)
+}
+
+// runWithFile is run with f's descriptor sent along with the command (SCM_RIGHTS), as
+// getfd expects.
+func (q *qmp) runWithFile(ctx context.Context, cmd string, args any, f *os.File) (json.RawMessage, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	req := map[string]any{"execute": cmd}
@@ -79,8 +87,19 @@ func (q *qmp) run(ctx context.Context, cmd string, args any) (json.RawMessage, e
 		req["arguments"] = args
 	}
 	b, _ := json.Marshal(req)
+	b = append(b, '\n')
 	q.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if _, err := q.conn.Write(append(b, '\n')); err != nil {
+	var err error
+	if f != nil {
+		uc, ok := q.conn.(*net.UnixConn)
+		if !ok {
+			return nil, fmt.Errorf("qmp %s: a file can only be passed over a Unix socket", cmd)
+		}
+		_, _, err = uc.WriteMsgUnix(b, syscall.UnixRights(int(f.Fd())), nil)
+	} else {
+		_, err = q.conn.Write(b)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", cmd, err)
 	}
 	for {
