@@ -63,6 +63,15 @@ func TestTwoHostsOnePostgres(t *testing.T) {
 	if err != nil || strings.TrimSpace(res.Stdout) != m.ID {
 		t.Fatalf("exec through host-b: %+v %v", res, err)
 	}
+	// A streaming exec passes through host-b too: stdin in, output and exit status out.
+	sess, err := cb.ExecStream(ctx, "web", m.ID, api.ExecRequest{Command: []string{"sh", "-c", "busybox cat; exit 4"}})
+	if err != nil {
+		t.Fatalf("streaming exec through host-b: %v", err)
+	}
+	var streamed strings.Builder
+	if st, err := sess.Run(ctx, strings.NewReader("through b\n"), &streamed, io.Discard); err != nil || st.ExitCode != 4 || streamed.String() != "through b\n" {
+		t.Fatalf("streaming exec through host-b: %+v %q %v", st, streamed.String(), err)
+	}
 	out, _, _ := b.kiln("", "host", "ls")
 	if !strings.Contains(out, "host-a") || !strings.Contains(out, "host-b") || strings.Count(out, " up ") != 2 {
 		t.Fatalf("host ls:\n%s", out)
