@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
@@ -65,6 +66,9 @@ func Detect() (Manager, error) {
 	}
 	return detect(mounts)
 }
+
+// Host is Detect's answer, found once per process.
+var Host = sync.OnceValues(Detect)
 
 // mount is one cgroup filesystem from mountinfo.
 type mount struct {
