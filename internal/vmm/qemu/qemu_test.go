@@ -141,13 +141,13 @@ func TestCommand(t *testing.T) {
 			t.Fatal(err)
 		}
 		got := strings.Join(args, " ")
-		// Descriptors from 3: qmp, agent, console, kernel, initramfs, the read-only disk,
-		// then the read-write disk twice (read-only and read-write).
+		// Descriptors from 3: the qmp, agent and console sockets, kernel, initramfs, the
+		// read-only disk, then the read-write disk twice (read-only and read-write).
 		for _, w := range append(tc.want, "-name "+dir+"/", "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 			"-smp 2", "-m 300M", "-no-reboot", "socket,id=qmp,fd=3,server=on,wait=off", "socket,id=agent,fd=4,server=on,wait=off",
-			"-add-fd fd=5,set=1", "file,id=con,path=/dev/fdset/1", "-kernel /proc/self/fd/6", "-initrd /proc/self/fd/7",
-			"-add-fd fd=8,set=2", "id=disk0,file=/dev/fdset/2,format=raw,if=none,readonly=on",
-			"-add-fd fd=9,set=3", "-add-fd fd=10,set=3", "id=disk1,file=/dev/fdset/3,format=raw,if=none -device") {
+			"socket,id=con,fd=5,server=on,wait=off", "-kernel /proc/self/fd/6", "-initrd /proc/self/fd/7",
+			"-add-fd fd=8,set=1", "id=disk0,file=/dev/fdset/1,format=raw,if=none,readonly=on",
+			"-add-fd fd=9,set=2", "-add-fd fd=10,set=2", "id=disk1,file=/dev/fdset/2,format=raw,if=none -device") {
 			if !strings.Contains(got, w) {
 				t.Errorf("%s: args lack %q:\n%s", tc.accel, w, got)
 			}
@@ -161,7 +161,7 @@ func TestCommand(t *testing.T) {
 			modes = append(modes, fl&unix.O_ACCMODE)
 			f.Close()
 		}
-		if len(modes) != 8 || modes[2] != unix.O_WRONLY || modes[5] != unix.O_RDONLY || modes[6] != unix.O_RDONLY || modes[7] != unix.O_RDWR {
+		if len(modes) != 8 || modes[5] != unix.O_RDONLY || modes[6] != unix.O_RDONLY || modes[7] != unix.O_RDWR {
 			t.Errorf("access modes of the %d files: %v", len(files), modes)
 		}
 		if fi, err := os.Stat(filepath.Join(dir, "qmp.sock")); err != nil || fi.Mode().Perm() != 0o600 {
