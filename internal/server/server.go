@@ -206,14 +206,26 @@ func writeError(w http.ResponseWriter, err error) {
 	writeJSON(w, statusOf(err), api.Error{Error: err.Error()})
 }
 
-// decode reads a JSON body strictly; the error names the field and the fix.
+// maxBody bounds a JSON request body: every request kiln takes is far smaller.
+const maxBody = 1 << 20
+
+// decode reads a JSON body strictly: one value, no unknown fields, at most maxBody bytes.
+// The error names the field and the fix.
 func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, maxBody))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return errdefs.Invalid("request body: %v: check the fields against /v1/openapi.json", err)
+	err := dec.Decode(v)
+	if err == nil {
+		if _, err = dec.Token(); err == io.EOF {
+			return nil
+		} else if err == nil {
+			err = errors.New("more than one JSON value")
+		}
 	}
-	return nil
+	if tooBig := (*http.MaxBytesError)(nil); errors.As(err, &tooBig) {
+		return errdefs.Invalid("request body is over %d KiB: send less", maxBody>>10)
+	}
+	return errdefs.Invalid("request body: %v: check the fields against /v1/openapi.json", err)
 }
 
 func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
