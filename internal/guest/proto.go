@@ -154,6 +154,11 @@ type ExitStatus struct {
 	TimedOut bool `json:"timed_out,omitempty"`
 }
 
+// maxFrame bounds one frame's JSON, and so the buffer a peer's length field can make the
+// reader allocate: a length over it is refused before anything more is read. A guest can
+// make the host hold at most this much per stream it is reading a frame from. Exec output
+// and files travel as raw stream bytes; a supervised process's output comes in Records of
+// at most 32 KiB of data each, well under the cap.
 const maxFrame = 1 << 20
 
 // WriteFrame writes v as one length-prefixed JSON frame.
