@@ -8,7 +8,7 @@ GO ?= go
 export KILN_DATA_DIR ?= /var/lib/kiln
 TEST_TIMEOUT ?= 25m
 
-.PHONY: all setup deps build assets demo test test-fast bench clean
+.PHONY: all setup deps build assets demo test test-fast fuzz bench clean
 
 all: build
 
@@ -46,6 +46,18 @@ test: setup
 ## test-fast: the tests that need no VM
 test-fast:
 	$(GO) test -short -count=1 ./...
+
+## fuzz: each fuzz target for FUZZTIME (`make test` runs only their seed corpora). Go
+## fuzzes one target per run; a crash is saved under the package's testdata/fuzz/.
+## FUZZFLAGS=-parallel=1 keeps it to one worker on a shared host.
+FUZZTIME ?= 30s
+FUZZFLAGS ?=
+FUZZ_TARGETS := FuzzExtractContext:./internal/build FuzzDecode:./internal/server FuzzReadFrame:./internal/guest
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  echo "== $${t%%:*} ($(FUZZTIME))"; \
+	  $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) "$${t#*:}"; \
+	done
 
 ## bench: boot, exec and throughput figures as a table and JSON (bench-results/)
 bench: setup
