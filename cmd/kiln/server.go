@@ -68,8 +68,8 @@ func adminToken(dataDir string) (string, bool, error) {
 
 // rootfsCache is where converted images live; the server and `kiln vm run --image`
 // share it.
-func rootfsCache(dataDir string) image.Cache {
-	return image.Cache{Dir: filepath.Join(dataDir, "images", "rootfs")}
+func rootfsCache(dataDir string, maxBytes int64) image.Cache {
+	return image.Cache{Dir: filepath.Join(dataDir, "images", "rootfs"), Limits: image.Limits{MaxBytes: maxBytes}}
 }
 
 // serverOptions are `kiln server`'s settings beyond the data dir.
@@ -101,6 +101,8 @@ type serverOptions struct {
 	reserveCPUs   int
 	reserveMemory int
 	capacityWait  time.Duration
+
+	imageMaxSize string
 
 	// changed says whether the user set a flag, for the limits' sources; fromFile
 	// lists those the config file set.
@@ -155,6 +157,7 @@ when the server stops or dies; the next start adopts them.`,
 	f.Float64Var(&o.memOvercommit, "memory-overcommit", 1, "guest memory offered per MiB of host memory (after the reserve); 1 means none")
 	f.IntVar(&o.reserveCPUs, "reserve-cpus", 0, "host CPUs kept for the host itself")
 	f.IntVar(&o.reserveMemory, "reserve-memory", 1024, "host memory kept for the host itself, MiB")
+	f.StringVar(&o.imageMaxSize, "image-max-size", "10G", "largest image accepted, uncompressed: converting a larger one (or a gzip bomb) stops at this size")
 	f.DurationVar(&o.capacityWait, "capacity-wait", time.Minute, "how long a machine or builder start waits in the capacity queue; 0 fails at once")
 	return c
 }
@@ -241,7 +244,15 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 		images.Peers = func(ctx context.Context) []string { return peerRegistries(ctx, db) }
 	}
 	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), tok)
-	mgr := node.New(db, rt, images, rootfsCache(dataDir), filepath.Join(dataDir, "machines"), os.Stderr)
+	imageMax, err := parseSize(o.imageMaxSize)
+	if err != nil || imageMax < 16<<20 {
+		return errdefs.Invalid("--image-max-size %q: want a size of at least 16M, like 10G", o.imageMaxSize)
+	}
+	rootfs := rootfsCache(dataDir, imageMax)
+	if err := rootfs.RemoveStale(); err != nil {
+		return fmt.Errorf("cleaning interrupted image conversions: %w", err)
+	}
+	mgr := node.New(db, rt, images, rootfs, filepath.Join(dataDir, "machines"), os.Stderr)
 	hostName, _ := os.Hostname()
 	here := capacity.Host{Name: hostName, CPUs: stdruntime.NumCPU(), MemoryMiB: vmm.HostMemoryMiB(),
 		CPURatio: o.cpuOvercommit, MemRatio: o.memOvercommit, ReserveCPUs: o.reserveCPUs, ReserveMemoryMiB: o.reserveMemory}
@@ -439,6 +450,12 @@ func (p proxyMachines) Start(ctx context.Context, id string) error {
 func (p proxyMachines) Stop(ctx context.Context, id string) error    { return p.mgr.Stop(ctx, id) }
 func (p proxyMachines) Suspend(ctx context.Context, id string) error { return p.mgr.Suspend(ctx, id) }
 
+// imageMaxBytes is --image-max-size in bytes; runServer has checked it parses.
+func (o serverOptions) imageMaxBytes() int64 {
+	n, _ := parseSize(o.imageMaxSize)
+	return n
+}
+
 // buildService sets up builds, or returns nil (builds off, said in the log) where the
 // builder root filesystem is missing.
 func (o serverOptions) buildService(ctx context.Context, dataDir string, db *sqlstore.DB, rt *vmrun.Runtime, images image.Registries) (*build.Service, error) {
@@ -499,6 +516,9 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("host.memory_overcommit", h.MemRatio, "×", src("memory-overcommit"), fmt.Sprintf("1 to %d", capacity.MaxMemRatio))
 	r.Set("host.reserve_cpus", h.ReserveCPUs, "CPUs", src("reserve-cpus"), "kept for the host, never offered")
 	r.Set("host.reserve_memory", h.ReserveMemoryMiB, "MiB", src("reserve-memory"), "kept for the host, never offered")
+	r.Set("image.max_size", o.imageMaxBytes(), "bytes", src("image-max-size"), "uncompressed size of an image being converted: the layers read and the files written")
+	r.Set("image.max_entries", image.DefaultMaxEntries, "entries", "built in", "tar entries across an image's layers")
+	r.Set("image.max_path", image.DefaultMaxPathLen, "bytes", "built in", "length of a path or link target in an image")
 	r.Set("capacity.queue_wait", o.capacityWait, "", src("capacity-wait"), "how long a start waits for room before it fails naming the resource")
 	r.Set("machine.cpus", fmt.Sprintf("1-%d", h.CPUs), "vCPUs", "the host's CPUs", "vCPUs of one machine")
 	r.Set("machine.memory", fmt.Sprintf("%d-%d", vmm.MinMemoryMiB, h.MemoryMiB-256), "MiB", "the host's memory less 256 MiB", "memory of one machine")

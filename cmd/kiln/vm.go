@@ -234,7 +234,7 @@ func imageRootfs(ctx context.Context, dataDir, tarball string, log io.Writer) (i
 		return image.Rootfs{}, err
 	}
 	defer closeImg()
-	return rootfsCache(dataDir).Rootfs(ctx, img, log)
+	return rootfsCache(dataDir, 0).Rootfs(ctx, img, log)
 }
 
 // withImageDefaults fills what the command line left open from the image's config, as

@@ -2,13 +2,9 @@ package image_test
 
 import (
 	"archive/tar"
-	"bytes"
-	"compress/gzip"
 	"context"
 	"errors"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -17,7 +13,6 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
@@ -181,7 +176,7 @@ func TestHostileImages(t *testing.T) {
 		refused: "--image-max-size",
 	}, {
 		name:    "a gzip bomb",
-		img:     imageOf(t, gzipBomb(t, 200<<20)),
+		img:     imageOf(t, imagetest.GzipBomb(t, 200<<20)),
 		refused: "--image-max-size",
 	}, {
 		name:    "a path longer than the limit",
@@ -213,54 +208,24 @@ func TestHostileImages(t *testing.T) {
 	}
 }
 
-// gzipBomb is a layer whose one file of n zero bytes compresses to almost nothing.
-func gzipBomb(t *testing.T, n int64) v1.Layer {
-	t.Helper()
-	var buf bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&buf, gzip.BestCompression)
-	tw := tar.NewWriter(zw)
-	tw.WriteHeader(&tar.Header{Name: "zeros", Typeflag: tar.TypeReg, Mode: 0o644, Size: n})
-	io.CopyN(tw, zeroReader{}, n)
-	tw.Close()
-	zw.Close()
-	b := buf.Bytes()
-	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l
-}
-
-type zeroReader struct{}
-
-func (zeroReader) Read(p []byte) (int, error) { clear(p); return len(p), nil }
-
 // A 20 GiB sparse file made by GNU tar is refused at its header, before any byte of it
-// is written: the ext4 writer would store it whole.
-func TestSparseFileOverLimit(t *testing.T) {
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "sparse"), nil, 0o644)
-	if err := os.Truncate(filepath.Join(dir, "sparse"), 20<<30); err != nil {
-		t.Fatal(err)
-	}
-	tarPath := filepath.Join(t.TempDir(), "layer.tar")
-	if out, err := exec.Command("tar", "--sparse", "-C", dir, "-cf", tarPath, "sparse").CombinedOutput(); err != nil {
-		t.Fatalf("tar: %v %s", err, out)
-	}
-	if fi, _ := os.Stat(tarPath); fi.Size() > 1<<20 {
-		t.Fatalf("the layer is %d bytes: not sparse", fi.Size())
-	}
-	l, err := tarball.LayerFromFile(tarPath)
-	if err != nil {
-		t.Fatal(err)
-	}
+// is written: the ext4 writer would store it whole. A small one keeps its size.
+func TestSparseFiles(t *testing.T) {
 	cacheDir := t.TempDir()
-	_, err = image.Cache{Dir: cacheDir}.Rootfs(context.Background(), imageOf(t, l), nil)
+	cache := image.Cache{Dir: cacheDir}
+	_, err := cache.Rootfs(context.Background(), imageOf(t, imagetest.SparseLayer(t, 20<<30)), nil)
 	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "--image-max-size") {
 		t.Errorf("err = %v", err)
 	}
 	if l := leftovers(t, cacheDir); len(l) > 0 {
 		t.Errorf("left in the cache: %v", l)
+	}
+	r, err := cache.Rootfs(context.Background(), imageOf(t, imagetest.SparseLayer(t, 3<<20)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, _ := (imagetest.Ext4{T: t, Path: r.Path}).Stat("/sparse"); s.Size != 3<<20 {
+		t.Errorf("sparse: %+v", s)
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
+	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/volume"
 )
@@ -187,38 +188,29 @@ func (c Cache) Rootfs(ctx context.Context, img v1.Image, log io.Writer) (Rootfs,
 		fmt.Fprintf(log, "converting image %s to a root filesystem\n", digest.String()[:19])
 	}
 	// Each conversion writes its own temporary file; the rename publishes it whole.
-	tmp, err := os.CreateTemp(c.Dir, key+".*.tmp")
+	tmp, err := atomicfile.Create(out.Path, 0o644)
 	if err != nil {
 		return out, err
 	}
-	defer func() {
-		tmp.Close()
-		os.Remove(tmp.Name())
-	}()
-	files, err := convert(ctx, layers, tmp, c.Limits)
+	defer tmp.Abort()
+	files, err := convert(ctx, layers, tmp.File, c.Limits)
 	if err != nil {
 		return out, fmt.Errorf("converting image %s: %w", digest, err)
 	}
 	if out.Run, err = runOf(cf.Config, files); err != nil {
 		return out, err
 	}
-	if err := tmp.Sync(); err != nil {
-		return out, err
-	}
 	b, _ := json.Marshal(out.Run)
-	if err := writeFileSync(meta, b, 0o600); err != nil {
+	if err := atomicfile.WriteFile(meta, b, 0o600); err != nil {
 		return out, err
 	}
-	if err := os.Rename(tmp.Name(), out.Path); err != nil {
-		return out, err
-	}
-	return out, syncDir(c.Dir)
+	return out, tmp.Commit()
 }
 
 // RemoveStale deletes the temporary files of conversions that a crash interrupted. Call
 // it before any conversion starts.
 func (c Cache) RemoveStale() error {
-	tmps, err := filepath.Glob(filepath.Join(c.Dir, "*.tmp"))
+	tmps, err := filepath.Glob(filepath.Join(c.Dir, ".*.tmp-*"))
 	if err != nil {
 		return err
 	}

@@ -149,3 +149,25 @@ func TestRegistryLoadAndResolve(t *testing.T) {
 		t.Errorf("anonymous /v2/: %v %v", resp.StatusCode, err)
 	}
 }
+
+// A conversion cut off by a crash leaves its temp file; the next server start removes it
+// and keeps finished conversions.
+func TestRemoveStale(t *testing.T) {
+	dir := t.TempDir()
+	cache := image.Cache{Dir: dir}
+	r, err := cache.Rootfs(context.Background(), imagetest.App(t), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(dir, ".sha256-x.ext4.tmp-123")
+	os.WriteFile(stale, []byte("half"), 0o600)
+	if err := cache.RemoveStale(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Error("the stale temp file is still there")
+	}
+	if _, err := os.Stat(r.Path); err != nil {
+		t.Errorf("a finished conversion was removed: %v", err)
+	}
+}
