@@ -103,6 +103,7 @@ type serverOptions struct {
 	capacityWait  time.Duration
 
 	imageMaxSize string
+	vmUIDs       string
 
 	// changed says whether the user set a flag, for the limits' sources; fromFile
 	// lists those the config file set.
@@ -158,6 +159,7 @@ when the server stops or dies; the next start adopts them.`,
 	f.IntVar(&o.reserveCPUs, "reserve-cpus", 0, "host CPUs kept for the host itself")
 	f.IntVar(&o.reserveMemory, "reserve-memory", 1024, "host memory kept for the host itself, MiB")
 	f.StringVar(&o.imageMaxSize, "image-max-size", "10G", "largest image accepted, uncompressed: converting a larger one (or a gzip bomb) stops at this size")
+	f.StringVar(&o.vmUIDs, "vm-uids", vmrun.DefaultUIDs.String(), "host user IDs VMMs run as, FIRST-LAST, one per VM; no account may use them, and data dirs on one host need ranges of their own")
 	f.DurationVar(&o.capacityWait, "capacity-wait", time.Minute, "how long a machine or builder start waits in the capacity queue; 0 fails at once")
 	return c
 }
@@ -230,10 +232,15 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 			fmt.Fprintf(os.Stderr, "kiln: using the cluster's admin token (written to %s)\n", filepath.Join(dataDir, "admin-token"))
 		}
 	}
+	uids, err := vmrun.ParseUIDRange(o.vmUIDs)
+	if err != nil {
+		return fmt.Errorf("--vm-uids: %w", err)
+	}
 	rt, accel, err := runtime(ctx, dataDir, "qemu", "", "", os.Stderr)
 	if err != nil {
 		return err
 	}
+	rt.UIDs = uids
 	// Listen first: the built-in registry's address is where machines pull localhost/ images.
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
@@ -522,6 +529,9 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("capacity.queue_wait", o.capacityWait, "", src("capacity-wait"), "how long a start waits for room before it fails naming the resource")
 	r.Set("machine.cpus", fmt.Sprintf("1-%d", h.CPUs), "vCPUs", "the host's CPUs", "vCPUs of one machine")
 	r.Set("machine.memory", fmt.Sprintf("%d-%d", vmm.MinMemoryMiB, h.MemoryMiB-256), "MiB", "the host's memory less 256 MiB", "memory of one machine")
+	r.Set("vm.cpu", "vCPUs × 100", "ms per 100 ms", "built in", "CPU time a VM's cgroup allows its VMM: its vCPUs, no more")
+	r.Set("vm.memory_overhead", vmrun.DefaultMemoryOverheadMiB, "MiB", "built in (QEMU under TCG measured ~180 MiB)", "memory a VM's cgroup allows its VMM beyond the VM's RAM")
+	r.Set("vm.users", o.vmUIDs, "uids", src("vm-uids"), "host users VMMs run as, one per VM")
 	r.Set("machine.logs_kept", node.LogCap, "bytes", "built in", "workload output kept per machine on the host; oldest dropped first")
 	r.Set("machine.guest_output_buffer", agent.OutputCap, "bytes", "built in", "workload output the guest keeps while the host is away")
 	r.Set("network.apps", 1<<(24-mustPrefix(o.pool).Bits()), "apps", src("network-pool"), "apps with a private /24 in the pool")

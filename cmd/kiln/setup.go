@@ -36,10 +36,15 @@ func besideKiln(env, name string) string {
 	return ""
 }
 
-func drivers() map[string]vmm.Driver {
+// drivers are the VMMs kiln runs. Firecracker runs under its jailer (KILN_JAILER, else
+// jailer on PATH), its jails under DATA_DIR/jail: on the data dir's filesystem, as the
+// VM's files are hard-linked into them.
+func drivers(dataDir string) map[string]vmm.Driver {
 	return map[string]vmm.Driver{
-		"qemu":        &qemu.Driver{},
-		"firecracker": &firecracker.Driver{},
+		"qemu": &qemu.Driver{},
+		"firecracker": &firecracker.Driver{Jailer: &firecracker.Jailer{
+			Binary: os.Getenv("KILN_JAILER"), ChrootBase: filepath.Join(dataDir, "jail"),
+		}},
 	}
 }
 
@@ -55,12 +60,12 @@ func assetsDir(dataDir string) string {
 // reap removes what killed kiln processes left behind; every command that touches VMs
 // calls it first.
 func reap(ctx context.Context, dataDir string) {
-	vmrun.Reap(ctx, dataDir, drivers(), os.Stderr)
+	vmrun.Reap(ctx, dataDir, drivers(dataDir), os.Stderr)
 }
 
 // runtime prepares a Runtime: assets present, driver chosen, accelerator resolved.
 func runtime(ctx context.Context, dataDir, vmmName, kernel, modules string, log io.Writer) (*vmrun.Runtime, string, error) {
-	d, ok := drivers()[vmmName]
+	d, ok := drivers(dataDir)[vmmName]
 	if !ok {
 		return nil, "", errdefs.Invalid("--vmm %q: use qemu or firecracker", vmmName)
 	}

@@ -87,7 +87,7 @@ type vm struct {
 	h     vmm.Handle
 	api   *client
 	vsock string // host path of the vsock Unix socket
-	jail  string // the jail's directory, removed by Destroy; "" unless jailed
+	jail  *jail  // nil unless jailed; released by Destroy
 	// base is the memory file this VM was restored from, moved out of the snapshot
 	// directory; the next snapshot is a Diff merged onto it. "" for a booted VM.
 	base string
@@ -118,13 +118,14 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 		return nil, err
 	}
 	defer logf.Close()
-	sock := filepath.Join(cfg.Dir, apiSock)
+	sock, vsock := filepath.Join(cfg.Dir, apiSock), filepath.Join(cfg.Dir, vsockSock)
 	var cmd *exec.Cmd
+	var jl *jail
 	if d.Jailer != nil {
-		cmd, sock, err = d.Jailer.command(bin, cfg)
-		if err != nil {
+		if cmd, jl, err = d.Jailer.command(bin, cfg); err != nil {
 			return nil, err
 		}
+		sock, vsock = jl.host(jailedAPISock), jl.host(vsockSock)
 	} else {
 		cmd = exec.Command(bin, "--api-sock", sock, "--id", cfg.ID)
 	}
@@ -144,10 +145,8 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 		h: vmm.Handle{Driver: d.Name(), ID: cfg.ID, Dir: cfg.Dir, PID: proc.PID,
 			PIDStart: proc.Start, Accel: vmm.AccelKVM},
 		api:   newClient(sock),
-		vsock: filepath.Join(cfg.Dir, vsockSock),
-	}
-	if d.Jailer != nil {
-		v.vsock, v.jail = filepath.Join(d.Jailer.root(cfg.ID), vsockSock), d.Jailer.dir(cfg.ID)
+		vsock: vsock,
+		jail:  jl,
 	}
 	if err := v.waitAPI(ctx, 10*time.Second); err != nil {
 		v.Kill(context.WithoutCancel(ctx))
@@ -192,10 +191,11 @@ func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Jailed, Firecracker sees the files linked into its jail, at the jail's root.
 	path := func(p string) string { return p }
 	vsockPath := filepath.Join(cfg.Dir, vsockSock)
-	if d.Jailer != nil {
-		path, vsockPath = d.Jailer.inside, "/"+vsockSock
+	if v.jail != nil {
+		path, vsockPath = inside, "/"+vsockSock
 	}
 	smt, track := false, true
 	steps := []struct {
@@ -236,12 +236,17 @@ func (d *Driver) Create(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 
 // Recover re-attaches to a Firecracker started by an earlier kiln process.
 func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
-	sock, vs, jail := filepath.Join(h.Dir, apiSock), filepath.Join(h.Dir, vsockSock), ""
+	sock, vs := filepath.Join(h.Dir, apiSock), filepath.Join(h.Dir, vsockSock)
+	var jl *jail
 	if d.Jailer != nil {
-		root := d.Jailer.root(h.ID)
-		sock, vs, jail = filepath.Join(root, apiSock), filepath.Join(root, vsockSock), d.Jailer.dir(h.ID)
+		bin, err := d.binary()
+		if err != nil {
+			return nil, err
+		}
+		jl = d.Jailer.jail(bin, h.ID)
+		sock, vs = jl.host(jailedAPISock), jl.host(vsockSock)
 	}
-	v := &vm{Process: vmm.AttachProcess(h.PID, h.PIDStart), h: h, api: newClient(sock), vsock: vs, jail: jail}
+	v := &vm{Process: vmm.AttachProcess(h.PID, h.PIDStart), h: h, api: newClient(sock), vsock: vs, jail: jl}
 	if _, err := os.Stat(filepath.Join(h.Dir, baseMemory)); err == nil {
 		v.base = filepath.Join(h.Dir, baseMemory) // restored from a snapshot: the next is a Diff
 	}
@@ -287,32 +292,57 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 	if err := v.Pause(ctx); err != nil {
 		return err
 	}
+	// Jailed, Firecracker writes into its jail; the files then move to dir.
+	api, host := dir, func(p string) string { return p }
+	if v.jail != nil {
+		api, host = snapshotDir, v.jail.host
+	}
+	vmstate := filepath.Join(api, "vmstate")
 	mem := filepath.Join(dir, "memory")
 	if v.base != "" {
-		diff := filepath.Join(dir, "memory.diff")
+		diff := filepath.Join(api, "memory.diff")
 		err := v.api.do(ctx, "PUT", "/snapshot/create", SnapshotCreate{
-			SnapshotType: "Diff", SnapshotPath: filepath.Join(dir, "vmstate"), MemFilePath: diff,
+			SnapshotType: "Diff", SnapshotPath: vmstate, MemFilePath: diff,
 		}, nil)
 		if err == nil {
-			err = MergeDiff(v.base, diff)
+			err = MergeDiff(v.base, host(diff))
 		}
-		os.Remove(diff)
+		os.Remove(host(diff))
 		if err == nil {
 			err = os.Rename(v.base, mem)
 		}
 		if err == nil {
 			v.base = ""
-			return nil
+			return moveOut(host(vmstate), filepath.Join(dir, "vmstate"))
 		}
 		// The base is of no use now: write everything.
 		os.Remove(v.base)
 		v.base = ""
 	}
-	return v.api.do(ctx, "PUT", "/snapshot/create", SnapshotCreate{
+	err := v.api.do(ctx, "PUT", "/snapshot/create", SnapshotCreate{
 		SnapshotType: "Full",
-		SnapshotPath: filepath.Join(dir, "vmstate"),
-		MemFilePath:  mem,
+		SnapshotPath: vmstate,
+		MemFilePath:  filepath.Join(api, "memory"),
 	}, nil)
+	if err != nil {
+		return err
+	}
+	if err := moveOut(host(vmstate), filepath.Join(dir, "vmstate")); err != nil {
+		return err
+	}
+	return moveOut(host(filepath.Join(api, "memory")), mem)
+}
+
+// moveOut moves a file Firecracker wrote in its jail to where kiln keeps it, owned by
+// root; outside a jail the two are one.
+func moveOut(from, to string) error {
+	if from == to {
+		return nil
+	}
+	if err := os.Rename(from, to); err != nil {
+		return fmt.Errorf("moving a snapshot out of the jail (the chroot base must be on the data dir's filesystem): %w", err)
+	}
+	return os.Chown(to, 0, 0)
 }
 
 // MergeDiff writes the data of a Diff snapshot's memory file (a sparse file of the
@@ -368,10 +398,22 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.V
 	if err != nil {
 		return nil, err
 	}
+	api := dir
+	if v.jail != nil {
+		// Jailed, the snapshot is linked into the jail for the VM's user to read.
+		api = snapshotDir
+		uid, gid, _ := d.Jailer.user(cfg)
+		for _, f := range []string{"vmstate", "memory"} {
+			if err := linkIn(filepath.Join(dir, f), v.jail.host(filepath.Join(api, f)), true, uid, gid); err != nil {
+				v.Destroy(context.WithoutCancel(ctx))
+				return nil, err
+			}
+		}
+	}
 	track := true
 	err = v.api.do(ctx, "PUT", "/snapshot/load", SnapshotLoad{
-		SnapshotPath:    filepath.Join(dir, "vmstate"),
-		MemBackend:      &MemBackend{BackendType: "File", BackendPath: filepath.Join(dir, "memory")},
+		SnapshotPath:    filepath.Join(api, "vmstate"),
+		MemBackend:      &MemBackend{BackendType: "File", BackendPath: filepath.Join(api, "memory")},
 		TrackDirtyPages: &track,
 		ResumeVM:        true,
 	}, nil)
@@ -398,8 +440,8 @@ func (v *vm) Destroy(ctx context.Context) error {
 	if rerr := vmm.RemoveFiles(v.h.Dir, apiSock, vsockSock, consoleLog, vmmLog, baseMemory); err == nil {
 		err = rerr
 	}
-	if v.jail != "" {
-		if rerr := os.RemoveAll(v.jail); rerr != nil && err == nil {
+	if v.jail != nil {
+		if rerr := v.jail.release(); rerr != nil && err == nil {
 			err = rerr
 		}
 	}

@@ -39,6 +39,31 @@ func TestConformance(t *testing.T) {
 	}, vmmtest.Options{})
 }
 
+// TestConformanceJailed runs the suite with Firecracker under its jailer, fake-firecracker
+// standing in for both: every path the driver gives the API must be in the jail and open
+// to the VM's user, and the QEMU behind the API runs as that user. Nothing of the jails
+// is left after.
+func TestConformanceJailed(t *testing.T) {
+	testutil.RequireQEMU(t)
+	if os.Geteuid() != 0 {
+		t.Skip("the jailer needs root")
+	}
+	bin := testutil.GoBuild(t, "./internal/vmm/firecracker/fctest/fake-firecracker", testutil.TempDir(t))
+	vmmtest.Run(t, func(t *testing.T) *vmrun.Runtime {
+		d := &firecracker.Driver{Binary: bin}
+		rt := testutil.Runtime(t, d)
+		base := filepath.Join(rt.DataDir, "jail")
+		d.Jailer = &firecracker.Jailer{Binary: bin, ChrootBase: base}
+		rt.Accel = vmm.AccelKVM
+		t.Cleanup(func() {
+			if ents, _ := os.ReadDir(filepath.Join(base, filepath.Base(bin))); len(ents) > 0 {
+				t.Errorf("%d jails left behind in %s", len(ents), base)
+			}
+		})
+		return rt
+	}, vmmtest.Options{Boots: 2})
+}
+
 // A NIC is configured through the API, and a restore from a directory without a
 // snapshot fails cleanly. (SuspendResume in the conformance suite covers a snapshot that
 // works; fctest's tests cover the API's snapshot rules.)

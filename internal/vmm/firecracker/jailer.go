@@ -1,25 +1,41 @@
 package firecracker
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"syscall"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/vmm"
 )
 
-// Jailer runs Firecracker under its jailer (docs/jailer.md): in a chroot, as an
-// unprivileged user. The jail is CHROOT_BASE/firecracker/ID/root; the files the VM uses
-// are hard-linked into it, so the chroot base must be on the same filesystem as kiln's
-// data dir.
+// Jailer runs Firecracker under its jailer (docs/jailer.md): in a chroot of its own, in a
+// new mount namespace, as the VM's unprivileged user. The jail of VM ID is
+// CHROOT_BASE/<firecracker binary's name>/ID/root. Firecracker opens every file the API
+// names itself, inside that root, so the VM's files are hard-linked into it: the chroot
+// base must be on the filesystem of kiln's data dir.
+//
+// The jailer is started inside the VM's cgroup, which vmrun made and sized, and execs
+// Firecracker in place, so Firecracker runs there; the jailer's own --cgroup flags are
+// not used, as they would only make the same group again.
 type Jailer struct {
 	Binary     string // empty means "jailer" on PATH
-	UID, GID   int
 	ChrootBase string // empty means /srv/jailer
+	// UID and GID are used for VMs whose Config names no user; vmrun always names one.
+	UID, GID int
 }
+
+// jailedAPISock is where Firecracker makes its API socket inside the jail (its default).
+const jailedAPISock = "/run/firecracker.socket"
+
+// snapshotDir is where, inside the jail, Firecracker writes and reads snapshots.
+const snapshotDir = "/snapshot"
 
 func (j *Jailer) base() string {
 	if j.ChrootBase == "" {
@@ -28,63 +44,180 @@ func (j *Jailer) base() string {
 	return j.ChrootBase
 }
 
-// dir is the per-VM jail directory the jailer creates; root is its chroot.
-func (j *Jailer) dir(id string) string  { return filepath.Join(j.base(), "firecracker", id) }
-func (j *Jailer) root(id string) string { return filepath.Join(j.dir(id), "root") }
+func (j *Jailer) binary() (string, error) {
+	bin := j.Binary
+	if bin == "" {
+		bin = "jailer"
+	}
+	p, err := exec.LookPath(bin)
+	if err != nil {
+		return "", errdefs.New(errdefs.ErrMissingDependency, "jailer binary (%s) not found: install it beside firecracker", bin)
+	}
+	return p, nil
+}
+
+// jail is one VM's jail.
+type jail struct {
+	dir  string // removed by release
+	root string // the chroot
+}
+
+func (j *Jailer) jail(fcBin, id string) *jail {
+	dir := filepath.Join(j.base(), filepath.Base(fcBin), id)
+	return &jail{dir: dir, root: filepath.Join(dir, "root")}
+}
+
+// host is the host path of a path inside the jail.
+func (jl *jail) host(inside string) string { return filepath.Join(jl.root, inside) }
+
+// user is the VM's user: its Config's, else the Jailer's.
+func (j *Jailer) user(cfg vmm.Config) (int, int, error) {
+	uid, gid := int(cfg.Confine.UID), int(cfg.Confine.GID)
+	if uid == 0 {
+		uid, gid = j.UID, j.GID
+	}
+	if uid == 0 || gid == 0 {
+		return 0, 0, errdefs.Invalid("the jailer runs Firecracker as an unprivileged user: vm %s names none", cfg.ID)
+	}
+	return uid, gid, nil
+}
 
 // inside is where a host file linked into the jail appears to Firecracker.
-func (j *Jailer) inside(p string) string {
+func inside(p string) string {
 	if p == "" {
 		return ""
 	}
 	return "/" + filepath.Base(p)
 }
 
-// command prepares the jail (files linked in, owned by the jail's user) and returns the
-// jailer command and the host path of the API socket.
-func (j *Jailer) command(fcBin string, cfg vmm.Config) (*exec.Cmd, string, error) {
-	bin := j.Binary
-	if bin == "" {
-		bin = "jailer"
-	}
-	jb, err := exec.LookPath(bin)
+// command makes a fresh jail for cfg, with the VM's files linked in (each at inside(its
+// path)), and returns the jailer command and the jail.
+func (j *Jailer) command(fcBin string, cfg vmm.Config) (*exec.Cmd, *jail, error) {
+	jb, err := j.binary()
 	if err != nil {
-		return nil, "", errdefs.New(errdefs.ErrMissingDependency, "jailer binary (%s) not found: install it beside firecracker, or run without the jailer", bin)
+		return nil, nil, err
 	}
-	root := j.root(cfg.ID)
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		return nil, "", err
+	uid, gid, err := j.user(cfg)
+	if err != nil {
+		return nil, nil, err
 	}
-	files := []string{cfg.Kernel, cfg.Initramfs}
-	for _, d := range cfg.Disks {
-		files = append(files, d.Path)
+	jl := j.jail(fcBin, cfg.ID)
+	// The jail of an earlier VMM of this VM (before a suspend) must not be reused.
+	if err := jl.release(); err != nil {
+		return nil, nil, err
+	}
+	for _, d := range []string{"run", "snapshot"} {
+		if err := os.MkdirAll(jl.host(d), 0o700); err != nil {
+			return nil, nil, err
+		}
+		if err := os.Chown(jl.host(d), uid, gid); err != nil {
+			return nil, nil, err
+		}
 	}
 	seen := map[string]bool{}
-	for _, f := range files {
-		if f == "" {
-			continue
+	link := func(src string, writable bool) error {
+		if src == "" {
+			return nil
 		}
-		name := filepath.Base(f)
+		name := inside(src)
 		if seen[name] {
-			return nil, "", errdefs.Invalid("two files named %s would collide in the jail: rename one", name)
+			return errdefs.Invalid("two files named %s would collide in the jail: rename one", name[1:])
 		}
 		seen[name] = true
-		dst := filepath.Join(root, name)
-		if err := os.Link(f, dst); err != nil {
-			return nil, "", fmt.Errorf("linking %s into the jail (the chroot base must be on the same filesystem): %w", f, err)
+		return linkIn(src, jl.host(name), writable, uid, gid)
+	}
+	files := []string{cfg.Kernel, cfg.Initramfs}
+	for _, f := range files {
+		if err := link(f, false); err != nil {
+			jl.release()
+			return nil, nil, err
 		}
-		if err := os.Chown(dst, j.UID, j.GID); err != nil {
-			return nil, "", err
+	}
+	for _, d := range cfg.Disks {
+		if err := link(d.Path, !d.ReadOnly); err != nil {
+			jl.release()
+			return nil, nil, err
 		}
 	}
 	cmd := exec.Command(jb,
 		"--id", cfg.ID,
 		"--exec-file", fcBin,
-		"--uid", strconv.Itoa(j.UID),
-		"--gid", strconv.Itoa(j.GID),
+		"--uid", strconv.Itoa(uid),
+		"--gid", strconv.Itoa(gid),
 		"--chroot-base-dir", j.base(),
 		"--",
-		"--api-sock", "/"+apiSock,
+		"--api-sock", jailedAPISock,
 	)
-	return cmd, filepath.Join(root, apiSock), nil
+	return cmd, jl, nil
+}
+
+// linkIn hard-links a host file into the jail. A file the VM writes (a volume, held by
+// this VM alone) is handed to the VM's user until release gives it back to root. A
+// read-only file that others may read (a kernel, a root filesystem shared by many VMs)
+// is linked as it is; one they may not read is copied for this VM, since changing the
+// shared file's owner would hand it to one VM's user.
+func linkIn(src, dst string, writable bool, uid, gid int) error {
+	fi, err := os.Stat(src)
+	if err != nil {
+		return err
+	}
+	if writable || fi.Mode().Perm()&0o004 != 0 {
+		if err := os.Link(src, dst); err != nil {
+			if writable || !errors.Is(err, syscall.EXDEV) {
+				return fmt.Errorf("linking %s into the jail (the chroot base must be on the same filesystem): %w", src, err)
+			}
+			return copyIn(src, dst, uid, gid)
+		}
+		if writable {
+			return os.Chown(dst, uid, gid)
+		}
+		return nil
+	}
+	return copyIn(src, dst, uid, gid)
+}
+
+func copyIn(src, dst string, uid, gid int) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o400)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	if err := out.Close(); err != nil {
+		return err
+	}
+	return os.Chown(dst, uid, gid)
+}
+
+// release gives the host files linked into the jail back to root (a hard link shares
+// its owner with the original) and removes the jail.
+func (jl *jail) release() error {
+	uid := -1 // the VM's user owns the jail's run directory
+	if fi, err := os.Stat(jl.host("run")); err == nil {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 {
+			uid = int(st.Uid)
+		}
+	}
+	filepath.WalkDir(jl.root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		if fi, err := d.Info(); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink > 1 && int(st.Uid) == uid {
+				os.Chown(p, 0, 0)
+			}
+		}
+		return nil
+	})
+	if err := os.RemoveAll(jl.dir); err != nil {
+		return fmt.Errorf("removing jail %s: %w", jl.dir, err)
+	}
+	return nil
 }

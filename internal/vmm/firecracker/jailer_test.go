@@ -4,37 +4,90 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/kilnhq/kiln/internal/vmm"
 )
 
-func TestJailerCommand(t *testing.T) {
-	dir := t.TempDir()
-	for _, f := range []string{"vmlinux", "initramfs.cpio", "root.ext4"} {
-		os.WriteFile(filepath.Join(dir, f), []byte(f), 0o644)
+func owner(t *testing.T, p string) (uint32, uint64) {
+	t.Helper()
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
 	}
-	j := &Jailer{Binary: "/bin/true", UID: os.Getuid(), GID: os.Getgid(), ChrootBase: filepath.Join(dir, "jail")}
+	st := fi.Sys().(*syscall.Stat_t)
+	return st.Uid, st.Ino
+}
+
+// TestJailerCommand: the jail is laid out as docs/jailer.md says, the VM's files are in
+// it for the VM's user (shared read-only files linked as they are, a private one copied, a
+// volume handed over), and release gives the volume back to root and removes the jail.
+func TestJailerCommand(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("making a jail needs root")
+	}
+	dir := t.TempDir()
+	for f, mode := range map[string]os.FileMode{"vmlinux": 0o644, "initramfs.cpio": 0o644, "root.ext4": 0o644, "secret.ext4": 0o600, "data.ext4": 0o600} {
+		os.WriteFile(filepath.Join(dir, f), []byte(f), mode)
+	}
+	const uid, gid = 4242, 4242
+	j := &Jailer{Binary: "/bin/true", ChrootBase: filepath.Join(dir, "jail")}
 	cfg := vmm.Config{ID: "vm1", Kernel: filepath.Join(dir, "vmlinux"), Initramfs: filepath.Join(dir, "initramfs.cpio"),
-		Disks: []vmm.Disk{{Path: filepath.Join(dir, "root.ext4")}}}
-	cmd, sock, err := j.command("/usr/bin/firecracker", cfg)
+		Disks: []vmm.Disk{{Path: filepath.Join(dir, "root.ext4"), ReadOnly: true}, {Path: filepath.Join(dir, "secret.ext4"), ReadOnly: true},
+			{Path: filepath.Join(dir, "data.ext4")}},
+		Confine: vmm.Confine{UID: uid, GID: gid, Cgroup: "kiln/vm1"}}
+	cmd, jl, err := j.command("/usr/bin/firecracker", cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	root := filepath.Join(dir, "jail", "firecracker", "vm1", "root")
-	if sock != filepath.Join(root, "firecracker.sock") {
-		t.Errorf("api socket %s", sock)
+	if jl.root != root || jl.host(jailedAPISock) != filepath.Join(root, "run", "firecracker.socket") {
+		t.Errorf("jail root %s, api socket %s", jl.root, jl.host(jailedAPISock))
 	}
-	want := "--id vm1 --exec-file /usr/bin/firecracker --uid"
-	if got := strings.Join(cmd.Args[1:], " "); !strings.HasPrefix(got, want) || !strings.HasSuffix(got, "--chroot-base-dir "+filepath.Join(dir, "jail")+" -- --api-sock /firecracker.sock") {
-		t.Errorf("jailer args: %s", got)
+	want := "--id vm1 --exec-file /usr/bin/firecracker --uid 4242 --gid 4242 --chroot-base-dir " + filepath.Join(dir, "jail") + " -- --api-sock /run/firecracker.socket"
+	if got := strings.Join(cmd.Args[1:], " "); got != want {
+		t.Errorf("jailer args:\n got %s\nwant %s", got, want)
 	}
-	for _, f := range []string{"vmlinux", "initramfs.cpio", "root.ext4"} {
-		if b, err := os.ReadFile(filepath.Join(root, f)); err != nil || string(b) != f {
-			t.Errorf("%s not linked into the jail: %v", f, err)
+	for _, d := range []string{"run", "snapshot"} {
+		if u, _ := owner(t, filepath.Join(root, d)); u != uid {
+			t.Errorf("%s in the jail belongs to %d, want %d", d, u, uid)
 		}
 	}
-	if j.inside(cfg.Kernel) != "/vmlinux" {
-		t.Errorf("inside = %s", j.inside(cfg.Kernel))
+	for f, how := range map[string]string{"vmlinux": "linked", "initramfs.cpio": "linked", "root.ext4": "linked", "secret.ext4": "copied", "data.ext4": "handed over"} {
+		b, err := os.ReadFile(filepath.Join(root, inside(f)))
+		if err != nil || string(b) != f {
+			t.Errorf("%s not in the jail: %v", f, err)
+			continue
+		}
+		hu, hino := owner(t, filepath.Join(dir, f))
+		ju, jino := owner(t, filepath.Join(root, f))
+		switch how {
+		case "linked":
+			if hino != jino || hu != 0 {
+				t.Errorf("%s: jail inode %d, host %d owned by %d; want the same, still root's", f, jino, hino, hu)
+			}
+		case "copied":
+			if hino == jino || ju != uid || hu != 0 {
+				t.Errorf("%s (0600, shared): want a copy owned by %d, the original root's", f, uid)
+			}
+		case "handed over":
+			if hino != jino || hu != uid {
+				t.Errorf("%s (read-write): want the same file, owned by %d; owner %d", f, uid, hu)
+			}
+		}
+	}
+	if err := jl.release(); err != nil {
+		t.Fatal(err)
+	}
+	if u, _ := owner(t, filepath.Join(dir, "data.ext4")); u != 0 {
+		t.Errorf("the volume still belongs to %d after the jail was released", u)
+	}
+	if _, err := os.Stat(jl.dir); !os.IsNotExist(err) {
+		t.Errorf("jail left behind: %v", err)
+	}
+	cfg.Confine = vmm.Confine{}
+	if _, _, err := j.command("/usr/bin/firecracker", cfg); err == nil {
+		t.Error("a jail for root was made")
 	}
 }

@@ -29,6 +29,8 @@ type QEMUBackend struct {
 	Dir string // QEMU's own files
 	// Console receives the guest's serial console, as Firecracker's stdout does.
 	Console io.Writer
+	// Confine is the user QEMU runs as: a jailed Firecracker's.
+	Confine vmm.Confine
 
 	mu     sync.Mutex
 	vm     vmm.VM
@@ -68,7 +70,7 @@ func (b *QEMUBackend) Start(cfg Config) error {
 	qc := vmm.Config{
 		ID: b.ID, Dir: b.Dir, CPUs: cfg.Machine.VCPUCount, MemoryMiB: cfg.Machine.MemSizeMib,
 		Kernel: cfg.Boot.KernelImagePath, Initramfs: cfg.Boot.InitrdPath,
-		Cmdline: bootArgs(cfg.Boot.BootArgs), Accel: vmm.AccelTCG,
+		Cmdline: bootArgs(cfg.Boot.BootArgs), Accel: vmm.AccelTCG, Confine: b.Confine,
 	}
 	for _, d := range cfg.Drives {
 		qc.Disks = append(qc.Disks, vmm.Disk{Path: d.PathOnHost, ReadOnly: d.IsReadOnly})
@@ -203,7 +205,8 @@ func (b *QEMUBackend) Resume() error {
 }
 
 // snapshotMeta is what the test server keeps in Firecracker's "vmstate" file: enough to
-// start the same QEMU again. QEMU's own state goes next to the memory file.
+// start the same QEMU again. QEMU's own state follows it in that file, so that it travels
+// with the file (into and out of a jail) as Firecracker's does.
 type snapshotMeta struct {
 	Config vmm.Config `json:"config"`
 	Vsock  string     `json:"vsock"`
@@ -214,7 +217,12 @@ func (b *QEMUBackend) SnapshotCreate(c fc.SnapshotCreate) error {
 	if err != nil {
 		return err
 	}
-	if err := vm.(vmm.Snapshotter).Snapshot(context.Background(), filepath.Dir(c.MemFilePath)); err != nil {
+	tmp, err := os.MkdirTemp(b.Dir, "snapshot")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	if err := vm.(vmm.Snapshotter).Snapshot(context.Background(), tmp); err != nil {
 		return err
 	}
 	b.mu.Lock()
@@ -235,24 +243,68 @@ func (b *QEMUBackend) SnapshotCreate(c fc.SnapshotCreate) error {
 	if err := f.Close(); err != nil {
 		return err
 	}
-	return os.WriteFile(c.SnapshotPath, meta, 0o644)
+	return writeVMState(c.SnapshotPath, meta, tmp)
 }
 
-func (b *QEMUBackend) SnapshotLoad(l fc.SnapshotLoad) error {
-	raw, err := os.ReadFile(l.SnapshotPath)
+// writeVMState writes meta, a newline, and the one file QEMU saved in dir.
+func writeVMState(path string, meta []byte, dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil || len(ents) != 1 {
+		return fmt.Errorf("qemu saved %d files (%v), want 1", len(ents), err)
+	}
+	in, err := os.Open(filepath.Join(dir, ents[0].Name()))
 	if err != nil {
 		return err
 	}
+	defer in.Close()
+	out, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := out.Write(append(meta, '\n')); err != nil {
+		out.Close()
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+func (b *QEMUBackend) SnapshotLoad(l fc.SnapshotLoad) error {
+	in, err := os.Open(l.SnapshotPath)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	r := bufio.NewReader(in)
+	line, _ := r.ReadBytes('\n')
 	var meta snapshotMeta
-	if err := json.Unmarshal(raw, &meta); err != nil {
+	if err := json.Unmarshal(line, &meta); err != nil {
 		return fmt.Errorf("%s is not a snapshot of this test server: %w", l.SnapshotPath, err)
 	}
-	mem := l.MemFilePath
-	if l.MemBackend != nil {
-		mem = l.MemBackend.BackendPath
+	if err := os.MkdirAll(b.Dir, 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(b.Dir, "restore")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	st, err := os.Create(filepath.Join(tmp, "state"))
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(st, r)
+	if cerr := st.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
 	}
 	ctx := context.Background()
-	vm, err := (&qemu.Driver{KillWithParent: true}).Restore(ctx, meta.Config, filepath.Dir(mem))
+	vm, err := (&qemu.Driver{KillWithParent: true}).Restore(ctx, meta.Config, tmp)
 	if err != nil {
 		return err
 	}

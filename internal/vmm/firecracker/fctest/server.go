@@ -14,8 +14,10 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 
 	fc "github.com/kilnhq/kiln/internal/vmm/firecracker"
 )
@@ -47,6 +49,8 @@ type Server struct {
 	Calls []string
 	// Log, if set, gets a line for each snapshot written, with its type.
 	Log io.Writer
+	// Jail, when set, is the chroot a jailer put this Firecracker in.
+	Jail *Jail
 
 	mu      sync.Mutex
 	cfg     Config
@@ -93,6 +97,62 @@ func fileExists(p string) bool {
 	return err == nil && fi.Mode().IsRegular()
 }
 
+// Jail is where the jailer (docs/jailer.md) confined Firecracker: it sees Root as "/" and
+// runs as UID:GID. Every path the API is given is a path in the jail, and a file is of
+// use only if that user may read it (or write it: a read-write drive, a snapshot's
+// directory), so host paths and files left to root are refused as Firecracker would.
+type Jail struct {
+	Root     string
+	UID, GID int
+}
+
+// access is what a jailed Firecracker needs of a path.
+type access int
+
+const (
+	readFile   access = iota // an existing regular file to read
+	writeFile                // an existing regular file to read and write
+	createFile               // a file it makes, in a directory it may write
+)
+
+// resolve returns the host path of p as Firecracker would open it, checking that its
+// user may. Outside a jail paths are the host's.
+func (s *Server) resolve(p string, a access) (string, error) {
+	if s.Jail == nil {
+		if a != createFile && !fileExists(p) {
+			return "", fmt.Errorf("no such file: %s", p)
+		}
+		return p, nil
+	}
+	host := filepath.Join(s.Jail.Root, filepath.Clean("/"+p))
+	check, want := host, uint32(4)
+	switch a {
+	case writeFile:
+		want = 6
+	case createFile:
+		check, want = filepath.Dir(host), 3
+	}
+	fi, err := os.Stat(check)
+	if err != nil {
+		return "", fmt.Errorf("%s is not in the jail (%s): %v", p, s.Jail.Root, err)
+	}
+	if (a == createFile) != fi.IsDir() {
+		return "", fmt.Errorf("%s in the jail is not a %s", p, map[bool]string{true: "directory", false: "regular file"}[a == createFile])
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	perm := uint32(fi.Mode().Perm())
+	switch {
+	case int(st.Uid) == s.Jail.UID:
+		perm >>= 6
+	case int(st.Gid) == s.Jail.GID:
+		perm >>= 3
+	}
+	if perm&want != want {
+		return "", fmt.Errorf("%s in the jail is %v, owned by %d:%d: user %d cannot use it", p, fi.Mode().Perm(), st.Uid, st.Gid, s.Jail.UID)
+	}
+	return host, nil
+}
+
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -136,13 +196,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fault(w, 400, errAfterBoot)
 			return
 		}
-		if !fileExists(b.KernelImagePath) {
-			fault(w, 400, "The kernel file cannot be opened: %s", b.KernelImagePath)
+		var err error
+		if b.KernelImagePath, err = s.resolve(b.KernelImagePath, readFile); err != nil {
+			fault(w, 400, "The kernel file cannot be opened: %v", err)
 			return
 		}
-		if b.InitrdPath != "" && !fileExists(b.InitrdPath) {
-			fault(w, 400, "The initrd file cannot be opened: %s", b.InitrdPath)
-			return
+		if b.InitrdPath != "" {
+			if b.InitrdPath, err = s.resolve(b.InitrdPath, readFile); err != nil {
+				fault(w, 400, "The initrd file cannot be opened: %v", err)
+				return
+			}
 		}
 		s.cfg.Boot, s.touched = &b, true
 	case r.Method == "PUT" && strings.HasPrefix(path, "/drives/"):
@@ -159,8 +222,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fault(w, 400, "The id from the path [%s] does not match the id from the body [%s]!", strings.TrimPrefix(path, "/drives/"), d.DriveID)
 			return
 		}
-		if !fileExists(d.PathOnHost) {
-			fault(w, 400, "Unable to open the block device backing file %s", d.PathOnHost)
+		var err error
+		if d.PathOnHost, err = s.resolve(d.PathOnHost, map[bool]access{true: readFile, false: writeFile}[d.IsReadOnly]); err != nil {
+			fault(w, 400, "Unable to open the block device backing file: %v", err)
 			return
 		}
 		replaced := false
@@ -203,6 +267,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		if v.GuestCID < 3 || v.UDSPath == "" {
 			fault(w, 400, "guest_cid must be at least 3 and uds_path is required.")
+			return
+		}
+		var err error
+		if v.UDSPath, err = s.resolve(v.UDSPath, createFile); err != nil {
+			fault(w, 400, "Cannot create the vsock socket: %v", err)
 			return
 		}
 		s.cfg.Vsock, s.touched = &v, true
@@ -281,6 +350,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fault(w, 400, "snapshot_path and mem_file_path are required; snapshot_type is Full or Diff.")
 			return
 		}
+		var err error
+		for _, p := range []*string{&c.SnapshotPath, &c.MemFilePath} {
+			if *p, err = s.resolve(*p, createFile); err != nil {
+				fault(w, 400, "Create snapshot error: %v", err)
+				return
+			}
+		}
 		if c.SnapshotType == "Diff" && !s.dirty {
 			fault(w, 400, "Create snapshot error: Diff snapshots are not enabled: set track_dirty_pages in the machine config or when loading the snapshot.")
 			return
@@ -309,6 +385,23 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if l.MemBackend != nil && l.MemBackend.BackendType != "File" && l.MemBackend.BackendType != "Uffd" {
 			fault(w, 400, "unknown variant `%s`, expected `File` or `Uffd`", l.MemBackend.BackendType)
 			return
+		}
+		var err error
+		for _, p := range []*string{&l.SnapshotPath, &l.MemFilePath} {
+			if *p != "" {
+				if *p, err = s.resolve(*p, readFile); err != nil {
+					fault(w, 400, "Load snapshot error: %v", err)
+					return
+				}
+			}
+		}
+		if l.MemBackend != nil && l.MemBackend.BackendType == "File" {
+			mb := *l.MemBackend
+			if mb.BackendPath, err = s.resolve(mb.BackendPath, readFile); err != nil {
+				fault(w, 400, "Load snapshot error: %v", err)
+				return
+			}
+			l.MemBackend = &mb
 		}
 		if l.EnableDiffSnapshots && l.TrackDirtyPages != nil {
 			fault(w, 400, "enable_diff_snapshots is deprecated: give only track_dirty_pages.")

@@ -87,3 +87,65 @@ func TestAPIRules(t *testing.T) {
 		t.Errorf("instance info %+v", info)
 	}
 }
+
+// TestJailPaths: a jailed Firecracker sees only its jail, as its user. Host paths, files
+// its user may not read (or write, for a read-write drive) and directories it may not
+// write are refused; paths inside the jail that it may use are taken, relative to the
+// jail's root.
+func TestJailPaths(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("giving files to another user needs root")
+	}
+	const uid = 4242
+	root := t.TempDir()
+	os.Chmod(root, 0o755)
+	hostKernel := filepath.Join(t.TempDir(), "vmlinux")
+	os.WriteFile(hostKernel, []byte("k"), 0o644)
+	write := func(name string, mode os.FileMode, owner int) {
+		os.WriteFile(filepath.Join(root, name), []byte(name), mode)
+		os.Chown(filepath.Join(root, name), owner, owner)
+	}
+	write("vmlinux", 0o644, 0)
+	write("private", 0o600, 0)
+	write("data.ext4", 0o644, 0)
+	write("mine.ext4", 0o600, uid)
+	os.Mkdir(filepath.Join(root, "run"), 0o755)
+	os.Mkdir(filepath.Join(root, "snapshot"), 0o700)
+	os.Chown(filepath.Join(root, "snapshot"), uid, uid)
+
+	rec := &recorder{}
+	api := fctest.NewServer("vm1", rec)
+	api.Jail = &fctest.Jail{Root: root, UID: uid, GID: uid}
+	srv := httptest.NewServer(api)
+	defer srv.Close()
+	for _, s := range []struct {
+		method, path, body string
+		status             int
+	}{
+		{"PUT", "/boot-source", `{"kernel_image_path":"` + hostKernel + `"}`, 400},                                              // a host path
+		{"PUT", "/boot-source", `{"kernel_image_path":"/private"}`, 400},                                                        // root's, 0600
+		{"PUT", "/boot-source", `{"kernel_image_path":"/../../vmlinux"}`, 204},                                                  // stays in the jail
+		{"PUT", "/drives/d0", `{"drive_id":"d0","path_on_host":"/data.ext4","is_root_device":false,"is_read_only":false}`, 400}, // cannot write it
+		{"PUT", "/drives/d0", `{"drive_id":"d0","path_on_host":"/data.ext4","is_root_device":false,"is_read_only":true}`, 204},
+		{"PUT", "/drives/d1", `{"drive_id":"d1","path_on_host":"/mine.ext4","is_root_device":false,"is_read_only":false}`, 204},
+		{"PUT", "/vsock", `{"guest_cid":3,"uds_path":"/run/v.sock"}`, 400}, // root's directory
+		{"PUT", "/vsock", `{"guest_cid":3,"uds_path":"/snapshot/v.sock"}`, 204},
+		{"PUT", "/machine-config", `{"vcpu_count":1,"mem_size_mib":128,"track_dirty_pages":true}`, 204},
+		{"PUT", "/actions", `{"action_type":"InstanceStart"}`, 204},
+		{"PATCH", "/vm", `{"state":"Paused"}`, 204},
+		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/vmstate","mem_file_path":"/memory"}`, 400},
+		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/snapshot/vmstate","mem_file_path":"/snapshot/memory"}`, 204},
+	} {
+		req, _ := http.NewRequest(s.method, srv.URL+s.path, strings.NewReader(s.body))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var f fc.Fault
+		json.NewDecoder(resp.Body).Decode(&f)
+		resp.Body.Close()
+		if resp.StatusCode != s.status {
+			t.Errorf("%s %s %s: %d %q, want %d", s.method, s.path, s.body, resp.StatusCode, f.FaultMessage, s.status)
+		}
+	}
+}
