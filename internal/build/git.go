@@ -239,7 +239,8 @@ func gitFetchPlan(ref, uploadPack string) (fetches [][]string, checkout []string
 
 // fetchGit fetches ref (a branch, a tag or a commit; default the remote's HEAD) of the
 // repository at gitURL into g.dir and checks it out, after checking that the tree fits
-// the context limits: a repository larger than the limit never reaches the disk.
+// the context limits: a tree larger than the limits is never written out. (What git
+// downloads, compressed, is bounded by the timeout only.)
 func fetchGit(ctx context.Context, g gitRunner, gitURL, ref string, maxBytes int64) error {
 	if _, err := g.run(ctx, "init", "-q", "--template=", "."); err != nil {
 		return err
