@@ -52,7 +52,8 @@ test-fast:
 ## FUZZFLAGS=-parallel=1 keeps it to one worker on a shared host.
 FUZZTIME ?= 30s
 FUZZFLAGS ?=
-FUZZ_TARGETS := FuzzExtractContext:./internal/build FuzzDecode:./internal/server FuzzReadFrame:./internal/guest
+FUZZ_TARGETS := FuzzConvertLayer:./internal/image FuzzExtractContext:./internal/build FuzzDecode:./internal/server \
+  FuzzReadFrame:./internal/guest
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  echo "== $${t%%:*} ($(FUZZTIME))"; \
