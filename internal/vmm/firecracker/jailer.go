@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/vmm"
 )
@@ -139,6 +141,14 @@ func (j *Jailer) command(fcBin string, cfg vmm.Config) (*exec.Cmd, *jail, error)
 			return nil, nil, err
 		}
 	}
+	// Firecracker attaches to its TAP devices itself, without CAP_NET_ADMIN: each must
+	// belong to the VM's user.
+	for _, n := range cfg.NICs {
+		if err := setTAPOwner(n.HostDev, uid, gid); err != nil {
+			jl.release()
+			return nil, nil, err
+		}
+	}
 	cmd := exec.Command(jb,
 		"--id", cfg.ID,
 		"--exec-file", fcBin,
@@ -218,6 +228,32 @@ func (jl *jail) release() error {
 	})
 	if err := os.RemoveAll(jl.dir); err != nil {
 		return fmt.Errorf("removing jail %s: %w", jl.dir, err)
+	}
+	return nil
+}
+
+// setTAPOwner gives the persistent TAP device name to uid:gid, so that a process of
+// theirs may attach to it (TUNSETOWNER, as `ip tuntap ... user` does).
+func setTAPOwner(name string, uid, gid int) error {
+	f, err := os.OpenFile("/dev/net/tun", os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("opening /dev/net/tun: %w", err)
+	}
+	defer f.Close()
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return errdefs.Invalid("tap device name %q: %v", name, err)
+	}
+	ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+	fd := int(f.Fd())
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		return fmt.Errorf("attaching to tap device %s: %w", name, err)
+	}
+	if err := unix.IoctlSetInt(fd, unix.TUNSETOWNER, uid); err != nil {
+		return fmt.Errorf("giving tap device %s to user %d: %w", name, uid, err)
+	}
+	if err := unix.IoctlSetInt(fd, unix.TUNSETGROUP, gid); err != nil {
+		return fmt.Errorf("giving tap device %s to group %d: %w", name, gid, err)
 	}
 	return nil
 }

@@ -1,11 +1,15 @@
 package firecracker
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kilnhq/kiln/internal/vmm"
 )
@@ -89,5 +93,56 @@ func TestJailerCommand(t *testing.T) {
 	cfg.Confine = vmm.Confine{}
 	if _, _, err := j.command("/usr/bin/firecracker", cfg); err == nil {
 		t.Error("a jail for root was made")
+	}
+}
+
+// TestTAPOwner: a TAP device is handed to the VM's user, as a jailed Firecracker needs
+// to attach to it. It runs in network and mount namespaces of its own.
+func TestTAPOwner(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("TAP devices need root")
+	}
+	sysfs := t.TempDir()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread, in its namespaces, ends with this goroutine
+		errc <- func() error {
+			if err := unix.Unshare(unix.CLONE_NEWNET | unix.CLONE_NEWNS); err != nil {
+				return err
+			}
+			unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, "")
+			// A sysfs mounted here shows this namespace's devices.
+			if err := unix.Mount("sysfs", sysfs, "sysfs", 0, ""); err != nil {
+				return err
+			}
+			defer unix.Unmount(sysfs, unix.MNT_DETACH)
+			f, err := os.OpenFile("/dev/net/tun", os.O_RDWR, 0)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			ifr, _ := unix.NewIfreq("kilntap0")
+			ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+			if err := unix.IoctlIfreq(int(f.Fd()), unix.TUNSETIFF, ifr); err != nil {
+				return err
+			}
+			if err := unix.IoctlSetInt(int(f.Fd()), unix.TUNSETPERSIST, 1); err != nil {
+				return err
+			}
+			f.Close()
+			if err := setTAPOwner("kilntap0", 4242, 4243); err != nil {
+				return err
+			}
+			for file, want := range map[string]string{"owner": "4242", "group": "4243"} {
+				b, err := os.ReadFile(filepath.Join(sysfs, "class/net/kilntap0", file))
+				if err != nil || strings.TrimSpace(string(b)) != want {
+					return fmt.Errorf("tap %s = %q (%v), want %s", file, b, err, want)
+				}
+			}
+			return nil
+		}()
+	}()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
 	}
 }
