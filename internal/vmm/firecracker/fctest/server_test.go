@@ -13,6 +13,20 @@ import (
 	"github.com/kilnhq/kiln/internal/vmm/firecracker/fctest"
 )
 
+// call sends one API request and returns its status and fault message.
+func call(t *testing.T, url, method, path, body string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest(method, url+path, strings.NewReader(body))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var f fc.Fault
+	json.NewDecoder(resp.Body).Decode(&f)
+	return resp.StatusCode, f.FaultMessage
+}
+
 type recorder struct{ calls []string }
 
 func (r *recorder) Start(fctest.Config) error { r.calls = append(r.calls, "start"); return nil }
@@ -65,16 +79,9 @@ func TestAPIRules(t *testing.T) {
 		{"DELETE", "/vm", ``, 400, "Invalid request"},
 	}
 	for i, s := range steps {
-		req, _ := http.NewRequest(s.method, srv.URL+s.path, strings.NewReader(s.body))
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var f fc.Fault
-		json.NewDecoder(resp.Body).Decode(&f)
-		resp.Body.Close()
-		if resp.StatusCode != s.status || !strings.Contains(f.FaultMessage, s.fault) {
-			t.Errorf("step %d %s %s %s: %d %q; want %d with %q", i, s.method, s.path, s.body, resp.StatusCode, f.FaultMessage, s.status, s.fault)
+		status, fault := call(t, srv.URL, s.method, s.path, s.body)
+		if status != s.status || !strings.Contains(fault, s.fault) {
+			t.Errorf("step %d %s %s %s: %d %q; want %d with %q", i, s.method, s.path, s.body, status, fault, s.status, s.fault)
 		}
 	}
 	if got := strings.Join(rec.calls, ","); got != "start,pause,snapshot,resume,cad" {
@@ -136,16 +143,8 @@ func TestJailPaths(t *testing.T) {
 		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/vmstate","mem_file_path":"/memory"}`, 400},
 		{"PUT", "/snapshot/create", `{"snapshot_type":"Full","snapshot_path":"/snapshot/vmstate","mem_file_path":"/snapshot/memory"}`, 204},
 	} {
-		req, _ := http.NewRequest(s.method, srv.URL+s.path, strings.NewReader(s.body))
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var f fc.Fault
-		json.NewDecoder(resp.Body).Decode(&f)
-		resp.Body.Close()
-		if resp.StatusCode != s.status {
-			t.Errorf("%s %s %s: %d %q, want %d", s.method, s.path, s.body, resp.StatusCode, f.FaultMessage, s.status)
+		if status, fault := call(t, srv.URL, s.method, s.path, s.body); status != s.status {
+			t.Errorf("%s %s %s: %d %q, want %d", s.method, s.path, s.body, status, fault, s.status)
 		}
 	}
 }
