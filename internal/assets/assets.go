@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/volume"
 )
@@ -227,12 +228,13 @@ func buildRootfs(ctx context.Context, dst string, r recipe, mirror string, log i
 	}
 	// Room for the filesystem's own metadata; the VM never writes here.
 	size = size*13/10 + 64<<20
-	tmp := dst + ".tmp"
-	os.Remove(tmp)
+	// Named after the tree, which is this build's own: two builds never share it.
+	tmp := tree + ".ext4"
+	defer os.Remove(tmp)
 	if err := volume.Create(ctx, tmp, size, tree); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, dst); err != nil {
+	if err := atomicfile.Rename(tmp, dst); err != nil {
 		return err
 	}
 	fmt.Fprintf(log, "%s ready in %s: %s\n", r.what, time.Since(start).Round(time.Second), dst)

@@ -8,17 +8,18 @@ import (
 	"strings"
 
 	"github.com/cavaliergopher/cpio"
+
+	"github.com/kilnhq/kiln/internal/atomicfile"
 )
 
 // WriteInitramfs writes a newc cpio archive with kiln-init as /init and the given
 // modules under /lib/modules, with /lib/modules/kiln.order listing them in load order.
 func WriteInitramfs(dst, initBin, modDir string, modules []string) error {
-	tmp := dst + ".tmp"
-	out, err := os.Create(tmp)
+	out, err := atomicfile.Create(dst, 0o644)
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp)
+	defer out.Abort()
 	w := cpio.NewWriter(out)
 	dir := func(name string) error {
 		return w.WriteHeader(&cpio.Header{Name: name, Mode: cpio.TypeDir | 0o755})
@@ -75,8 +76,5 @@ func WriteInitramfs(dst, initBin, modDir string, modules []string) error {
 	if err := w.Close(); err != nil {
 		return err
 	}
-	if err := out.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, dst)
+	return out.Commit()
 }

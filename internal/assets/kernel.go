@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
@@ -80,26 +81,21 @@ func decompressTo(payload []byte, dst string) error {
 	if err != nil {
 		return errdefs.Missing("xz", "xz-utils")
 	}
-	tmp := dst + ".tmp"
-	f, err := os.Create(tmp)
+	f, err := atomicfile.Create(dst, 0o644)
 	if err != nil {
 		return err
 	}
+	defer f.Abort()
 	cmd := exec.Command(xzBin, "-dc")
-	cmd.Stdin, cmd.Stdout = bytes.NewReader(payload), f
+	cmd.Stdin, cmd.Stdout = bytes.NewReader(payload), f.File
 	runErr := cmd.Run()
-	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	if !IsELF(tmp) {
-		os.Remove(tmp)
+	if !IsELF(f.Name()) {
 		if runErr == nil {
 			runErr = errors.New("not an ELF file")
 		}
 		return runErr
 	}
-	return os.Rename(tmp, dst)
+	return f.Commit()
 }
 
 // hashFile returns the sha256 of a file's contents, hex-encoded.

@@ -104,10 +104,15 @@ func WriteFile(path string, data []byte, perm fs.FileMode) error {
 	return f.Commit()
 }
 
-// Rename moves a finished file or directory (one the caller wrote and flushed, or an
-// unpacked tree) to its final name and flushes both directories, so that the move
-// survives a power loss.
+// Rename publishes a file or directory made by other means (a tool such as mkfs.ext4
+// that writes its own output, or an unpacked tree) under its final name: it flushes
+// from (for a directory, its entries, not the tree below), renames it to to and flushes
+// both directories, so that the move survives a power loss. from must be unique to its
+// writer, as a name from os.MkdirTemp is.
 func Rename(from, to string) error {
+	if err := syncPath(from); err != nil {
+		return err
+	}
 	if err := os.Rename(from, to); err != nil {
 		return err
 	}
@@ -120,15 +125,17 @@ func Rename(from, to string) error {
 	return nil
 }
 
-// SyncDir flushes a directory's entries (a rename, a new or removed file) to disk.
-func SyncDir(dir string) error {
-	d, err := os.Open(dir)
+func syncPath(path string) error {
+	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("flushing directory %s: %w", dir, err)
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("flushing %s: %w", path, err)
 	}
 	return nil
 }
+
+// SyncDir flushes a directory's entries (a rename, a new or removed file) to disk.
+func SyncDir(dir string) error { return syncPath(dir) }

@@ -502,7 +502,7 @@ func (s *Service) kick() {
 
 func (s *Service) writeLog(id, line string) {
 	os.MkdirAll(s.BuildDir(id), 0o755) // a build taken over from another host has no directory here yet
-	f, err := os.OpenFile(s.LogPath(id), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	f, err := os.OpenFile(s.LogPath(id), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err == nil {
 		f.WriteString(line)
 		f.Close()

@@ -261,7 +261,7 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 			return out, errInfra{fmt.Errorf("unpacking the build context: %w", err)}
 		}
 	}
-	logf, err := os.OpenFile(s.LogPath(b.ID), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	logf, err := os.OpenFile(s.LogPath(b.ID), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600) // builds print secrets too
 	if err != nil {
 		return out, errInfra{err}
 	}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/guest"
 )
 
@@ -29,16 +30,30 @@ type logFile struct {
 	size int64
 	// partial holds a line's start until its newline arrives, per stream.
 	partial map[int][]byte
+	// off is where in the guest's output the stored log ends (once known: read from the
+	// offset file first); the file has it as of saved.
+	off      int64
+	offKnown bool
+	saved    time.Time
+	dirty    bool
 }
 
+// offsetEvery bounds how often the offset file is written while output flows. Each
+// write is flushed to disk, so writing it per record would let a chatty guest make the
+// host's disk flush thousands of times a second; a crash repeats at most this much
+// output, and loses none.
+const offsetEvery = 250 * time.Millisecond
+
+// openLog opens a machine's log, which only kiln may read: workloads print secrets.
 func openLog(dir string) (*logFile, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(filepath.Join(dir, "output.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	f, err := os.OpenFile(filepath.Join(dir, "output.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
+	f.Chmod(0o600) // one that an older kiln made readable to all
 	fi, _ := f.Stat()
 	return &logFile{dir: dir, f: f, size: fi.Size(), partial: map[int][]byte{}}, nil
 }
@@ -46,19 +61,37 @@ func openLog(dir string) (*logFile, error) {
 func (l *logFile) close() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.dirty {
+		l.saveOffsetLocked()
+	}
 	l.f.Close()
 }
 
 // offset is where in the guest's output the stored log ends.
 func (l *logFile) offset() int64 {
-	b, _ := os.ReadFile(filepath.Join(l.dir, "offset"))
-	n, _ := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
-	return n
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.offKnown {
+		b, _ := os.ReadFile(filepath.Join(l.dir, "offset"))
+		l.off, _ = strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+		l.offKnown = true
+	}
+	return l.off
 }
 
 // reset starts following a new workload's output from its beginning.
 func (l *logFile) reset() {
-	os.WriteFile(filepath.Join(l.dir, "offset"), []byte("0"), 0o644)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.off, l.offKnown = 0, true
+	l.saveOffsetLocked()
+}
+
+// saveOffsetLocked writes the offset file: a crash leaves the old offset or the new,
+// never none.
+func (l *logFile) saveOffsetLocked() error {
+	l.saved, l.dirty = time.Now(), false
+	return atomicfile.WriteFile(filepath.Join(l.dir, "offset"), []byte(strconv.FormatInt(l.off, 10)), 0o600)
 }
 
 // add stores a record's complete lines and remembers the offset after it.
@@ -91,13 +124,11 @@ func (l *logFile) add(r guest.Record) error {
 		buf = buf[i:]
 	}
 	l.partial[r.Stream] = append([]byte(nil), buf...)
-	// Written aside and renamed, so a crash leaves the old offset or the new, never none.
-	tmp := filepath.Join(l.dir, "offset.tmp")
-	if err := os.WriteFile(tmp, []byte(strconv.FormatInt(r.Offset+int64(len(r.Data)), 10)), 0o644); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, filepath.Join(l.dir, "offset")); err != nil {
-		return err
+	l.off, l.offKnown, l.dirty = r.Offset+int64(len(r.Data)), true, true
+	if time.Since(l.saved) >= offsetEvery {
+		if err := l.saveOffsetLocked(); err != nil {
+			return err
+		}
 	}
 	return werr
 }
@@ -128,7 +159,7 @@ func (l *logFile) writeLocked(line api.LogLine) error {
 		l.f.Close()
 		cur := filepath.Join(l.dir, "output.log")
 		os.Rename(cur, cur+".1")
-		f, err := os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
+		f, err := os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 		if err != nil {
 			return err
 		}

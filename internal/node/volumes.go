@@ -34,7 +34,7 @@ func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int
 		return store.Volume{}, errdefs.New(errdefs.ErrConflict, "app %s already has a volume named %s", app, name)
 	}
 	id := "vol_" + newMachineID()
-	if err := os.MkdirAll(m.volumeDir(), 0o755); err != nil {
+	if err := os.MkdirAll(m.volumeDir(), 0o700); err != nil {
 		return store.Volume{}, err
 	}
 	v := store.Volume{ID: id, App: app, Name: name, SizeBytes: int64(sizeGB) << 30, Path: filepath.Join(m.volumeDir(), id+".ext4")}
@@ -150,7 +150,7 @@ func (m *Manager) SnapshotVolume(ctx context.Context, app, idOrName string) (sto
 	}
 	sn := store.Snapshot{ID: "vs_" + newMachineID(), VolumeID: v.ID, SizeBytes: v.SizeBytes}
 	dir := filepath.Join(m.volumeDir(), "snapshots", v.ID)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return sn, err
 	}
 	sn.Path = filepath.Join(dir, sn.ID+".ext4")
@@ -178,7 +178,7 @@ func sparseCopy(ctx context.Context, src, dst string) error {
 // diskRoom refuses a volume the filesystem under dir could not hold once full: volumes
 // are sparse, so an overcommitted disk fails later, inside a guest, with no one told.
 func diskRoom(dir string, size int64) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
 	var st unix.Statfs_t
