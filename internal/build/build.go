@@ -388,8 +388,10 @@ func (s *Service) List(ctx context.Context, project string) ([]api.Build, error)
 	return out, nil
 }
 
-// transition is the one place a build's state changes: a compare-and-swap in the store,
-// with result changes applied to the record.
+// transition is the one place a build's state changes: a compare-and-swap in the store
+// on the state, attempt and host b was read at, with result changes applied to the
+// record. Going to running starts a new attempt on this host, so that whatever the
+// previous attempt (on a host cut off meanwhile, say) still reports is refused.
 func (s *Service) transition(ctx context.Context, b store.Build, to string, edit func(*api.BuildResult)) (store.Build, error) {
 	if err := CheckTransition(b.State, to); err != nil {
 		return b, err
@@ -402,7 +404,10 @@ func (s *Service) transition(ctx context.Context, b store.Build, to string, edit
 	raw, _ := json.Marshal(res)
 	nb := b
 	nb.State, nb.Result = to, raw
-	if err := s.Store.UpdateBuild(ctx, nb, b.State); err != nil {
+	if to == Running {
+		nb.Attempt, nb.Host = b.Attempt+1, s.Host
+	}
+	if err := s.Store.UpdateBuild(ctx, nb, b.Rev()); err != nil {
 		return b, err
 	}
 	if Terminal(to) {
@@ -417,13 +422,14 @@ func (s *Service) transition(ctx context.Context, b store.Build, to string, edit
 }
 
 // updateResult changes what a finished build records (its image was pruned, say) without
-// changing its state: a compare-and-swap on that state, so a concurrent change wins.
+// changing its state: a compare-and-swap on what it was read at, so a concurrent change
+// wins.
 func (s *Service) updateResult(ctx context.Context, b store.Build, edit func(*api.BuildResult)) error {
 	var res api.BuildResult
 	json.Unmarshal(b.Result, &res)
 	edit(&res)
 	b.Result, _ = json.Marshal(res)
-	return s.Store.UpdateBuild(ctx, b, b.State)
+	return s.Store.UpdateBuild(ctx, b, b.Rev())
 }
 
 // Cancel stops a queued or running build.

@@ -117,8 +117,6 @@ func (s *Service) schedule(ctx context.Context) {
 		s.running[b.ID] = stop
 		delete(s.reasons, b.ID)
 		s.mu.Unlock()
-		b.Attempt++
-		b.Host = s.Host
 		started, err := s.transition(ctx, b, Running, nil)
 		if err != nil {
 			s.mu.Lock()
