@@ -104,7 +104,8 @@ func TestCapacity(t *testing.T) {
 			t.Errorf("limits show does not list %s", l.Name)
 		}
 	}
-	for _, want := range []string{"host.memory_offered", "640 MiB", "config file (reserve-memory)", "capacity.queue_wait", "2m0s", "config file (capacity-wait)", "default (flag --wake-timeout)", "machine.memory", "network.apps"} {
+	for _, want := range []string{"host.memory_offered", "640 MiB", "config file (reserve-memory)", "capacity.queue_wait", "2m0s", "config file (capacity-wait)", "default (flag --wake-timeout)", "machine.memory", "network.apps",
+		"http.header_timeout", "default (flag --header-timeout)", "api.unauthenticated_conns", "proxy.tcp_conns", "process.open_files"} {
 		if code != 0 || !strings.Contains(out, want) {
 			t.Errorf("limits show lacks %q: %d %s %s", want, code, out, errs)
 		}

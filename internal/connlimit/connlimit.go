@@ -210,3 +210,10 @@ func (r *reporter) add(why string) {
 		r.n, r.since = 0, now
 	}
 }
+
+// Pending returns h with its cap on pending connections set to max, and what naming
+// the listener in the log.
+func (h HTTP) Pending(max int, what string) HTTP {
+	h.MaxPending, h.What = max, what
+	return h
+}
