@@ -207,6 +207,10 @@ func procCgroup(pid int) (map[string]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	return parseCgroups(b), nil
+}
+
+func parseCgroups(b []byte) map[string]string {
 	out := map[string]string{}
 	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 		f := strings.SplitN(line, ":", 3)
@@ -215,5 +219,5 @@ func procCgroup(pid int) (map[string]string, error) {
 		}
 		out[f[1]] = strings.TrimPrefix(f[2], "/")
 	}
-	return out, nil
+	return out
 }

@@ -111,8 +111,20 @@ func TestHost(t *testing.T) {
 	if g, _ := m.Of(os.Getpid()); g == name {
 		t.Error("the starting process moved into the group too")
 	}
-	if p, _ := m.PIDs(name); !slices.Contains(p, cmd.Process.Pid) {
-		t.Errorf("PIDs = %v, want %d among them", p, cmd.Process.Pid)
+	if p, _ := m.PIDs(name); !slices.Equal(p, []int{cmd.Process.Pid}) {
+		t.Errorf("PIDs = %v, want only %d", p, cmd.Process.Pid)
+	}
+	// No thread of the starting process stays behind in the group, whichever thread the
+	// Go scheduler started it from (the main thread cannot exit).
+	for range 50 {
+		c := exec.Command("true")
+		if err := m.Start(name, c); err != nil {
+			t.Fatal(err)
+		}
+		c.Wait()
+	}
+	if p, _ := m.PIDs(name); slices.Contains(p, os.Getpid()) {
+		t.Errorf("the test process is in the group: PIDs = %v", p)
 	}
 	if l, err := m.Limits(name); err != nil || l != want {
 		t.Errorf("limits = %+v %v, want %+v", l, err, want)

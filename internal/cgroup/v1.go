@@ -52,30 +52,78 @@ func (m *V1) Create(name string, l Limits) error {
 }
 
 // Start moves the calling OS thread into the group, starts cmd from it (a child starts in
-// its parent thread's groups, and v1 places threads one by one), and lets that thread
-// end with its goroutine rather than return it, still in the group, to the Go scheduler.
-// Unlike moving the process after it started, nothing the VMM does escapes the limits.
+// its parent thread's groups, and v1 places threads one by one), and moves the thread back
+// before the Go scheduler may use it again. Unlike moving the process after it started,
+// nothing the VMM does escapes the limits. A thread that cannot be moved back is never
+// unlocked, so that it ends with its goroutine; it must not stay in the group, where it
+// would pin the group and have kiln itself counted against the VM.
 func (m *V1) Start(name string, cmd *exec.Cmd) error {
 	if err := checkName(name); err != nil {
 		return err
 	}
 	if cmd.SysProcAttr != nil && cmd.SysProcAttr.Pdeathsig != 0 {
-		// The parent-death signal fires when the starting thread ends, which here is at once.
+		// The parent-death signal fires when the starting thread ends.
 		return fmt.Errorf("starting %s in cgroup %s: a parent-death signal cannot be combined with a v1 cgroup", cmd.Path, name)
 	}
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with this goroutine
+		runtime.LockOSThread()
 		tid := strconv.Itoa(unix.Gettid())
-		for _, d := range m.dirs(name) {
-			if err := write(d, "tasks", tid); err != nil {
-				errc <- err
-				return
-			}
+		home, err := m.threadGroups()
+		if err != nil {
+			errc <- err
+			return
 		}
-		errc <- cmd.Start()
+		moved := func(dirs []string) error {
+			for _, d := range dirs {
+				if err := write(d, "tasks", tid); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+		if err := moved(m.dirs(name)); err != nil {
+			if moved(home) == nil {
+				runtime.UnlockOSThread()
+			}
+			errc <- err
+			return
+		}
+		err = cmd.Start()
+		if moved(home) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
 	}()
 	return <-errc
+}
+
+// threadGroups are the directories of the calling thread's own cpu and memory groups.
+func (m *V1) threadGroups() ([]string, error) {
+	b, err := os.ReadFile("/proc/thread-self/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	groups := parseCgroups(b)
+	cpu, mem := m.groupsOf(groups)
+	if m.CPU == m.Memory {
+		return []string{filepath.Join(m.CPU, cpu)}, nil
+	}
+	return []string{filepath.Join(m.CPU, cpu), filepath.Join(m.Memory, mem)}, nil
+}
+
+// groupsOf picks the cpu and memory groups from /proc/PID/cgroup's entries.
+func (m *V1) groupsOf(groups map[string]string) (cpu, mem string) {
+	for ctrls, path := range groups {
+		c := strings.Split(ctrls, ",")
+		if slices.Contains(c, "cpu") {
+			cpu = path
+		}
+		if slices.Contains(c, "memory") {
+			mem = path
+		}
+	}
+	return cpu, mem
 }
 
 func (m *V1) Limits(name string) (Limits, error) {
@@ -105,16 +153,7 @@ func (m *V1) Of(pid int) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	var cpu, mem string
-	for ctrls, path := range groups {
-		c := strings.Split(ctrls, ",")
-		if slices.Contains(c, "cpu") {
-			cpu = path
-		}
-		if slices.Contains(c, "memory") {
-			mem = path
-		}
-	}
+	cpu, mem := m.groupsOf(groups)
 	if cpu != mem {
 		return "", fmt.Errorf("process %d is in cpu cgroup %q but memory cgroup %q", pid, cpu, mem)
 	}

@@ -170,7 +170,9 @@ func removeCgroup(name string) error {
 	}
 	pids, _ := cg.PIDs(name)
 	for _, pid := range pids {
-		vmm.KillAndWait(pid, vmm.ProcStart(pid), 5*time.Second)
+		if pid != os.Getpid() {
+			vmm.KillAndWait(pid, vmm.ProcStart(pid), 5*time.Second)
+		}
 	}
 	return cg.Remove(name)
 }
