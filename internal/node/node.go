@@ -1077,6 +1077,13 @@ func (m *Manager) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 	raw, _ := json.Marshal(cfg)
 	// From the version read above: an update that raced this one is not overwritten.
 	if err := m.Store.UpdateConfig(ctx, id, rec.Version, raw); err != nil {
+		if wasRunning {
+			// Refused: the machine runs again as it was (unless the update that won
+			// started it already).
+			if serr := m.Start(ctx, id); serr != nil && !errors.Is(serr, errdefs.ErrConflict) {
+				m.logf("machine %s: starting it again after a refused update: %v", id, serr)
+			}
+		}
 		return rec, err
 	}
 	if wasRunning {
