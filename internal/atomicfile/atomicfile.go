@@ -31,8 +31,10 @@ type File struct {
 	done bool
 }
 
-// Create starts writing path: a new temp file, unique to this call, beside it. perm is
-// the final file's mode, exactly (no umask: state files get the mode kiln asks for).
+// Create starts writing path: a new temp file, unique to this call, beside it, named
+// .BASE.tmp-RANDOM (a crash can leave one: sweep a directory's leftovers with the glob
+// ".*.tmp-*"). perm is the final file's mode, exactly (no umask: state files get the
+// mode kiln asks for).
 func Create(path string, perm fs.FileMode) (*File, error) {
 	dir, base := filepath.Split(path)
 	if dir == "" {
