@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"net/netip"
 	"net/url"
 	"os"
@@ -26,6 +25,7 @@ import (
 	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/internal/connlimit"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest/agent"
 	"github.com/kilnhq/kiln/internal/image"
@@ -113,6 +113,15 @@ type serverOptions struct {
 	reserveMemory int
 	capacityWait  time.Duration
 
+	// Slow and hostile clients of the API and the proxy.
+	headerTimeout   time.Duration
+	connIdle        time.Duration
+	maxHeaderSize   string
+	apiMaxUnauth    int
+	proxyMaxPending int
+	tcpMaxConns     int
+	tcpIdle         time.Duration
+
 	imageMaxSize string
 	vmUIDs       string
 
@@ -172,6 +181,13 @@ when the server stops or dies; the next start adopts them.`,
 	f.StringVar(&o.imageMaxSize, "image-max-size", "10G", "largest image accepted, uncompressed: converting a larger one (or a gzip bomb) stops at this size")
 	f.StringVar(&o.vmUIDs, "vm-uids", vmrun.DefaultUIDs.String(), "host user IDs VMMs run as, FIRST-LAST, one per VM; no account may use them, and data dirs on one host need ranges of their own")
 	f.DurationVar(&o.capacityWait, "capacity-wait", time.Minute, "how long a machine or builder start waits in the capacity queue; 0 fails at once")
+	f.DurationVar(&o.headerTimeout, "header-timeout", connlimit.DefaultHTTP.HeaderTimeout, "how long a client of the API or of the proxy's HTTP ports has to send a request's headers")
+	f.DurationVar(&o.connIdle, "conn-idle-timeout", connlimit.DefaultHTTP.IdleTimeout, "how long a kept-alive API or proxy HTTP connection may wait for its next request")
+	f.StringVar(&o.maxHeaderSize, "max-header-size", "64K", "largest request headers the API and the proxy read (past it: 431)")
+	f.IntVar(&o.apiMaxUnauth, "api-max-unauthenticated-conns", connlimit.DefaultHTTP.MaxPending, "API connections not yet authenticated and not in a request; past it the oldest is closed")
+	f.IntVar(&o.proxyMaxPending, "proxy-max-pending-conns", connlimit.DefaultHTTP.MaxPending, "connections per proxy HTTP port not in a request; past it the oldest is closed")
+	f.IntVar(&o.tcpMaxConns, "tcp-max-conns", proxy.DefaultTCPMaxConns, "open connections per raw TCP port; past it new ones are closed at once")
+	f.DurationVar(&o.tcpIdle, "tcp-idle-timeout", proxy.DefaultTCPIdleTimeout, "a raw TCP connection that passes no byte either way for this long is closed")
 	return c
 }
 
@@ -207,6 +223,10 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	listen := o.listen
 	if o.idle <= 0 || o.wake <= 0 {
 		return errdefs.Invalid("--idle-timeout and --wake-timeout must be positive durations, like 5m")
+	}
+	httpLim, err := o.httpLimits()
+	if err != nil {
+		return err
 	}
 	if err := privateDataDir(dataDir); err != nil {
 		return err
@@ -341,7 +361,8 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 			return errdefs.Invalid("the proxy reaches machines over their private network: with --network=false, also give --proxy-listen off")
 		}
 		px = proxy.New(proxyMachines{db: db, mgr: mgr, nets: nets, wake: o.wake}, proxy.Config{
-			HTTPAddr: o.proxyListen, Domain: o.domain, IdleTimeout: o.idle, WakeTimeout: o.wake, Log: os.Stderr})
+			HTTPAddr: o.proxyListen, Domain: o.domain, IdleTimeout: o.idle, WakeTimeout: o.wake, Log: os.Stderr,
+			HTTP: httpLim.Pending(o.proxyMaxPending, ""), TCPMaxConns: o.tcpMaxConns, TCPIdleTimeout: o.tcpIdle})
 		if err := px.Listen(); err != nil {
 			ln.Close()
 			return err
@@ -362,9 +383,9 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	apiSrv := &server.Server{Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds, Hosts: cluster, HostName: here.Name,
 		Capacity: ledger, Limits: limits.Default}
 	apiSrv.Recovering.Store(true)
-	srv := &http.Server{Handler: apiSrv.Handler()}
+	srv, apiLn := connlimit.NewServer(ln, apiSrv.Handler(), httpLim.Pending(o.apiMaxUnauth, "the API (--api-max-unauthenticated-conns)"))
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- srv.Serve(apiLn) }()
 	// Recovery may need images from the registry, so it runs once the server serves;
 	// the API answers 503 until it is done.
 	if err := mgr.Recover(ctx); err != nil {
@@ -551,6 +572,15 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("proxy.hard_limit", proxy.DefaultHardLimit, "requests", "default (service concurrency.hard_limit)", "per machine; past it requests wait")
 	r.Set("proxy.wake_timeout", o.wake, "", src("wake-timeout"), "how long a request waits for a machine to start or resume")
 	r.Set("proxy.idle_timeout", o.idle, "", src("idle-timeout"), "idle time before autostop stops or suspends a machine")
+	hdr, _ := parseSize(o.maxHeaderSize)
+	r.Set("http.header_timeout", o.headerTimeout, "", src("header-timeout"), "time an API or proxy HTTP client has to send a request's headers; then its connection is closed")
+	r.Set("http.idle_timeout", o.connIdle, "", src("conn-idle-timeout"), "time a kept-alive API or proxy HTTP connection may wait for its next request")
+	r.Set("http.max_header_bytes", hdr, "bytes", src("max-header-size"), "request headers the API and the proxy read; larger ones get 431")
+	r.Set("api.unauthenticated_conns", o.apiMaxUnauth, "connections", src("api-max-unauthenticated-conns"), "API connections not yet authenticated and not in a request; past it the oldest is closed")
+	r.Set("proxy.pending_conns", o.proxyMaxPending, "connections", src("proxy-max-pending-conns"), "per proxy HTTP port, connections not in a request; past it the oldest is closed")
+	r.Set("proxy.tcp_conns", o.tcpMaxConns, "connections", src("tcp-max-conns"), "open connections per raw TCP port; past it new ones are closed at once")
+	r.Set("proxy.tcp_idle_timeout", o.tcpIdle, "", src("tcp-idle-timeout"), "a raw TCP connection passing no byte either way for this long is closed, both sides")
+	r.Set("process.open_files", connlimit.OpenFileLimit(), "files", "RLIMIT_NOFILE (Go raises the soft limit to the hard one, less 1, at start)", "descriptors the server may hold; the connection caps keep floods under it")
 	r.Set("image.upload", int64(8<<30), "bytes", "built in", "largest image tarball accepted by POST /v1/images")
 	if b == nil {
 		return
@@ -569,6 +599,26 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("build.images_kept", b.KeepImages, "images", src("build-images-kept"), "newest build images kept per project; older ones are deleted from the registry")
 	r.Set("build.git_timeout", b.Git.Timeout, "", src("build-git-timeout"), "time one git fetch of a build context may take")
 	r.Set("build.git_allow_file", b.Git.AllowFile, "", src("build-git-allow-file"), "whether git builds may take file:// URLs (repositories on the host)")
+}
+
+// httpLimits are the API's and the proxy's limits on slow clients, from the flags; a
+// caller sets its own cap on pending connections.
+func (o serverOptions) httpLimits() (connlimit.HTTP, error) {
+	hdr, err := parseSize(o.maxHeaderSize)
+	if err != nil || hdr < 4<<10 || hdr > 1<<30 {
+		return connlimit.HTTP{}, errdefs.Invalid("--max-header-size %q: want a size from 4K to 1G, like 64K", o.maxHeaderSize)
+	}
+	if o.headerTimeout <= 0 || o.connIdle <= 0 || o.tcpIdle <= 0 {
+		return connlimit.HTTP{}, errdefs.Invalid("--header-timeout, --conn-idle-timeout and --tcp-idle-timeout must be positive durations, like 10s")
+	}
+	if o.apiMaxUnauth < 1 || o.proxyMaxPending < 1 || o.tcpMaxConns < 1 {
+		return connlimit.HTTP{}, errdefs.Invalid("--api-max-unauthenticated-conns, --proxy-max-pending-conns and --tcp-max-conns must be at least 1")
+	}
+	if files := connlimit.OpenFileLimit(); files > 0 && uint64(o.apiMaxUnauth+o.proxyMaxPending+2*o.tcpMaxConns) >= files {
+		fmt.Fprintf(os.Stderr, "kiln: the connection caps (--api-max-unauthenticated-conns, --proxy-max-pending-conns, twice --tcp-max-conns) add up to more than the %d files this process may open: raise its hard limit (systemd LimitNOFILE) or lower them\n", files)
+	}
+	logf := func(format string, args ...any) { fmt.Fprintf(os.Stderr, "kiln: "+format+"\n", args...) }
+	return connlimit.HTTP{HeaderTimeout: o.headerTimeout, IdleTimeout: o.connIdle, MaxHeaderBytes: int(hdr), Log: logf}, nil
 }
 
 func mustPrefix(s string) netip.Prefix {
