@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -57,9 +58,16 @@ const (
 	outsideAddr = "192.0.2.2" // a listener in another namespace standing for the Internet
 )
 
-// newOutside makes a second network namespace joined to the tests' one by a veth pair,
-// with a TCP listener on outsideAddr:9000 that reports each connection's source address.
-func newOutside(t *testing.T) <-chan string {
+// outside is a second network namespace joined to the tests' one by a veth pair. It
+// stands for every network beyond the host: the internet, private ranges, a cloud's
+// metadata service. Nothing in it reaches further.
+type outside struct {
+	home, ns netns.NsHandle
+	h        *netlink.Handle // in ns
+	host     netlink.Link    // the tests' end of the veth pair
+}
+
+func newOutside(t *testing.T) *outside {
 	t.Helper()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
@@ -67,7 +75,6 @@ func newOutside(t *testing.T) <-chan string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer home.Close()
 	out, err := netns.New() // this thread is now in the new namespace
 	if err != nil {
 		t.Fatal(err)
@@ -96,7 +103,6 @@ func newOutside(t *testing.T) <-chan string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.Close()
 	inner, err := h.LinkByName("kout1")
 	if err != nil {
 		t.Fatal(err)
@@ -105,29 +111,69 @@ func newOutside(t *testing.T) <-chan string {
 	h.AddrAdd(inner, ip)
 	h.LinkSetUp(inner)
 	// No route back to the machines' network: only translated traffic can be answered.
-	netns.Set(out)
-	ln, err := net.Listen("tcp", outsideAddr+":9000")
-	netns.Set(home)
+	t.Cleanup(func() {
+		h.Close()
+		out.Close()
+		home.Close()
+		netlink.LinkDel(host)
+	})
+	return &outside{home: home, ns: out, h: h, host: host}
+}
+
+// listen serves TCP on addr:9000 in the outside namespace, routed there from the tests'
+// one. Each connection is answered "hello from ADDR" and its source address reported.
+func (o *outside) listen(t *testing.T, addr string) <-chan string {
+	t.Helper()
+	if addr != outsideAddr {
+		inner, err := o.h.LinkByName("kout1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ip, _ := netlink.ParseAddr(addr + "/32")
+		if err := o.h.AddrAdd(inner, ip); err != nil {
+			t.Fatal(err)
+		}
+		dst, _ := netlink.ParseIPNet(addr + "/32")
+		if err := netlink.RouteAdd(&netlink.Route{Dst: dst, Gw: net.ParseIP(outsideAddr), LinkIndex: o.host.Attrs().Index}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runtime.LockOSThread()
+	netns.Set(o.ns)
+	ln, err := net.Listen("tcp", addr+":9000")
+	netns.Set(o.home)
+	runtime.UnlockOSThread()
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		ln.Close()
-		out.Close()
-		netlink.LinkDel(host)
-	})
-	from := make(chan string, 4)
+	t.Cleanup(func() { ln.Close() })
+	from := make(chan string, 16)
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			from <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+			select {
+			case from <- c.RemoteAddr().(*net.TCPAddr).IP.String():
+			default:
+			}
+			c.Write([]byte("hello from " + addr + "\n"))
 			c.Close()
 		}
 	}()
 	return from
+}
+
+// createSleeper creates a machine of localhost/app:1 in app that only sleeps, to exec in.
+func createSleeper(t *testing.T, cl *client.Client, app string) api.Machine {
+	t.Helper()
+	m, err := cl.CreateMachine(context.Background(), app, api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
+		Init: api.Init{Cmd: []string{"sh", "-c", "while true; do sleep 1; done"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
 
 func TestNetworkAndProxy(t *testing.T) {
@@ -135,7 +181,7 @@ func TestNetworkAndProxy(t *testing.T) {
 		t.Fatal("this test must run in its own network namespace (TestMain arranges it)")
 	}
 	e := newEnv(t)
-	outside := newOutside(t)
+	outside := newOutside(t).listen(t, outsideAddr)
 	addr, proxyAddr := freeAddr(t), freeAddr(t)
 	srv := startServer(t, e, addr, "--proxy-listen", proxyAddr, "--idle-timeout", "4s", "--egress", egressAddr)
 	defer stopOnFailure(&srv)
@@ -151,19 +197,11 @@ func TestNetworkAndProxy(t *testing.T) {
 		t.Fatalf("machine run: %s\n%s", errs, srv.logs)
 	}
 	web := strings.TrimSpace(out)
-	peer, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
-		Init: api.Init{Cmd: []string{"sh", "-c", "while true; do sleep 1; done"}}}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	peer := createSleeper(t, cl, "web")
 	if err := cl.CreateApp(ctx, "blog"); err != nil {
 		t.Fatal(err)
 	}
-	other, err := cl.CreateMachine(ctx, "blog", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
-		Init: api.Init{Cmd: []string{"sh", "-c", "while true; do sleep 1; done"}}}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	other := createSleeper(t, cl, "blog")
 	for _, m := range []struct{ app, id string }{{"web", web}, {"web", peer.ID}, {"blog", other.ID}} {
 		if err := cl.Wait(ctx, m.app, m.id, "started", 90*time.Second); err != nil {
 			t.Fatalf("%s: %v\n%s", m.id, err, srv.logs)
@@ -296,6 +334,106 @@ func TestNetworkAndProxy(t *testing.T) {
 	}
 	if tables := kilnTables(t); tables != "" {
 		t.Errorf("nftables tables left: %s", tables)
+	}
+	srv.stop(syscall.SIGTERM)
+	srv = nil
+}
+
+// Addresses in the outside namespace that a machine must not reach, and one it must.
+const (
+	privateAddr  = "10.99.0.5"       // a neighbour on the host's private network
+	metadataAddr = "169.254.169.254" // a cloud's metadata service
+	internetAddr = "203.0.113.5"     // anywhere on the internet
+)
+
+// egressProbe tries each address from inside a guest and prints "ADDR: " and whatever
+// the listener there answered.
+const egressProbe = `for a in ` + privateAddr + ` ` + metadataAddr + ` ` + internetAddr + `; do echo "$a: $(busybox nc -w 3 $a 9000 </dev/null)"; done`
+
+// checkEgress holds what a guest's probe printed, and what the listeners saw, to want:
+// the addresses it must reach.
+func checkEgress(t *testing.T, who, out string, listeners map[string]<-chan string, want ...string) {
+	t.Helper()
+	for a, from := range listeners {
+		reached := strings.Contains(out, a+": hello from "+a)
+		if reached != slices.Contains(want, a) {
+			t.Errorf("%s: reached %s = %v, want %v; it printed:\n%s", who, a, reached, !reached, out)
+		}
+		if !reached {
+			continue
+		}
+		select {
+		case src := <-from:
+			if src != egressAddr {
+				t.Errorf("%s: %s saw the connection come from %s, want the egress address %s", who, a, src, egressAddr)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("%s: %s saw no connection", who, a)
+		}
+	}
+}
+
+// Machines and builders run other people's code: they reach the internet and nothing
+// else the host can reach, a private network or the metadata service, until the
+// operator allows a range (--egress-allow, here from the config file).
+func TestEgressPolicy(t *testing.T) {
+	if os.Getenv("KILN_TEST_IN_NETNS") == "" {
+		t.Fatal("this test must run in its own network namespace (TestMain arranges it)")
+	}
+	e := newEnv(t)
+	o := newOutside(t)
+	listeners := map[string]<-chan string{}
+	for _, a := range []string{privateAddr, metadataAddr, internetAddr} {
+		listeners[a] = o.listen(t, a)
+	}
+	addr := freeAddr(t)
+	flags := []string{"--proxy-listen", "off", "--egress", egressAddr, "--build-cache-size", "4G", "--builder-memory", "1024"}
+	srv := startServer(t, e, addr, flags...)
+	defer stopOnFailure(&srv)
+	ctx := context.Background()
+	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
+	dir := loadBase(t, srv)
+	loadImage(t, srv, imagetest.App(t), "localhost/app:1")
+	if err := cl.CreateApp(ctx, "egress"); err != nil {
+		t.Fatal(err)
+	}
+	m := createSleeper(t, cl, "egress")
+	if err := cl.Wait(ctx, "egress", m.ID, "started", 90*time.Second); err != nil {
+		t.Fatalf("%v\n%s", err, srv.logs)
+	}
+	probeMachine := func() string {
+		res, err := cl.Exec(ctx, "egress", m.ID, []string{"sh", "-c", egressProbe}, "", 60*time.Second)
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("probe in the machine: %+v %v", res, err)
+		}
+		return res.Stdout
+	}
+	build := func(tag, step string) string {
+		os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN "+step+"\n"), 0o644)
+		out, errs, code := srv.kiln("", "build", dir, "--project", "egress", "--tag", tag)
+		if code != 0 {
+			t.Fatalf("kiln build: exit %d\n%s\n%s\n%s", code, out, errs, srv.logs)
+		}
+		return out + errs
+	}
+	checkEgress(t, "a machine", probeMachine(), listeners, internetAddr)
+	checkEgress(t, "a RUN step", build("localhost/egress/probe:1", egressProbe), listeners, internetAddr)
+
+	// The operator opens the private range on purpose; the metadata service stays closed.
+	srv.stop(syscall.SIGTERM)
+	config := filepath.Join(e.dataDir, "server.toml")
+	os.WriteFile(config, []byte(`egress-allow = ["10.99.0.0/24"]`+"\n"), 0o644)
+	srv = startServer(t, e, addr, append(flags, "--config", config)...)
+	cl = client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
+	checkEgress(t, "a machine with 10.99.0.0/24 allowed", probeMachine(), listeners, internetAddr, privateAddr)
+	checkEgress(t, "a RUN step with 10.99.0.0/24 allowed", build("localhost/egress/probe:2", "echo allowed; "+egressProbe), listeners, internetAddr, privateAddr)
+	out, errs, code := srv.kiln("", "limits", "show")
+	if code != 0 || !strings.Contains(out, "network.egress_allow") || !strings.Contains(out, "10.99.0.0/24") || !strings.Contains(out, "169.254.0.0/16") {
+		t.Errorf("limits show does not list the egress policy: exit %d\n%s%s", code, out, errs)
+	}
+
+	if _, errs, code := srv.kiln("", "machine", "destroy", "-f", m.ID); code != 0 {
+		t.Fatalf("destroy: %s", errs)
 	}
 	srv.stop(syscall.SIGTERM)
 	srv = nil

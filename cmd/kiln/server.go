@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
@@ -92,6 +93,7 @@ type serverOptions struct {
 	network     bool
 	pool        string
 	egress      string
+	egressAllow []string
 	proxyListen string
 	domain      string
 	idle        time.Duration
@@ -161,6 +163,7 @@ when the server stops or dies; the next start adopts them.`,
 	f.BoolVar(&o.network, "network", true, "give machines a private network per app (bridges, TAP devices, nftables; needs root)")
 	f.StringVar(&o.pool, "network-pool", network.DefaultPool.String(), "IPv4 prefix that apps' /24 networks come from")
 	f.StringVar(&o.egress, "egress", "masquerade", "machines' outbound traffic: masquerade (the host's address), an IP address to translate to, or none")
+	f.StringArrayVar(&o.egressAllow, "egress-allow", nil, "an IPv4 range machines and builders may reach although it is not the internet (private, link-local…), like 10.1.2.0/24; repeatable. This host, the database and peer hosts stay closed")
 	f.StringVar(&o.proxyListen, "proxy-listen", envOr("KILN_PROXY_LISTEN", DefaultProxyListen), "the proxy's HTTP listener, standing for public port 80; other public ports listen on its host; off disables the proxy (env KILN_PROXY_LISTEN)")
 	f.StringVar(&o.domain, "proxy-domain", "kiln.internal", "HTTP requests for Host <app>.DOMAIN go to the app's machines")
 	f.DurationVar(&o.idle, "idle-timeout", 5*time.Minute, "how long a machine whose service has autostop on may go without traffic")
@@ -215,6 +218,13 @@ func (o serverOptions) netConfig() (network.Config, error) {
 			return cfg, errdefs.Invalid("--egress %q: want masquerade, none or an IPv4 address of this host", o.egress)
 		}
 		cfg.Egress = a
+	}
+	for _, s := range o.egressAllow {
+		p, err := netip.ParsePrefix(s)
+		if err != nil || !p.Addr().Is4() {
+			return cfg, errdefs.Invalid("--egress-allow %q: want an IPv4 prefix like 10.1.2.0/24", s)
+		}
+		cfg.EgressAllow = append(cfg.EgressAllow, p)
 	}
 	return cfg, nil
 }
@@ -353,6 +363,8 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 		}
 		defer nets.Close()
 		mgr.Net = nets
+		blockKilnHosts(ctx, nets, dsn)
+		go blockPeers(hbctx, db, nets)
 	}
 	var px *proxy.Proxy
 	if o.proxyListen != "off" {
@@ -375,6 +387,9 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 	}
 	if builds != nil {
 		builds.Builders.Capacity, builds.Builders.CapacityWait = ledger, o.capacityWait
+		if nets != nil {
+			builds.Builders.Net = nets
+		}
 		if mgr.Host != "" {
 			builds.Host, builds.Hosts = mgr.Host, db
 		}
@@ -568,6 +583,12 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("machine.guest_output_buffer", agent.OutputCap, "bytes", "built in", "workload output the guest keeps while the host is away")
 	r.Set("network.apps", 1<<(24-mustPrefix(o.pool).Bits()), "apps", src("network-pool"), "apps with a private /24 in the pool")
 	r.Set("network.machines_per_app", 253, "machines", "built in (a /24)", "machines on one app's network")
+	allowed := "none"
+	if len(o.egressAllow) > 0 {
+		allowed = strings.Join(o.egressAllow, ", ")
+	}
+	r.Set("network.egress_allow", allowed, "", src("egress-allow"), "ranges machines and builders may reach beyond the internet")
+	r.Set("network.egress_blocked", network.BlockedByDefault, "", "built in", "ranges machines and builders may not reach unless allowed; this host, the database and peer hosts are never reachable")
 	r.Set("proxy.soft_limit", proxy.DefaultSoftLimit, "requests", "default (service concurrency.soft_limit)", "per machine before the proxy prefers another or starts one")
 	r.Set("proxy.hard_limit", proxy.DefaultHardLimit, "requests", "default (service concurrency.hard_limit)", "per machine; past it requests wait")
 	r.Set("proxy.wake_timeout", o.wake, "", src("wake-timeout"), "how long a request waits for a machine to start or resume")
@@ -696,12 +717,67 @@ func applyServerConfig(fs *pflag.FlagSet, path string) (map[string]bool, error) 
 		if fs.Changed(name) {
 			continue // the command line wins
 		}
-		if err := fs.Set(name, fmt.Sprint(raw[name])); err != nil {
-			return nil, errdefs.Invalid("server config %s: %s: %v", path, name, err)
+		values := []any{raw[name]}
+		if list, ok := raw[name].([]any); ok { // a repeatable flag, like egress-allow
+			values = list
+		}
+		for _, v := range values {
+			if err := fs.Set(name, fmt.Sprint(v)); err != nil {
+				return nil, errdefs.Invalid("server config %s: %s: %v", path, name, err)
+			}
 		}
 		set[name] = true
 	}
 	return set, nil
+}
+
+// blockKilnHosts keeps machines away from the database's host: in a cluster it holds
+// the admin token in clear.
+func blockKilnHosts(ctx context.Context, nets *network.Manager, dsn string) {
+	if !sqlstore.IsPostgres(dsn) {
+		return // a SQLite file on this host, whose addresses are closed anyway
+	}
+	cfg, err := pgconn.ParseConfig(dsn)
+	if err != nil {
+		return // Open parsed it already
+	}
+	hosts := []string{cfg.Host}
+	for _, f := range cfg.Fallbacks {
+		hosts = append(hosts, f.Host)
+	}
+	addrs, err := network.ResolveHosts(ctx, hosts)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kiln: machines' egress: %v; those database addresses are not blocked\n", err)
+	}
+	if err := nets.BlockHosts(ctx, "database", addrs); err != nil {
+		fmt.Fprintf(os.Stderr, "kiln: machines' egress: blocking the database: %v\n", err)
+	}
+}
+
+// blockPeers keeps machines away from every host sharing the database (their APIs and
+// registries), as hosts join, every few seconds.
+func blockPeers(ctx context.Context, db *sqlstore.DB, nets *network.Manager) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		if hs, err := db.ListHosts(ctx); err == nil {
+			var names []string
+			for _, h := range hs {
+				if u, err := url.Parse(h.APIURL); err == nil {
+					names = append(names, u.Hostname())
+				}
+			}
+			addrs, _ := network.ResolveHosts(ctx, names)
+			if err := nets.BlockHosts(ctx, "peers", addrs); err != nil && ctx.Err() == nil {
+				fmt.Fprintf(os.Stderr, "kiln: machines' egress: blocking peer hosts: %v\n", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // liveHosts lists the hosts whose heartbeat is recent.

@@ -15,6 +15,8 @@ import (
 
 	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/network"
+	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmrun"
 	"github.com/kilnhq/kiln/internal/volume"
 )
@@ -55,7 +57,10 @@ type Builders struct {
 	// share a host); a builder that finds none waits up to CapacityWait.
 	Capacity     *capacity.Ledger
 	CapacityWait time.Duration
-	Log          io.Writer
+	// Net, when set, gives each project's builder a network of its own, under the
+	// machines' egress policy: RUN steps reach the internet, not the host's neighbours.
+	Net Network
+	Log io.Writer
 
 	mu sync.Mutex
 	m  map[string]*Builder
@@ -64,6 +69,19 @@ type Builders struct {
 	resets    map[string]int
 	plocks    map[string]*sync.Mutex
 }
+
+// Network is the part of the machines' network that builders use. A project's lease is
+// kept from its builder's first boot until Close, so that a resumed builder finds its
+// TAP device.
+type Network interface {
+	Attach(ctx context.Context, app, id string) (network.Lease, error)
+	Detach(ctx context.Context, id string) error
+}
+
+// netApp and netID name a project's builder on the network; app names cannot start with
+// an underscore, so no app shares the network.
+func netApp(project string) string { return "_build-" + project }
+func netID(project string) string  { return "builder/" + project }
 
 // Builder is a project's running builder VM with buildkitd.
 type Builder struct {
@@ -325,6 +343,17 @@ func (b *Builders) Close(ctx context.Context) {
 	for _, bd := range sus {
 		bd.Inst.Destroy(context.WithoutCancel(ctx))
 	}
+	if b.Net != nil {
+		b.mu.Lock()
+		var projects []string
+		for p := range b.plocks { // every project that may have booted a builder
+			projects = append(projects, p)
+		}
+		b.mu.Unlock()
+		for _, p := range projects {
+			b.Net.Detach(context.WithoutCancel(ctx), netID(p))
+		}
+	}
 }
 
 // boot starts a builder VM on the project's cache volume and waits for buildkitd.
@@ -339,10 +368,19 @@ func (b *Builders) boot(ctx context.Context, project string) (inst *vmrun.Instan
 		}
 		b.logf("created the cache volume of %s (%d GiB)", project, b.CacheBytes>>30)
 	}
-	inst, err = b.RT.Boot(ctx, vmrun.Spec{
+	spec := vmrun.Spec{
 		Rootfs: b.Rootfs, CPUs: b.CPUs, MemoryMiB: b.MemoryMiB, Hostname: "builder",
 		Mounts: []vmrun.Mount{{Image: cache, Path: cacheDir}},
-	})
+	}
+	if b.Net != nil {
+		l, err := b.Net.Attach(ctx, netApp(project), netID(project))
+		if err != nil {
+			return nil, false, fmt.Errorf("the network of the builder of %s: %w", project, err)
+		}
+		spec.NICs = []vmm.NIC{{HostDev: l.TAP, MAC: l.MAC}}
+		spec.Cmdline = l.Cmdline()
+	}
+	inst, err = b.RT.Boot(ctx, spec)
 	if err != nil {
 		return nil, false, fmt.Errorf("booting the builder of %s: %w", project, err)
 	}

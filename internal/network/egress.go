@@ -168,11 +168,13 @@ func (m *Manager) egressSets(b *strings.Builder) {
 	nftSet(b, "egress_blocked", BlockedByDefault)
 }
 
-// egressRules renders the forward chain's rules for new traffic out of the pool.
+// egressRules renders the forward chain's rules for new traffic out of the pool. A
+// refused connection is rejected rather than dropped, so that a build step fails at once
+// with "administratively prohibited" instead of hanging until its own timeout.
 func egressRules(b *strings.Builder, all string) {
-	fmt.Fprintf(b, "\t\tiifname %q ip daddr @egress_never drop\n", all)
+	fmt.Fprintf(b, "\t\tiifname %q ip daddr @egress_never reject with icmpx type admin-prohibited\n", all)
 	fmt.Fprintf(b, "\t\tiifname %q ip daddr @egress_allow accept\n", all)
-	fmt.Fprintf(b, "\t\tiifname %q ip daddr @egress_blocked drop\n", all)
+	fmt.Fprintf(b, "\t\tiifname %q ip daddr @egress_blocked reject with icmpx type admin-prohibited\n", all)
 }
 
 // pickSubnet returns the index of the first /24 of pool that is neither used nor

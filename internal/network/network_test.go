@@ -227,7 +227,7 @@ func TestEgressSets(t *testing.T) {
 		"set egress_blocked", "10.0.0.0/8", "169.254.0.0/16", "192.168.0.0/16", "172.16.0.0/12", "100.64.0.0/10",
 		"set egress_allow", "10.1.2.0/24",
 		"set egress_never", "203.0.113.7", "10.1.2.3", "10.208.0.0/16",
-		"ip daddr @egress_never drop", "ip daddr @egress_allow accept", "ip daddr @egress_blocked drop",
+		"ip daddr @egress_never reject with icmpx admin-prohibited", "ip daddr @egress_allow accept", "ip daddr @egress_blocked reject with icmpx admin-prohibited",
 	} {
 		if !strings.Contains(first, want) {
 			t.Errorf("rules lack %q:\n%s", want, first)
