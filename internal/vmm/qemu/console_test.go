@@ -17,7 +17,7 @@ import (
 )
 
 // A guest that writes to its console without end leaves a log on the host within the
-// cap, holding the newest output; a boot that fails says why with the console's tail.
+// cap, holding the newest output.
 func TestConsoleLogCapped(t *testing.T) {
 	testutil.RequireQEMU(t)
 	old := vmm.ConsoleLogCap
@@ -71,12 +71,19 @@ func TestConsoleLogCapped(t *testing.T) {
 	if n := written(); n > vmm.ConsoleLogCap {
 		t.Errorf("console logs hold %d bytes, cap %d", n, vmm.ConsoleLogCap)
 	}
-	if tail := string(vmm.ConsoleTail(log, 200)); !strings.Contains(tail, "kiln-console-flood\n") {
+	if tail := string(vmm.ConsoleTail(log, 200)); !strings.Contains(tail, "kiln-console-flood\r\n") {
 		t.Errorf("the log's tail lacks the newest output: %q", tail)
 	}
+}
 
+// A boot that fails says why with the end of the console, and only the end.
+func TestConsoleTailOnBootFailure(t *testing.T) {
+	testutil.RequireQEMU(t)
+	rt := testutil.Runtime(t, &qemu.Driver{})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
 	// A kernel that finds no init panics; the error carries the end of a verbose boot.
-	_, err = rt.Boot(ctx, vmrun.Spec{CPUs: 1, MemoryMiB: 256, Cmdline: "loglevel=7 rdinit=/kiln-no-such-init"})
+	_, err := rt.Boot(ctx, vmrun.Spec{CPUs: 1, MemoryMiB: 256, Cmdline: "loglevel=7 rdinit=/kiln-no-such-init"})
 	if !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("boot with no init: %v", err)
 	}
