@@ -19,6 +19,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
 // Version is the agent protocol version. Host and guest refuse to talk across versions:
@@ -166,6 +168,11 @@ func WriteFrame(w io.Writer, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return err
+	}
+	// The peer refuses a frame over maxFrame by dropping the connection; say why here
+	// instead (an exec whose arguments or environment are too large, say).
+	if len(b) > maxFrame {
+		return errdefs.Invalid("agent request of %d bytes encoded is over the %d-byte frame limit: send large input as stdin or a file instead", len(b), maxFrame)
 	}
 	var n [4]byte
 	binary.BigEndian.PutUint32(n[:], uint32(len(b)))

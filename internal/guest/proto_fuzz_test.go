@@ -3,9 +3,12 @@ package guest
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
 // frameTypes are the values either side reads from a frame: the guest reads headers and
@@ -112,5 +115,15 @@ func TestReadFrameRefusesHugeLength(t *testing.T) {
 		if grew := after.TotalAlloc - before.TotalAlloc; grew > maxFrame/2 {
 			t.Errorf("length %d: allocated %d bytes refusing the frame", length, grew)
 		}
+	}
+}
+
+// A frame over the cap is refused by its writer with an invalid-request error, before a
+// byte is sent: the peer would drop the connection and the caller would see "agent lost".
+func TestWriteFrameRefusesOversized(t *testing.T) {
+	var buf bytes.Buffer
+	err := WriteFrame(&buf, map[string]string{"arg": strings.Repeat("<", maxFrame/6+1)})
+	if !errors.Is(err, errdefs.ErrInvalid) || buf.Len() != 0 {
+		t.Errorf("err = %v, %d bytes written", err, buf.Len())
 	}
 }
