@@ -163,6 +163,9 @@ type gitRunner struct {
 	dir, home string
 	allowFile bool
 	cred      *syscall.Credential
+	// fileMax caps each file git writes (RLIMIT_FSIZE, through prlimit): a remote's
+	// pack cannot fill the host's disk before the timeout.
+	fileMax int64
 	// uploadPack, for file:// only, lets the fetching user read a repository another
 	// user owns (git refuses that by default, and the global config that could allow
 	// it is /dev/null).
@@ -172,7 +175,11 @@ type gitRunner struct {
 // command builds one git command.
 func (g gitRunner) command(ctx context.Context, args ...string) *exec.Cmd {
 	full := append(gitConfigArgs(g.allowFile), "-C", g.dir)
-	cmd := exec.CommandContext(ctx, "git", append(full, args...)...)
+	name, full := "git", append(full, args...)
+	if g.fileMax > 0 {
+		name, full = "prlimit", append([]string{fmt.Sprintf("--fsize=%d", g.fileMax), "--", "git"}, full...)
+	}
+	cmd := exec.CommandContext(ctx, name, full...)
 	cmd.Dir = g.dir
 	cmd.Env = gitEnv(g.home)
 	cmd.Stdin = nil
@@ -192,6 +199,11 @@ func (g gitRunner) run(ctx context.Context, args ...string) ([]byte, error) {
 	if err := cmd.Run(); err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
+		}
+		// git itself, or the helper it ran (index-pack, unpack-objects), hit the cap.
+		ws, _ := cmd.ProcessState.Sys().(syscall.WaitStatus)
+		if (ws.Signaled() && ws.Signal() == syscall.SIGXFSZ) || bytes.Contains(stderr.buf, []byte(fmt.Sprintf("died of signal %d", syscall.SIGXFSZ))) {
+			return nil, errdefs.Invalid("git %s wrote a file over %d MiB, more than a context within --build-max-context needs: the repository is too large to build from", args[0], g.fileMax>>20)
 		}
 		return nil, fmt.Errorf("git %s: %v: %s", args[0], err, strings.TrimSpace(string(stderr.buf)))
 	}
@@ -239,8 +251,8 @@ func gitFetchPlan(ref, uploadPack string) (fetches [][]string, checkout []string
 
 // fetchGit fetches ref (a branch, a tag or a commit; default the remote's HEAD) of the
 // repository at gitURL into g.dir and checks it out, after checking that the tree fits
-// the context limits: a tree larger than the limits is never written out. (What git
-// downloads, compressed, is bounded by the timeout only.)
+// the context limits: a tree larger than the limits is never written out. What git
+// downloads is bounded per file by g.fileMax, and in time by the timeout.
 func fetchGit(ctx context.Context, g gitRunner, gitURL, ref string, maxBytes int64) error {
 	if _, err := g.run(ctx, "init", "-q", "--template=", "."); err != nil {
 		return err
@@ -348,12 +360,16 @@ func cloneContext(ctx context.Context, opts GitOptions, gitURL, ref, ctxDir stri
 	if _, err := exec.LookPath("git"); err != nil {
 		return errdefs.Missing("git", "git")
 	}
+	if _, err := exec.LookPath("prlimit"); err != nil {
+		return errdefs.Missing("prlimit", "util-linux")
+	}
 	stage, err := os.MkdirTemp("", "kiln-git-")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(stage)
-	g := gitRunner{dir: filepath.Join(stage, "work"), home: filepath.Join(stage, "home"), allowFile: opts.AllowFile, cred: gitUser()}
+	g := gitRunner{dir: filepath.Join(stage, "work"), home: filepath.Join(stage, "home"), allowFile: opts.AllowFile, cred: gitUser(),
+		fileMax: 2*maxBytes + 1<<20}
 	if strings.HasPrefix(strings.ToLower(gitURL), "file:") {
 		g.uploadPack = "git -c safe.directory='*' upload-pack"
 	}

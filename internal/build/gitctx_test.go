@@ -83,6 +83,15 @@ func TestGitContextLimits(t *testing.T) {
 			t.Errorf("git's working directory %s was left behind", d)
 		}
 	}
+	// A download larger than any context within the limit needs is cut off while git
+	// writes it, before it can fill the host's disk.
+	huge := make([]byte, 4<<20)
+	rand.Read(huge)
+	hugeRepo := readableRepo(t, map[string][]byte{"Dockerfile": []byte("FROM localhost/busybox:1\n"), "huge.bin": huge})
+	_, err = svc.Submit(context.Background(), "shop", api.BuildSpec{GitURL: "file://" + hugeRepo, GitRef: "main"}, ctxTar(nil), nil)
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "too large to build from") {
+		t.Errorf("a 4 MiB pack against a 1 MiB limit: %v", err)
+	}
 	// Within the limit, the same repository is accepted without .git.
 	small := readableRepo(t, map[string][]byte{"Dockerfile": []byte("FROM localhost/busybox:1\n"), "sub/a": []byte("a")})
 	b, err := svc.Submit(context.Background(), "shop", api.BuildSpec{GitURL: "file://" + small}, ctxTar(nil), nil)
