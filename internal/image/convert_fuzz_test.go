@@ -49,7 +49,9 @@ func rawLayer(t testing.TB, b []byte) v1.Layer {
 // image error, writes nothing but a valid ext4 file, and leaves no temp file.
 func FuzzConvertLayer(f *testing.F) {
 	reg := func(name string) tar.Header { return tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644} }
-	dir := func(name string, mode int64) tar.Header { return tar.Header{Name: name, Typeflag: tar.TypeDir, Mode: mode} }
+	dir := func(name string, mode int64) tar.Header {
+		return tar.Header{Name: name, Typeflag: tar.TypeDir, Mode: mode}
+	}
 	link := func(name, target string, typ byte) tar.Header {
 		return tar.Header{Name: name, Typeflag: typ, Linkname: target, Mode: 0o777}
 	}

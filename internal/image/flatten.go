@@ -27,6 +27,8 @@ type Limits struct {
 	MaxEntries int
 	// MaxPathLen caps an entry's path (and a link's target) in bytes.
 	MaxPathLen int
+	// MaxNameBytes caps the sum of the lengths of all paths in the merged image.
+	MaxNameBytes int64
 }
 
 // Defaults for Limits; the server's flags override MaxBytes.
@@ -34,8 +36,13 @@ const (
 	DefaultMaxBytes   = 10 << 30
 	DefaultMaxEntries = 1_000_000
 	DefaultMaxPathLen = 4096
-	maxNameLen        = 255     // one path element, as ext4 stores it
-	maxUserFileSize   = 1 << 20 // /etc/passwd or /etc/group kept to resolve the image's user
+	maxNameLen        = 255  // one path element, as ext4 stores it
+	maxDepth          = 256  // directories in a path
+	maxXattrBytes     = 4096 // an entry's extended attributes, names and values: what fits ext4's inode and block
+	// DefaultMaxNameBytes caps the bytes of all paths the image holds, directories
+	// included: the ext4 writer keeps every directory's path in memory.
+	DefaultMaxNameBytes = 256 << 20
+	maxUserFileSize     = 1 << 20 // /etc/passwd or /etc/group kept to resolve the image's user
 )
 
 func (l Limits) withDefaults() Limits {
@@ -47,6 +54,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxPathLen <= 0 {
 		l.MaxPathLen = DefaultMaxPathLen
+	}
+	if l.MaxNameBytes <= 0 {
+		l.MaxNameBytes = DefaultMaxNameBytes
 	}
 	return l
 }
@@ -77,8 +87,10 @@ type flattener struct {
 	hidden  map[string]bool // whited-out paths, with everything under them
 	opaque  map[string]bool // directories whose lower contents are hidden
 	links   []*tar.Header   // hard links whose target comes from a lower layer
+	linked  map[string]bool // their names, until written
 
 	entries   int
+	nameBytes int64
 	readBytes int64 // uncompressed bytes read from layers
 	fileBytes int64 // sizes of files written out
 	files     map[string]*bytes.Buffer
@@ -90,6 +102,7 @@ func newFlattener(out io.Writer, lim Limits) *flattener {
 		out:     tar.NewWriter(out),
 		emitted: map[string]seen{},
 		hidden:  map[string]bool{},
+		linked:  map[string]bool{},
 		opaque:  map[string]bool{},
 		files:   map[string]*bytes.Buffer{"etc/passwd": nil, "etc/group": nil},
 	}
@@ -107,22 +120,56 @@ func (f *flattener) flatten(ctx context.Context, layers []v1.Layer) error {
 		if err != nil {
 			return layerError(i, err)
 		}
-		err = f.layer(ctx, &countingReader{r: rc, n: &f.readBytes, max: f.lim.MaxBytes}, i)
-		rc.Close()
+		cr := &countingReader{r: rc, n: &f.readBytes, max: f.lim.MaxBytes}
+		err = f.layer(ctx, cr, i)
+		if err == nil {
+			// The layer's digest is checked only once its blob is read to the end: a
+			// blob that ends in something other than the tar's padding was not the
+			// layer the manifest names (and the cache would file it under that name).
+			_, err = io.Copy(io.Discard, cr)
+		}
+		if cerr := rc.Close(); err == nil && cerr != nil {
+			err = cerr
+		}
 		if err != nil {
+			var tooBig *tooBigError
+			if !errors.As(err, &tooBig) && !errors.Is(err, errdefs.ErrInvalid) && ctx.Err() == nil {
+				err = errdefs.Invalid("the layer does not match its digest or is not a valid tar stream: %v", err)
+			}
 			return layerError(i, err)
 		}
 	}
-	for _, h := range f.links {
-		target := cleanName(h.Linkname)
-		if f.emitted[target] != seenOther {
-			return errdefs.Invalid("image entry %q is a hard link to %q, which is not a file in the image: rebuild the image", h.Name, h.Linkname)
-		}
-		if err := f.out.WriteHeader(h); err != nil {
-			return err
-		}
+	if err := f.writeLinks(); err != nil {
+		return err
 	}
 	return f.out.Close()
+}
+
+// writeLinks writes the hard links whose targets came from lower layers, each after its
+// target: a link may point at another deferred link.
+func (f *flattener) writeLinks() error {
+	pending := f.linked
+	for len(f.links) > 0 {
+		var later []*tar.Header
+		for _, h := range f.links {
+			switch {
+			case pending[h.Linkname]:
+				later = append(later, h)
+				continue
+			case f.emitted[h.Linkname] != seenOther:
+				return errdefs.Invalid("image entry %q is a hard link to %q, which is not a file in the image: rebuild the image", h.Name, h.Linkname)
+			}
+			if err := f.out.WriteHeader(h); err != nil {
+				return err
+			}
+			delete(pending, h.Name)
+		}
+		if len(later) == len(f.links) {
+			return errdefs.Invalid("image entry %q is a hard link in a cycle of hard links: rebuild the image", later[0].Name)
+		}
+		f.links = later
+	}
+	return nil
 }
 
 // layer merges one layer under what upper layers already wrote.
@@ -156,7 +203,7 @@ func (f *flattener) layer(ctx context.Context, r io.Reader, index int) error {
 		if err != nil {
 			return err
 		}
-		if name, err = resolveParents(name, symlinks); err != nil {
+		if name, err = f.resolve(hdr.Name, name, symlinks); err != nil {
 			return err
 		}
 		if hdr.Typeflag == tar.TypeSymlink {
@@ -188,7 +235,7 @@ func (f *flattener) layer(ctx context.Context, r io.Reader, index int) error {
 			if err != nil {
 				return err
 			}
-			if hdr.Linkname, err = resolveParents(target, symlinks); err != nil {
+			if hdr.Linkname, err = f.resolve(hdr.Linkname, target, symlinks); err != nil {
 				return err
 			}
 		}
@@ -213,7 +260,11 @@ func (f *flattener) checkName(raw string) (string, error) {
 	if strings.IndexByte(raw, 0) >= 0 {
 		return "", errdefs.Invalid("image entry %q has a NUL byte in its path", raw)
 	}
-	for _, el := range strings.Split(raw, "/") {
+	els := strings.Split(raw, "/")
+	if len(els) > maxDepth {
+		return "", errdefs.Invalid("image entry %.64q... is %d directories deep, over the limit of %d", raw, len(els), maxDepth)
+	}
+	for _, el := range els {
 		if el == ".." {
 			return "", errdefs.Invalid("image entry %q climbs out of the image with \"..\": rebuild the image", raw)
 		}
@@ -270,8 +321,13 @@ func (f *flattener) entry(tr *tar.Reader, hdr *tar.Header, name string, index in
 		ModTime: hdr.ModTime, AccessTime: hdr.AccessTime, ChangeTime: hdr.ChangeTime,
 		Format: tar.FormatPAX,
 	}
+	xattrBytes := 0
 	for k, v := range hdr.PAXRecords {
-		if strings.HasPrefix(k, "SCHILY.xattr.") {
+		if x, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
+			// ext4 stores a name's length in one byte; all of them share one block.
+			if xattrBytes += len(x) + len(v); len(x) == 0 || len(x) > maxNameLen || xattrBytes > maxXattrBytes {
+				return errdefs.Invalid("image entry %q has extended attributes over ext4's limits (a name of 1 to %d bytes, %d bytes in all)", hdr.Name, maxNameLen, maxXattrBytes)
+			}
 			if out.PAXRecords == nil {
 				out.PAXRecords = map[string]string{}
 			}
@@ -292,8 +348,8 @@ func (f *flattener) entry(tr *tar.Reader, hdr *tar.Header, name string, index in
 		f.fileBytes += hdr.Size
 		out.Typeflag, out.Size = tar.TypeReg, hdr.Size
 	case tar.TypeSymlink:
-		if len(hdr.Linkname) > f.lim.MaxPathLen || hdr.Linkname == "" {
-			return errdefs.Invalid("image entry %q is a symbolic link with a target of %d bytes: it must be 1 to %d", hdr.Name, len(hdr.Linkname), f.lim.MaxPathLen)
+		if len(hdr.Linkname) >= f.lim.MaxPathLen || hdr.Linkname == "" || strings.IndexByte(hdr.Linkname, 0) >= 0 {
+			return errdefs.Invalid("image entry %q is a symbolic link with a target of %d bytes: it must be 1 to %d, without NUL", hdr.Name, len(hdr.Linkname), f.lim.MaxPathLen-1)
 		}
 		// The target means something only inside the guest; it is stored, never followed.
 		out.Typeflag, out.Linkname = tar.TypeSymlink, hdr.Linkname
@@ -306,10 +362,14 @@ func (f *flattener) entry(tr *tar.Reader, hdr *tar.Header, name string, index in
 			return errdefs.Invalid("image entry %q is a hard link to %q, which is not a file", hdr.Name, hdr.Linkname)
 		}
 		out.Typeflag, out.Linkname, out.Mode = tar.TypeLink, target, 0
-		f.markParents(name)
+		if err := f.markParents(name); err != nil {
+			return err
+		}
 		f.emitted[name] = seenOther
-		if f.emitted[target] != seenOther {
-			// Its target is in a lower layer (or later in this one): link at the end.
+		if f.emitted[target] != seenOther || f.linked[target] {
+			// Its target is in a lower layer (or later in this one), or is itself such
+			// a link: link at the end.
+			f.linked[name] = true
 			if len(f.links) >= f.lim.MaxEntries {
 				return errdefs.Invalid("the image has more than %d hard links", f.lim.MaxEntries)
 			}
@@ -319,11 +379,16 @@ func (f *flattener) entry(tr *tar.Reader, hdr *tar.Header, name string, index in
 		return f.out.WriteHeader(out)
 	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
 		// A device node is an inode in the guest's filesystem; the host never makes one.
+		if hdr.Devmajor < 0 || hdr.Devmajor > 0xfff || hdr.Devminor < 0 || hdr.Devminor > 0xfffff {
+			return errdefs.Invalid("image entry %q is a device %d:%d, outside Linux's device numbers (major up to 4095, minor up to 1048575)", hdr.Name, hdr.Devmajor, hdr.Devminor)
+		}
 		out.Typeflag, out.Devmajor, out.Devminor = hdr.Typeflag, hdr.Devmajor, hdr.Devminor
 	default:
 		return nil // sockets, GNU volume headers and the like carry nothing to keep
 	}
-	f.markParents(name)
+	if err := f.markParents(name); err != nil {
+		return err
+	}
 	if isDir {
 		f.emitted[name] = seenDir
 	} else {
@@ -345,10 +410,30 @@ func (f *flattener) entry(tr *tar.Reader, hdr *tar.Header, name string, index in
 	return err
 }
 
+// resolve follows symlinks of this layer along name's parents and checks the result
+// as it checks a name from the tar: a chain of links must not build a path that no
+// entry could have named.
+func (f *flattener) resolve(raw, name string, links map[string]string) (string, error) {
+	if len(links) == 0 {
+		return name, nil
+	}
+	resolved, err := resolveParents(name, links, f.lim.MaxPathLen)
+	if err != nil {
+		return "", err
+	}
+	if resolved == name {
+		return name, nil
+	}
+	if _, err := f.checkName(resolved); err != nil {
+		return "", errdefs.Invalid("image entry %q, through the symbolic links above it: %v", raw, err)
+	}
+	return resolved, nil
+}
+
 // resolveParents follows the symbolic links in links along name's parent directories,
 // inside the image: an absolute target starts again at the image's root, and ".."
 // never climbs above it. The last element is not followed.
-func resolveParents(name string, links map[string]string) (string, error) {
+func resolveParents(name string, links map[string]string, maxLen int) (string, error) {
 	if len(links) == 0 || name == "." {
 		return name, nil
 	}
@@ -366,6 +451,9 @@ func resolveParents(name string, links map[string]string) (string, error) {
 			continue
 		}
 		next := path.Join(cur, el)
+		if len(next) > maxLen {
+			return "", errdefs.Invalid("image entry %q leads, through symbolic links, to a path over %d bytes", name, maxLen)
+		}
 		target, ok := links[next]
 		if !ok {
 			cur = next
@@ -384,13 +472,33 @@ func resolveParents(name string, links map[string]string) (string, error) {
 
 // markParents records name's ancestors as directories, so a lower layer's file cannot
 // take a path that the merged view already uses as a directory.
-func (f *flattener) markParents(name string) {
+//
+// Every path the merged view gains counts against the entry and name caps, implied
+// directories included: they cost the ext4 writer as much as named ones.
+func (f *flattener) markParents(name string) error {
+	if err := f.count(name); err != nil {
+		return err
+	}
 	for p := path.Dir(name); p != "."; p = path.Dir(p) {
 		if _, ok := f.emitted[p]; ok {
-			return
+			return nil
+		}
+		if f.entries++; f.entries > f.lim.MaxEntries {
+			return errdefs.Invalid("the image has more than %d files and directories, the limit: remove files or split the image", f.lim.MaxEntries)
+		}
+		if err := f.count(p); err != nil {
+			return err
 		}
 		f.emitted[p] = seenImplied
 	}
+	return nil
+}
+
+func (f *flattener) count(name string) error {
+	if f.nameBytes += int64(len(name)); f.nameBytes > f.lim.MaxNameBytes {
+		return errdefs.Invalid("the image's paths add up to more than %d bytes, the limit: remove files or shorten deep paths", f.lim.MaxNameBytes)
+	}
+	return nil
 }
 
 // file returns the content of a small file the flattener kept (etc/passwd, etc/group).

@@ -2,17 +2,27 @@ package image_test
 
 import (
 	"archive/tar"
+	"bytes"
+	"compress/gzip"
 	"context"
+	"crypto/rand"
 	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
@@ -78,7 +88,7 @@ func TestHostileImages(t *testing.T) {
 	host := newHostFile(t, hostDir)
 	// Another image already converted: an attack on the cache must not remove it.
 	cacheDir := t.TempDir()
-	cache := image.Cache{Dir: cacheDir, Limits: image.Limits{MaxBytes: 64 << 20}}
+	cache := image.Cache{Dir: cacheDir, Limits: image.Limits{MaxBytes: 64 << 20, MaxEntries: 5000}}
 	other, err := cache.Rootfs(context.Background(), imagetest.App(t), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -182,6 +192,44 @@ func TestHostileImages(t *testing.T) {
 		name:    "a path longer than the limit",
 		img:     imageOf(t, L(E{Name: strings.Repeat("d/", 2100) + "f"})),
 		refused: "over the limit",
+	}, {
+		name:    "a path deeper than the limit",
+		img:     imageOf(t, L(E{Name: strings.Repeat("a/", 300) + "f"})),
+		refused: "directories deep",
+	}, {
+		name:    "deep paths whose directories outnumber the entry cap",
+		img:     imageOf(t, L(deepEntries(60, 100)...)),
+		refused: "more than 5000 files and directories",
+	}, {
+		name: "symbolic links that build a path longer than any entry may name",
+		img: imageOf(t, L(
+			E{Name: "l", Type: tar.TypeSymlink, Link: longDir},
+			E{Name: longDir + "/m", Type: tar.TypeSymlink, Link: longDir},
+			E{Name: "l/m/f", Body: []byte("x")})),
+		refused: "through symbolic links",
+	}, {
+		name:    "an extended attribute name ext4 cannot store",
+		img:     imageOf(t, L(E{Name: "x", Xattrs: map[string]string{"user." + strings.Repeat("n", 300): "v"}})),
+		refused: "extended attributes",
+	}, {
+		name:    "a symbolic link target of 4096 bytes",
+		img:     imageOf(t, L(E{Name: "s", Type: tar.TypeSymlink, Link: strings.Repeat("t", 4096)})),
+		refused: "symbolic link with a target",
+	}, {
+		name:    "a device number Linux does not have",
+		img:     imageOf(t, L(E{Name: "d", Type: tar.TypeBlock, Dev: [2]int64{5000, 1}})),
+		refused: "outside Linux's device numbers",
+	}, {
+		name: "hard links to hard links to a lower layer's file",
+		img: imageOf(t, L(E{Name: "a", Body: []byte("shared")}),
+			L(E{Name: "c", Type: tar.TypeLink, Link: "b"}, E{Name: "b", Type: tar.TypeLink, Link: "a"})),
+		check: func(t *testing.T, fs imagetest.Ext4) {
+			a, _ := fs.Stat("/a")
+			c, _ := fs.Stat("/c")
+			if a.Number != c.Number || a.Links != 3 || fs.Cat("/c") != "shared" {
+				t.Errorf("a %+v c %+v", a, c)
+			}
+		},
 	}}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -205,6 +253,80 @@ func TestHostileImages(t *testing.T) {
 				t.Errorf("another image's root filesystem: %v", err)
 			}
 		})
+	}
+}
+
+// longDir is a 3012-byte path of 12 directories.
+var longDir = strings.TrimSuffix(strings.Repeat(strings.Repeat("y", 250)+"/", 12), "/")
+
+// deepEntries is n files, each under its own chain of depth directories.
+func deepEntries(n, depth int) []imagetest.Entry {
+	var es []imagetest.Entry
+	for i := 0; i < n; i++ {
+		es = append(es, imagetest.Entry{Name: fmt.Sprintf("d%d/", i) + strings.Repeat("a/", depth) + "f"})
+	}
+	return es
+}
+
+// A registry that serves an image's genuine manifest with a different blob under the
+// genuine layer digest cannot get its content cached under the genuine image's name:
+// every layer is read to its end, where its digest is checked.
+func TestTamperedLayerIsRefused(t *testing.T) {
+	noise := make([]byte, 64<<10)
+	rand.Read(noise)
+	gz := func(body []byte) []byte {
+		var buf bytes.Buffer
+		zw := gzip.NewWriter(&buf)
+		tw := tar.NewWriter(zw)
+		tw.WriteHeader(&tar.Header{Name: "app", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(body))})
+		tw.Write(body)
+		tw.Close()
+		zw.Close()
+		return buf.Bytes()
+	}
+	genuine := gz(append([]byte("GENUINE\n"), noise...))
+	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(genuine)), nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := imageOf(t, l)
+	manifest, _ := img.RawManifest()
+	config, _ := img.RawConfigFile()
+	configName, _ := img.ConfigName()
+	layerDigest, _ := l.Digest()
+	digest, _ := img.Digest()
+	mediaType, _ := img.MediaType()
+	evil := gz([]byte("EVIL\n"))
+	evil = append(evil, make([]byte, len(genuine)-len(evil))...) // same size, padded after the gzip member
+
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch p := r.URL.Path; {
+		case p == "/v2/":
+		case strings.HasPrefix(p, "/v2/x/manifests/"):
+			w.Header().Set("Content-Type", string(mediaType))
+			w.Header().Set("Docker-Content-Digest", digest.String())
+			w.Write(manifest)
+		case p == "/v2/x/blobs/"+configName.String():
+			w.Write(config)
+		case p == "/v2/x/blobs/"+layerDigest.String():
+			w.Write(evil)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	ref, _ := name.ParseReference(strings.TrimPrefix(srv.URL, "http://")+"/x@"+digest.String(), name.Insecure)
+	remoteImg, err := remote.Image(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cacheDir := t.TempDir()
+	_, err = image.Cache{Dir: cacheDir}.Rootfs(context.Background(), remoteImg, nil)
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "does not match its digest") {
+		t.Errorf("err = %v", err)
+	}
+	if ents, _ := os.ReadDir(cacheDir); len(ents) != 0 {
+		t.Errorf("the cache holds %d entries", len(ents))
 	}
 }
 
