@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -390,5 +391,34 @@ func TestMergeSemantics(t *testing.T) {
 	// A directory named only as a parent in the upper layer keeps the lower one's owner.
 	if d, _ := fs.Stat("/dir"); d.Mode != 0o700 || d.UID != 7 {
 		t.Errorf("dir: %+v", d)
+	}
+}
+
+// An uploaded image tarball holding sparse entries is refused before anything is read
+// from it: a few KiB would otherwise expand to gigabytes on the host's disk.
+func TestTarballWithSparseEntriesIsRefused(t *testing.T) {
+	for _, format := range []string{"gnu", "posix"} {
+		dir := t.TempDir()
+		os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755)
+		os.WriteFile(filepath.Join(dir, "oci-layout"), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o644)
+		os.WriteFile(filepath.Join(dir, "index.json"), []byte(`{"schemaVersion":2,"manifests":[]}`), 0o644)
+		blob := filepath.Join(dir, "blobs", "sha256", strings.Repeat("a", 64))
+		os.WriteFile(blob, nil, 0o644)
+		if err := os.Truncate(blob, 2<<30); err != nil {
+			t.Fatal(err)
+		}
+		tarPath := filepath.Join(t.TempDir(), "image.tar")
+		if out, err := exec.Command("tar", "--sparse", "--format="+format, "-C", dir, "-cf", tarPath, ".").CombinedOutput(); err != nil {
+			t.Fatalf("tar: %v %s", err, out)
+		}
+		before, _ := filepath.Glob(filepath.Join(os.TempDir(), "kiln-oci-*"))
+		_, closeImg, err := image.OpenTarball(tarPath)
+		closeImg()
+		if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "sparse") {
+			t.Errorf("%s: err = %v", format, err)
+		}
+		if after, _ := filepath.Glob(filepath.Join(os.TempDir(), "kiln-oci-*")); len(after) > len(before) {
+			t.Errorf("%s: left %v", format, after)
+		}
 	}
 }

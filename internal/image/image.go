@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/Microsoft/hcsshim/ext4/tar2ext4"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -34,6 +35,9 @@ func OpenTarball(path string) (img v1.Image, close func(), err error) {
 	nothing := func() {}
 	if _, err := os.Stat(path); err != nil {
 		return nil, nothing, errdefs.New(errdefs.ErrNotFound, "image tarball %s: %v", path, err)
+	}
+	if err := checkTarball(path); err != nil {
+		return nil, nothing, err
 	}
 	if hasEntry(path, "manifest.json") {
 		img, err := tarball.ImageFromPath(path, nil)
@@ -76,6 +80,52 @@ func OpenTarball(path string) (img v1.Image, close func(), err error) {
 		return nil, nothing, err
 	}
 	return img, cleanup, nil
+}
+
+// Bounds on an image tarball's own entries (not its layers', which conversion bounds).
+const (
+	maxTarballEntries = 100_000
+	maxTarballJSON    = 4 << 20 // manifest.json, index.json, configs: read whole into memory
+)
+
+// checkTarball reads an uploaded image tarball's headers once and refuses what could
+// make reading it cost more than its size: sparse entries (which expand to any size when
+// read), entries larger than the file itself, too many entries, and JSON documents too
+// large to read into memory.
+func checkTarball(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	tr := tar.NewReader(bufio.NewReader(f))
+	for n := 0; ; n++ {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return errdefs.Invalid("%s is not a readable tarball: %v", path, err)
+		}
+		sparse := h.Typeflag == tar.TypeGNUSparse
+		for k := range h.PAXRecords {
+			sparse = sparse || strings.HasPrefix(k, "GNU.sparse.")
+		}
+		switch {
+		case n >= maxTarballEntries:
+			return errdefs.Invalid("%s has more than %d entries: an image tarball holds a few files per layer", path, maxTarballEntries)
+		case sparse:
+			return errdefs.Invalid("%s: entry %q is a sparse file; write the tarball with `docker save` or without --sparse", path, h.Name)
+		case h.Size > fi.Size():
+			return errdefs.Invalid("%s: entry %q claims %d bytes, more than the whole tarball", path, h.Name, h.Size)
+		case strings.HasSuffix(h.Name, ".json") && h.Size > maxTarballJSON:
+			return errdefs.Invalid("%s: %q is %d bytes, over the %d-byte limit for an image's JSON documents", path, h.Name, h.Size, maxTarballJSON)
+		}
+	}
 }
 
 func hasEntry(path, name string) bool {
@@ -166,12 +216,26 @@ func (c Cache) Rootfs(ctx context.Context, img v1.Image, log io.Writer) (Rootfs,
 	key := strings.ReplaceAll(digest.String(), ":", "-")
 	out := Rootfs{Digest: digest.String(), Path: filepath.Join(c.Dir, key+".ext4")}
 	meta := filepath.Join(c.Dir, key+".json")
-	if b, err := os.ReadFile(meta); err == nil {
-		if json.Unmarshal(b, &out.Run) == nil {
-			if _, err := volume.Inspect(out.Path); err == nil {
-				return out, nil
-			}
+	cached := func() bool {
+		b, err := os.ReadFile(meta)
+		if err != nil || json.Unmarshal(b, &out.Run) != nil {
+			return false
 		}
+		_, err = volume.Inspect(out.Path)
+		return err == nil
+	}
+	if cached() {
+		return out, nil
+	}
+	// One conversion per digest at a time, and few at once: each can take an image's
+	// full size in disk and a CPU for as long as it runs.
+	release, err := conversions.acquire(ctx, out.Path)
+	if err != nil {
+		return out, err
+	}
+	defer release()
+	if cached() {
+		return out, nil // converted while this call waited
 	}
 	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
 		return out, err
@@ -205,6 +269,51 @@ func (c Cache) Rootfs(ctx context.Context, img v1.Image, log io.Writer) (Rootfs,
 		return out, err
 	}
 	return out, tmp.Commit()
+}
+
+// MaxConversions is how many images one process converts at once.
+const MaxConversions = 2
+
+// conversions admits image conversions: one per destination, MaxConversions in all.
+var conversions = &admission{slots: make(chan struct{}, MaxConversions), busy: map[string]chan struct{}{}}
+
+type admission struct {
+	slots chan struct{}
+	mu    sync.Mutex
+	busy  map[string]chan struct{} // closed when that key's conversion ends
+}
+
+// acquire waits until no other conversion of key runs and a slot is free.
+func (a *admission) acquire(ctx context.Context, key string) (release func(), err error) {
+	for {
+		a.mu.Lock()
+		done, taken := a.busy[key]
+		if !taken {
+			done = make(chan struct{})
+			a.busy[key] = done
+			a.mu.Unlock()
+			break
+		}
+		a.mu.Unlock()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	free := func() {
+		a.mu.Lock()
+		close(a.busy[key])
+		delete(a.busy, key)
+		a.mu.Unlock()
+	}
+	select {
+	case a.slots <- struct{}{}:
+	case <-ctx.Done():
+		free()
+		return nil, ctx.Err()
+	}
+	return func() { <-a.slots; free() }, nil
 }
 
 // RemoveStale deletes the temporary files of conversions that a crash interrupted. Call

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
@@ -170,4 +171,46 @@ func TestRemoveStale(t *testing.T) {
 	if _, err := os.Stat(r.Path); err != nil {
 		t.Errorf("a finished conversion was removed: %v", err)
 	}
+}
+
+// Many creates of one image at once convert it once; the others wait and reuse it.
+func TestConcurrentConversionsOfOneImage(t *testing.T) {
+	dir := t.TempDir()
+	img := imagetest.App(t)
+	var log lockedBuffer
+	errs := make(chan error, 8)
+	for i := 0; i < 8; i++ {
+		go func() {
+			_, err := image.Cache{Dir: dir}.Rootfs(context.Background(), img, &log)
+			errs <- err
+		}()
+	}
+	for i := 0; i < 8; i++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := strings.Count(log.String(), "converting image"); n != 1 {
+		t.Errorf("converted %d times:\n%s", n, log.String())
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 2 {
+		t.Errorf("the cache holds %d entries, want one ext4 and its metadata", len(ents))
+	}
+}
+
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
