@@ -29,6 +29,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
@@ -136,11 +137,7 @@ func (m *Manager) statePath() string { return filepath.Join(m.dir, "state.json")
 
 func (m *Manager) save() error {
 	b, _ := json.MarshalIndent(m.st, "", "  ")
-	tmp := m.statePath() + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, m.statePath())
+	return atomicfile.WriteFile(m.statePath(), b, 0o600)
 }
 
 func (m *Manager) logf(format string, args ...any) {

@@ -24,6 +24,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/vmm"
@@ -309,7 +310,7 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 		}
 		os.Remove(host(diff))
 		if err == nil {
-			err = os.Rename(v.base, mem)
+			err = atomicfile.Rename(v.base, mem)
 		}
 		if err == nil {
 			v.base = ""
@@ -339,7 +340,7 @@ func moveOut(from, to string) error {
 	if from == to {
 		return nil
 	}
-	if err := os.Rename(from, to); err != nil {
+	if err := atomicfile.Rename(from, to); err != nil {
 		return fmt.Errorf("moving a snapshot out of the jail (the chroot base must be on the data dir's filesystem): %w", err)
 	}
 	return os.Chown(to, 0, 0)
