@@ -10,6 +10,12 @@
 // opening. A raw TCP listener (Cap) gets a plain connection cap, past which new
 // connections are closed at once, and Pipe closes a connection that goes idle.
 //
+// A request whose headers arrived is no longer pending, but until a handler trusts it,
+// its body must arrive within the header timeout too: otherwise a client could send
+// headers announcing a body and never send it, and hold the connection for ever while
+// the server waits to read it. A handler that serves untrusted clients on purpose (the
+// proxy) replaces that deadline with one per read (ProgressBody).
+//
 // The API server (cmd/kiln) and the proxy (internal/proxy) build their listeners here.
 package connlimit
 
@@ -17,6 +23,7 @@ import (
 	"container/list"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -63,7 +70,7 @@ func (h HTTP) WithDefaults() HTTP {
 // serve on: srv.Serve(pl).
 func NewServer(ln net.Listener, h http.Handler, lim HTTP) (srv *http.Server, pl *Pending) {
 	lim = lim.WithDefaults()
-	pl = &Pending{Listener: ln, max: lim.MaxPending, conns: map[net.Conn]*entry{},
+	pl = &Pending{Listener: ln, max: lim.MaxPending, body: lim.HeaderTimeout, conns: map[net.Conn]*entry{},
 		shed: reporter{log: lim.Log, what: "half-open connection(s) closed on " + lim.What}}
 	srv = &http.Server{
 		Handler:           h,
@@ -83,7 +90,8 @@ func NewServer(ln net.Listener, h http.Handler, lim HTTP) (srv *http.Server, pl 
 // server tells it when each connection's state changes.
 type Pending struct {
 	net.Listener
-	max int
+	max  int
+	body time.Duration // how long an untrusted request's body may take
 
 	mu      sync.Mutex
 	conns   map[net.Conn]*entry // open connections the server still owns
@@ -155,6 +163,10 @@ func (l *Pending) connState(c net.Conn, s http.ConnState) {
 	switch s {
 	case http.StateActive:
 		l.unpendLocked(e)
+		if !e.trusted {
+			// The server has just cleared its header deadline; the body gets one too.
+			c.SetReadDeadline(time.Now().Add(l.body))
+		}
 	case http.StateIdle:
 		l.pendLocked(e)
 	case http.StateHijacked, http.StateClosed:
@@ -184,7 +196,30 @@ func Trust(ctx context.Context) {
 	if e := ref.l.conns[ref.c]; e != nil {
 		e.trusted = true
 		ref.l.unpendLocked(e)
+		ref.c.SetReadDeadline(time.Time{})
 	}
+}
+
+// ProgressBody lets an untrusted request's body take as long as it needs, provided
+// each read makes progress within d: the handler of a server from NewServer calls it
+// before reading the body (a proxy forwarding uploads to a tenant's app).
+func ProgressBody(w http.ResponseWriter, r *http.Request, d time.Duration) {
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(time.Time{})
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = &progressBody{ReadCloser: r.Body, rc: rc, d: d}
+	}
+}
+
+type progressBody struct {
+	io.ReadCloser
+	rc *http.ResponseController
+	d  time.Duration
+}
+
+func (b *progressBody) Read(p []byte) (int, error) {
+	b.rc.SetReadDeadline(time.Now().Add(b.d))
+	return b.ReadCloser.Read(p)
 }
 
 // reporter logs how many connections a limit turned away, at most once a minute, so

@@ -225,3 +225,95 @@ func TestMoreHalfOpenThanFileDescriptors(t *testing.T) {
 		t.Fatalf("answered %d in %s, want 200 within 1s", resp.StatusCode, d)
 	}
 }
+
+// A request that announces a body and never sends it is closed after the header
+// timeout unless a handler trusts it: an untrusted request cannot hold its connection
+// by stalling its body. A trusted one may send its body as slowly as it likes.
+func TestStalledBodyIsClosedUnlessTrusted(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, pl := connlimit.NewServer(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "ok" {
+			w.WriteHeader(http.StatusUnauthorized) // the server then drains the body
+			return
+		}
+		connlimit.Trust(r.Context())
+		b, err := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "%d %v", len(b), err)
+	}), connlimit.HTTP{HeaderTimeout: 300 * time.Millisecond})
+	go srv.Serve(pl)
+	defer srv.Close()
+
+	stalled, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stalled.Close()
+	fmt.Fprintf(stalled, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+	if !connlimittest.ClosedWithin(stalled, 5*time.Second) {
+		t.Error("an unauthenticated request with a stalled body was still open after 5s (header timeout 300ms)")
+	}
+
+	slow, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	fmt.Fprintf(slow, "POST / HTTP/1.1\r\nHost: x\r\nAuthorization: ok\r\nContent-Length: 4\r\n\r\n")
+	for _, b := range "body" {
+		time.Sleep(200 * time.Millisecond) // 800 ms in all, past the header timeout
+		fmt.Fprintf(slow, "%c", b)
+	}
+	slow.SetDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(slow), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	if string(got) != "4 <nil>" {
+		t.Errorf("a trusted slow body: %q", got)
+	}
+}
+
+// ProgressBody lets a body take as long as it needs while each read makes progress,
+// and cuts one that stalls.
+func TestProgressBody(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, pl := connlimit.NewServer(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		connlimit.ProgressBody(w, r, 300*time.Millisecond)
+		b, err := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "%d %v", len(b), err == nil)
+	}), connlimit.HTTP{HeaderTimeout: 300 * time.Millisecond})
+	go srv.Serve(pl)
+	defer srv.Close()
+	send := func(pause time.Duration) string {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+		for i := 0; i < 5; i++ {
+			time.Sleep(pause)
+			c.Write([]byte("x"))
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return "closed"
+		}
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	if got := send(150 * time.Millisecond); got != "5 true" {
+		t.Errorf("a body that keeps coming (750 ms in all): %q", got)
+	}
+	if got := send(time.Second); got == "5 true" {
+		t.Errorf("a body that stalls for 1s with a 300 ms progress deadline was read whole")
+	}
+}

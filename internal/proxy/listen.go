@@ -9,6 +9,7 @@ import (
 	"net/http/httputil"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/kilnhq/kiln/internal/connlimit"
@@ -100,6 +101,8 @@ func (p *Proxy) httpHandler(port int) http.Handler {
 			return
 		}
 		defer l.release()
+		// Uploads to the app may be long; a stalled one is cut after a header timeout.
+		connlimit.ProgressBody(w, r, p.cfg.HTTP.WithDefaults().HeaderTimeout)
 		w.Header().Set("Kiln-Machine", l.target.ID)
 		rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), leaseKey{}, l)))
 	})
@@ -108,11 +111,20 @@ func (p *Proxy) httpHandler(port int) http.Handler {
 // serveTCP pipes each connection to a machine of the app that owns the port; ln caps
 // how many are open, and a connection idle both ways is closed.
 func (p *Proxy) serveTCP(port int, ln net.Listener) {
+	var delay time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
+			// Out of descriptors, for a moment: wait and accept again, as net/http does.
+			// Anything else means the listener was closed.
+			if ne, ok := err.(net.Error); ok && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				time.Sleep(delay)
+				continue
+			}
 			return
 		}
+		delay = 0
 		go func() {
 			defer c.Close()
 			app := p.tcpOwner(port)

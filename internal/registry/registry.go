@@ -15,6 +15,8 @@ import (
 	"github.com/distribution/distribution/v3/registry/handlers"
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 	"github.com/sirupsen/logrus"
+
+	"github.com/kilnhq/kiln/internal/connlimit"
 )
 
 // Handler serves the OCI distribution API (/v2/...) with blobs and manifests stored
@@ -30,6 +32,8 @@ func Handler(ctx context.Context, dir, token string) http.Handler {
 			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"log in with kiln's API token as the password"}]}`)
 			return
 		}
+		// A push may idle between blobs: an authenticated client is never shed.
+		connlimit.Trust(r.Context())
 		app.ServeHTTP(w, r)
 	})
 }
