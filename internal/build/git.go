@@ -103,6 +103,10 @@ func gitConfigArgs(allowFile bool) []string {
 		"protocol.ssh.allow=always",
 		"protocol.git.allow=always",
 		"protocol.file.allow=" + file,
+		// A redirect would take git wherever the repository's server says, an address
+		// the caller could not name itself (the egress rules hold git's uid to the
+		// policy, but a redirect to an allowed range is still not the caller's choice).
+		"http.followRedirects=false",
 		"submodule.recurse=false", // submodules are other repositories: not fetched
 		"fetch.recurseSubmodules=false",
 		"init.defaultBranch=kiln",
@@ -139,23 +143,38 @@ func gitEnv(home string) []string {
 	}
 }
 
-// gitUser is who git runs as: nobody where the server is root and the host has that
-// user, so that a file:// URL reaches only world-readable repositories and git can write
-// nowhere but its own directory. nil means the server's own user.
-func gitUser() *syscall.Credential {
+// GitUserName is the system user git runs as where the host has it (scripts/setup.sh
+// creates it). A uid of git's own lets the network's rules hold git's traffic to the
+// egress policy that machines get (network.Config.ConfineUIDs); nobody, the fallback,
+// is shared with other services, so no rule can be written for it.
+const GitUserName = "kiln-git"
+
+// GitUser is who git runs as, and that user's name: GitUserName, or nobody where the
+// host lacks it, when the server is root; nil and "" for the server's own user. Either
+// way git reaches only world-readable repositories through file:// and writes nowhere
+// but its own directory.
+func GitUser() (*syscall.Credential, string) {
 	if os.Geteuid() != 0 {
-		return nil
+		return nil, ""
 	}
-	u, err := user.Lookup("nobody")
-	if err != nil {
-		return nil
+	for _, name := range []string{GitUserName, "nobody"} {
+		u, err := user.Lookup(name)
+		if err != nil {
+			continue
+		}
+		uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
+		gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
+		if err1 != nil || err2 != nil || uid == 0 {
+			continue
+		}
+		return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}, name
 	}
-	uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
-	gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
-	if err1 != nil || err2 != nil || uid == 0 {
-		return nil
-	}
-	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}
+	return nil, ""
+}
+
+func gitUser() *syscall.Credential {
+	c, _ := GitUser()
+	return c
 }
 
 // gitRunner runs git commands in one checkout directory.

@@ -3,11 +3,14 @@ package build
 import (
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -82,7 +85,7 @@ func TestGitCommandIsolation(t *testing.T) {
 		if allowFile {
 			file = "protocol.file.allow=always"
 		}
-		for _, want := range []string{"credential.helper=", "core.hooksPath=/dev/null", "protocol.allow=never", file, "submodule.recurse=false", "fetch.recurseSubmodules=false"} {
+		for _, want := range []string{"credential.helper=", "core.hooksPath=/dev/null", "protocol.allow=never", file, "submodule.recurse=false", "fetch.recurseSubmodules=false", "http.followRedirects=false"} {
 			i := slices.Index(cmd.Args, want)
 			if i < 1 || cmd.Args[i-1] != "-c" {
 				t.Errorf("allowFile=%v: git runs without -c %s: %q", allowFile, want, cmd.Args)
@@ -194,6 +197,36 @@ func TestGitFetchShallowAndFallback(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(g.dir, "msg")); string(b) != "one\n" {
 		t.Errorf("commit %s checked out %q", first, b)
+	}
+}
+
+// A repository's server cannot send git on to another address: a redirect, even on the
+// first request, is not followed.
+func TestGitRedirectNotFollowed(t *testing.T) {
+	var elsewhere atomic.Int32
+	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		elsewhere.Add(1)
+		http.NotFound(w, r)
+	}))
+	defer target.Close()
+	var asked atomic.Int32
+	redirector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		http.Redirect(w, r, target.URL+r.URL.RequestURI(), http.StatusFound)
+	}))
+	defer redirector.Close()
+	// As the test's own user: the egress rules, where they exist, hold git's uid to the
+	// policy, which a listener on loopback is outside of.
+	g := gitRunner{dir: t.TempDir(), home: t.TempDir()}
+	err := fetchGit(context.Background(), g, redirector.URL+"/repo.git", "main", 1<<20)
+	if err == nil {
+		t.Fatal("a fetch answered only by a redirect succeeded")
+	}
+	if asked.Load() == 0 {
+		t.Fatalf("git never asked the repository's server: %v", err)
+	}
+	if n := elsewhere.Load(); n != 0 {
+		t.Errorf("git followed the redirect: the other server got %d requests (%v)", n, err)
 	}
 }
 
