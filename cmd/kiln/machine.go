@@ -224,7 +224,7 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	}
 	exec.Flags().BoolVarP(&execTTY, "tty", "t", false, "run the command on a terminal (stdin must be one)")
 	exec.Flags().BoolVarP(&execInteractive, "interactive", "i", false, "pass stdin on even when it is a terminal")
-	exec.Flags().DurationVar(&execTimeout, "timeout", 0, "kill the command after this long (0: no limit; at most the server's exec.timeout_max)")
+	exec.Flags().DurationVar(&execTimeout, "timeout", 0, "kill the command after this long (0: the server's exec.timeout_max, 1h by default, which is also the most it allows)")
 	var force bool
 	act := func(use, short string, f func(ctx context.Context, cl *client.Client, app, id string) error) *cobra.Command {
 		return &cobra.Command{

@@ -583,7 +583,7 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("vm.users", o.vmUIDs, "uids", src("vm-uids"), "host users VMMs run as, one per VM")
 	r.Set("machine.console_log", vmm.ConsoleLogCap, "bytes", "built in", "guest console kept per VM on the host, in two files; oldest dropped first")
 	r.Set("exec.output", node.ExecOutputCap, "bytes", "built in", "stdout and stderr each of a buffered exec; the rest is dropped and the answer says truncated (a streaming exec has none)")
-	r.Set("exec.timeout_max", node.MaxExecTimeout, "", "built in", "longest timeout an exec may ask for; a longer one is refused")
+	r.Set("exec.timeout_max", node.MaxExecTimeout, "", "built in", "longest timeout an exec may ask for, and the timeout of one that asks for none (an interactive session included); a longer one is refused")
 	r.Set("network.apps", 1<<(24-mustPrefix(o.pool).Bits()), "apps", src("network-pool"), "apps with a private /24 in the pool")
 	r.Set("network.machines_per_app", 253, "machines", "built in (a /24)", "machines on one app's network")
 	allowed := "none"

@@ -15,15 +15,20 @@ import (
 // truncated. A streaming exec has no cap: its output is never held, only passed on.
 const ExecOutputCap = 1 << 20
 
-// MaxExecTimeout is the longest timeout an exec may ask for. A request above it is
-// refused rather than clamped, so a caller never believes it has more time than it has.
+// MaxExecTimeout is the longest timeout an exec may ask for, and the timeout of one that
+// asks for none (0): no exec holds the guest and the server for ever, even one whose
+// client stopped reading and left. A request above it is refused rather than clamped, so
+// a caller never believes it has more time than it has.
 const MaxExecTimeout = time.Hour
 
 // StartExec starts a command in a started machine, as its workload's user, with its
 // environment and working directory, wired to pio. The caller waits for it.
 func (m *Manager) StartExec(ctx context.Context, id string, req guest.ExecRequest, pio guest.IO) (*guest.Process, error) {
 	if t := time.Duration(req.TimeoutMS) * time.Millisecond; t > MaxExecTimeout || t < 0 {
-		return nil, errdefs.Invalid("exec timeout %s: want from 0 (none) up to the limit exec.timeout_max (%s)", t, MaxExecTimeout)
+		return nil, errdefs.Invalid("exec timeout %s: want up to the limit exec.timeout_max (%s); 0 means that limit", t, MaxExecTimeout)
+	}
+	if req.TimeoutMS == 0 {
+		req.TimeoutMS = MaxExecTimeout.Milliseconds()
 	}
 	inst, as := m.running(id)
 	if inst == nil {

@@ -62,6 +62,14 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request, id string, r
 	defer nc.Close()
 	fmt.Fprintf(brw, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", api.ExecUpgrade)
 	if err := brw.Flush(); err != nil {
+		// The client left before the switch: nothing will read the output, so the
+		// process must not wait for a reader that never comes.
+		conn = execstream.New(strings.NewReader(""), io.Discard)
+		close(upgraded)
+		if p != nil {
+			p.Signal(int(syscall.SIGKILL))
+			p.Wait(context.WithoutCancel(r.Context()))
+		}
 		return nil
 	}
 	conn = execstream.New(brw.Reader, nc)

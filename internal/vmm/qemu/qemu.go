@@ -299,7 +299,10 @@ func (d *Driver) create(ctx context.Context, cfg config) (*vm, error) {
 	cmd.Stdout, cmd.Stderr, cmd.ExtraFiles = logf, logf, files
 	// Own session: a terminal's Ctrl-C reaches kiln, which then stops the VM in order,
 	// instead of reaching QEMU directly.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	// A network namespace of its own, empty: QEMU is handed its TAP devices and sockets
+	// as descriptors, so a QEMU that a guest took over cannot open a connection to the
+	// host's services, the database or the metadata address.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: syscall.CLONE_NEWNET}
 	if d.KillWithParent {
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	}

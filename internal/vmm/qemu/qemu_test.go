@@ -84,6 +84,12 @@ func TestConfined(t *testing.T) {
 		if s := status["Seccomp"]; len(s) != 1 || s[0] != "2" {
 			t.Errorf("%s: QEMU seccomp mode %v, want 2 (filter)", when, s)
 		}
+		// No network of the host's: a QEMU a guest took over reaches nothing but its TAP.
+		vmNet, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", pid))
+		hostNet, _ := os.Readlink("/proc/self/ns/net")
+		if vmNet == "" || vmNet == hostNet {
+			t.Errorf("%s: QEMU shares kiln's network namespace (%q)", when, vmNet)
+		}
 		if g, err := cg.Of(pid); err != nil || g != name {
 			t.Errorf("%s: QEMU is in cgroup %q (%v), want %q", when, g, err, name)
 		}
