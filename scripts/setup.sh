@@ -35,3 +35,10 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 go version
 go mod download
+
+# kiln build --git runs git on the host as this user: a uid of its own, which the
+# network's rules hold to the machines' egress policy (no private or metadata address).
+if ! getent passwd kiln-git >/dev/null; then
+  echo "setup: creating the system user kiln-git"
+  $SUDO useradd --system --no-create-home --shell /usr/sbin/nologin kiln-git
+fi

@@ -357,6 +357,13 @@ func runServer(ctx context.Context, dataDir string, o serverOptions) error {
 			ln.Close()
 			return err
 		}
+		// git for `kiln build --git` runs on the host, for callers: its uid is held to
+		// the machines' egress policy. nobody is no uid of kiln's to write rules for.
+		if cred, name := build.GitUser(); name == build.GitUserName {
+			cfg.ConfineUIDs = []uint32{cred.Uid}
+		} else if cred != nil {
+			fmt.Fprintf(os.Stderr, "kiln: warning: build --git fetches run as %s, outside the egress policy (they can reach private addresses): create the system user %s (scripts/setup.sh does)\n", name, build.GitUserName)
+		}
 		if nets, err = network.Open(filepath.Join(dataDir, "network"), cfg, os.Stderr); err != nil {
 			ln.Close()
 			return err

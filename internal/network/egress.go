@@ -63,7 +63,7 @@ func (m *Manager) BlockHosts(ctx context.Context, kind string, addrs []netip.Add
 		m.hosts = map[string][]netip.Addr{}
 	}
 	m.hosts[kind] = want
-	if len(m.st.Apps) == 0 {
+	if !m.tableWanted() {
 		return nil // no table yet; the first machine's rules carry the addresses
 	}
 	return m.applyRules(ctx)
@@ -175,6 +175,26 @@ func egressRules(b *strings.Builder, all string) {
 	fmt.Fprintf(b, "\t\tiifname %q ip daddr @egress_never reject with icmpx type admin-prohibited\n", all)
 	fmt.Fprintf(b, "\t\tiifname %q ip daddr @egress_allow accept\n", all)
 	fmt.Fprintf(b, "\t\tiifname %q ip daddr @egress_blocked reject with icmpx type admin-prohibited\n", all)
+}
+
+// confinedRules renders the output chain's rules for the host's own processes running as
+// one of uids. The order follows the machines' policy (never, allow, blocked), after two
+// rules of its own:
+//   - DNS, to any address, first: the host's resolver is on loopback or on one of this
+//     host's own addresses, both closed below. Port 53 is all that gets past the policy.
+//   - IPv6 is refused, as it is for machines: the sets are IPv4 only.
+//
+// Loopback is in egress_blocked, and this host's addresses in egress_never, so such a
+// process reaches no service on the host either (no --egress-allow opens those).
+func confinedRules(b *strings.Builder, uids []uint32) {
+	for _, uid := range uids {
+		who := fmt.Sprintf("meta skuid %d", uid)
+		fmt.Fprintf(b, "\t\t%s meta l4proto { tcp, udp } th dport 53 accept\n", who)
+		fmt.Fprintf(b, "\t\t%s meta nfproto ipv6 reject with icmpx type admin-prohibited\n", who)
+		fmt.Fprintf(b, "\t\t%s ip daddr @egress_never reject with icmpx type admin-prohibited\n", who)
+		fmt.Fprintf(b, "\t\t%s ip daddr @egress_allow accept\n", who)
+		fmt.Fprintf(b, "\t\t%s ip daddr @egress_blocked reject with icmpx type admin-prohibited\n", who)
+	}
 }
 
 // pickSubnet returns the index of the first /24 of pool that is neither used nor

@@ -43,7 +43,11 @@ type Config struct {
 	Egress    netip.Addr
 	EgressOff bool
 	// EgressAllow opens ranges that BlockedByDefault closes (a private registry, say).
-	EgressAllow  []netip.Prefix
+	EgressAllow []netip.Prefix
+	// ConfineUIDs are host users whose own traffic is held to the same egress policy
+	// (kiln's git fetches for `kiln build --git` run as one): their rules are in the
+	// table's output chain, which exists while kiln runs, with or without apps.
+	ConfineUIDs  []uint32
 	DomainSuffix string // names are <machine>.vm.<app>.<suffix>; default "internal"
 }
 

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -203,12 +204,22 @@ func nftList(t *testing.T, m *Manager) string {
 	return string(out)
 }
 
+// chainOf returns one chain's lines out of `nft list table`.
+func chainOf(listing, name string) string {
+	_, rest, ok := strings.Cut(listing, "chain "+name+" {")
+	if !ok {
+		return ""
+	}
+	rules, _, _ := strings.Cut(rest, "\n\t}")
+	return rules
+}
+
 // The egress sets: what is blocked by default, what the operator allows, and kiln's
 // own hosts, which no allow opens; rewriting them is idempotent.
 func TestEgressSets(t *testing.T) {
 	ctx := context.Background()
 	allow := []netip.Prefix{netip.MustParsePrefix("10.1.2.0/24"), netip.MustParsePrefix("10.1.2.128/25")}
-	m, err := Open(testutil.TempDir(t), Config{EgressAllow: allow}, os.Stderr)
+	m, err := Open(testutil.TempDir(t), Config{EgressAllow: allow, ConfineUIDs: []uint32{4242}}, os.Stderr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -233,11 +244,34 @@ func TestEgressSets(t *testing.T) {
 			t.Errorf("rules lack %q:\n%s", want, first)
 		}
 	}
-	never := strings.Index(first, "@egress_never")
-	allowAt := strings.Index(first, "@egress_allow")
-	blocked := strings.Index(first, "@egress_blocked")
-	if !(never < allowAt && allowAt < blocked) {
-		t.Errorf("the sets are not checked never, allow, blocked in that order:\n%s", first)
+	// Machines' traffic (forward) and the confined user's own (output) meet one policy,
+	// checked in one order; the user's DNS goes first, to the host's resolver.
+	for _, chain := range []string{"forward", "output"} {
+		rules := chainOf(first, chain)
+		never := strings.Index(rules, "@egress_never")
+		allowAt := strings.Index(rules, "@egress_allow")
+		blocked := strings.Index(rules, "@egress_blocked")
+		if never < 0 || !(never < allowAt && allowAt < blocked) {
+			t.Errorf("%s: the sets are not checked never, allow, blocked in that order:\n%s", chain, rules)
+		}
+	}
+	out := chainOf(first, "output")
+	for _, want := range []string{
+		"meta skuid 4242 meta l4proto { tcp, udp } th dport 53 accept",
+		"meta skuid 4242 meta nfproto ipv6 reject with icmpx admin-prohibited",
+		"meta skuid 4242 ip daddr @egress_never reject with icmpx admin-prohibited",
+		"meta skuid 4242 ip daddr @egress_allow accept",
+		"meta skuid 4242 ip daddr @egress_blocked reject with icmpx admin-prohibited",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the output chain lacks %q:\n%s", want, out)
+		}
+	}
+	if dns := strings.Index(out, "dport 53"); dns < 0 || dns > strings.Index(out, "@egress_never") {
+		t.Errorf("the confined user's DNS is refused before it is allowed:\n%s", out)
+	}
+	if strings.Count(out, "\n") != strings.Count(out, "meta skuid 4242")+1 {
+		t.Errorf("the output chain holds rules for other traffic than the confined user's:\n%s", out)
 	}
 	if err := m.BlockHosts(ctx, "peers", peers); err != nil {
 		t.Fatal(err)
@@ -250,5 +284,65 @@ func TestEgressSets(t *testing.T) {
 	}
 	if _, err := Open(testutil.TempDir(t), Config{EgressAllow: []netip.Prefix{netip.MustParsePrefix("fd00::/8")}}, nil); err == nil {
 		t.Error("an IPv6 egress allow was accepted")
+	}
+}
+
+// A confined user (kiln's git) is held to the egress policy from the host itself, with
+// or without apps: loopback and private addresses are refused to it, DNS is not, and
+// the rules are its own (root still connects). They go with RemoveAll.
+func TestConfinedUser(t *testing.T) {
+	ctx := context.Background()
+	const uid = 4242
+	m, err := Open(testutil.TempDir(t), Config{ConfineUIDs: []uint32{uid}}, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Reconcile(ctx, func(string) bool { return true }); err != nil {
+		t.Fatal(err)
+	}
+	service, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer service.Close()
+	dns, err := net.Listen("tcp", "127.0.0.1:53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dns.Close()
+	for _, ln := range []net.Listener{service, dns} {
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+	}
+	// connect reports whether user (nil: the test's own) could open a connection to addr.
+	connect := func(cred *syscall.Credential, addr string) bool {
+		host, port, _ := net.SplitHostPort(addr)
+		cmd := exec.CommandContext(ctx, "bash", "-c", "exec 3<>/dev/tcp/"+host+"/"+port)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		return cmd.Run() == nil
+	}
+	confined := &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}
+	if !connect(nil, service.Addr().String()) {
+		t.Fatal("root cannot reach the listener: the rules are not the confined user's own")
+	}
+	if connect(confined, service.Addr().String()) {
+		t.Errorf("the confined user reached a service on loopback:\n%s", nftList(t, m))
+	}
+	if !connect(confined, dns.Addr().String()) {
+		t.Errorf("the confined user cannot reach DNS on loopback:\n%s", nftList(t, m))
+	}
+	if err := m.RemoveAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !connect(confined, service.Addr().String()) {
+		t.Error("the confined user's rules are left after RemoveAll")
 	}
 }

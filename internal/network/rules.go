@@ -15,9 +15,19 @@ func (m *Manager) rules() string {
 	var b strings.Builder
 	t := m.tableName()
 	all := "kb" + m.tag + "*"
-	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\n", t, t)
+	b.WriteString(m.deleteTable())
 	fmt.Fprintf(&b, "table inet %s {\n", t)
 	m.egressSets(&b)
+	if len(m.cfg.ConfineUIDs) > 0 {
+		// The host's own processes that run for callers (git for `kiln build --git`).
+		b.WriteString("\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n")
+		confinedRules(&b, m.cfg.ConfineUIDs)
+		b.WriteString("\t}\n")
+	}
+	if len(m.st.Apps) == 0 {
+		b.WriteString("}\n")
+		return b.String()
+	}
 	// Traffic to the host itself: replies to what the host opened (the proxy, health
 	// checks) and DNS to the machine's own gateway, nothing else: no host service, no
 	// other app's gateway, no forged source address, no IPv6 (router advertisements
@@ -70,18 +80,27 @@ func (m *Manager) rules() string {
 	return b.String()
 }
 
-// applyRules writes the table; with no app left it removes it.
+// tableWanted reports whether kiln's table should exist: for apps' networks, or for the
+// confined users' rules.
+func (m *Manager) tableWanted() bool { return len(m.st.Apps) > 0 || len(m.cfg.ConfineUIDs) > 0 }
+
+// applyRules writes the table; with nothing left for it to hold it removes it.
 func (m *Manager) applyRules(ctx context.Context) error {
 	script := m.rules()
-	if len(m.st.Apps) == 0 {
-		t := m.tableName()
-		script = fmt.Sprintf("table inet %s\ndelete table inet %s\n", t, t)
-	} else if !m.cfg.EgressOff {
+	if !m.tableWanted() {
+		script = m.deleteTable()
+	} else if len(m.st.Apps) > 0 && !m.cfg.EgressOff {
 		if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0o644); err != nil {
 			return fmt.Errorf("turning on IPv4 forwarding for machines' egress: %w", err)
 		}
 	}
 	return nft(ctx, script)
+}
+
+// deleteTable is the script that removes kiln's table, whether or not it exists.
+func (m *Manager) deleteTable() string {
+	t := m.tableName()
+	return fmt.Sprintf("table inet %s\ndelete table inet %s\n", t, t)
 }
 
 func nft(ctx context.Context, script string) error {
@@ -99,5 +118,8 @@ func nft(ctx context.Context, script string) error {
 // The server does not call it (machines keep their network across restarts); it is for
 // tearing a host down.
 func (m *Manager) RemoveAll(ctx context.Context) error {
-	return m.Reconcile(ctx, func(string) bool { return false })
+	if err := m.Reconcile(ctx, func(string) bool { return false }); err != nil {
+		return err
+	}
+	return nft(ctx, m.deleteTable()) // the confined users' rules too
 }
