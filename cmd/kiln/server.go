@@ -182,7 +182,7 @@ when the server stops or dies; the next start adopts them.`,
 	f.IntVar(&o.reserveCPUs, "reserve-cpus", 0, "host CPUs kept for the host itself")
 	f.IntVar(&o.reserveMemory, "reserve-memory", 1024, "host memory kept for the host itself, MiB")
 	f.StringVar(&o.imageMaxSize, "image-max-size", "10G", "largest image accepted, uncompressed: converting a larger one (or a gzip bomb) stops at this size")
-	f.StringVar(&o.vmUIDs, "vm-uids", vmrun.DefaultUIDs.String(), "host user IDs VMMs run as, FIRST-LAST, one per VM; no account may use them, and data dirs on one host need ranges of their own")
+	f.StringVar(&o.vmUIDs, "vm-uids", vmrun.DefaultUIDs.String(), "host user IDs VMMs run as, FIRST-LAST, one per VM; no account may use them (data dirs on one host may share them: each uid is claimed host-wide)")
 	f.DurationVar(&o.capacityWait, "capacity-wait", time.Minute, "how long a machine or builder start waits in the capacity queue; 0 fails at once")
 	f.DurationVar(&o.headerTimeout, "header-timeout", connlimit.DefaultHTTP.HeaderTimeout, "how long a client of the API or of the proxy's HTTP ports has to send a request's headers")
 	f.DurationVar(&o.connIdle, "conn-idle-timeout", connlimit.DefaultHTTP.IdleTimeout, "how long a kept-alive API or proxy HTTP connection may wait for its next request")

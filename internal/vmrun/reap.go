@@ -25,7 +25,7 @@ func Reap(ctx context.Context, dataDir string, drivers map[string]vmm.Driver, lo
 	if err != nil {
 		return 0, err
 	}
-	defer sweepUsers(dataDir)
+	defer sweepUsers(dataDir, log)
 	n := 0
 	for _, e := range ents {
 		dir := filepath.Join(dataDir, "vms", e.Name())
@@ -55,13 +55,16 @@ func Reap(ctx context.Context, dataDir string, drivers map[string]vmm.Driver, lo
 		if pids := killByDir(dir); len(pids) > 0 {
 			what = fmt.Sprintf("VMM process %v", pids)
 		}
-		if err := removeCgroup(rec.Config.Confine.Cgroup); err != nil {
-			fmt.Fprintf(log, "kiln: reaping VM %s: %v\n", e.Name(), err)
+		cgErr := removeCgroup(rec.Config.Confine.Cgroup)
+		if cgErr != nil {
+			fmt.Fprintf(log, "kiln: reaping VM %s: %v\n", e.Name(), cgErr)
 		}
 		if err := os.RemoveAll(dir); err != nil {
 			return n, err
 		}
-		releaseUser(dataDir, rec.Config.Confine.UID, rec.ID)
+		if cgErr == nil { // else its VMM may live on as its user: see sweepUsers
+			releaseUser(dataDir, rec.Config.Confine.UID, rec.ID)
+		}
 		n++
 		fmt.Fprintf(log, "kiln: reaped VM %s left behind by a kiln process that was killed (%s removed)\n", e.Name(), what)
 	}

@@ -74,8 +74,8 @@ func TestReapConfined(t *testing.T) {
 		if _, err := cg.Limits(name); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("handle %v: cgroup %s survived the reaper: %v", handle, name, err)
 		}
-		if ents, _ := os.ReadDir(filepath.Join(rt.DataDir, "vmusers")); len(ents) != 0 {
-			t.Errorf("handle %v: %d VMM user claims survived the reaper", handle, len(ents))
+		if uids, err := vmrun.Claims(rt.DataDir); err != nil || len(uids) != 0 {
+			t.Errorf("handle %v: VMM users %v (%v) still claimed after the reaper", handle, uids, err)
 		}
 	}
 }

@@ -37,7 +37,7 @@ type Runtime struct {
 	// DefaultBootTimeout.
 	BootTimeout time.Duration
 	// UIDs are the host users VMMs run as, one per VM; zero means DefaultUIDs. Data dirs
-	// sharing a host should be given ranges of their own.
+	// sharing a host may share a range: claims are host-wide (ClaimDir).
 	UIDs UIDRange
 	// MemoryOverheadMiB is what a VM's cgroup allows beyond its RAM for the VMM; zero
 	// means DefaultMemoryOverheadMiB.
@@ -512,12 +512,17 @@ func (inst *Instance) Destroy(ctx context.Context) error {
 	for _, l := range inst.leases {
 		l.Release()
 	}
-	if err := removeCgroup(inst.Config.Confine.Cgroup); err != nil {
-		errs = append(errs, err)
+	cgErr := removeCgroup(inst.Config.Confine.Cgroup)
+	if cgErr != nil {
+		errs = append(errs, cgErr)
 	}
 	if err := os.RemoveAll(inst.Dir); err != nil {
 		errs = append(errs, err)
 	}
-	releaseUser(inst.rt.DataDir, inst.Config.Confine.UID, inst.ID)
+	// A cgroup that is still there may hold the VMM, running as its user: the claim
+	// stays until a sweep finds no process of that user.
+	if cgErr == nil {
+		releaseUser(inst.rt.DataDir, inst.Config.Confine.UID, inst.ID)
+	}
 	return errors.Join(errs...)
 }

@@ -119,8 +119,8 @@ func TestConfined(t *testing.T) {
 	if _, err := cg.Limits(name); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the cgroup outlived the VM: %v", err)
 	}
-	if ents, _ := os.ReadDir(filepath.Join(rt.DataDir, "vmusers")); len(ents) != 0 {
-		t.Errorf("%d VMM user claims left after the VM was destroyed", len(ents))
+	if uids, err := vmrun.Claims(rt.DataDir); err != nil || len(uids) != 0 {
+		t.Errorf("VMM users %v (%v) still claimed after the VM was destroyed", uids, err)
 	}
 }
 
