@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/client"
+	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 )
 
@@ -332,8 +334,10 @@ func TestNetworkAndProxy(t *testing.T) {
 	if left := kilnDevices(t); len(left) != 0 {
 		t.Errorf("devices left after destroying every machine: %v", left)
 	}
-	if tables := kilnTables(t); tables != "" {
-		t.Errorf("nftables tables left: %s", tables)
+	// kiln's table stays for the git user's rules (kiln build --git), with no rule for
+	// a machine's device.
+	if rules, _ := exec.Command("nft", "list", "ruleset").CombinedOutput(); strings.Contains(string(rules), `"kb`) {
+		t.Errorf("rules for machines' devices left (tables %s):\n%s", kilnTables(t), rules)
 	}
 	srv.stop(syscall.SIGTERM)
 	srv = nil
@@ -369,6 +373,33 @@ func checkEgress(t *testing.T, who, out string, listeners map[string]<-chan stri
 			}
 		case <-time.After(10 * time.Second):
 			t.Errorf("%s: %s saw no connection", who, a)
+		}
+	}
+}
+
+// checkGitEgress has the server fetch a build context from each listener (kiln build
+// --git over http), as the caller of a build may, and holds what the listeners saw to
+// want: git runs on the host, as kiln-git, under the machines' egress policy.
+func checkGitEgress(t *testing.T, srv *kilnServer, listeners map[string]<-chan string, want ...string) {
+	t.Helper()
+	if _, err := user.Lookup(build.GitUserName); err != nil {
+		t.Fatalf("the host lacks the user %s that git runs as (scripts/setup.sh creates it): %v", build.GitUserName, err)
+	}
+	for a, from := range listeners {
+		_, errs, code := srv.kiln("", "build", "--git", "http://"+a+":9000/repo.git", "--project", "egress", "--tag", "localhost/egress/git:1")
+		if code == 0 {
+			t.Fatalf("kiln build --git from %s, which serves no repository, succeeded", a)
+		}
+		// The listener reports a connection before it answers, and git has its answer
+		// (or its refusal) when kiln build returns.
+		var reached bool
+		select {
+		case <-from:
+			reached = true
+		default:
+		}
+		if reached != slices.Contains(want, a) {
+			t.Errorf("kiln build --git: the server's git reached %s = %v, want %v; kiln said:\n%s", a, reached, !reached, errs)
 		}
 	}
 }
@@ -418,6 +449,7 @@ func TestEgressPolicy(t *testing.T) {
 	}
 	checkEgress(t, "a machine", probeMachine(), listeners, internetAddr)
 	checkEgress(t, "a RUN step", build("localhost/egress/probe:1", egressProbe), listeners, internetAddr)
+	checkGitEgress(t, srv, listeners, internetAddr)
 
 	// The operator opens the private range on purpose; the metadata service stays closed.
 	srv.stop(syscall.SIGTERM)
@@ -427,6 +459,7 @@ func TestEgressPolicy(t *testing.T) {
 	cl = client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
 	checkEgress(t, "a machine with 10.99.0.0/24 allowed", probeMachine(), listeners, internetAddr, privateAddr)
 	checkEgress(t, "a RUN step with 10.99.0.0/24 allowed", build("localhost/egress/probe:2", "echo allowed; "+egressProbe), listeners, internetAddr, privateAddr)
+	checkGitEgress(t, srv, listeners, internetAddr, privateAddr)
 	out, errs, code := srv.kiln("", "limits", "show")
 	if code != 0 || !strings.Contains(out, "network.egress_allow") || !strings.Contains(out, "10.99.0.0/24") || !strings.Contains(out, "169.254.0.0/16") {
 		t.Errorf("limits show does not list the egress policy: exit %d\n%s%s", code, out, errs)
