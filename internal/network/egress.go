@@ -29,17 +29,18 @@ import (
 // 198.51.100.0/24, 203.0.113.0/24) are left open: they are routed nowhere on the
 // internet, and tests use them to stand for it.
 var BlockedByDefault = []netip.Prefix{
-	netip.MustParsePrefix("0.0.0.0/8"),      // "this network"
-	netip.MustParsePrefix("10.0.0.0/8"),     // RFC 1918
-	netip.MustParsePrefix("100.64.0.0/10"),  // carrier-grade NAT, also Tailscale's range
-	netip.MustParsePrefix("127.0.0.0/8"),    // loopback
-	netip.MustParsePrefix("169.254.0.0/16"), // link-local, cloud metadata services
-	netip.MustParsePrefix("172.16.0.0/12"),  // RFC 1918
-	netip.MustParsePrefix("192.0.0.0/24"),   // IETF protocol assignments
-	netip.MustParsePrefix("192.168.0.0/16"), // RFC 1918
-	netip.MustParsePrefix("198.18.0.0/15"),  // benchmarking, used inside some data centres
-	netip.MustParsePrefix("224.0.0.0/4"),    // multicast
-	netip.MustParsePrefix("240.0.0.0/4"),    // reserved, and the broadcast address
+	netip.MustParsePrefix("0.0.0.0/8"),        // "this network"
+	netip.MustParsePrefix("10.0.0.0/8"),       // RFC 1918
+	netip.MustParsePrefix("100.64.0.0/10"),    // carrier-grade NAT, also Tailscale's range
+	netip.MustParsePrefix("127.0.0.0/8"),      // loopback
+	netip.MustParsePrefix("169.254.0.0/16"),   // link-local, cloud metadata services
+	netip.MustParsePrefix("172.16.0.0/12"),    // RFC 1918
+	netip.MustParsePrefix("168.63.129.16/32"), // Azure's host channel (WireServer), a public address
+	netip.MustParsePrefix("192.0.0.0/24"),     // IETF protocol assignments
+	netip.MustParsePrefix("192.168.0.0/16"),   // RFC 1918
+	netip.MustParsePrefix("198.18.0.0/15"),    // benchmarking, used inside some data centres
+	netip.MustParsePrefix("224.0.0.0/4"),      // multicast
+	netip.MustParsePrefix("240.0.0.0/4"),      // reserved, and the broadcast address
 }
 
 // BlockHosts sets the addresses of one kind of kiln's own hosts ("database", "peers")
