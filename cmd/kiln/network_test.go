@@ -411,6 +411,17 @@ func TestEgressPolicy(t *testing.T) {
 	if os.Getenv("KILN_TEST_IN_NETNS") == "" {
 		t.Fatal("this test must run in its own network namespace (TestMain arranges it)")
 	}
+	// The git user's rules of every kiln table apply to it, the strictest winning: a
+	// table left by an earlier test's server (killed, or stopped with machines) would
+	// refuse what this server allows. Only this test binary's servers made them, in its
+	// own namespace.
+	if out, err := exec.Command("nft", "list", "tables").Output(); err == nil {
+		for _, line := range strings.Split(string(out), "\n") {
+			if f := strings.Fields(line); len(f) == 3 && f[0] == "table" && strings.HasPrefix(f[2], "kiln_") {
+				exec.Command("nft", "delete", "table", f[1], f[2]).Run()
+			}
+		}
+	}
 	e := newEnv(t)
 	o := newOutside(t)
 	listeners := map[string]<-chan string{}

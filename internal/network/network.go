@@ -26,6 +26,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
@@ -443,12 +444,23 @@ func deleteLink(name string) error {
 }
 
 // Close stops the resolvers; devices and rules stay for the machines that keep running.
+//
+// With no machine left, it also removes kiln's table: the rules for kiln's confined
+// users (the git user) apply host-wide, and must not outlive the server that wrote them.
+// With machines left, the table stays for them until the next server adopts them.
 func (m *Manager) Close() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for app, r := range m.resolvers {
 		r.Close()
 		delete(m.resolvers, app)
+	}
+	if len(m.st.Machines) == 0 && len(m.st.Apps) == 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := nft(ctx, m.deleteTable()); err != nil {
+			m.logf("removing table %s: %v", m.tableName(), err)
+		}
 	}
 }
 
