@@ -206,6 +206,14 @@ func (f *flattener) layer(ctx context.Context, r io.Reader, index int) error {
 		if name, err = f.resolve(hdr.Name, name, symlinks); err != nil {
 			return err
 		}
+		// Every entry's names count, kept or not: whiteouts and this layer's links are
+		// held in memory until the layer ends.
+		if err := f.count(name); err != nil {
+			return err
+		}
+		if err := f.count(hdr.Linkname); err != nil {
+			return err
+		}
 		if hdr.Typeflag == tar.TypeSymlink {
 			symlinks[name] = hdr.Linkname
 		}
@@ -476,9 +484,6 @@ func resolveParents(name string, links map[string]string, maxLen int) (string, e
 // Every path the merged view gains counts against the entry and name caps, implied
 // directories included: they cost the ext4 writer as much as named ones.
 func (f *flattener) markParents(name string) error {
-	if err := f.count(name); err != nil {
-		return err
-	}
 	for p := path.Dir(name); p != "."; p = path.Dir(p) {
 		if _, ok := f.emitted[p]; ok {
 			return nil

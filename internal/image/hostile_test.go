@@ -422,3 +422,16 @@ func TestTarballWithSparseEntriesIsRefused(t *testing.T) {
 		}
 	}
 }
+
+// Whiteouts are held in memory until their layer ends, so their names count toward the
+// limit on paths like any entry's.
+func TestWhiteoutNamesCountTowardTheLimit(t *testing.T) {
+	var es []imagetest.Entry
+	for i := 0; i < 200; i++ {
+		es = append(es, imagetest.Entry{Name: fmt.Sprintf("%s/.wh.%d", longDir, i)})
+	}
+	_, err := image.Cache{Dir: t.TempDir(), Limits: image.Limits{MaxNameBytes: 256 << 10}}.Rootfs(context.Background(), imageOf(t, imagetest.Layer(t, es...)), nil)
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "paths add up to more than") {
+		t.Errorf("200 whiteouts of 3 KiB names against a 256 KiB limit: %v", err)
+	}
+}
