@@ -36,17 +36,18 @@ func OpenTarball(path string) (img v1.Image, close func(), err error) {
 	if _, err := os.Stat(path); err != nil {
 		return nil, nothing, errdefs.New(errdefs.ErrNotFound, "image tarball %s: %v", path, err)
 	}
-	if err := checkTarball(path); err != nil {
+	names, err := checkTarball(path)
+	if err != nil {
 		return nil, nothing, err
 	}
-	if hasEntry(path, "manifest.json") {
+	if names["manifest.json"] {
 		img, err := tarball.ImageFromPath(path, nil)
 		if err != nil {
 			return nil, nothing, errdefs.Invalid("%s is not a loadable image tarball: %v (it must hold exactly one image)", path, err)
 		}
 		return img, nothing, nil
 	}
-	if !hasEntry(path, "index.json") {
+	if !names["index.json"] {
 		return nil, nothing, errdefs.Invalid("%s is neither a `docker save` tarball (manifest.json) nor an OCI layout (index.json)", path)
 	}
 	dir, err := os.MkdirTemp("", "kiln-oci-")
@@ -91,25 +92,31 @@ const (
 // checkTarball reads an uploaded image tarball's headers once and refuses what could
 // make reading it cost more than its size: sparse entries (which expand to any size when
 // read), entries larger than the file itself, too many entries, and JSON documents too
-// large to read into memory.
-func checkTarball(path string) error {
+// large to read into memory. It returns the tarball's top-level JSON documents' names,
+// which say its format.
+func checkTarball(path string) (map[string]bool, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	tr := tar.NewReader(bufio.NewReader(f))
+	names := map[string]bool{}
+	// On the file itself, not a buffer: the reader seeks over entries' data.
+	tr := tar.NewReader(f)
 	for n := 0; ; n++ {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
-			return nil
+			return names, nil
 		}
 		if err != nil {
-			return errdefs.Invalid("%s is not a readable tarball: %v", path, err)
+			return nil, errdefs.Invalid("%s is not a readable tarball: %v", path, err)
+		}
+		if name := filepath.Clean(h.Name); !strings.Contains(name, "/") && strings.HasSuffix(name, ".json") {
+			names[name] = true
 		}
 		sparse := h.Typeflag == tar.TypeGNUSparse
 		for k := range h.PAXRecords {
@@ -117,13 +124,13 @@ func checkTarball(path string) error {
 		}
 		switch {
 		case n >= maxTarballEntries:
-			return errdefs.Invalid("%s has more than %d entries: an image tarball holds a few files per layer", path, maxTarballEntries)
+			return nil, errdefs.Invalid("%s has more than %d entries: an image tarball holds a few files per layer", path, maxTarballEntries)
 		case sparse:
-			return errdefs.Invalid("%s: entry %q is a sparse file; write the tarball with `docker save` or without --sparse", path, h.Name)
+			return nil, errdefs.Invalid("%s: entry %q is a sparse file; write the tarball with `docker save` or without --sparse", path, h.Name)
 		case h.Size > fi.Size():
-			return errdefs.Invalid("%s: entry %q claims %d bytes, more than the whole tarball", path, h.Name, h.Size)
+			return nil, errdefs.Invalid("%s: entry %q claims %d bytes, more than the whole tarball", path, h.Name, h.Size)
 		case strings.HasSuffix(h.Name, ".json") && h.Size > maxTarballJSON:
-			return errdefs.Invalid("%s: %q is %d bytes, over the %d-byte limit for an image's JSON documents", path, h.Name, h.Size, maxTarballJSON)
+			return nil, errdefs.Invalid("%s: %q is %d bytes, over the %d-byte limit for an image's JSON documents", path, h.Name, h.Size, maxTarballJSON)
 		}
 	}
 }
@@ -134,7 +141,7 @@ func hasEntry(path, name string) bool {
 		return false
 	}
 	defer f.Close()
-	tr := tar.NewReader(bufio.NewReader(f))
+	tr := tar.NewReader(f) // seeks over entries' data
 	for {
 		h, err := tr.Next()
 		if err != nil {
