@@ -1,6 +1,7 @@
 // Package errdefs holds the error kinds every kiln package classifies its errors by.
 // Callers test kinds with errors.Is; the CLI and API map kinds to exit and status codes
-// in one place each. Messages stay with the wrapping error, never in the kind.
+// in one place each (the API's is HTTPStatus and KindOfStatus, used by the server and
+// the client alike). Messages stay with the wrapping error, never in the kind.
 package errdefs
 
 import (
@@ -27,19 +28,39 @@ var (
 	ErrProtocol = errors.New("protocol mismatch")
 )
 
-// kindError attaches a kind to a message without changing the message.
+// kindError attaches a kind (and maybe a cause) to a message without changing the
+// message.
 type kindError struct {
-	kind error
-	msg  string
+	kind  error
+	cause error
+	msg   string
 }
 
 func (e *kindError) Error() string { return e.msg }
-func (e *kindError) Unwrap() error { return e.kind }
+
+// Unwrap gives errors.Is and errors.As both the kind and the cause.
+func (e *kindError) Unwrap() []error {
+	if e.cause == nil {
+		return []error{e.kind}
+	}
+	return []error{e.kind, e.cause}
+}
 
 // New returns an error of kind with a formatted message. The message should say what
-// failed and what to do about it.
+// failed and what to do about it. An error among args is only printed: use Wrap to keep
+// it as the cause.
 func New(kind error, format string, args ...any) error {
 	return &kindError{kind: kind, msg: fmt.Sprintf(format, args...)}
+}
+
+// Wrap returns an error of kind whose message is the formatted text, ": ", and cause's
+// message; errors.Is and errors.As see through it to cause (so an ErrNotFound or a
+// context.Canceled beneath stays visible). A nil cause gives nil.
+func Wrap(kind, cause error, format string, args ...any) error {
+	if cause == nil {
+		return nil
+	}
+	return &kindError{kind: kind, cause: cause, msg: fmt.Sprintf(format, args...) + ": " + cause.Error()}
 }
 
 // Invalid is shorthand for New(ErrInvalid, ...).
@@ -48,4 +69,69 @@ func Invalid(format string, args ...any) error { return New(ErrInvalid, format, 
 // Missing reports an absent host dependency, naming the Debian package that provides it.
 func Missing(what, pkg string) error {
 	return New(ErrMissingDependency, "%s not found: install the Debian package %s (run `make setup`)", what, pkg)
+}
+
+var (
+	// ErrTimeout: a wait the caller bounded ran out before the thing happened.
+	ErrTimeout = errors.New("timeout")
+	// ErrNotImplemented: kiln does not do this (yet, or in this configuration).
+	ErrNotImplemented = errors.New("not implemented")
+)
+
+// Kinds lists every kind, most specific first.
+var Kinds = []error{ErrInvalid, ErrNotFound, ErrConflict, ErrTimeout, ErrCapacity, ErrUnavailable,
+	ErrProtocol, ErrNotImplemented, ErrMissingDependency}
+
+// KindOf is err's kind: the kind of the outermost classified error in its chain (a
+// Wrap's own kind, not its cause's), or nil if none is classified.
+func KindOf(err error) error {
+	var ke *kindError
+	if errors.As(err, &ke) {
+		return ke.kind
+	}
+	for _, k := range Kinds {
+		if errors.Is(err, k) {
+			return k
+		}
+	}
+	return nil
+}
+
+// statuses is the one table between kinds and HTTP statuses. The server writes a kind's
+// status; the client reads a status back into the first kind listed for it.
+var statuses = []struct {
+	kind   error
+	status int
+}{
+	{ErrInvalid, 400},
+	{ErrNotFound, 404},
+	{ErrTimeout, 408},
+	{ErrConflict, 409},
+	{ErrCapacity, 507},
+	{ErrUnavailable, 503},
+	{ErrNotImplemented, 501},
+	{ErrMissingDependency, 501},
+	{ErrProtocol, 502},
+}
+
+// HTTPStatus is the status the API answers err with: its kind's, else 500.
+func HTTPStatus(err error) int {
+	k := KindOf(err)
+	for _, s := range statuses {
+		if s.kind == k {
+			return s.status
+		}
+	}
+	return 500
+}
+
+// KindOfStatus is the kind an API status stands for; nil for statuses no kind has
+// (2xx, 500 and the like).
+func KindOfStatus(status int) error {
+	for _, s := range statuses {
+		if s.status == status {
+			return s.kind
+		}
+	}
+	return nil
 }
