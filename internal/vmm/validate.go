@@ -34,18 +34,38 @@ func HostMemoryMiB() int {
 
 // Validate checks a Config against the host. Errors name the field and the allowed range.
 func Validate(cfg Config) error {
-	if n := runtime.NumCPU(); cfg.CPUs < 1 || cfg.CPUs > n {
-		return errdefs.Invalid("cpus=%d is out of range: this host allows 1 to %d", cfg.CPUs, n)
-	}
-	maxMem := HostMemoryMiB() - 256
-	if cfg.MemoryMiB < MinMemoryMiB || (maxMem > 0 && cfg.MemoryMiB > maxMem) {
-		return errdefs.Invalid("memory=%d MiB is out of range: this host allows %d to %d MiB", cfg.MemoryMiB, MinMemoryMiB, maxMem)
+	if err := CheckSize(cfg.CPUs, cfg.MemoryMiB); err != nil {
+		return err
 	}
 	if cfg.Dir == "" || !filepath.IsAbs(cfg.Dir) {
 		return errdefs.Invalid("vm directory %q must be an absolute path", cfg.Dir)
 	}
 	if _, err := os.Stat(cfg.Kernel); err != nil {
 		return errdefs.Invalid("kernel %s: %v", cfg.Kernel, err)
+	}
+	return nil
+}
+
+// CheckSize is the one rule for a VM's size on this host: cpus and memory in MiB.
+// Errors name both values and the range allowed.
+func CheckSize(cpus, memoryMiB int) error {
+	if n := runtime.NumCPU(); cpus < 1 || cpus > n {
+		return errdefs.Invalid("cpus=%d is out of range: this host allows 1 to %d", cpus, n)
+	}
+	maxMem := HostMemoryMiB() - 256
+	if memoryMiB < MinMemoryMiB || (maxMem > 0 && memoryMiB > maxMem) {
+		return errdefs.Invalid("memory=%d MiB is out of range: this host allows %d to %d MiB", memoryMiB, MinMemoryMiB, maxMem)
+	}
+	return nil
+}
+
+// CheckMountPath is the one rule for where a disk is mounted in a guest.
+func CheckMountPath(p string) error {
+	if !filepath.IsAbs(p) || strings.ContainsAny(p, " :\t\n") {
+		return errdefs.Invalid("mount point %q must be an absolute path without spaces or colons, like /data", p)
+	}
+	if filepath.Clean(p) == "/" {
+		return errdefs.Invalid("a disk cannot be mounted at /: the root filesystem is the image")
 	}
 	return nil
 }

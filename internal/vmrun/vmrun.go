@@ -133,11 +133,8 @@ func ValidateMounts(ms []Mount) ([]volume.Info, error) {
 	var infos []volume.Info
 	seen := map[string]bool{}
 	for _, m := range ms {
-		if !filepath.IsAbs(m.Path) || strings.ContainsAny(m.Path, " :\t\n") {
-			return nil, errdefs.Invalid("mount point %q must be an absolute path without spaces or colons, like /data", m.Path)
-		}
-		if filepath.Clean(m.Path) == "/" {
-			return nil, errdefs.Invalid("a disk cannot be mounted at /: the root filesystem is the image")
+		if err := vmm.CheckMountPath(m.Path); err != nil {
+			return nil, err
 		}
 		info, err := volume.Inspect(m.Image)
 		if err != nil {

@@ -1,0 +1,223 @@
+package machine
+
+import (
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/vmm"
+)
+
+// This file holds a machine's config rules: each is checked here and nowhere else (the
+// VM size and mount path rules are vmm's, which the VM layer checks with the same
+// functions).
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// CheckName checks a machine's name.
+func CheckName(name string) error {
+	if !nameRE.MatchString(name) {
+		return errdefs.Invalid("name %q: use lowercase letters, digits and dashes, up to 63", name)
+	}
+	return nil
+}
+
+// DecodeConfig reads a stored config. Stored configs were validated on the way in; a
+// record that does not decode yields the zero config.
+func DecodeConfig(raw []byte) api.MachineConfig {
+	var c api.MachineConfig
+	json.Unmarshal(raw, &c)
+	return c
+}
+
+// Size is what the machine asks of its host.
+func Size(cfg api.MachineConfig) (cpus, memoryMiB int) { return cfg.Guest.CPUs, cfg.Guest.MemoryMB }
+
+// Validate checks a config and fills its defaults. Every error names the field.
+func Validate(cfg *api.MachineConfig) error {
+	if cfg.Image == "" {
+		return errdefs.Invalid("config.image is required: the image to run, e.g. localhost/app:1")
+	}
+	if _, err := image.NormalizeRef(cfg.Image); err != nil && !strings.HasPrefix(cfg.Image, "sha256:") {
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "config.image")
+	}
+	if cfg.Guest.CPUs == 0 {
+		cfg.Guest.CPUs = 1
+	}
+	if cfg.Guest.MemoryMB == 0 {
+		cfg.Guest.MemoryMB = 256
+	}
+	if err := vmm.CheckSize(cfg.Guest.CPUs, cfg.Guest.MemoryMB); err != nil {
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "config.guest")
+	}
+	if err := (RestartPolicy{Policy: cfg.Restart.Policy, MaxRetries: cfg.Restart.MaxRetries}).Validate(); err != nil {
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "config")
+	}
+	seen := map[string]bool{}
+	for i, mt := range cfg.Mounts {
+		if mt.Volume == "" {
+			return errdefs.Invalid("config.mounts[%d].volume is required: a volume name or ID", i)
+		}
+		if err := vmm.CheckMountPath(mt.Path); err != nil {
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "config.mounts[%d].path", i)
+		}
+		if seen[mt.Volume] {
+			return errdefs.Invalid("config.mounts: volume %s is mounted twice", mt.Volume)
+		}
+		seen[mt.Volume] = true
+	}
+	if cfg.StopConfig != nil && cfg.StopConfig.Timeout != "" {
+		if _, err := time.ParseDuration(cfg.StopConfig.Timeout); err != nil {
+			return errdefs.Invalid("config.stop_config.timeout %q: want a duration like 10s", cfg.StopConfig.Timeout)
+		}
+	}
+	if cfg.StopConfig != nil && cfg.StopConfig.Signal != "" {
+		if _, err := SignalNumber(cfg.StopConfig.Signal); err != nil {
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "config.stop_config")
+		}
+	}
+	for k := range cfg.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			return errdefs.Invalid("config.env key %q is not a valid variable name", k)
+		}
+	}
+	for i := range cfg.Services {
+		if err := validateService(&cfg.Services[i]); err != nil {
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "config.services[%d]", i)
+		}
+	}
+	return nil
+}
+
+// validateService checks one service and fills its defaults.
+func validateService(s *api.Service) error {
+	if s.Protocol == "" {
+		s.Protocol = "tcp"
+	}
+	if s.Protocol != "tcp" {
+		return fmt.Errorf("protocol %q is not supported: use tcp (with handlers [\"http\"] for HTTP)", s.Protocol)
+	}
+	if s.InternalPort < 1 || s.InternalPort > 65535 {
+		return fmt.Errorf("internal_port %d: want the port the machine listens on, 1 to 65535", s.InternalPort)
+	}
+	if len(s.Ports) == 0 {
+		return fmt.Errorf("ports: a service needs at least one public port, like {\"port\": 80, \"handlers\": [\"http\"]}")
+	}
+	for j, p := range s.Ports {
+		if p.Port < 1 || p.Port > 65535 {
+			return fmt.Errorf("ports[%d].port %d: want 1 to 65535", j, p.Port)
+		}
+		for _, h := range p.Handlers {
+			if h != "http" {
+				return fmt.Errorf("ports[%d].handlers: %q is not supported: use [\"http\"] or none for raw TCP", j, h)
+			}
+		}
+	}
+	switch s.Autostop {
+	case "":
+		s.Autostop = "off"
+	case "off", "stop", "suspend":
+	default:
+		return fmt.Errorf("autostop %q: want off, stop or suspend", s.Autostop)
+	}
+	if s.Autostart == nil {
+		on := s.Autostop != "off"
+		s.Autostart = &on
+	}
+	if s.MinMachinesRunning < 0 {
+		return fmt.Errorf("min_machines_running %d must not be negative", s.MinMachinesRunning)
+	}
+	if c := s.Concurrency; c != nil {
+		if c.Type == "" {
+			c.Type = "connections"
+		}
+		if c.Type != "connections" && c.Type != "requests" {
+			return fmt.Errorf("concurrency.type %q: want connections or requests", c.Type)
+		}
+		if c.SoftLimit < 0 || c.HardLimit < 0 || (c.HardLimit > 0 && c.SoftLimit > c.HardLimit) {
+			return fmt.Errorf("concurrency: soft_limit %d and hard_limit %d must be positive with soft <= hard", c.SoftLimit, c.HardLimit)
+		}
+	}
+	for j, c := range s.Checks {
+		if c.Type != "tcp" && c.Type != "http" {
+			return fmt.Errorf("checks[%d].type %q: want tcp or http", j, c.Type)
+		}
+		for name, d := range map[string]string{"interval": c.Interval, "timeout": c.Timeout, "grace_period": c.GracePeriod} {
+			if d == "" {
+				continue
+			}
+			if v, err := time.ParseDuration(d); err != nil || v <= 0 {
+				return fmt.Errorf("checks[%d].%s %q: want a duration like 5s", j, name, d)
+			}
+		}
+		if c.Type == "http" && c.Path != "" && !strings.HasPrefix(c.Path, "/") {
+			return fmt.Errorf("checks[%d].path %q must start with /", j, c.Path)
+		}
+	}
+	return nil
+}
+
+// Workload is what the machine runs: config.init overrides, else the image's own
+// command, with the config's environment after the image's. Execs run as it does.
+func Workload(cfg api.MachineConfig, run image.Run) guest.ExecRequest {
+	argv := run.Argv
+	switch {
+	case len(cfg.Init.Exec) > 0:
+		argv = cfg.Init.Exec
+	case len(cfg.Init.Entrypoint) > 0 || len(cfg.Init.Cmd) > 0:
+		argv = append(append([]string{}, cfg.Init.Entrypoint...), cfg.Init.Cmd...)
+	}
+	env := append([]string{}, run.Env...)
+	keys := make([]string, 0, len(cfg.Env))
+	for k := range cfg.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		env = append(env, k+"="+cfg.Env[k])
+	}
+	return guest.ExecRequest{Argv: argv, Env: env, Dir: run.Dir, UID: run.UID, GID: run.GID}
+}
+
+// DefaultStopGrace is how long a stopping workload has when stop_config says nothing.
+const DefaultStopGrace = 10 * time.Second
+
+// StopGrace is how long the workload has to exit after the stop signal.
+func StopGrace(cfg api.MachineConfig) time.Duration {
+	if cfg.StopConfig != nil {
+		if d, err := time.ParseDuration(cfg.StopConfig.Timeout); err == nil && d > 0 {
+			return d
+		}
+	}
+	return DefaultStopGrace
+}
+
+// StopSignal is the config's stop signal; 0 when it names none (power off at once).
+func StopSignal(cfg api.MachineConfig) int {
+	if cfg.StopConfig == nil {
+		return 0
+	}
+	n, _ := SignalNumber(cfg.StopConfig.Signal)
+	return n
+}
+
+// SignalNumber reads a signal name (SIGTERM, TERM) or number.
+func SignalNumber(s string) (int, error) {
+	names := map[string]int{"HUP": 1, "INT": 2, "QUIT": 3, "KILL": 9, "USR1": 10, "USR2": 12, "TERM": 15, "CONT": 18, "STOP": 19}
+	u := strings.TrimPrefix(strings.ToUpper(strings.TrimSpace(s)), "SIG")
+	if n, ok := names[u]; ok {
+		return n, nil
+	}
+	if n, err := strconv.Atoi(s); err == nil && n > 0 && n < 65 {
+		return n, nil
+	}
+	return 0, errdefs.Invalid("signal %q: use a name like SIGTERM, SIGINT, SIGHUP, SIGKILL, SIGUSR1 or a number", s)
+}
