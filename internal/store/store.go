@@ -188,4 +188,24 @@ type Hosts interface {
 	Setting(ctx context.Context, key, def string) (string, error)
 	// MoveMachine gives a stopped machine to another host.
 	MoveMachine(ctx context.Context, id, host string) error
+	// HostUsage is what the machines holding room (HoldsRoom) ask for, per host. The
+	// store keeps it in the transactions that change a machine's state, host or config,
+	// so reading it costs one row per host, not a pass over every machine.
+	HostUsage(ctx context.Context) (map[string]Usage, error)
+}
+
+// Usage is what machines ask for: their guests' vCPUs and memory.
+type Usage struct {
+	CPUs      int `json:"cpus"`
+	MemoryMiB int `json:"memory_mib"`
+}
+
+// HoldsRoom says whether a machine in state s holds room on its host: from the start of a
+// boot until its VM is gone or saved.
+func HoldsRoom(s machine.State) bool {
+	switch s {
+	case machine.Starting, machine.Started, machine.Stopping, machine.Suspending:
+		return true
+	}
+	return false
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/pressly/goose/v3"
 	_ "modernc.org/sqlite"
 
+	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/store"
@@ -164,8 +165,9 @@ func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Even
 	}
 	defer tx.Rollback()
 	now := time.Now().UTC()
-	_, err = tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, app, name, state, config, version, created_at, updated_at, host)
-		VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)`), m.ID, m.App, m.Name, m.State, string(m.Config), now, now, m.Host)
+	size := sizeOf(m.Config)
+	_, err = tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, app, name, state, config, version, created_at, updated_at, host, cpus, memory_mib)
+		VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)`), m.ID, m.App, m.Name, m.State, string(m.Config), now, now, m.Host, size.CPUs, size.MemoryMiB)
 	if err != nil {
 		switch {
 		case isUnique(err):
@@ -251,18 +253,30 @@ func (s *DB) Transition(ctx context.Context, id string, from, to machine.State, 
 		return err
 	}
 	defer tx.Rollback()
-	res, err := tx.ExecContext(ctx, s.q(`UPDATE machines SET state = ?, updated_at = ?, exit_code = COALESCE(?, exit_code) WHERE id = ? AND state = ?`),
-		to, time.Now().UTC(), ev.ExitCode, id, from)
-	if err != nil {
+	var host string
+	var size store.Usage
+	err = tx.QueryRowContext(ctx, s.q(`UPDATE machines SET state = ?, updated_at = ?, exit_code = COALESCE(?, exit_code) WHERE id = ? AND state = ?
+		RETURNING host, cpus, memory_mib`),
+		to, time.Now().UTC(), ev.ExitCode, id, from).Scan(&host, &size.CPUs, &size.MemoryMiB)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return err
 	}
-	if n, _ := res.RowsAffected(); n != 1 {
+	if errors.Is(err, sql.ErrNoRows) {
 		var cur machine.State
 		err := tx.QueryRowContext(ctx, s.q(`SELECT state FROM machines WHERE id = ?`), id).Scan(&cur)
 		if errors.Is(err, sql.ErrNoRows) {
 			return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 		}
 		return errdefs.New(errdefs.ErrConflict, "machine %s is %s, not %s: it changed meanwhile", id, cur, from)
+	}
+	switch held, holds := store.HoldsRoom(from), store.HoldsRoom(to); {
+	case !held && holds:
+		err = s.addUsage(ctx, tx, host, size.CPUs, size.MemoryMiB)
+	case held && !holds:
+		err = s.addUsage(ctx, tx, host, -size.CPUs, -size.MemoryMiB)
+	}
+	if err != nil {
+		return err
 	}
 	ev.Status = to
 	if err := s.appendEvent(ctx, tx, id, ev); err != nil {
@@ -411,10 +425,12 @@ func (s *DB) UpdateConfig(ctx context.Context, id string, version int, config []
 	defer tx.Rollback()
 	// One statement compares and swaps: on PostgreSQL a read followed by a write in a
 	// read-committed transaction lets two updates both pass the read.
+	// The states it may change in hold no room, so no host's usage changes with the size.
 	var state machine.State
-	err = tx.QueryRowContext(ctx, s.q(`UPDATE machines SET config = ?, version = version + 1, updated_at = ?
+	size := sizeOf(config)
+	err = tx.QueryRowContext(ctx, s.q(`UPDATE machines SET config = ?, cpus = ?, memory_mib = ?, version = version + 1, updated_at = ?
 		WHERE id = ? AND version = ? AND state IN (?, ?, ?) RETURNING state`),
-		string(config), time.Now().UTC(), id, version, machine.Stopped, machine.Created, machine.Failed).Scan(&state)
+		string(config), size.CPUs, size.MemoryMiB, time.Now().UTC(), id, version, machine.Stopped, machine.Created, machine.Failed).Scan(&state)
 	if errors.Is(err, sql.ErrNoRows) {
 		var cur int
 		if err := tx.QueryRowContext(ctx, s.q(`SELECT state, version FROM machines WHERE id = ?`), id).Scan(&state, &cur); err != nil {
@@ -749,7 +765,8 @@ func (s *DB) ClockSkew(ctx context.Context) (time.Duration, error) {
 	return local.Sub(dbNow), nil
 }
 
-// MoveMachine records that a stopped machine now belongs to another host.
+// MoveMachine records that a stopped machine now belongs to another host. A stopped
+// machine holds no room, so no host's usage changes.
 func (s *DB) MoveMachine(ctx context.Context, id, host string) error {
 	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET host = ?, updated_at = ? WHERE id = ? AND state = ?`), host, time.Now().UTC(), id, machine.Stopped)
 	if err != nil {
@@ -759,4 +776,45 @@ func (s *DB) MoveMachine(ctx context.Context, id, host string) error {
 		return errdefs.New(errdefs.ErrConflict, "machine %s is not stopped: only a stopped machine moves", id)
 	}
 	return nil
+}
+
+// sizeOf reads the guest's size from a machine's config, as placement counts it; a
+// config without one (or not JSON) counts as nothing.
+func sizeOf(config []byte) store.Usage {
+	var c struct {
+		Guest api.Guest `json:"guest"`
+	}
+	json.Unmarshal(config, &c)
+	return store.Usage{CPUs: c.Guest.CPUs, MemoryMiB: c.Guest.MemoryMB}
+}
+
+// addUsage changes a host's usage by a machine's size, in the transaction that moves the
+// machine into or out of a state that holds room.
+func (s *DB) addUsage(ctx context.Context, tx *sql.Tx, host string, cpus, memMiB int) error {
+	_, err := tx.ExecContext(ctx, s.q(`INSERT INTO host_usage (host, cpus, memory_mib) VALUES (?, ?, ?)
+		ON CONFLICT (host) DO UPDATE SET cpus = host_usage.cpus + excluded.cpus, memory_mib = host_usage.memory_mib + excluded.memory_mib`),
+		host, cpus, memMiB)
+	return err
+}
+
+// HostUsage is what the machines holding room ask for, per host, as kept by the
+// transactions that change machines: one row per host, not a sum over every machine.
+func (s *DB) HostUsage(ctx context.Context) (map[string]store.Usage, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT host, cpus, memory_mib FROM host_usage`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]store.Usage{}
+	for rows.Next() {
+		var h string
+		var u store.Usage
+		if err := rows.Scan(&h, &u.CPUs, &u.MemoryMiB); err != nil {
+			return nil, err
+		}
+		if u != (store.Usage{}) {
+			out[h] = u
+		}
+	}
+	return out, rows.Err()
 }
