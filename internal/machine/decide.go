@@ -73,6 +73,8 @@ type Facts struct {
 	Supervised bool
 	// Saved says a suspended machine's VM is saved on this host.
 	Saved bool
+	// Message explains the first event recorded (why a boot failed, say).
+	Message string
 }
 
 // Effect is work a decision asks of the machine's supervisor.

@@ -1,4 +1,4 @@
-package node
+package machinelog
 
 import (
 	"os"
@@ -14,13 +14,13 @@ func TestMachineLogsArePrivate(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "m1")
 	os.MkdirAll(dir, 0o755)
 	os.WriteFile(filepath.Join(dir, "output.log"), nil, 0o644)
-	l, err := openLog(dir)
+	l, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.reset()
-	l.add(guest.Record{Offset: 0, Stream: 1, Data: []byte("password=hunter2\n")})
-	l.close()
+	l.Reset()
+	l.Add(guest.Record{Offset: 0, Stream: 1, Data: []byte("password=hunter2\n")})
+	l.Close()
 	for name, want := range map[string]os.FileMode{"output.log": 0o600, "offset": 0o600} {
 		fi, err := os.Stat(filepath.Join(dir, name))
 		if err != nil {
@@ -31,11 +31,11 @@ func TestMachineLogsArePrivate(t *testing.T) {
 		}
 	}
 	fresh := filepath.Join(t.TempDir(), "m2")
-	l, err = openLog(fresh)
+	l, err = Open(fresh)
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.close()
+	l.Close()
 	if fi, _ := os.Stat(fresh); fi.Mode().Perm() != 0o700 {
 		t.Errorf("a new log directory has mode %v, want -rwx------", fi.Mode().Perm())
 	}
@@ -45,21 +45,21 @@ func TestMachineLogsArePrivate(t *testing.T) {
 // always when the log is closed: after a clean stop it is exact.
 func TestLogOffsetSurvivesClose(t *testing.T) {
 	dir := t.TempDir()
-	l, err := openLog(dir)
+	l, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.reset()
+	l.Reset()
 	var off int64
 	for range 500 {
-		l.add(guest.Record{Offset: off, Stream: 1, Data: []byte("line\n")})
+		l.Add(guest.Record{Offset: off, Stream: 1, Data: []byte("line\n")})
 		off += 5
 	}
-	if got := l.offset(); got != off {
+	if got := l.Offset(); got != off {
 		t.Errorf("offset in use %d, want %d", got, off)
 	}
-	l.close()
-	if got := (&logFile{dir: dir}).offset(); got != off {
+	l.Close()
+	if got := (&File{dir: dir}).Offset(); got != off {
 		t.Errorf("offset after close %d, want %d", got, off)
 	}
 }

@@ -1,4 +1,7 @@
-package node
+// Package machinelog keeps a machine's workload output on the host: bounded, private to
+// kiln, rotated oldest first, with how far into the guest's output it has got so that a
+// restarted kiln goes on without losing or repeating lines.
+package machinelog
 
 import (
 	"bufio"
@@ -21,9 +24,9 @@ import (
 // oldest output goes first.
 var LogCap int64 = 16 << 20
 
-// logFile is a machine's stored workload output plus how far into the guest's output it
+// File is a machine's stored workload output plus how far into the guest's output it
 // has got, so that a restarted kiln resumes without losing or repeating lines.
-type logFile struct {
+type File struct {
 	mu   sync.Mutex
 	dir  string
 	f    *os.File
@@ -44,8 +47,8 @@ type logFile struct {
 // output, and loses none.
 const offsetEvery = 250 * time.Millisecond
 
-// openLog opens a machine's log, which only kiln may read: workloads print secrets.
-func openLog(dir string) (*logFile, error) {
+// Open opens a machine's log, which only kiln may read: workloads print secrets.
+func Open(dir string) (*File, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -55,10 +58,10 @@ func openLog(dir string) (*logFile, error) {
 	}
 	f.Chmod(0o600) // one that an older kiln made readable to all
 	fi, _ := f.Stat()
-	return &logFile{dir: dir, f: f, size: fi.Size(), partial: map[int][]byte{}}, nil
+	return &File{dir: dir, f: f, size: fi.Size(), partial: map[int][]byte{}}, nil
 }
 
-func (l *logFile) close() {
+func (l *File) Close() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.dirty {
@@ -68,7 +71,7 @@ func (l *logFile) close() {
 }
 
 // offset is where in the guest's output the stored log ends.
-func (l *logFile) offset() int64 {
+func (l *File) Offset() int64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if !l.offKnown {
@@ -80,7 +83,7 @@ func (l *logFile) offset() int64 {
 }
 
 // reset starts following a new workload's output from its beginning.
-func (l *logFile) reset() {
+func (l *File) Reset() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.off, l.offKnown = 0, true
@@ -89,13 +92,13 @@ func (l *logFile) reset() {
 
 // saveOffsetLocked writes the offset file: a crash leaves the old offset or the new,
 // never none.
-func (l *logFile) saveOffsetLocked() error {
+func (l *File) saveOffsetLocked() error {
 	l.saved, l.dirty = time.Now(), false
 	return atomicfile.WriteFile(filepath.Join(l.dir, "offset"), []byte(strconv.FormatInt(l.off, 10)), 0o600)
 }
 
 // add stores a record's complete lines and remembers the offset after it.
-func (l *logFile) add(r guest.Record) error {
+func (l *File) Add(r guest.Record) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	buf := append(l.partial[r.Stream], r.Data...)
@@ -137,7 +140,7 @@ func (l *logFile) add(r guest.Record) error {
 const maxLine = 64 << 10
 
 // flush stores unterminated lines, at the workload's end.
-func (l *logFile) flush() {
+func (l *File) Flush() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for s, b := range l.partial {
@@ -152,7 +155,7 @@ func (l *logFile) flush() {
 	l.partial = map[int][]byte{}
 }
 
-func (l *logFile) writeLocked(line api.LogLine) error {
+func (l *File) writeLocked(line api.LogLine) error {
 	b, _ := json.Marshal(line)
 	b = append(b, '\n')
 	if l.size+int64(len(b)) > LogCap/2 {
@@ -170,9 +173,9 @@ func (l *logFile) writeLocked(line api.LogLine) error {
 	return err
 }
 
-// ReadLogs calls fn for each stored line of a machine's output, oldest first, then, with
+// Read calls fn for each stored line of a machine's output, oldest first, then, with
 // follow, for new lines until stop is closed.
-func ReadLogs(dir string, follow bool, stop <-chan struct{}, fn func(api.LogLine) error) error {
+func Read(dir string, follow bool, stop <-chan struct{}, fn func(api.LogLine) error) error {
 	send := func(r *bufio.Reader) error {
 		for {
 			line, err := r.ReadBytes('\n')

@@ -1,4 +1,4 @@
-package node
+package machinelog
 
 import (
 	"bytes"
@@ -11,18 +11,18 @@ import (
 
 func TestLogLinesAreBounded(t *testing.T) {
 	dir := t.TempDir()
-	l, err := openLog(dir)
+	l, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// 200 KiB without a newline, then a short line: stored in pieces of at most maxLine,
 	// nothing held back, bytes intact.
 	big := bytes.Repeat([]byte("x"), 200<<10)
-	l.add(guest.Record{Offset: 0, Stream: 1, Data: big})
-	l.add(guest.Record{Offset: int64(len(big)), Stream: 1, Data: []byte("\nend\n")})
-	l.close()
+	l.Add(guest.Record{Offset: 0, Stream: 1, Data: big})
+	l.Add(guest.Record{Offset: int64(len(big)), Stream: 1, Data: []byte("\nend\n")})
+	l.Close()
 	var got []string
-	ReadLogs(dir, false, nil, func(line api.LogLine) error {
+	Read(dir, false, nil, func(line api.LogLine) error {
 		got = append(got, line.Message)
 		return nil
 	})
@@ -36,7 +36,7 @@ func TestLogLinesAreBounded(t *testing.T) {
 	if total != len(big) || got[len(got)-1] != "end" {
 		t.Errorf("stored %d of %d bytes, last line %q", total, len(big), got[len(got)-1])
 	}
-	if off := (&logFile{dir: dir}).offset(); off != int64(len(big))+5 {
+	if off := (&File{dir: dir}).Offset(); off != int64(len(big))+5 {
 		t.Errorf("offset %d", off)
 	}
 }
@@ -46,18 +46,18 @@ func TestLogRotationKeepsNewest(t *testing.T) {
 	LogCap = 64 << 10
 	defer func() { LogCap = old }()
 	dir := t.TempDir()
-	l, _ := openLog(dir)
+	l, _ := Open(dir)
 	var off int64
 	for i := 0; i < 2000; i++ {
 		line := []byte(strings.Repeat("y", 50) + "\n")
-		l.add(guest.Record{Offset: off, Stream: 1, Data: line})
+		l.Add(guest.Record{Offset: off, Stream: 1, Data: line})
 		off += int64(len(line))
 	}
-	l.add(guest.Record{Offset: off, Stream: 2, Data: []byte("last\n")})
-	l.close()
+	l.Add(guest.Record{Offset: off, Stream: 2, Data: []byte("last\n")})
+	l.Close()
 	var n int
 	var last api.LogLine
-	ReadLogs(dir, false, nil, func(line api.LogLine) error { n++; last = line; return nil })
+	Read(dir, false, nil, func(line api.LogLine) error { n++; last = line; return nil })
 	if n >= 2000 || n == 0 || last.Message != "last" || last.Stream != "stderr" {
 		t.Errorf("%d lines kept, last %+v", n, last)
 	}
