@@ -32,6 +32,7 @@ import (
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/limits"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/machinelog"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/node"
 	"github.com/kilnhq/kiln/internal/proxy"
@@ -583,7 +584,7 @@ func (o serverOptions) registerLimits(h capacity.Host, b *build.Service) {
 	r.Set("capacity.queue_wait", o.capacityWait, "", src("capacity-wait"), "how long a start waits for room before it fails naming the resource")
 	r.Set("machine.cpus", fmt.Sprintf("1-%d", h.CPUs), "vCPUs", "the host's CPUs", "vCPUs of one machine")
 	r.Set("machine.memory", fmt.Sprintf("%d-%d", vmm.MinMemoryMiB, h.MemoryMiB-256), "MiB", "the host's memory less 256 MiB", "memory of one machine")
-	r.Set("machine.logs_kept", node.LogCap, "bytes", "built in", "workload output kept per machine on the host; oldest dropped first")
+	r.Set("machine.logs_kept", machinelog.LogCap, "bytes", "built in", "workload output kept per machine on the host; oldest dropped first")
 	r.Set("machine.guest_output_buffer", agent.OutputCap, "bytes", "built in", "workload output the guest keeps while the host is away")
 	r.Set("vm.cpu", "vCPUs × 100", "ms per 100 ms", "built in", "CPU time a VM's cgroup allows its VMM: its vCPUs, no more")
 	r.Set("vm.memory_overhead", vmrun.DefaultMemoryOverheadMiB, "MiB", "built in (QEMU under TCG measured ~180 MiB)", "memory a VM's cgroup allows its VMM beyond the VM's RAM")

@@ -31,6 +31,7 @@ import (
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/machinelog"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/vmm"
@@ -508,13 +509,13 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 			return
 		}
 		cfg := config(rec)
-		logs, err := openLog(filepath.Join(m.Dir, id))
+		logs, err := machinelog.Open(filepath.Join(m.Dir, id))
 		if err != nil {
 			m.logf("machine %s: logs: %v", id, err)
 			release()
 			return
 		}
-		offset := logs.offset()
+		offset := logs.Offset()
 		if inst == nil {
 			// A stop while the machine waits for room ends the wait.
 			rctx, rcancel := context.WithCancel(m.ctx)
@@ -534,7 +535,7 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 				err = context.Canceled
 			}
 			if err != nil {
-				logs.close()
+				logs.Close()
 				if m.ctx.Err() != nil || r.stopRequested() {
 					return // settle completes the stop
 				}
@@ -554,7 +555,7 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 			var berr error
 			inst, berr = m.boot(rec, cfg)
 			if berr != nil {
-				logs.close()
+				logs.Close()
 				if m.ctx.Err() != nil {
 					return // kiln is shutting down: Recover starts it again
 				}
@@ -563,7 +564,7 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 				return // settle completes a stop that came meanwhile
 			}
 			offset = 0
-			logs.reset()
+			logs.Reset()
 			if m.transition(id, machine.Starting, machine.Started, "start", nil) != nil {
 				r.requestStop() // only a stop moves a starting machine elsewhere
 			}
@@ -580,7 +581,7 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 		last, ferr := m.follow(wctx, id, inst, offset, logs)
 		cancel()
 		if m.ctx.Err() == nil && r.suspendRequested() {
-			logs.close()
+			logs.Close()
 			m.suspend(id, inst, cfg)
 			return
 		}
@@ -589,8 +590,8 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 				last, ferr = l, nil
 			}
 		}
-		logs.flush()
-		logs.close()
+		logs.Flush()
+		logs.Close()
 		if m.ctx.Err() != nil {
 			// kiln is shutting down: leave the VM running for the next kiln to adopt.
 			inst.Release()
@@ -634,9 +635,9 @@ func (m *Manager) supervise(id string, r *run, inst *vmrun.Instance) {
 
 // follow stores the workload's output until it exits. If the agent connection drops
 // while the VM lives, it reconnects and goes on from where the log stopped.
-func (m *Manager) follow(ctx context.Context, id string, inst *vmrun.Instance, offset int64, logs *logFile) (guest.Record, error) {
+func (m *Manager) follow(ctx context.Context, id string, inst *vmrun.Instance, offset int64, logs *machinelog.File) (guest.Record, error) {
 	add := func(rec guest.Record) error {
-		if err := logs.add(rec); err != nil {
+		if err := logs.Add(rec); err != nil {
 			// A full disk must not kill the machine; the output is lost, the workload not.
 			m.logf("machine %s: storing output: %v", id, err)
 		}
@@ -661,14 +662,14 @@ func (m *Manager) follow(ctx context.Context, id string, inst *vmrun.Instance, o
 		}
 		inst.Agent.Close()
 		inst.Agent = c
-		offset = logs.offset()
+		offset = logs.Offset()
 	}
 }
 
 // signalAndWait gives the workload the stop signal (the request's, else the config's
 // stop_config.signal) and up to the timeout to exit on its own, storing what it prints
 // meanwhile. ok says it exited, with last carrying its status.
-func (m *Manager) signalAndWait(id string, r *run, inst *vmrun.Instance, cfg api.MachineConfig, logs *logFile) (last guest.Record, ok bool) {
+func (m *Manager) signalAndWait(id string, r *run, inst *vmrun.Instance, cfg api.MachineConfig, logs *machinelog.File) (last guest.Record, ok bool) {
 	r.mu.Lock()
 	sig, timeout := r.stopSignal, r.stopTimeout
 	r.mu.Unlock()
@@ -686,7 +687,7 @@ func (m *Manager) signalAndWait(id string, r *run, inst *vmrun.Instance, cfg api
 	if err := inst.Agent.SignalSupervised(ctx, "workload", sig); err != nil {
 		return last, false
 	}
-	last, err := m.follow(ctx, id, inst, logs.offset(), logs)
+	last, err := m.follow(ctx, id, inst, logs.Offset(), logs)
 	return last, err == nil && last.Exit != nil
 }
 
