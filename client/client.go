@@ -39,20 +39,10 @@ type Error struct {
 
 func (e *Error) Error() string { return e.Message }
 
-// Unwrap gives the error its kind back.
-func (e *Error) Unwrap() error {
-	switch e.Status {
-	case http.StatusBadRequest:
-		return errdefs.ErrInvalid
-	case http.StatusNotFound:
-		return errdefs.ErrNotFound
-	case http.StatusConflict:
-		return errdefs.ErrConflict
-	case http.StatusServiceUnavailable, http.StatusRequestTimeout:
-		return errdefs.ErrUnavailable
-	}
-	return nil
-}
+// Unwrap gives the error its kind back, read through errdefs' one table between kinds
+// and statuses (the table the server answers with), so errors.Is works on a remote error
+// as on a local one. A status no kind has (401, 500) gives none.
+func (e *Error) Unwrap() error { return errdefs.KindOfStatus(e.Status) }
 
 func (c *Client) request(ctx context.Context, method, path string, body io.Reader, ctype string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
@@ -72,7 +62,10 @@ func (c *Client) send(req *http.Request) (*http.Response, error) {
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
-		return nil, errdefs.New(errdefs.ErrUnavailable, "cannot reach the kiln server at %s: %v (is `kiln server` running? set KILN_API_URL or --api-url)", c.BaseURL, err)
+		if req.Context().Err() != nil {
+			return nil, err // the caller gave up; the server may be fine
+		}
+		return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "cannot reach the kiln server at %s (is `kiln server` running? set KILN_API_URL or --api-url)", c.BaseURL)
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()

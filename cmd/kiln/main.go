@@ -64,13 +64,24 @@ func main() {
 		os.Exit(ee.code)
 	}
 	fmt.Fprintf(os.Stderr, "kiln: %v\n", err)
-	switch {
-	case errors.Is(err, errdefs.ErrInvalid), errors.Is(err, errdefs.ErrMissingDependency):
-		os.Exit(2)
-	case errors.Is(err, context.Canceled):
-		os.Exit(130)
+	os.Exit(exitCode(err))
+}
+
+// exitCode is the CLI's one mapping from an error's kind to an exit status: 2 for what
+// the user must change (a bad argument, a missing tool, something kiln does not do), 130
+// for an interrupt, 1 for the rest. It goes by kind, and the client gives a server's
+// error its kind back through errdefs' status table, so a failure exits the same whether
+// it happened here or on the server. Kinds that share a status (501: missing dependency
+// and not implemented) must share an exit status, as the client cannot tell them apart.
+func exitCode(err error) int {
+	if errors.Is(err, context.Canceled) {
+		return 130
 	}
-	os.Exit(1)
+	switch errdefs.KindOf(err) {
+	case errdefs.ErrInvalid, errdefs.ErrMissingDependency, errdefs.ErrNotImplemented:
+		return 2
+	}
+	return 1
 }
 
 var version = "dev"

@@ -1,13 +1,12 @@
 package server
 
 import (
-	"fmt"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"time"
 
-	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
@@ -27,7 +26,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request) bool {
 		return false // the handler answers (404, or the call itself)
 	}
 	if by := r.Header.Get(forwardedHeader); by != "" {
-		writeJSON(w, http.StatusBadGateway, api.Error{Error: fmt.Sprintf("machine %s runs on host %s, and %s forwarded this call here: the hosts disagree about where it runs", m.ID, m.Host, by)})
+		writeError(w, errdefs.New(errdefs.ErrUnavailable, "machine %s runs on host %s, and %s forwarded this call here: the hosts disagree about where it runs", m.ID, m.Host, by))
 		return true
 	}
 	s.forwardTo(w, r, m.Host, "machine "+m.ID)
@@ -49,11 +48,11 @@ func (s *Server) forwardTo(w http.ResponseWriter, r *http.Request, host, what st
 		}
 	}
 	if owner == nil {
-		writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: fmt.Sprintf("%s is on host %s, which is not registered", what, host)})
+		writeError(w, errdefs.New(errdefs.ErrUnavailable, "%s is on host %s, which is not registered", what, host))
 		return
 	}
 	if time.Since(owner.HeartbeatAt) > HostDownAfter {
-		writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: fmt.Sprintf("%s runs on host %s, which is down (last heartbeat %s ago); kiln does not move machines by itself", what, host, time.Since(owner.HeartbeatAt).Round(time.Second))})
+		writeError(w, errdefs.New(errdefs.ErrUnavailable, "%s runs on host %s, which is down (last heartbeat %s ago); kiln does not move machines by itself", what, host, time.Since(owner.HeartbeatAt).Round(time.Second)))
 		return
 	}
 	target, err := url.Parse(owner.APIURL)
@@ -64,7 +63,7 @@ func (s *Server) forwardTo(w http.ResponseWriter, r *http.Request, host, what st
 	rp := httputil.NewSingleHostReverseProxy(target)
 	rp.FlushInterval = -1 // logs and waits stream
 	rp.ErrorHandler = func(w http.ResponseWriter, _ *http.Request, err error) {
-		writeJSON(w, http.StatusBadGateway, api.Error{Error: fmt.Sprintf("%s is on host %s (%s), which did not answer: %v", what, host, owner.APIURL, err)})
+		writeError(w, errdefs.Wrap(errdefs.ErrUnavailable, err, "%s is on host %s (%s), which did not answer", what, host, owner.APIURL))
 	}
 	r.Header.Set(forwardedHeader, s.HostName)
 	rp.ServeHTTP(w, r)

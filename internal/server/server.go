@@ -135,6 +135,9 @@ func (s *Server) Handler() http.Handler {
 	for _, r := range s.Routes() {
 		mux.HandleFunc(r.Method+" "+r.Path, func(w http.ResponseWriter, req *http.Request) {
 			if r.auth && !s.authorized(req) {
+				// The one status outside errdefs' table: a wrong token is the API's own
+				// answer, not an error any operation below it returns, so it has no kind
+				// (the client reads 401 back as unclassified).
 				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "missing or wrong bearer token: send Authorization: Bearer TOKEN (the admin token is in DATA_DIR/admin-token)"})
 				return
 			}
@@ -145,7 +148,7 @@ func (s *Server) Handler() http.Handler {
 			}
 			if r.auth && s.Recovering.Load() {
 				w.Header().Set("Retry-After", "2")
-				writeJSON(w, http.StatusServiceUnavailable, api.Error{Error: "kiln is starting and adopting its running machines: retry in a moment"})
+				writeError(w, errdefs.New(errdefs.ErrUnavailable, "kiln is starting and adopting its running machines: retry in a moment"))
 				return
 			}
 			if strings.Contains(r.Path, "/machines/{id}") && s.forward(w, req) {
@@ -160,7 +163,7 @@ func (s *Server) Handler() http.Handler {
 		mux.Handle("/v2/", s.Registry)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
-		writeJSON(w, http.StatusNotFound, api.Error{Error: fmt.Sprintf("no route %s %s: see /v1/openapi.json", req.Method, req.URL.Path)})
+		writeError(w, errdefs.New(errdefs.ErrNotFound, "no route %s %s: see /v1/openapi.json", req.Method, req.URL.Path))
 	})
 	return mux
 }
@@ -176,34 +179,10 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
-// statusOf is the one mapping from error kinds to HTTP status codes.
-func statusOf(err error) int {
-	switch {
-	case errors.Is(err, errdefs.ErrInvalid):
-		return http.StatusBadRequest
-	case errors.Is(err, errdefs.ErrNotFound):
-		return http.StatusNotFound
-	case errors.Is(err, errdefs.ErrConflict):
-		return http.StatusConflict
-	case errors.Is(err, errdefs.ErrCapacity):
-		return http.StatusInsufficientStorage
-	case errors.Is(err, errdefs.ErrUnavailable):
-		return http.StatusServiceUnavailable
-	case errors.Is(err, errNotImplemented), errors.Is(err, errdefs.ErrMissingDependency):
-		return http.StatusNotImplemented
-	case errors.Is(err, errTimeout):
-		return http.StatusRequestTimeout
-	}
-	return http.StatusInternalServerError
-}
-
-var (
-	errNotImplemented = errors.New("not implemented")
-	errTimeout        = errors.New("timeout")
-)
-
+// writeError answers err with its kind's status from errdefs' one table, the table the
+// client reads statuses back with, so a remote error has the kind a local one has.
 func writeError(w http.ResponseWriter, err error) {
-	writeJSON(w, statusOf(err), api.Error{Error: err.Error()})
+	writeJSON(w, errdefs.HTTPStatus(err), api.Error{Error: err.Error()})
 }
 
 // maxBody bounds a JSON request body: every request kiln takes is far smaller.
@@ -402,7 +381,7 @@ func (s *Server) stopMachine(w http.ResponseWriter, r *http.Request) error {
 	}
 	sig := 0
 	if req.Signal != "" {
-		if sig, err = node.SignalNumber(req.Signal); err != nil {
+		if sig, err = machine.SignalNumber(req.Signal); err != nil {
 			return err
 		}
 	}
@@ -458,7 +437,7 @@ func (s *Server) waitMachine(w http.ResponseWriter, r *http.Request) error {
 	}
 	if err := s.Node.Wait(r.Context(), m.ID, state, timeout); err != nil {
 		if errors.Is(err, errdefs.ErrUnavailable) {
-			return fmt.Errorf("%v: %w", err, errTimeout)
+			return errdefs.Wrap(errdefs.ErrTimeout, err, "waiting for machine %s", m.ID)
 		}
 		return err
 	}
@@ -482,7 +461,7 @@ func (s *Server) execMachine(w http.ResponseWriter, r *http.Request) error {
 	if len(argv) == 0 {
 		return errdefs.Invalid("command is required: the argv to run, e.g. [\"cat\", \"/etc/os-release\"]")
 	}
-	// node.StartExec holds the timeout to exec.timeout_max; min keeps a huge one huge.
+	// machines.StartExec holds the timeout to exec.timeout_max; min keeps a huge one huge.
 	gr := guest.ExecRequest{Argv: argv, TTY: req.TTY, Rows: req.Rows, Cols: req.Cols, TimeoutMS: int64(min(req.Timeout, 1<<31)) * 1000}
 	if upgrading(r) {
 		return s.execStream(w, r, m.ID, gr)
@@ -672,7 +651,7 @@ func (s *Server) signalMachine(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(r, &req); err != nil {
 		return err
 	}
-	sig, err := node.SignalNumber(req.Signal)
+	sig, err := machine.SignalNumber(req.Signal)
 	if err != nil {
 		return err
 	}
