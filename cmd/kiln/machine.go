@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -301,8 +302,10 @@ func imageCmd(g *globals, af *apiFlags) *cobra.Command {
 		Use: "load FILE.tar", Short: "Load a `docker save` or OCI layout tarball into the server", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, err := os.Open(args[0])
-			if err != nil {
-				return errdefs.New(errdefs.ErrNotFound, "%v", err)
+			if errors.Is(err, fs.ErrNotExist) {
+				return errdefs.Wrap(errdefs.ErrNotFound, err, "image tarball")
+			} else if err != nil {
+				return errdefs.Wrap(errdefs.ErrInvalid, err, "image tarball")
 			}
 			defer f.Close()
 			cl, err := af.client(g)
@@ -318,7 +321,8 @@ func imageCmd(g *globals, af *apiFlags) *cobra.Command {
 			}
 			res, err := cl.LoadImage(cmd.Context(), body, ref)
 			if err != nil {
-				return err
+				// The server calls the file "the upload"; the user knows it by its path.
+				return fmt.Errorf("loading %s: %w", args[0], err)
 			}
 			for _, r := range res.Refs {
 				fmt.Printf("loaded %s (%s)\n", r, res.Digest)

@@ -32,23 +32,29 @@ import (
 // OpenTarball reads the single image in a `docker save` tarball or an OCI layout
 // tarball. The image reads from files that close releases; call it when done.
 func OpenTarball(path string) (img v1.Image, close func(), err error) {
+	return openTarball(path, path)
+}
+
+// openTarball is OpenTarball with errors calling the tarball name: a server's copy of
+// an upload is a temporary file whose path means nothing to the user who sent it.
+func openTarball(path, name string) (img v1.Image, close func(), err error) {
 	nothing := func() {}
 	if _, err := os.Stat(path); err != nil {
-		return nil, nothing, errdefs.New(errdefs.ErrNotFound, "image tarball %s: %v", path, err)
+		return nil, nothing, errdefs.Wrap(errdefs.ErrNotFound, err, "image tarball %s", name)
 	}
-	names, err := checkTarball(path)
+	names, err := checkTarball(path, name)
 	if err != nil {
 		return nil, nothing, err
 	}
 	if names["manifest.json"] {
 		img, err := tarball.ImageFromPath(path, nil)
 		if err != nil {
-			return nil, nothing, errdefs.Invalid("%s is not a loadable image tarball: %v (it must hold exactly one image)", path, err)
+			return nil, nothing, errdefs.Wrap(errdefs.ErrInvalid, err, "%s is not a loadable image tarball (it must hold exactly one image)", name)
 		}
 		return img, nothing, nil
 	}
 	if !names["index.json"] {
-		return nil, nothing, errdefs.Invalid("%s is neither a `docker save` tarball (manifest.json) nor an OCI layout (index.json)", path)
+		return nil, nothing, errdefs.Invalid("%s is neither a `docker save` tarball (manifest.json) nor an OCI layout (index.json)%s", name, makeOne)
 	}
 	dir, err := os.MkdirTemp("", "kiln-oci-")
 	if err != nil {
@@ -70,11 +76,11 @@ func OpenTarball(path string) (img v1.Image, close func(), err error) {
 	}
 	idx, err := layout.ImageIndexFromPath(dir)
 	if err != nil {
-		return nil, nothing, errdefs.Invalid("%s: %v", path, err)
+		return nil, nothing, errdefs.Wrap(errdefs.ErrInvalid, err, "%s", name)
 	}
 	im, err := idx.IndexManifest()
 	if err != nil || len(im.Manifests) != 1 {
-		return nil, nothing, errdefs.Invalid("%s must hold exactly one image", path)
+		return nil, nothing, errdefs.Invalid("%s must hold exactly one image", name)
 	}
 	img, err = idx.Image(im.Manifests[0].Digest)
 	if err != nil {
@@ -82,6 +88,9 @@ func OpenTarball(path string) (img v1.Image, close func(), err error) {
 	}
 	return img, cleanup, nil
 }
+
+// makeOne says how to make what a tarball that is not an image should have been.
+const makeOne = " (make one with `docker save IMAGE -o FILE.tar`, or tar an OCI layout directory)"
 
 // Bounds on an image tarball's own entries (not its layers', which conversion bounds).
 const (
@@ -94,7 +103,7 @@ const (
 // read), entries larger than the file itself, too many entries, and JSON documents too
 // large to read into memory. It returns the tarball's top-level JSON documents' names,
 // which say its format.
-func checkTarball(path string) (map[string]bool, error) {
+func checkTarball(path, name string) (map[string]bool, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -113,7 +122,7 @@ func checkTarball(path string) (map[string]bool, error) {
 			return names, nil
 		}
 		if err != nil {
-			return nil, errdefs.Invalid("%s is not a readable tarball: %v", path, err)
+			return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "%s is not a tar archive%s", name, makeOne)
 		}
 		if name := filepath.Clean(h.Name); !strings.Contains(name, "/") && strings.HasSuffix(name, ".json") {
 			names[name] = true
@@ -124,13 +133,13 @@ func checkTarball(path string) (map[string]bool, error) {
 		}
 		switch {
 		case n >= maxTarballEntries:
-			return nil, errdefs.Invalid("%s has more than %d entries: an image tarball holds a few files per layer", path, maxTarballEntries)
+			return nil, errdefs.Invalid("%s has more than %d entries: an image tarball holds a few files per layer", name, maxTarballEntries)
 		case sparse:
-			return nil, errdefs.Invalid("%s: entry %q is a sparse file; write the tarball with `docker save` or without --sparse", path, h.Name)
+			return nil, errdefs.Invalid("%s: entry %q is a sparse file; write the tarball with `docker save` or without --sparse", name, h.Name)
 		case h.Size > fi.Size():
-			return nil, errdefs.Invalid("%s: entry %q claims %d bytes, more than the whole tarball", path, h.Name, h.Size)
+			return nil, errdefs.Invalid("%s: entry %q claims %d bytes, more than the whole tarball", name, h.Name, h.Size)
 		case strings.HasSuffix(h.Name, ".json") && h.Size > maxTarballJSON:
-			return nil, errdefs.Invalid("%s: %q is %d bytes, over the %d-byte limit for an image's JSON documents", path, h.Name, h.Size, maxTarballJSON)
+			return nil, errdefs.Invalid("%s: %q is %d bytes, over the %d-byte limit for an image's JSON documents", name, h.Name, h.Size, maxTarballJSON)
 		}
 	}
 }

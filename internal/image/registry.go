@@ -109,14 +109,20 @@ func (r Registries) resolve(ctx context.Context, ref string) (v1.Image, error) {
 // Load pushes the image in a tarball to the built-in registry under the references it
 // was saved with plus extra ones (which, like those, must name localhost).
 func (r Registries) Load(ctx context.Context, tarballPath string, extra ...string) (digest string, refs []string, err error) {
-	img, closeImg, err := OpenTarball(tarballPath)
+	return r.LoadAs(ctx, tarballPath, tarballPath, extra...)
+}
+
+// LoadAs is Load with errors calling the tarball name ("the upload" for a server's
+// temporary copy of one, whose path means nothing to the user who sent it).
+func (r Registries) LoadAs(ctx context.Context, tarballPath, name string, extra ...string) (digest string, refs []string, err error) {
+	img, closeImg, err := openTarball(tarballPath, name)
 	if err != nil {
 		return "", nil, err
 	}
 	defer closeImg()
 	refs = append(savedRefs(tarballPath), extra...)
 	if len(refs) == 0 {
-		return "", nil, errdefs.Invalid("%s names no image reference: tag it when saving (docker save app:1), or pass --ref localhost/app:1", tarballPath)
+		return "", nil, errdefs.Invalid("%s names no image reference: tag it when saving (docker save app:1), or pass --ref localhost/app:1", name)
 	}
 	d, err := img.Digest()
 	if err != nil {

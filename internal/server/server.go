@@ -36,7 +36,8 @@ type Server struct {
 	Store  store.Store
 	Node   *node.Manager
 	Images interface {
-		Load(ctx context.Context, tarball string, extra ...string) (string, []string, error)
+		// LoadAs loads the tarball at path; errors call it name.
+		LoadAs(ctx context.Context, path, name string, extra ...string) (string, []string, error)
 	}
 	// Hosts, when set, is the cluster's host registry: calls about a machine another
 	// host runs go to that host, and GET /v1/hosts lists them all. HostName is this one.
@@ -548,7 +549,9 @@ func (s *Server) loadImage(w http.ResponseWriter, r *http.Request) error {
 	if ref := r.URL.Query().Get("ref"); ref != "" {
 		extra = append(extra, ref)
 	}
-	digest, refs, err := s.Images.Load(r.Context(), f.Name(), extra...)
+	// Errors say "the upload": the temporary file's path means nothing to the caller,
+	// who names the file it sent (as the CLI does).
+	digest, refs, err := s.Images.LoadAs(r.Context(), f.Name(), "the upload", extra...)
 	if err != nil {
 		return err
 	}
