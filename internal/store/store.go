@@ -192,6 +192,9 @@ type Hosts interface {
 	// store keeps it in the transactions that change a machine's state, host or config,
 	// so reading it costs one row per host, not a pass over every machine.
 	HostUsage(ctx context.Context) (map[string]Usage, error)
+	// MachinesOnHost lists the machines placed on a host ("" on a database one host
+	// uses), oldest first, of every app.
+	MachinesOnHost(ctx context.Context, host string) ([]Machine, error)
 }
 
 // Usage is what machines ask for: their guests' vCPUs and memory.

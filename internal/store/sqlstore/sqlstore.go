@@ -228,7 +228,11 @@ func (s *DB) ListMachines(ctx context.Context, app string) ([]store.Machine, err
 	if n == 0 {
 		return nil, errdefs.New(errdefs.ErrNotFound, "app %s does not exist", app)
 	}
-	rows, err := s.db.QueryContext(ctx, s.q(`SELECT `+machineCols+` FROM machines WHERE app = ? ORDER BY created_at, id`), app)
+	return s.queryMachines(ctx, `SELECT `+machineCols+` FROM machines WHERE app = ? ORDER BY created_at, id`, app)
+}
+
+func (s *DB) queryMachines(ctx context.Context, query string, args ...any) ([]store.Machine, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(query), args...)
 	if err != nil {
 		return nil, err
 	}
@@ -776,6 +780,11 @@ func (s *DB) MoveMachine(ctx context.Context, id, host string) error {
 		return errdefs.New(errdefs.ErrConflict, "machine %s is not stopped: only a stopped machine moves", id)
 	}
 	return nil
+}
+
+// MachinesOnHost lists the machines placed on host, of every app, oldest first.
+func (s *DB) MachinesOnHost(ctx context.Context, host string) ([]store.Machine, error) {
+	return s.queryMachines(ctx, `SELECT `+machineCols+` FROM machines WHERE host = ? ORDER BY created_at, id`, host)
 }
 
 // sizeOf reads the guest's size from a machine's config, as placement counts it; a
