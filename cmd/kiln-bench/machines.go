@@ -22,7 +22,7 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
-	"github.com/kilnhq/kiln/internal/node"
+	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store"
@@ -108,7 +108,7 @@ func benchMachines(ctx context.Context, rt *vmrun.Runtime, work string, add func
 	if _, _, err := images.Load(ctx, tar, "localhost/bench:1"); err != nil {
 		return err
 	}
-	mgr := node.New(db, rt, images, cache, filepath.Join(work, "machines"), nil)
+	mgr := machines.New(machines.Config{Store: db, VMs: rt, Images: images, Rootfs: cache, Dir: filepath.Join(work, "machines")})
 	defer mgr.Close()
 	db.CreateApp(ctx, "bench")
 	var starts []time.Duration

@@ -71,6 +71,8 @@ type VM interface {
 	Save(ctx context.Context) error
 	// Release lets go of the VM without stopping it: the next kiln adopts it.
 	Release()
+	// Sync flushes the guest's filesystems to its disks (before a volume snapshot).
+	Sync(ctx context.Context) error
 	// Exec starts a command in the VM as given (the caller sets user and environment).
 	Exec(ctx context.Context, req guest.ExecRequest, pio guest.IO) (*guest.Process, error)
 	// As is how execs run: as the workload does (its user, environment and directory).
@@ -284,4 +286,15 @@ func (s *Supervisor) run(id string) *run {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.runs[id]
+}
+
+// Record decides and records a user's request of a machine that another host runs:
+// the transition only; that host does the work.
+func (s *Supervisor) Record(ctx context.Context, id string, in machine.Input) error {
+	rec, err := s.cfg.Store.GetMachine(ctx, id)
+	if err != nil {
+		return err
+	}
+	_, err = s.step(ctx, id, rec.State, in, machine.Facts{}, func(machine.Effect) error { return nil })
+	return err
 }

@@ -150,7 +150,8 @@ func (v *fakeVM) Save(ctx context.Context) error {
 	return nil
 }
 
-func (v *fakeVM) Release() { v.released = true }
+func (v *fakeVM) Release()                       { v.released = true }
+func (v *fakeVM) Sync(ctx context.Context) error { return nil }
 func (v *fakeVM) Exec(ctx context.Context, req guest.ExecRequest, pio guest.IO) (*guest.Process, error) {
 	return nil, errdefs.New(errdefs.ErrNotImplemented, "fake")
 }

@@ -1,4 +1,4 @@
-package node
+package machines
 
 import (
 	"context"
@@ -15,31 +15,31 @@ import (
 )
 
 // VolumeDir is where volume images live, under the manager's data.
-func (m *Manager) volumeDir() string { return filepath.Join(filepath.Dir(m.Dir), "volumes") }
+func (s *Service) volumeDir() string { return filepath.Join(filepath.Dir(s.cfg.Dir), "volumes") }
 
 // CreateVolume makes a named volume of sizeGB for app, empty or from a snapshot of one
 // of the app's volumes: the image file first, then the record, so a failure leaves
 // neither.
-func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int, snapshotID string) (store.Volume, error) {
-	if !nameRE.MatchString(name) {
-		return store.Volume{}, errdefs.Invalid("volume name %q: use lowercase letters, digits and dashes, up to 63", name)
+func (s *Service) CreateVolume(ctx context.Context, app, name string, sizeGB int, snapshotID string) (store.Volume, error) {
+	if err := machine.CheckName(name); err != nil {
+		return store.Volume{}, errdefs.Wrap(errdefs.ErrInvalid, err, "volume")
 	}
 	if sizeGB < 1 || sizeGB > 16384 {
 		return store.Volume{}, errdefs.Invalid("size_gb=%d: give a whole number of GiB from 1 to 16384", sizeGB)
 	}
-	if _, err := m.Store.ListMachines(ctx, app); err != nil {
+	if _, err := s.cfg.Store.ListMachines(ctx, app); err != nil {
 		return store.Volume{}, err
 	}
-	if _, err := m.Store.GetVolume(ctx, app, name); err == nil {
+	if _, err := s.cfg.Store.GetVolume(ctx, app, name); err == nil {
 		return store.Volume{}, errdefs.New(errdefs.ErrConflict, "app %s already has a volume named %s", app, name)
 	}
-	id := "vol_" + newMachineID()
-	if err := os.MkdirAll(m.volumeDir(), 0o700); err != nil {
+	id := "vol_" + newID()
+	if err := os.MkdirAll(s.volumeDir(), 0o700); err != nil {
 		return store.Volume{}, err
 	}
-	v := store.Volume{ID: id, App: app, Name: name, SizeBytes: int64(sizeGB) << 30, Path: filepath.Join(m.volumeDir(), id+".ext4")}
+	v := store.Volume{ID: id, App: app, Name: name, SizeBytes: int64(sizeGB) << 30, Path: filepath.Join(s.volumeDir(), id+".ext4")}
 	if snapshotID != "" {
-		sn, err := m.Store.Snapshot(ctx, app, snapshotID)
+		sn, err := s.cfg.Store.Snapshot(ctx, app, snapshotID)
 		if err != nil {
 			return v, err
 		}
@@ -60,27 +60,27 @@ func (m *Manager) CreateVolume(ctx context.Context, app, name string, sizeGB int
 	} else if err := volume.Create(ctx, v.Path, v.SizeBytes, ""); err != nil {
 		return v, err
 	}
-	if err := m.Store.CreateVolume(ctx, v); err != nil {
+	if err := s.cfg.Store.CreateVolume(ctx, v); err != nil {
 		os.Remove(v.Path)
 		return v, err
 	}
-	return m.Store.GetVolume(ctx, app, id)
+	return s.cfg.Store.GetVolume(ctx, app, id)
 }
 
 // inUse reports whether the machine holding a volume may have it mounted now.
-func (m *Manager) inUse(machineID string) bool {
+func (s *Service) inUse(machineID string) bool {
 	if machineID == "" {
 		return false
 	}
-	rec, err := m.Store.GetMachine(context.Background(), machineID)
+	rec, err := s.cfg.Store.GetMachine(context.Background(), machineID)
 	return err == nil && rec.State != machine.Stopped && rec.State != machine.Created &&
 		rec.State != machine.Failed && rec.State != machine.Destroyed
 }
 
 // ExtendVolume grows a volume. If its machine is running, the file grows now and the
 // filesystem at the machine's next start (needsRestart).
-func (m *Manager) ExtendVolume(ctx context.Context, app, idOrName string, sizeGB int) (store.Volume, bool, error) {
-	v, err := m.Store.GetVolume(ctx, app, idOrName)
+func (s *Service) ExtendVolume(ctx context.Context, app, idOrName string, sizeGB int) (store.Volume, bool, error) {
+	v, err := s.cfg.Store.GetVolume(ctx, app, idOrName)
 	if err != nil {
 		return v, false, err
 	}
@@ -90,9 +90,9 @@ func (m *Manager) ExtendVolume(ctx context.Context, app, idOrName string, sizeGB
 	}
 	// Offline, the filesystem grows now, under the disk lock so that no VM attaches it
 	// mid-resize. In use, only the file grows; the filesystem follows at the next boot.
-	needsRestart := m.inUse(v.AttachedMachine)
+	needsRestart := s.inUse(v.AttachedMachine)
 	if !needsRestart {
-		lease, err := m.RT.LockDisk(v.Path, "kiln volume extend")
+		lease, err := s.cfg.VMs.LockDisk(v.Path, "kiln volume extend")
 		if err != nil {
 			needsRestart = true
 		} else {
@@ -108,48 +108,48 @@ func (m *Manager) ExtendVolume(ctx context.Context, app, idOrName string, sizeGB
 			return v, false, fmt.Errorf("extending volume %s: %w", v.Name, err)
 		}
 	}
-	if err := m.Store.SetVolumeSize(ctx, v.ID, size); err != nil {
+	if err := s.cfg.Store.SetVolumeSize(ctx, v.ID, size); err != nil {
 		return v, false, err
 	}
-	v, err = m.Store.GetVolume(ctx, app, v.ID)
+	v, err = s.cfg.Store.GetVolume(ctx, app, v.ID)
 	return v, needsRestart, err
 }
 
 // DeleteVolume removes a volume no machine holds, with its snapshots.
-func (m *Manager) DeleteVolume(ctx context.Context, app, idOrName string) error {
-	v, err := m.Store.GetVolume(ctx, app, idOrName)
+func (s *Service) DeleteVolume(ctx context.Context, app, idOrName string) error {
+	v, err := s.cfg.Store.GetVolume(ctx, app, idOrName)
 	if err != nil {
 		return err
 	}
-	snaps, err := m.Store.Snapshots(ctx, v.ID)
+	snaps, err := s.cfg.Store.Snapshots(ctx, v.ID)
 	if err != nil {
 		return err
 	}
-	if err := m.Store.DeleteVolume(ctx, v.ID); err != nil {
+	if err := s.cfg.Store.DeleteVolume(ctx, v.ID); err != nil {
 		return err
 	}
 	for _, sn := range snaps {
 		os.Remove(sn.Path)
 	}
-	os.Remove(filepath.Join(m.volumeDir(), "snapshots", v.ID))
+	os.Remove(filepath.Join(s.volumeDir(), "snapshots", v.ID))
 	return os.Remove(v.Path)
 }
 
 // SnapshotVolume copies a volume as it is now. A volume in use is flushed by its guest
 // first; what the workload has not written yet is not in the snapshot, as with any
 // crash-consistent block snapshot.
-func (m *Manager) SnapshotVolume(ctx context.Context, app, idOrName string) (store.Snapshot, error) {
-	v, err := m.Store.GetVolume(ctx, app, idOrName)
+func (s *Service) SnapshotVolume(ctx context.Context, app, idOrName string) (store.Snapshot, error) {
+	v, err := s.cfg.Store.GetVolume(ctx, app, idOrName)
 	if err != nil {
 		return store.Snapshot{}, err
 	}
-	if inst, _ := m.running(v.AttachedMachine); inst != nil {
-		if err := inst.Agent.Sync(ctx); err != nil {
+	if vm := s.sup.Running(v.AttachedMachine); vm != nil {
+		if err := vm.Sync(ctx); err != nil {
 			return store.Snapshot{}, fmt.Errorf("flushing volume %s in machine %s: %w", v.Name, v.AttachedMachine, err)
 		}
 	}
-	sn := store.Snapshot{ID: "vs_" + newMachineID(), VolumeID: v.ID, SizeBytes: v.SizeBytes}
-	dir := filepath.Join(m.volumeDir(), "snapshots", v.ID)
+	sn := store.Snapshot{ID: "vs_" + newID(), VolumeID: v.ID, SizeBytes: v.SizeBytes}
+	dir := filepath.Join(s.volumeDir(), "snapshots", v.ID)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return sn, err
 	}
@@ -157,7 +157,7 @@ func (m *Manager) SnapshotVolume(ctx context.Context, app, idOrName string) (sto
 	if err := sparseCopy(ctx, v.Path, sn.Path); err != nil {
 		return sn, err
 	}
-	if err := m.Store.AddSnapshot(ctx, sn); err != nil {
+	if err := s.cfg.Store.AddSnapshot(ctx, sn); err != nil {
 		os.Remove(sn.Path)
 		return sn, err
 	}

@@ -1,4 +1,4 @@
-package node
+package machines
 
 import (
 	"context"
@@ -42,7 +42,7 @@ func newCrashedHost(t *testing.T) *crashedHost {
 func (h *crashedHost) recover(t *testing.T) {
 	t.Helper()
 	var rootfs image.Cache // recovery converts no image
-	m := New(h.db, &vmrun.Runtime{DataDir: h.dir}, nil, rootfs, filepath.Join(h.dir, "machines"), nil)
+	m := New(Config{Store: h.db, VMs: &vmrun.Runtime{DataDir: h.dir}, Rootfs: rootfs, Dir: filepath.Join(h.dir, "machines")})
 	defer m.Close()
 	if err := m.Recover(context.Background()); err != nil {
 		t.Fatal(err)

@@ -1,4 +1,4 @@
-package node
+package machines
 
 import (
 	"bytes"
@@ -23,35 +23,36 @@ const MaxExecTimeout = time.Hour
 
 // StartExec starts a command in a started machine, as its workload's user, with its
 // environment and working directory, wired to pio. The caller waits for it.
-func (m *Manager) StartExec(ctx context.Context, id string, req guest.ExecRequest, pio guest.IO) (*guest.Process, error) {
+func (s *Service) StartExec(ctx context.Context, id string, req guest.ExecRequest, pio guest.IO) (*guest.Process, error) {
 	if t := time.Duration(req.TimeoutMS) * time.Millisecond; t > MaxExecTimeout || t < 0 {
 		return nil, errdefs.Invalid("exec timeout %s: want up to the limit exec.timeout_max (%s); 0 means that limit", t, MaxExecTimeout)
 	}
 	if req.TimeoutMS == 0 {
 		req.TimeoutMS = MaxExecTimeout.Milliseconds()
 	}
-	inst, as := m.running(id)
-	if inst == nil {
+	vm := s.sup.Running(id)
+	if vm == nil {
 		return nil, errdefs.New(errdefs.ErrConflict, "machine %s is not running: start it first", id)
 	}
+	as := vm.As()
 	req.Env = append(append([]string{}, as.Env...), req.Env...)
 	req.UID, req.GID = as.UID, as.GID
 	if req.Dir == "" {
 		req.Dir = as.Dir
 	}
-	return inst.Agent.Start(ctx, req, pio)
+	return vm.Exec(ctx, req, pio)
 }
 
 // Exec runs a command in a started machine and returns its output, at most
 // ExecOutputCap bytes of each stream.
-func (m *Manager) Exec(ctx context.Context, id string, req guest.ExecRequest, stdin []byte) (api.ExecResponse, error) {
+func (s *Service) Exec(ctx context.Context, id string, req guest.ExecRequest, stdin []byte) (api.ExecResponse, error) {
 	out := &guest.LimitedBuffer{Max: ExecOutputCap}
 	errb := &guest.LimitedBuffer{Max: ExecOutputCap}
 	pio := guest.IO{Stdout: out, Stderr: errb}
 	if stdin != nil {
 		pio.Stdin = bytes.NewReader(stdin)
 	}
-	p, err := m.StartExec(ctx, id, req, pio)
+	p, err := s.StartExec(ctx, id, req, pio)
 	if err != nil {
 		return api.ExecResponse{}, err
 	}

@@ -1,0 +1,260 @@
+package machines
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/supervisor"
+	"github.com/kilnhq/kiln/internal/vmm"
+	"github.com/kilnhq/kiln/internal/vmrun"
+)
+
+// vmRuntime is the supervisor's runtime port over vmrun: it turns a machine's config
+// into a VM (its image's root filesystem, its volumes, its network) and keeps the saved
+// VMs of suspended machines.
+type vmRuntime struct {
+	vms    *vmrun.Runtime
+	store  store.Store
+	images Images
+	cache  image.Cache
+	net    Network
+	log    io.Writer
+
+	mu    sync.Mutex
+	saved map[string]*vmInstance
+}
+
+var _ supervisor.Runtime = (*vmRuntime)(nil)
+
+// rootfs resolves an image to its root filesystem: once per boot (and once when a
+// request is checked).
+func (r *vmRuntime) rootfs(ctx context.Context, ref string) (image.Rootfs, error) {
+	img, err := r.images.Resolve(ctx, ref)
+	if err != nil {
+		return image.Rootfs{}, err
+	}
+	return r.cache.Rootfs(ctx, img, r.log)
+}
+
+// Boot starts the machine's VM, with its volumes, and its workload.
+func (r *vmRuntime) Boot(ctx context.Context, rec store.Machine, cfg api.MachineConfig) (supervisor.VM, error) {
+	id := rec.ID
+	rfs, err := r.rootfs(ctx, cfg.Image)
+	if err != nil {
+		return nil, err
+	}
+	w := machine.Workload(cfg, rfs.Run)
+	if len(w.Argv) == 0 {
+		return nil, errdefs.Invalid("image %s has no command and config.init sets none", cfg.Image)
+	}
+	var mounts []vmrun.Mount
+	for _, mt := range cfg.Mounts {
+		v, err := r.store.GetVolume(ctx, rec.App, mt.Volume)
+		if err != nil {
+			return nil, err
+		}
+		m := vmrun.Mount{Image: v.Path, Path: mt.Path}
+		if w.UID != 0 || w.GID != 0 {
+			m.Owner = &vmrun.Owner{UID: w.UID, GID: w.GID}
+		}
+		mounts = append(mounts, m)
+	}
+	spec := vmrun.Spec{Rootfs: rfs.Path, CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB, Owner: id, Hostname: id, Mounts: mounts}
+	if r.net != nil {
+		l, err := r.net.Attach(ctx, rec.App, id)
+		if err != nil {
+			return nil, fmt.Errorf("private network: %w", err)
+		}
+		spec.NICs = []vmm.NIC{{HostDev: l.TAP, MAC: l.MAC}}
+		spec.Cmdline = l.Cmdline()
+	}
+	inst, err := r.vms.Boot(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := inst.Agent.Spawn(ctx, "workload", w); err != nil {
+		inst.Destroy(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return &vmInstance{rt: r, id: id, inst: inst, as: w}, nil
+}
+
+func (r *vmRuntime) Resume(ctx context.Context, id string) (supervisor.VM, error) {
+	r.mu.Lock()
+	v := r.saved[id]
+	delete(r.saved, id)
+	r.mu.Unlock()
+	if v == nil {
+		return nil, nil
+	}
+	if err := v.inst.Resume(ctx); err != nil {
+		v.inst.Destroy(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return v, nil
+}
+
+func (r *vmRuntime) Saved(id string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.saved[id] != nil
+}
+
+func (r *vmRuntime) Discard(ctx context.Context, id string) {
+	r.mu.Lock()
+	v := r.saved[id]
+	delete(r.saved, id)
+	r.mu.Unlock()
+	if v != nil {
+		v.inst.Destroy(context.WithoutCancel(ctx))
+	}
+}
+
+func (r *vmRuntime) Owned(ctx context.Context) ([]supervisor.Owned, error) {
+	owned, err := r.vms.ListOwned()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]supervisor.Owned, 0, len(owned))
+	for _, o := range owned {
+		out = append(out, supervisor.Owned{ID: o.ID, Owner: o.Owner})
+	}
+	return out, nil
+}
+
+// as is how execs in an adopted or restored VM run: the image is resolved again, once,
+// as the VM's first boot did.
+func (r *vmRuntime) as(ctx context.Context, rec store.Machine) guest.ExecRequest {
+	cfg := machine.DecodeConfig(rec.Config)
+	rfs, err := r.rootfs(ctx, cfg.Image)
+	if err != nil {
+		return guest.ExecRequest{}
+	}
+	return machine.Workload(cfg, rfs.Run)
+}
+
+func (r *vmRuntime) Adopt(ctx context.Context, o supervisor.Owned, rec store.Machine) (supervisor.VM, error) {
+	inst, err := r.vms.Adopt(ctx, o.ID)
+	if err != nil {
+		if inst != nil {
+			if ctx.Err() != nil {
+				inst.Release()
+			} else {
+				inst.Destroy(context.WithoutCancel(ctx))
+			}
+		}
+		return nil, err
+	}
+	return &vmInstance{rt: r, id: o.Owner, inst: inst, as: r.as(ctx, rec)}, nil
+}
+
+func (r *vmRuntime) Restore(ctx context.Context, o supervisor.Owned) error {
+	inst, err := r.vms.Saved(ctx, o.ID)
+	if err != nil {
+		if inst != nil {
+			inst.Destroy(context.WithoutCancel(ctx))
+		}
+		return err
+	}
+	v := &vmInstance{rt: r, id: o.Owner, inst: inst}
+	if rec, err := r.store.GetMachine(ctx, o.Owner); err == nil {
+		v.as = r.as(ctx, rec)
+	}
+	r.mu.Lock()
+	r.saved[o.Owner] = v
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *vmRuntime) DestroyOwned(ctx context.Context, o supervisor.Owned) {
+	inst, _ := r.vms.Adopt(ctx, o.ID)
+	if inst != nil {
+		inst.Destroy(context.WithoutCancel(ctx))
+	}
+}
+
+// vmInstance is a machine's VM: a vmrun instance running the workload.
+type vmInstance struct {
+	rt   *vmRuntime
+	id   string
+	inst *vmrun.Instance
+	as   guest.ExecRequest
+}
+
+func (v *vmInstance) logf(format string, args ...any) {
+	if v.rt.log != nil {
+		fmt.Fprintf(v.rt.log, "kiln: machine %s: "+format+"\n", append([]any{v.id}, args...)...)
+	}
+}
+
+// Follow passes the workload's output on until it exits. If the agent connection drops
+// while the VM lives, it reconnects and goes on from where the output stopped.
+func (v *vmInstance) Follow(ctx context.Context, offset int64, add func(guest.Record) error) (*int, error) {
+	next := offset
+	pass := func(rec guest.Record) error {
+		next = rec.Offset + int64(len(rec.Data))
+		return add(rec)
+	}
+	for attempt := 0; ; attempt++ {
+		last, err := v.inst.Agent.Follow(ctx, "workload", next, true, pass)
+		if err == nil {
+			if last.Exit == nil {
+				return nil, nil
+			}
+			code := last.Exit.Code
+			return &code, nil
+		}
+		if ctx.Err() != nil || attempt == 3 {
+			return nil, err
+		}
+		select {
+		case <-v.inst.VM.Wait():
+			return nil, err
+		default:
+		}
+		v.logf("agent connection lost (%v); reconnecting", err)
+		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		c, derr := guest.Dial(dctx, v.inst.VM.DialAgent)
+		cancel()
+		if derr != nil {
+			return nil, err
+		}
+		v.inst.Agent.Close()
+		v.inst.Agent = c
+	}
+}
+
+func (v *vmInstance) Signal(ctx context.Context, sig int) error {
+	return v.inst.Agent.SignalSupervised(ctx, "workload", sig)
+}
+
+func (v *vmInstance) PowerOff(ctx context.Context, grace time.Duration) { v.inst.Shutdown(ctx, grace) }
+
+func (v *vmInstance) Save(ctx context.Context) error {
+	if err := v.inst.Suspend(ctx); err != nil {
+		return err
+	}
+	v.rt.mu.Lock()
+	v.rt.saved[v.id] = v
+	v.rt.mu.Unlock()
+	return nil
+}
+
+func (v *vmInstance) Release() { v.inst.Release() }
+
+func (v *vmInstance) Sync(ctx context.Context) error { return v.inst.Agent.Sync(ctx) }
+
+func (v *vmInstance) Exec(ctx context.Context, req guest.ExecRequest, pio guest.IO) (*guest.Process, error) {
+	return v.inst.Agent.Start(ctx, req, pio)
+}
+
+func (v *vmInstance) As() guest.ExecRequest { return v.as }

@@ -1,0 +1,390 @@
+// Package machines is the user-facing machine service of a host: create, start, stop,
+// suspend, update, destroy, wait, signal and exec, plus volumes. It checks requests
+// (the config rules are package machine's), records machines, and hands every state
+// change to the supervisor, which decides it with machine.Decide and runs the VMs. The
+// adapter from the supervisor's runtime port to vmrun lives here too (runtime.go).
+package machines
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"reflect"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/network"
+	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/supervisor"
+	"github.com/kilnhq/kiln/internal/vmrun"
+)
+
+// Images resolves image references to images.
+type Images interface {
+	Resolve(ctx context.Context, ref string) (v1.Image, error)
+}
+
+// Network gives machines their place on their app's private network. A lease is
+// stable from a machine's first start until Detach.
+type Network interface {
+	Attach(ctx context.Context, app, id string) (network.Lease, error)
+	Detach(ctx context.Context, id string) error
+	Lookup(id string) (network.Lease, bool)
+	// Reconcile drops the leases of machines keep rejects and removes whatever devices
+	// and rules no lease accounts for.
+	Reconcile(ctx context.Context, keep func(id string) bool) error
+}
+
+// Config is what a Service is made of.
+type Config struct {
+	Store  store.Store
+	VMs    *vmrun.Runtime
+	Images Images
+	Rootfs image.Cache
+	// Dir holds each machine's stored output (Dir/ID); volumes live beside it.
+	Dir string
+	Log io.Writer
+	// Net, when set, puts every machine on its app's private network.
+	Net Network
+	// Capacity, when set, holds room for every running machine; a start that finds
+	// none waits up to CapacityWait in its queue, then fails saying what was short.
+	Capacity     *capacity.Ledger
+	CapacityWait time.Duration
+	// Host names this host in a database several hosts share: it runs and recovers only
+	// the machines placed on it.
+	Host string
+	// Place, if set, picks the host for a new machine (without volumes, which stay with
+	// their host); nil keeps every machine on this host.
+	Place func(ctx context.Context, size capacity.Size) (string, error)
+}
+
+// Service runs this host's machines. Call Recover before serving requests.
+type Service struct {
+	cfg Config
+	rt  *vmRuntime
+	sup *supervisor.Supervisor
+}
+
+// New returns the service; Close lets go of its VMs without stopping them.
+func New(cfg Config) *Service {
+	s := &Service{cfg: cfg}
+	s.rt = &vmRuntime{vms: cfg.VMs, store: cfg.Store, images: cfg.Images, cache: cfg.Rootfs, net: cfg.Net, log: cfg.Log,
+		saved: map[string]*vmInstance{}}
+	scfg := supervisor.Config{Store: cfg.Store, Runtime: s.rt, CapacityWait: cfg.CapacityWait, LogDir: cfg.Dir,
+		Remove: s.remove, Log: cfg.Log}
+	if cfg.Capacity != nil {
+		scfg.Capacity = cfg.Capacity
+	}
+	s.sup = supervisor.New(scfg)
+	return s
+}
+
+func (s *Service) logf(format string, args ...any) {
+	if s.cfg.Log != nil {
+		fmt.Fprintf(s.cfg.Log, "kiln: "+format+"\n", args...)
+	}
+}
+
+func newID() string {
+	var b [7]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func sizeOf(cfg api.MachineConfig) capacity.Size {
+	return capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB}
+}
+
+// Create records a machine and starts it. Everything that can be checked is checked
+// first, so a refused request leaves no record and no VM.
+func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineRequest) (store.Machine, error) {
+	cfg := req.Config
+	if err := machine.Validate(&cfg); err != nil {
+		return store.Machine{}, err
+	}
+	if err := s.checkPorts(ctx, app, "", cfg); err != nil {
+		return store.Machine{}, err
+	}
+	if s.cfg.Capacity != nil {
+		if err := s.cfg.Capacity.CanEverFit(sizeOf(cfg)); err != nil {
+			return store.Machine{}, err
+		}
+	}
+	if _, err := s.rt.rootfs(ctx, cfg.Image); err != nil {
+		return store.Machine{}, err
+	}
+	id := newID()
+	name := req.Name
+	if name == "" {
+		name = id
+	}
+	if err := machine.CheckName(name); err != nil {
+		return store.Machine{}, err
+	}
+	// Volumes are claimed in the transaction that makes the record: a crash leaves both
+	// or neither, never a volume held by a machine that does not exist.
+	var volumes []string
+	for _, mt := range cfg.Mounts {
+		v, err := s.cfg.Store.GetVolume(ctx, app, mt.Volume)
+		if err != nil {
+			return store.Machine{}, err
+		}
+		volumes = append(volumes, v.ID)
+	}
+	raw, _ := json.Marshal(cfg)
+	host := s.cfg.Host
+	if s.cfg.Place != nil && len(cfg.Mounts) == 0 {
+		// Where nothing fits now, the machine stays here and waits in this host's queue.
+		if h, err := s.cfg.Place(ctx, sizeOf(cfg)); err == nil {
+			host = h
+		}
+	}
+	if req.NoCapacityWait && host == s.cfg.Host && s.cfg.Capacity != nil {
+		// Hold the room now; the start takes over the hold.
+		if _, err := s.cfg.Capacity.Reserve(ctx, id, capacity.Request{Size: sizeOf(cfg)}, 0, nil); err != nil {
+			return store.Machine{}, err
+		}
+	}
+	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: host}
+	ev := machine.Event{Type: string(machine.EvLaunch), Status: machine.Created, Source: machine.SourceUser}
+	if err := s.cfg.Store.CreateMachine(ctx, rec, ev, volumes...); err != nil {
+		if s.cfg.Capacity != nil {
+			s.cfg.Capacity.Release(id)
+		}
+		return rec, err
+	}
+	if err := s.Start(ctx, id); err != nil {
+		return rec, err
+	}
+	return s.cfg.Store.GetMachine(ctx, id)
+}
+
+// Start starts a created, stopped, failed or suspended machine. One placed on another
+// host is recorded as starting; that host claims it.
+func (s *Service) Start(ctx context.Context, id string) error {
+	rec, err := s.cfg.Store.GetMachine(ctx, id)
+	if err != nil {
+		return err
+	}
+	if !s.Mine(rec) {
+		return s.sup.Record(ctx, id, machine.InStart)
+	}
+	_, err = s.sup.Apply(ctx, id, machine.InStart, supervisor.Request{})
+	return err
+}
+
+// Stop stops a machine's workload and VM.
+func (s *Service) Stop(ctx context.Context, id string) error { return s.StopWith(ctx, id, 0, 0) }
+
+// StopWith stops a machine, first sending sig to its workload and giving it timeout to
+// exit (zero values: the config's stop_config, else power off at once).
+func (s *Service) StopWith(ctx context.Context, id string, sig int, timeout time.Duration) error {
+	_, err := s.sup.Apply(ctx, id, machine.InStop, supervisor.Request{Signal: sig, Timeout: timeout})
+	return err
+}
+
+// Suspend saves a started machine's VM to disk and ends its VMM; Start resumes it where
+// it was.
+func (s *Service) Suspend(ctx context.Context, id string) error {
+	if !s.cfg.VMs.Driver.Capabilities().Snapshot {
+		return errdefs.New(errdefs.ErrNotImplemented, "the %s driver cannot suspend machines: stop it instead", s.cfg.VMs.Driver.Name())
+	}
+	_, err := s.sup.Apply(ctx, id, machine.InSuspend, supervisor.Request{})
+	return err
+}
+
+// Destroy removes a machine. A running one needs force, as with Fly: it is stopped
+// first.
+func (s *Service) Destroy(ctx context.Context, id string, force bool) error {
+	rec, err := s.cfg.Store.GetMachine(ctx, id)
+	if err != nil {
+		return err
+	}
+	if force && (rec.State == machine.Started || rec.State == machine.Starting) {
+		if err := s.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+			return err
+		}
+	}
+	// Between an exit and a policy restart the machine is stopped but supervised: keep
+	// it from restarting, then wait for its supervisor to end.
+	if done := s.sup.Done(id); done != nil {
+		s.sup.Hold(id)
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	_, err = s.sup.Apply(ctx, id, machine.InDestroy, supervisor.Request{})
+	if err != nil && errors.Is(err, errdefs.ErrNotFound) {
+		return errdefs.New(errdefs.ErrNotFound, "machine %s is already destroyed", id)
+	}
+	return err
+}
+
+// remove lets go of what a destroyed machine holds besides its VM. Every step is safe to
+// redo: recovery repeats it for a destroy that a crash cut short.
+func (s *Service) remove(ctx context.Context, id string) error {
+	// Volumes outlive their machine: all it holds are let go, whatever its config names.
+	if err := s.cfg.Store.DetachVolumes(ctx, id); err != nil {
+		return fmt.Errorf("destroying machine %s: detaching its volumes: %w", id, err)
+	}
+	os.RemoveAll(s.LogDir(id))
+	if s.cfg.Net != nil {
+		if err := s.cfg.Net.Detach(ctx, id); err != nil {
+			s.logf("machine %s: removing its network device: %v (kiln removes it at its next restart)", id, err)
+		}
+	}
+	return nil
+}
+
+// Wait waits until the machine is in state, or the timeout passes (ErrTimeout). It
+// listens for the state changes this host records; a change another host records is
+// seen within a second.
+func (s *Service) Wait(ctx context.Context, id string, state machine.State, timeout time.Duration) error {
+	if !state.Valid() {
+		return errdefs.Invalid("state %q is not a machine state", state)
+	}
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		changed := s.sup.Changed()
+		rec, err := s.cfg.Store.GetMachine(ctx, id)
+		if err != nil {
+			return err
+		}
+		if rec.State == state {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-deadline.C:
+			return errdefs.New(errdefs.ErrTimeout, "machine %s is %s, not %s, after %s", id, rec.State, state, timeout)
+		case <-changed:
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// Signal delivers a signal to a started machine's workload.
+func (s *Service) Signal(ctx context.Context, id string, sig int) error {
+	vm := s.sup.Running(id)
+	if vm == nil {
+		return errdefs.New(errdefs.ErrConflict, "machine %s is not running: nothing to signal", id)
+	}
+	return vm.Signal(ctx, sig)
+}
+
+// Update replaces a machine's config with a new version. A running machine is stopped
+// and started again on the new config.
+func (s *Service) Update(ctx context.Context, id string, cfg api.MachineConfig) (store.Machine, error) {
+	if err := machine.Validate(&cfg); err != nil {
+		return store.Machine{}, err
+	}
+	if _, err := s.rt.rootfs(ctx, cfg.Image); err != nil {
+		return store.Machine{}, err
+	}
+	rec, err := s.cfg.Store.GetMachine(ctx, id)
+	if err != nil {
+		return rec, err
+	}
+	if err := s.checkPorts(ctx, rec.App, id, cfg); err != nil {
+		return rec, err
+	}
+	if !reflect.DeepEqual(cfg.Mounts, machine.DecodeConfig(rec.Config).Mounts) {
+		return rec, errdefs.Invalid("config.mounts cannot change on update yet: create a new machine for other volumes")
+	}
+	wasRunning := rec.State == machine.Started || rec.State == machine.Starting
+	if wasRunning {
+		if err := s.stopAndWait(ctx, id); err != nil {
+			return rec, err
+		}
+	}
+	raw, _ := json.Marshal(cfg)
+	// From the version read above: an update that raced this one is not overwritten.
+	if err := s.cfg.Store.UpdateConfig(ctx, id, rec.Version, raw); err != nil {
+		if wasRunning {
+			// Refused: the machine runs again as it was (unless the update that won
+			// started it already).
+			if serr := s.Start(ctx, id); serr != nil && !errors.Is(serr, errdefs.ErrConflict) {
+				s.logf("machine %s: starting it again after a refused update: %v", id, serr)
+			}
+		}
+		return rec, err
+	}
+	if wasRunning {
+		if err := s.Start(ctx, id); err != nil {
+			return rec, err
+		}
+	}
+	return s.cfg.Store.GetMachine(ctx, id)
+}
+
+// stopAndWait stops a machine and waits until it is stopped and its supervisor has
+// ended: what a restart, an update and a drain do first.
+func (s *Service) stopAndWait(ctx context.Context, id string) error {
+	if err := s.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+		return err
+	}
+	if err := s.Wait(ctx, id, machine.Stopped, 2*time.Minute); err != nil {
+		return err
+	}
+	if done := s.sup.Done(id); done != nil {
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Restart stops a running machine and starts it again.
+func (s *Service) Restart(ctx context.Context, id string) error {
+	rec, err := s.cfg.Store.GetMachine(ctx, id)
+	if err != nil {
+		return err
+	}
+	if rec.State == machine.Started || rec.State == machine.Starting {
+		if err := s.stopAndWait(ctx, id); err != nil {
+			return err
+		}
+	}
+	return s.Start(ctx, id)
+}
+
+// Mine says whether this host runs the machine.
+func (s *Service) Mine(rec store.Machine) bool { return rec.Host == "" || rec.Host == s.cfg.Host }
+
+// PrivateIP is the machine's address on its app's network, if it has one.
+func (s *Service) PrivateIP(id string) string {
+	if s.cfg.Net == nil {
+		return ""
+	}
+	if l, ok := s.cfg.Net.Lookup(id); ok {
+		return l.Addr.Addr().String()
+	}
+	return ""
+}
+
+// LogDir is where a machine's output is stored.
+func (s *Service) LogDir(id string) string { return s.sup.LogDir(id) }
+
+// Claim starts supervising a machine another host placed here; false if one runs it.
+func (s *Service) Claim(id string) bool { return s.sup.Claim(id) }
+
+// Close stops supervising and lets go of every VM without stopping it: the next kiln
+// adopts them.
+func (s *Service) Close() { s.sup.Close() }
