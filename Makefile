@@ -52,7 +52,7 @@ test-fast:
 ## FUZZFLAGS=-parallel=1 keeps it to one worker on a shared host.
 FUZZTIME ?= 30s
 FUZZFLAGS ?=
-FUZZ_TARGETS := FuzzConvertLayer:./internal/image FuzzExtractContext:./internal/build FuzzDecode:./internal/server \
+FUZZ_TARGETS := FuzzConvertLayer:./internal/image FuzzExtractContext:./internal/buildcontext FuzzDecode:./internal/server \
   FuzzReadFrame:./internal/guest
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

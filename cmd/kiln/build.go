@@ -6,16 +6,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 
-	"github.com/moby/patternmatcher"
-	"github.com/moby/patternmatcher/ignorefile"
 	"github.com/spf13/cobra"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/client"
-	"github.com/kilnhq/kiln/internal/build"
+	"github.com/kilnhq/kiln/internal/buildcontext"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
@@ -55,18 +52,23 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 			if err != nil {
 				return err
 			}
+			// An empty context for --git: the server clones.
+			writeContext := func(w io.Writer) error { return tar.NewWriter(w).Close() }
+			if gitURL == "" {
+				// The directory is checked here, before the server is asked anything, so
+				// that a local mistake is reported as one.
+				dir, err := buildcontext.Open(args[0], spec.Dockerfile)
+				if err != nil {
+					return err
+				}
+				writeContext = dir.WriteTar
+			}
 			cl, err := af.client(g)
 			if err != nil {
 				return err
 			}
 			pr, pw := io.Pipe()
-			go func() {
-				if gitURL != "" {
-					pw.CloseWithError(tar.NewWriter(pw).Close()) // an empty context: the server clones
-					return
-				}
-				pw.CloseWithError(tarContext(args[0], spec.Dockerfile, pw))
-			}()
+			go func() { pw.CloseWithError(writeContext(pw)) }()
 			b, err := cl.SubmitBuild(ctx, project, spec, pr, sec)
 			pr.Close()
 			if err != nil {
@@ -255,7 +257,7 @@ func readSecrets(specs []string) (map[string][]byte, error) {
 		if src != "" {
 			b, err := os.ReadFile(src)
 			if err != nil {
-				return nil, errdefs.Invalid("--secret %s: %v", id, err)
+				return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "--secret %s: src=%s must be a file you can read", id, src)
 			}
 			out[id] = b
 		} else {
@@ -267,37 +269,4 @@ func readSecrets(specs []string) (map[string][]byte, error) {
 		}
 	}
 	return out, nil
-}
-
-// tarContext writes dir as a tar stream, leaving out what .dockerignore excludes (the
-// Dockerfile and .dockerignore themselves are always sent, as docker does).
-func tarContext(dir, dockerfile string, w io.Writer) error {
-	fi, err := os.Stat(dir)
-	if err != nil || !fi.IsDir() {
-		return errdefs.Invalid("build context %s is not a directory", dir)
-	}
-	if dockerfile == "" {
-		dockerfile = "Dockerfile"
-	}
-	var pm *patternmatcher.PatternMatcher
-	if f, err := os.Open(filepath.Join(dir, ".dockerignore")); err == nil {
-		patterns, err := ignorefile.ReadAll(f)
-		f.Close()
-		if err != nil {
-			return errdefs.Invalid(".dockerignore: %v", err)
-		}
-		if pm, err = patternmatcher.New(patterns); err != nil {
-			return errdefs.Invalid(".dockerignore: %v", err)
-		}
-	}
-	keep := map[string]bool{filepath.ToSlash(filepath.Clean(dockerfile)): true, ".dockerignore": true}
-	return build.WriteTar(w, dir, func(rel string, isDir bool) (bool, bool) {
-		if pm == nil || keep[rel] {
-			return false, false
-		}
-		if ok, _ := pm.MatchesOrParentMatches(rel); ok {
-			return true, isDir && !pm.Exclusions()
-		}
-		return false, false
-	})
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/moby/buildkit/frontend/dockerfile/parser"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/buildcontext"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/store"
@@ -145,12 +146,9 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 	if err := ValidProject(project); err != nil {
 		return api.Build{}, err
 	}
-	if spec.Dockerfile == "" {
-		spec.Dockerfile = "Dockerfile"
-	}
-	df := filepath.ToSlash(filepath.Clean(spec.Dockerfile))
-	if filepath.IsAbs(spec.Dockerfile) || strings.HasPrefix(df, "../") || df == ".." {
-		return api.Build{}, errdefs.Invalid("dockerfile %q must be a path inside the context", spec.Dockerfile)
+	df, err := buildcontext.DockerfilePath(spec.Dockerfile)
+	if err != nil {
+		return api.Build{}, err
 	}
 	spec.Dockerfile = df
 	id := newID()
@@ -182,7 +180,7 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 		os.RemoveAll(dir)
 		return api.Build{}, err
 	}
-	if _, err := ExtractContext(contextTar, ctxDir, s.MaxContextBytes); err != nil {
+	if _, err := buildcontext.Extract(contextTar, ctxDir, s.MaxContextBytes); err != nil {
 		return fail(err)
 	}
 	if spec.GitURL != "" {
@@ -240,7 +238,7 @@ func (s *Service) checkDockerfile(ctx context.Context, project, ctxDir string, s
 	}
 	stages, err := parseStages(b)
 	if err != nil {
-		return errdefs.Invalid("%s: %v", spec.Dockerfile, err)
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "%s", spec.Dockerfile)
 	}
 	if spec.Target != "" {
 		found := false
@@ -263,7 +261,7 @@ func (s *Service) checkDockerfile(ctx context.Context, project, ctxDir string, s
 	}
 	for _, ref := range refs {
 		if _, err := s.Images.Resolve(ctx, ref); err != nil {
-			return errdefs.Invalid("base image %s is not in kiln's registry: load it with `kiln image load` first (%v)", ref, err)
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "base image %s is not in kiln's registry: load it with `kiln image load` first", ref)
 		}
 	}
 	return nil
@@ -292,7 +290,7 @@ func readDockerfile(ctxDir, rel string) ([]byte, error) {
 	defer root.Close()
 	b, err := root.ReadFile(rel)
 	if err != nil {
-		return nil, errdefs.Invalid("reading the Dockerfile %s: %v", rel, err)
+		return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "reading the Dockerfile %s", rel)
 	}
 	return b, nil
 }

@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kilnhq/kiln/internal/buildcontext"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
@@ -331,8 +332,8 @@ func checkGitTree(ctx context.Context, g gitRunner, commit string, maxBytes int6
 			total += n
 		}
 		switch {
-		case entries > MaxContextEntries:
-			limitErr = errdefs.Invalid("the git checkout has more than %d entries, the most a build context may hold: build from a smaller repository", MaxContextEntries)
+		case entries > buildcontext.MaxEntries:
+			limitErr = errdefs.Invalid("the git checkout has more than %d entries, the most a build context may hold: build from a smaller repository", buildcontext.MaxEntries)
 		case total > maxBytes:
 			limitErr = errdefs.Invalid("the git checkout is larger than the %d MiB limit on a build context: build from a smaller repository, or raise the server's --build-max-context", maxBytes>>20)
 		}
@@ -366,7 +367,7 @@ func splitNUL(data []byte, atEOF bool) (int, []byte, error) {
 
 // cloneContext fetches the context of a git build into ctxDir, an empty directory. git
 // works in a directory of its own under the system's temp dir, where the unprivileged
-// user can reach it; what it checked out then goes through ExtractContext, the same
+// user can reach it; what it checked out then goes through buildcontext.Extract, the same
 // check as an uploaded context. kiln fetches on the host: builder VMs have no route to
 // the repository. The .git directory is left out of the context.
 func cloneContext(ctx context.Context, opts GitOptions, gitURL, ref, ctxDir string, maxBytes int64) error {
@@ -424,18 +425,18 @@ func cloneContext(ctx context.Context, opts GitOptions, gitURL, ref, ctxDir stri
 	case errors.Is(err, errdefs.ErrInvalid):
 		return err
 	default:
-		return errdefs.Invalid("fetching the build context from %s (ref %q): %v", gitURL, ref, err)
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "fetching the build context from %s (ref %q)", gitURL, ref)
 	}
 	pr, pw := io.Pipe()
 	written := make(chan struct{})
 	go func() {
 		defer close(written)
-		pw.CloseWithError(WriteTar(pw, g.dir, func(rel string, isDir bool) (bool, bool) {
+		pw.CloseWithError(buildcontext.WriteTar(pw, g.dir, func(rel string, isDir bool) (bool, bool) {
 			return rel == ".git", rel == ".git" && isDir
 		}))
 	}()
-	_, err = ExtractContext(pr, ctxDir, maxBytes)
-	pr.CloseWithError(io.ErrClosedPipe) // ends WriteTar if ExtractContext stopped early
+	_, err = buildcontext.Extract(pr, ctxDir, maxBytes)
+	pr.CloseWithError(io.ErrClosedPipe) // ends WriteTar if Extract stopped early
 	<-written
 	if err != nil {
 		return fmt.Errorf("the git checkout of %s: %w", gitURL, err)

@@ -1,4 +1,4 @@
-package build_test
+package buildcontext_test
 
 import (
 	"archive/tar"
@@ -11,7 +11,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kilnhq/kiln/internal/build"
+	"github.com/kilnhq/kiln/internal/buildcontext"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
@@ -240,7 +240,7 @@ func FuzzExtractContext(f *testing.F) {
 		before := snapshot(t, root, ctxDir)
 
 		stream := buildTar(parseScript(spec), outside, tail)
-		n, err := build.ExtractContext(bytes.NewReader(stream), ctxDir, fuzzMaxContext)
+		n, err := buildcontext.Extract(bytes.NewReader(stream), ctxDir, fuzzMaxContext)
 
 		if err != nil && !errors.Is(err, errdefs.ErrInvalid) {
 			t.Errorf("error is not classified invalid (the API would answer 500 to a caller's bad tar): %v", err)
