@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"sort"
 	"strings"
+	"sync"
 
 	"github.com/kilnhq/kiln/api"
 )
@@ -16,9 +17,12 @@ import (
 func bpath(project string) string { return "/v1/projects/" + url.PathEscape(project) + "/builds" }
 
 // SubmitBuild queues a build: the spec, the secrets (sent once, never stored by the
-// server) and the context as a tar stream, streamed as it is read.
+// server) and the context as a tar stream, streamed as it is read. When reading
+// contextTar fails, that error is returned: it ends the upload, which would otherwise be
+// reported as a server that cannot be reached.
 func (c *Client) SubmitBuild(ctx context.Context, project string, spec api.BuildSpec, contextTar io.Reader, secrets map[string][]byte) (api.Build, error) {
 	pr, pw := io.Pipe()
+	src := &errReader{r: contextTar}
 	mw := multipart.NewWriter(pw)
 	go func() {
 		err := func() error {
@@ -47,7 +51,7 @@ func (c *Client) SubmitBuild(ctx context.Context, project string, spec api.Build
 			if err != nil {
 				return err
 			}
-			if _, err := io.Copy(w, contextTar); err != nil {
+			if _, err := io.Copy(w, src); err != nil {
 				return err
 			}
 			return mw.Close()
@@ -57,11 +61,42 @@ func (c *Client) SubmitBuild(ctx context.Context, project string, spec api.Build
 	var b api.Build
 	resp, err := c.request(ctx, "POST", bpath(project), pr, mw.FormDataContentType())
 	pr.Close()
+	if rerr := src.failed(); rerr != nil {
+		if resp != nil {
+			resp.Body.Close()
+		}
+		return b, rerr
+	}
 	if err != nil {
 		return b, err
 	}
 	defer resp.Body.Close()
 	return b, json.NewDecoder(resp.Body).Decode(&b)
+}
+
+// errReader remembers the first error other than io.EOF that reading r gave.
+type errReader struct {
+	r   io.Reader
+	mu  sync.Mutex
+	err error
+}
+
+func (e *errReader) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil && err != io.EOF {
+		e.mu.Lock()
+		if e.err == nil {
+			e.err = err
+		}
+		e.mu.Unlock()
+	}
+	return n, err
+}
+
+func (e *errReader) failed() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
 }
 
 // ListBuilds lists a project's builds, newest first.

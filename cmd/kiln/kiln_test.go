@@ -34,6 +34,19 @@ func TestMain(m *testing.M) {
 	os.Exit(testutil.Finish(code))
 }
 
+// buildKiln builds kiln and kiln-init from this checkout, once.
+func buildKiln(t *testing.T) {
+	t.Helper()
+	if kilnBin == "" {
+		dir, err := os.MkdirTemp("", "kiln-cli-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		kilnBin = testutil.GoBuild(t, "./cmd/kiln", dir)
+		testutil.GoBuild(t, "./cmd/kiln-init", dir)
+	}
+}
+
 // env is a private data dir sharing the test asset cache.
 type env struct {
 	t       *testing.T
@@ -43,14 +56,7 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	testutil.Assets(t) // builds the shared assets once
-	if kilnBin == "" {
-		dir, err := os.MkdirTemp("", "kiln-cli-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		kilnBin = testutil.GoBuild(t, "./cmd/kiln", dir)
-		testutil.GoBuild(t, "./cmd/kiln-init", dir)
-	}
+	buildKiln(t)
 	if buildkitdBin == "" {
 		// The server finds the builder root filesystem by this buildkitd's hash.
 		testutil.BuilderRootfs(t)
