@@ -62,7 +62,7 @@ func (a *apiFlags) client(g *globals) (*client.Client, error) {
 				return nil, errdefs.Invalid("%s: unknown setting %q: the settings are api_url and token", p, keys[0].String())
 			}
 		} else if !os.IsNotExist(err) {
-			return nil, errdefs.Invalid("%s: %v", p, err)
+			return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "%s", p)
 		}
 	}
 	url, tok := a.url, a.token

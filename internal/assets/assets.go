@@ -81,7 +81,7 @@ func Ensure(ctx context.Context, o Options) (Set, error) {
 func (o Options) kernel() (path, modDir string, err error) {
 	if o.Kernel != "" {
 		if _, err := os.Stat(o.Kernel); err != nil {
-			return "", "", errdefs.Invalid("kernel %s: %v", o.Kernel, err)
+			return "", "", errdefs.Wrap(errdefs.ErrInvalid, err, "kernel %s", o.Kernel)
 		}
 		return o.Kernel, o.ModulesDir, nil
 	}

@@ -256,7 +256,7 @@ func (l *Ledger) Reserve(ctx context.Context, id string, r Request, wait time.Du
 		case <-ctx.Done():
 			return "", ctx.Err()
 		case <-deadline.C:
-			return "", errdefs.New(errdefs.ErrCapacity, "waited %s in the capacity queue: %v", wait, err)
+			return "", errdefs.Wrap(errdefs.ErrCapacity, err, "waited %s in the capacity queue", wait)
 		}
 	}
 }

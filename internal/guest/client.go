@@ -43,7 +43,7 @@ func Connect(ctx context.Context, conn net.Conn) (*Client, error) {
 	r, err := handshake(ctx, conn)
 	if err != nil {
 		conn.Close()
-		return nil, errdefs.New(errdefs.ErrUnavailable, "guest agent did not answer: %v", err)
+		return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "guest agent did not answer")
 	}
 	sess, err := yamux.Client(&handshakeConn{Conn: conn, r: r}, SessionConfig())
 	if err != nil {
@@ -130,7 +130,7 @@ func replyErr(r *Reply) error {
 
 // lost classifies a transport failure.
 func (c *Client) lost(err error) error {
-	return errdefs.New(errdefs.ErrUnavailable, "connection to guest agent lost (the VM stopped or its VMM died): %v", err)
+	return errdefs.Wrap(errdefs.ErrUnavailable, err, "connection to guest agent lost (the VM stopped or its VMM died)")
 }
 
 // Sync flushes the guest's filesystems.

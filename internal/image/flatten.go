@@ -134,7 +134,7 @@ func (f *flattener) flatten(ctx context.Context, layers []v1.Layer) error {
 		if err != nil {
 			var tooBig *tooBigError
 			if !errors.As(err, &tooBig) && !errors.Is(err, errdefs.ErrInvalid) && ctx.Err() == nil {
-				err = errdefs.Invalid("the layer does not match its digest or is not a valid tar stream: %v", err)
+				err = errdefs.Wrap(errdefs.ErrInvalid, err, "the layer does not match its digest or is not a valid tar stream")
 			}
 			return layerError(i, err)
 		}
@@ -194,7 +194,7 @@ func (f *flattener) layer(ctx context.Context, r io.Reader, index int) error {
 			if errors.As(err, &tooBig) {
 				return err
 			}
-			return errdefs.Invalid("reading the layer's tar stream: %v: rebuild or re-export the image", err)
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "reading the layer's tar stream (rebuild or re-export the image)")
 		}
 		if f.entries++; f.entries > f.lim.MaxEntries {
 			return errdefs.Invalid("the image has more than %d entries across its layers, the limit: remove files or split the image", f.lim.MaxEntries)
@@ -433,7 +433,7 @@ func (f *flattener) resolve(raw, name string, links map[string]string) (string, 
 		return name, nil
 	}
 	if _, err := f.checkName(resolved); err != nil {
-		return "", errdefs.Invalid("image entry %q, through the symbolic links above it: %v", raw, err)
+		return "", errdefs.Wrap(errdefs.ErrInvalid, err, "image entry %q, through the symbolic links above it", raw)
 	}
 	return resolved, nil
 }

@@ -258,11 +258,11 @@ func (c Cache) Rootfs(ctx context.Context, img v1.Image, log io.Writer) (Rootfs,
 	}
 	cf, err := img.ConfigFile()
 	if err != nil {
-		return out, errdefs.Invalid("reading the image's config: %v", err)
+		return out, errdefs.Wrap(errdefs.ErrInvalid, err, "reading the image's config")
 	}
 	layers, err := img.Layers()
 	if err != nil {
-		return out, errdefs.Invalid("reading the image's layers: %v", err)
+		return out, errdefs.Wrap(errdefs.ErrInvalid, err, "reading the image's layers")
 	}
 	if log != nil {
 		fmt.Fprintf(log, "converting image %s to a root filesystem\n", digest.String()[:19])
@@ -372,7 +372,7 @@ func convert(ctx context.Context, layers []v1.Layer, dst *os.File, lim Limits) (
 		return nil, ferr
 	}
 	if convErr != nil {
-		return nil, errdefs.Invalid("writing the root filesystem: %v", convErr)
+		return nil, errdefs.Wrap(errdefs.ErrInvalid, convErr, "writing the root filesystem")
 	}
 	return fl.file, padInodeBitmaps(dst, dst)
 }

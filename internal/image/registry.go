@@ -38,7 +38,7 @@ type Registries struct {
 func NormalizeRef(ref string) (string, error) {
 	r, err := name.ParseReference(ref)
 	if err != nil {
-		return "", errdefs.Invalid("image reference %q: %v", ref, err)
+		return "", errdefs.Wrap(errdefs.ErrInvalid, err, "image reference %q", ref)
 	}
 	return r.Name(), nil
 }
@@ -47,7 +47,7 @@ func NormalizeRef(ref string) (string, error) {
 func (r Registries) where(ctx context.Context, ref string) (name.Reference, []remote.Option, error) {
 	parsed, err := name.ParseReference(ref)
 	if err != nil {
-		return nil, nil, errdefs.Invalid("image reference %q: %v", ref, err)
+		return nil, nil, errdefs.Wrap(errdefs.ErrInvalid, err, "image reference %q", ref)
 	}
 	reg := parsed.Context().RegistryStr()
 	if reg == "localhost" || reg == r.Local {
@@ -101,7 +101,7 @@ func (r Registries) resolve(ctx context.Context, ref string) (v1.Image, error) {
 		if errors.As(err, &te) && (te.StatusCode == http.StatusNotFound || te.StatusCode == http.StatusUnauthorized && where.Context().RegistryStr() != r.Local) {
 			return nil, errdefs.New(errdefs.ErrNotFound, "image %s not found: load it with `kiln image load FILE.tar` or push it to the registry", ref)
 		}
-		return nil, errdefs.New(errdefs.ErrUnavailable, "fetching image %s: %v", ref, err)
+		return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "fetching image %s", ref)
 	}
 	return img, nil
 }
@@ -137,7 +137,7 @@ func (r Registries) LoadAs(ctx context.Context, tarballPath, name string, extra 
 			return "", nil, err
 		}
 		if err := remote.Write(where, img, opts...); err != nil {
-			return "", nil, errdefs.New(errdefs.ErrUnavailable, "storing %s in the built-in registry: %v", refs[i], err)
+			return "", nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "storing %s in the built-in registry", refs[i])
 		}
 	}
 	return d.String(), refs, nil
@@ -148,7 +148,7 @@ func (r Registries) LoadAs(ctx context.Context, tarballPath, name string, extra 
 func (r Registries) localRef(ref string) (string, error) {
 	p, err := name.NewTag(ref)
 	if err != nil {
-		return "", errdefs.Invalid("image reference %q: %v (give a tag, like localhost/app:1)", ref, err)
+		return "", errdefs.Wrap(errdefs.ErrInvalid, err, "image reference %q (give a tag, like localhost/app:1)", ref)
 	}
 	repo := p.Context().RepositoryStr()
 	first, _, hasSlash := strings.Cut(ref, "/")

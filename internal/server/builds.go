@@ -34,7 +34,7 @@ func (s *Server) submitBuild(w http.ResponseWriter, r *http.Request) error {
 	}
 	mr, err := r.MultipartReader()
 	if err != nil {
-		return errdefs.Invalid("a build is a multipart/form-data body with spec, secret:ID and context parts: %v", err)
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "a build is a multipart/form-data body with spec, secret:ID and context parts")
 	}
 	var spec api.BuildSpec
 	secrets := map[string][]byte{}
@@ -44,7 +44,7 @@ func (s *Server) submitBuild(w http.ResponseWriter, r *http.Request) error {
 			return errdefs.Invalid("the build has no context part: send the context as a tar stream in a part named context")
 		}
 		if err != nil {
-			return errdefs.Invalid("reading the build request: %v", err)
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "reading the build request")
 		}
 		name := p.FormName()
 		switch {
@@ -52,7 +52,7 @@ func (s *Server) submitBuild(w http.ResponseWriter, r *http.Request) error {
 			dec := json.NewDecoder(io.LimitReader(p, 1<<20))
 			dec.DisallowUnknownFields()
 			if err := dec.Decode(&spec); err != nil {
-				return errdefs.Invalid("build spec: %v", err)
+				return errdefs.Wrap(errdefs.ErrInvalid, err, "build spec")
 			}
 		case strings.HasPrefix(name, "secret:"):
 			id := strings.TrimPrefix(name, "secret:")

@@ -205,7 +205,7 @@ func decode(r *http.Request, v any) error {
 	if tooBig := (*http.MaxBytesError)(nil); errors.As(err, &tooBig) {
 		return errdefs.Invalid("request body is over %d KiB: send less", maxBody>>10)
 	}
-	return errdefs.Invalid("request body: %v: check the fields against /v1/openapi.json", err)
+	return errdefs.Wrap(errdefs.ErrInvalid, err, "request body (check the fields against /v1/openapi.json)")
 }
 
 func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {

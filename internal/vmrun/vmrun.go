@@ -294,7 +294,7 @@ func (rt *Runtime) Adopt(ctx context.Context, id string) (*Instance, error) {
 	dir := filepath.Join(rt.vmsDir(), id)
 	rec, err := readRecord(dir)
 	if err != nil {
-		return nil, errdefs.New(errdefs.ErrNotFound, "vm %s has no record: %v", id, err)
+		return nil, errdefs.Wrap(errdefs.ErrNotFound, err, "vm %s has no record", id)
 	}
 	inst := &Instance{ID: id, Dir: dir, rt: rt, Config: rec.Config}
 	vm, err := rt.Driver.Recover(ctx, rec.Handle)
@@ -302,7 +302,7 @@ func (rt *Runtime) Adopt(ctx context.Context, id string) (*Instance, error) {
 		inst.VM = vm
 	}
 	if err != nil {
-		return inst, errdefs.New(errdefs.ErrUnavailable, "vm %s: %v", id, err)
+		return inst, errdefs.Wrap(errdefs.ErrUnavailable, err, "vm %s", id)
 	}
 	if !vmm.Alive(rec.Handle.PID, rec.Handle.PIDStart) {
 		return inst, errdefs.New(errdefs.ErrUnavailable, "vm %s: its VMM is gone", id)
@@ -317,7 +317,7 @@ func (rt *Runtime) Adopt(ctx context.Context, id string) (*Instance, error) {
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if inst.Agent, err = guest.Dial(cctx, vm.DialAgent); err != nil {
-		return inst, errdefs.New(errdefs.ErrUnavailable, "vm %s: agent: %v", id, err)
+		return inst, errdefs.Wrap(errdefs.ErrUnavailable, err, "vm %s: agent", id)
 	}
 	return inst, nil
 }
@@ -387,7 +387,7 @@ func (rt *Runtime) Saved(ctx context.Context, id string) (*Instance, error) {
 	dir := filepath.Join(rt.vmsDir(), id)
 	rec, err := readRecord(dir)
 	if err != nil {
-		return nil, errdefs.New(errdefs.ErrNotFound, "vm %s has no record: %v", id, err)
+		return nil, errdefs.Wrap(errdefs.ErrNotFound, err, "vm %s has no record", id)
 	}
 	inst := &Instance{ID: id, Dir: dir, rt: rt, Config: rec.Config}
 	vm, _ := rt.Driver.Recover(ctx, rec.Handle)

@@ -66,7 +66,7 @@ func Open(ctx context.Context, dsn string) (*DB, error) {
 		cancel()
 		if err != nil {
 			db.Close()
-			return nil, errdefs.New(errdefs.ErrUnavailable, "cannot reach the PostgreSQL database: %v (is it running, and is the URL right?)", err)
+			return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "cannot reach the PostgreSQL database (is it running, and is the URL right?)")
 		}
 	}
 	sub, _ := fs.Sub(migrations, dir)

@@ -479,11 +479,11 @@ func (v *vm) DialAgent(ctx context.Context) (net.Conn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", v.vsock)
 	if err != nil {
-		return nil, errdefs.New(errdefs.ErrUnavailable, "connecting to the vsock of vm %s: %v", v.h.ID, err)
+		return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "connecting to the vsock of vm %s", v.h.ID)
 	}
 	if err := vsockConnect(ctx, c, guest.VsockPort); err != nil {
 		c.Close()
-		return nil, errdefs.New(errdefs.ErrUnavailable, "vsock handshake with vm %s: %v", v.h.ID, err)
+		return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "vsock handshake with vm %s", v.h.ID)
 	}
 	return c, nil
 }

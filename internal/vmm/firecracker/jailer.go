@@ -242,7 +242,7 @@ func setTAPOwner(name string, uid, gid int) error {
 	defer f.Close()
 	ifr, err := unix.NewIfreq(name)
 	if err != nil {
-		return errdefs.Invalid("tap device name %q: %v", name, err)
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "tap device name %q", name)
 	}
 	ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
 	fd := int(f.Fd())

@@ -232,7 +232,7 @@ func openTAP(name string) (*os.File, error) {
 	ifr, err := unix.NewIfreq(name)
 	if err != nil {
 		f.Close()
-		return nil, errdefs.Invalid("tap device name %q: %v", name, err)
+		return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "tap device name %q", name)
 	}
 	ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
 	if err := unix.IoctlIfreq(int(f.Fd()), unix.TUNSETIFF, ifr); err != nil {
@@ -477,7 +477,7 @@ func (v *vm) waitMigration(ctx context.Context) error {
 func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.VM, error) {
 	state, err := os.Open(filepath.Join(dir, stateFile))
 	if err != nil {
-		return nil, errdefs.New(errdefs.ErrNotFound, "no saved state in %s: %v", dir, err)
+		return nil, errdefs.Wrap(errdefs.ErrNotFound, err, "no saved state in %s", dir)
 	}
 	defer state.Close()
 	v, err := d.create(ctx, config{Config: cfg, incoming: true})
@@ -571,7 +571,7 @@ func (v *vm) DialAgent(ctx context.Context) (net.Conn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", filepath.Join(v.h.Dir, agentSock))
 	if err != nil {
-		return nil, errdefs.New(errdefs.ErrUnavailable, "connecting to the agent of vm %s: %v", v.h.ID, err)
+		return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "connecting to the agent of vm %s", v.h.ID)
 	}
 	return c, nil
 }
