@@ -17,9 +17,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	_ "github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
-	_ "modernc.org/sqlite"
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/errdefs"
@@ -118,14 +120,36 @@ func (s *DB) q(query string) string {
 	return b.String()
 }
 
-// isForeignKey says whether err is a foreign-key violation in either dialect.
+// isForeignKey says whether err is a foreign-key violation in either dialect, by the
+// drivers' error codes (never the message, whose text is the driver's to change).
 func isForeignKey(err error) bool {
-	return err != nil && (strings.Contains(err.Error(), "FOREIGN KEY") || strings.Contains(err.Error(), "23503"))
+	return pgCode(err) == "23503" || sqliteCode(err) == sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY
 }
 
-// isUnique says whether err is a unique-constraint violation in either dialect.
+// isUnique says whether err is a unique-constraint violation in either dialect; a
+// primary key is one (SQLite gives it a code of its own).
 func isUnique(err error) bool {
-	return err != nil && (strings.Contains(err.Error(), "UNIQUE") || strings.Contains(err.Error(), "23505"))
+	c := sqliteCode(err)
+	return pgCode(err) == "23505" || c == sqlite3.SQLITE_CONSTRAINT_UNIQUE || c == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
+}
+
+// pgCode is a PostgreSQL error's SQLSTATE; "" for other errors.
+func pgCode(err error) string {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return pe.Code
+	}
+	return ""
+}
+
+// sqliteCode is an SQLite error's extended result code (the driver turns extended codes
+// on); 0 for other errors.
+func sqliteCode(err error) int {
+	var se *sqlite.Error
+	if errors.As(err, &se) {
+		return se.Code()
+	}
+	return 0
 }
 
 func (s *DB) Close() error { return s.db.Close() }
