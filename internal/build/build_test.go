@@ -24,6 +24,7 @@ import (
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
+	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
 	"github.com/kilnhq/kiln/internal/testutil"
 	"github.com/kilnhq/kiln/internal/vmm/qemu"
@@ -139,6 +140,10 @@ func newHarness(t *testing.T, opts ...func(*build.Service)) *harness {
 	})
 	bs := &build.Builders{RT: rt, Rootfs: rootfs, Dir: filepath.Join(dir, "builders"), CacheBytes: 4 << 30, KeepBytes: 2 << 30,
 		CPUs: 2, MemoryMiB: 1024, Idle: time.Hour, Log: os.Stderr}
+	// Builders are machines: the machines' supervisor runs them.
+	ms := machines.New(machines.Config{Store: db, VMs: rt, Dir: filepath.Join(dir, "machines"), Log: os.Stderr,
+		Internal: map[string]machines.Internal{build.BuildersApp: bs}})
+	bs.Use(ms)
 	svc := &build.Service{Store: db, Builders: bs, Bases: &build.Bases{Dir: filepath.Join(dir, "bases")}, Images: reg,
 		Dir: filepath.Join(dir, "builds"), MaxContextBytes: 64 << 20, MaxLogBytes: 1 << 20, MaxAttempts: 3,
 		Backoff: 100 * time.Millisecond, MaxConcurrent: 2, Log: os.Stderr}
@@ -152,6 +157,7 @@ func newHarness(t *testing.T, opts ...func(*build.Service)) *harness {
 		cancel()
 		<-done
 		bs.Close(context.Background())
+		ms.Close()
 	})
 	return &harness{svc: svc, reg: reg}
 }

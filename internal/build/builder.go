@@ -2,6 +2,7 @@ package build
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,9 +14,12 @@ import (
 
 	bkclient "github.com/moby/buildkit/client"
 
-	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/network"
+	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmrun"
 	"github.com/kilnhq/kiln/internal/volume"
@@ -38,9 +42,33 @@ const prepareCache = `if [ -e ` + inUse + ` ]; then find ` + cacheDir + ` -minde
 // releaseCache flushes the cache and clears the mark: the next builder may trust it.
 const releaseCache = `sync; rm -f ` + inUse + `; sync`
 
-// Builders keeps one builder VM per project. Each project's BuildKit state lives on a
-// volume of its own (DIR/PROJECT/cache.ext4) that only that project's VM ever mounts:
-// the cache stays on this host, and projects never see each other's files.
+// BuildersApp is the internal app (machine.InternalApp) whose machines are builders:
+// one per project, run by the machines' supervisor like any machine (capacity, suspend
+// and resume, adoption after a kiln restart).
+const BuildersApp = "_builders"
+
+// builderID is the machine ID of a project's builder.
+func builderID(project string) string { return "builder-" + project }
+
+// Machines is what builders need of the machine service.
+type Machines interface {
+	EnsureInternal(ctx context.Context, app, id, name string, cfg api.MachineConfig) (store.Machine, error)
+	Get(ctx context.Context, id string) (store.Machine, error)
+	Start(ctx context.Context, id string) error
+	Stop(ctx context.Context, id string) error
+	Suspend(ctx context.Context, id string) error
+	Destroy(ctx context.Context, id string, force bool) error
+	Wait(ctx context.Context, id string, state machine.State, timeout time.Duration) error
+	Instance(id string) *vmrun.Instance
+	Changed() <-chan struct{}
+	CanSuspend() bool
+	Events(ctx context.Context, id string) ([]machine.Event, error)
+}
+
+// Builders keeps one builder machine per project. Each project's BuildKit state lives on
+// a volume of its own (DIR/PROJECT/cache.ext4) that only that project's VM ever mounts:
+// the cache stays on this host, and projects never see each other's files. Builders is
+// also the machines' internal kind for BuildersApp: it makes a builder's VM.
 type Builders struct {
 	RT *vmrun.Runtime
 	// Rootfs is the builder root filesystem (buildkitd, runc).
@@ -51,37 +79,38 @@ type Builders struct {
 	KeepBytes  int64
 	CPUs       int
 	MemoryMiB  int
-	// Idle is how long a builder waits for the next build before it is stopped.
+	// Idle is how long a builder waits for the next build before it is suspended (or
+	// stopped where the VMM cannot suspend).
 	Idle time.Duration
-	// Capacity, when set, holds room for each running builder (machines and builders
-	// share a host); a builder that finds none waits up to CapacityWait.
-	Capacity     *capacity.Ledger
-	CapacityWait time.Duration
 	// Net, when set, gives each project's builder a network of its own, under the
 	// machines' egress policy: RUN steps reach the internet, not the host's neighbours.
 	Net Network
 	Log io.Writer
+	// Machines runs the builders. It is made with Builders as its BuildersApp kind, so
+	// it is set once both exist (Use).
+	Machines Machines
 
-	mu sync.Mutex
-	m  map[string]*Builder
-	// suspended holds idle builders saved to disk, resumed by the project's next build.
-	suspended map[string]*Builder
-	resets    map[string]int
-	plocks    map[string]*sync.Mutex
+	mu     sync.Mutex
+	m      map[string]*Builder
+	resets map[string]int
+	// reset marks a project whose cache the last boot reset, until its build reads it.
+	reset  map[string]bool
+	plocks map[string]*sync.Mutex
 }
 
+// Use sets the machine service that runs the builders.
+func (b *Builders) Use(ms Machines) { b.Machines = ms }
+
 // Network is the part of the machines' network that builders use. A project's lease is
-// kept from its builder's first boot until Close, so that a resumed builder finds its
-// TAP device.
+// kept from its builder's first boot until the builder machine is destroyed.
 type Network interface {
 	Attach(ctx context.Context, app, id string) (network.Lease, error)
 	Detach(ctx context.Context, id string) error
 }
 
-// netApp and netID name a project's builder on the network; app names cannot start with
-// an underscore, so no app shares the network.
+// netApp names a project's builder network; app names cannot start with an underscore,
+// so no app shares it.
 func netApp(project string) string { return "_build-" + project }
-func netID(project string) string  { return "builder/" + project }
 
 // Builder is a project's running builder VM with buildkitd.
 type Builder struct {
@@ -111,81 +140,111 @@ func (b *Builders) CachePath(project string) string {
 	return filepath.Join(b.Dir, project, "cache.ext4")
 }
 
-// Acquire returns the project's builder, booting it (and creating its cache volume) if
-// it is not running. Release it when the build is done.
+// config is a builder machine's config: its size; it never restarts by itself (the
+// next build starts it).
+func (b *Builders) config() api.MachineConfig {
+	return api.MachineConfig{Guest: api.Guest{CPUs: b.CPUs, MemoryMB: b.MemoryMiB}, Restart: api.Restart{Policy: "no"}}
+}
+
+// alive says whether a builder VM still runs.
+func alive(inst *vmrun.Instance) bool {
+	select {
+	case <-inst.VM.Wait():
+		return false
+	default:
+		return true
+	}
+}
+
+// Acquire returns the project's builder, starting its machine (and creating its cache
+// volume) if it is not running: a suspended one is resumed, a stopped one booted on the
+// same cache, one that a restarted kiln adopted is used as it is. Release it when the
+// build is done.
 func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error) {
 	// One project's builder changes one step at a time: two VMs must never mount its
 	// cache volume, and a suspend must finish before a resume.
 	pl := b.projectLock(project)
 	pl.Lock()
 	defer pl.Unlock()
+	id := builderID(project)
+	if _, err := b.Machines.EnsureInternal(ctx, BuildersApp, id, project, b.config()); err != nil {
+		return nil, fmt.Errorf("recording the builder of %s: %w", project, err)
+	}
+	var start time.Time
+	resumed := false
+	for {
+		changed := b.Machines.Changed()
+		rec, err := b.Machines.Get(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		switch rec.State {
+		case machine.Started:
+			if inst := b.Machines.Instance(id); inst != nil && alive(inst) {
+				return b.use(project, inst, start, resumed), nil
+			}
+			// Its VM died: the supervisor records the exit, then it is booted again
+			// on the same cache.
+		case machine.Failed:
+			if !start.IsZero() {
+				return nil, b.whyFailed(ctx, project, id)
+			}
+			fallthrough
+		case machine.Created, machine.Stopped, machine.Suspended:
+			if start.IsZero() {
+				start = time.Now()
+			}
+			resumed = rec.State == machine.Suspended
+			if err := b.Machines.Start(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+				return nil, fmt.Errorf("starting the builder of %s: %w", project, err)
+			}
+		}
+		select {
+		case <-changed:
+		case <-time.After(time.Second):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// use records a use of the project's running builder.
+func (b *Builders) use(project string, inst *vmrun.Instance, start time.Time, resumed bool) *Builder {
 	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.m == nil {
 		b.m = map[string]*Builder{}
 	}
 	bd := b.m[project]
-	if bd != nil {
-		select {
-		case <-bd.Inst.VM.Wait():
-			// Its VM died: replace it (the cache volume stays).
-			b.logf("builder of %s is gone; booting a new one on the same cache", project)
-			delete(b.m, project)
-			go bd.Inst.Destroy(context.WithoutCancel(ctx))
-			bd = nil
-		default:
-		}
+	if bd == nil || bd.Inst != inst {
+		bd = &Builder{Project: project, Inst: inst}
+		b.m[project] = bd
 	}
-	if bd != nil {
-		bd.mu.Lock()
-		bd.busy++
-		bd.Ready, bd.Resumed = 0, false
-		bd.mu.Unlock()
-		b.mu.Unlock()
-		return bd, nil
+	bd.mu.Lock()
+	defer bd.mu.Unlock()
+	bd.busy++
+	bd.Ready, bd.Resumed, bd.CacheReset = 0, false, false
+	if !start.IsZero() {
+		bd.Ready, bd.Resumed = time.Since(start), resumed
+		bd.CacheReset = b.reset[project]
+		delete(b.reset, project)
 	}
-	sus := b.suspended[project]
-	delete(b.suspended, project)
-	b.mu.Unlock()
-
-	start := time.Now()
-	if b.Capacity != nil {
-		size := capacity.Size{CPUs: b.CPUs, MemoryMiB: b.MemoryMiB}
-		if _, err := b.Capacity.Reserve(ctx, holdID(project), capacity.Request{Size: size}, b.CapacityWait, func(pos int, why error) {
-			b.logf("the builder of %s waits for capacity (position %d): %v", project, pos, why)
-		}); err != nil {
-			if sus != nil {
-				b.mu.Lock()
-				b.suspended[project] = sus
-				b.mu.Unlock()
-			}
-			return nil, err
-		}
-	}
-	if sus != nil {
-		err := b.resume(ctx, sus)
-		if err == nil {
-			sus.busy, sus.Ready, sus.Resumed = 1, time.Since(start), true
-			b.mu.Lock()
-			b.m[project] = sus
-			b.mu.Unlock()
-			return sus, nil
-		}
-		b.logf("resuming the builder of %s failed (%v): booting a new one", project, err)
-		sus.Inst.Destroy(context.WithoutCancel(ctx))
-	}
-	inst, reset, err := b.boot(ctx, project)
-	if err != nil {
-		b.freeRoom(project)
-		return nil, err
-	}
-	bd = &Builder{Project: project, Inst: inst, busy: 1, Ready: time.Since(start), CacheReset: reset}
-	b.mu.Lock()
-	b.m[project] = bd
-	b.mu.Unlock()
-	return bd, nil
+	return bd
 }
 
-func holdID(project string) string { return "builder/" + project }
+// whyFailed says why a builder's machine failed to start, from its last event: no room
+// is ErrCapacity, anything else a failure of the infrastructure.
+func (b *Builders) whyFailed(ctx context.Context, project, id string) error {
+	evs, _ := b.Machines.Events(ctx, id)
+	if len(evs) == 0 {
+		return errdefs.New(errdefs.ErrUnavailable, "the builder of %s failed to start", project)
+	}
+	last := evs[len(evs)-1]
+	if last.Type == string(machine.EvCapacity) {
+		return errdefs.New(errdefs.ErrCapacity, "the builder of %s: %s", project, last.Message)
+	}
+	return errdefs.New(errdefs.ErrUnavailable, "the builder of %s failed to start: %s", project, last.Message)
+}
 
 func (b *Builders) projectLock(project string) *sync.Mutex {
 	b.mu.Lock()
@@ -199,13 +258,6 @@ func (b *Builders) projectLock(project string) *sync.Mutex {
 	return b.plocks[project]
 }
 
-// freeRoom gives back the capacity a project's builder held.
-func (b *Builders) freeRoom(project string) {
-	if b.Capacity != nil {
-		b.Capacity.Release(holdID(project))
-	}
-}
-
 // Release marks a use of the builder as done.
 func (b *Builders) Release(bd *Builder) {
 	bd.mu.Lock()
@@ -214,15 +266,14 @@ func (b *Builders) Release(bd *Builder) {
 	bd.mu.Unlock()
 }
 
-// Discard destroys a project's builder VM (after it failed); its cache volume stays.
+// Discard stops a project's builder (after it failed); its cache volume stays, and the
+// next build boots a new one on it.
 func (b *Builders) Discard(ctx context.Context, bd *Builder) {
-	b.mu.Lock()
-	if b.m[bd.Project] == bd {
-		delete(b.m, bd.Project)
+	id := builderID(bd.Project)
+	if err := b.Machines.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+		b.logf("stopping the builder of %s: %v", bd.Project, err)
 	}
-	b.mu.Unlock()
-	bd.Inst.Destroy(context.WithoutCancel(ctx))
-	b.freeRoom(bd.Project)
+	b.Machines.Wait(ctx, id, machine.Stopped, time.Minute)
 }
 
 // Running lists the projects whose builder runs.
@@ -231,22 +282,139 @@ func (b *Builders) Running() map[string]*Builder {
 	defer b.mu.Unlock()
 	out := map[string]*Builder{}
 	for k, v := range b.m {
-		out[k] = v
+		if inst := b.Machines.Instance(builderID(k)); inst != nil && inst == v.Inst {
+			out[k] = v
+		}
 	}
 	return out
 }
 
-// resume brings a suspended builder back and checks that buildkitd answers.
-func (b *Builders) resume(ctx context.Context, bd *Builder) error {
-	if err := bd.Inst.Resume(ctx); err != nil {
-		return err
+// Suspended lists the projects whose builder is suspended.
+func (b *Builders) Suspended() []string {
+	b.mu.Lock()
+	var projects []string
+	for p := range b.plocks { // every project whose builder this kiln used
+		projects = append(projects, p)
 	}
-	c, err := bd.Inst.Agent.Connect(ctx, buildkitdSock)
+	b.mu.Unlock()
+	var out []string
+	for _, p := range projects {
+		if rec, err := b.Machines.Get(context.Background(), builderID(p)); err == nil && rec.State == machine.Suspended {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// StopIdle suspends builders idle longer than b.Idle (their VM saved to disk, its VMM
+// gone) where the VMM can, and stops them otherwise; the supervisor does it, and the
+// builder's cache is released first (Stopping). Either way the cache stays.
+func (b *Builders) StopIdle(ctx context.Context) {
+	for project, bd := range b.Running() {
+		pl := b.projectLock(project)
+		pl.Lock()
+		bd.mu.Lock()
+		idle := bd.busy == 0 && time.Since(bd.lastUsed) > b.Idle
+		bd.mu.Unlock()
+		if idle {
+			b.stopIdle(ctx, project)
+		}
+		pl.Unlock()
+	}
+}
+
+// stopIdle suspends or stops an idle builder and waits until it has; the caller holds
+// the project's lock.
+func (b *Builders) stopIdle(ctx context.Context, project string) {
+	id := builderID(project)
+	if b.Machines.CanSuspend() {
+		if err := b.Machines.Suspend(ctx, id); err == nil {
+			b.logf("builder of %s was idle for %s: suspending it", project, b.Idle)
+			// A failed suspend stops it instead; either way it is no longer running.
+			b.waitNotRunning(ctx, id)
+			return
+		}
+	}
+	b.logf("builder of %s was idle for %s: stopping it (its cache stays)", project, b.Idle)
+	if err := b.Machines.Stop(ctx, id); err == nil {
+		b.waitNotRunning(ctx, id)
+	}
+}
+
+// waitNotRunning waits until a builder's machine has left started and the states in
+// between.
+func (b *Builders) waitNotRunning(ctx context.Context, id string) {
+	deadline := time.After(2 * time.Minute)
+	for {
+		changed := b.Machines.Changed()
+		rec, err := b.Machines.Get(ctx, id)
+		if err != nil || rec.State == machine.Suspended || rec.State == machine.Stopped || rec.State == machine.Failed {
+			return
+		}
+		select {
+		case <-changed:
+		case <-time.After(time.Second):
+		case <-deadline:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// Close destroys every builder machine this kiln used (their caches stay). A server
+// does not call it: its builders keep running across a restart, like machines, and are
+// adopted; tests and a host's clean-up do.
+func (b *Builders) Close(ctx context.Context) {
+	b.mu.Lock()
+	var projects []string
+	for p := range b.plocks {
+		projects = append(projects, p)
+	}
+	b.mu.Unlock()
+	for _, p := range projects {
+		if err := b.Machines.Destroy(ctx, builderID(p), true); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			b.logf("destroying the builder of %s: %v", p, err)
+		}
+	}
+}
+
+// Boot boots a project's builder VM (machines.Internal): the project's cache volume,
+// its network, buildkitd as the workload.
+func (b *Builders) Boot(ctx context.Context, rec store.Machine) (*vmrun.Instance, error) {
+	inst, reset, err := b.boot(ctx, rec.Name, rec.ID)
+	if reset {
+		b.mu.Lock()
+		if b.reset == nil {
+			b.reset = map[string]bool{}
+		}
+		b.reset[rec.Name] = true
+		b.mu.Unlock()
+	}
+	return inst, err
+}
+
+// Resumed checks that a resumed builder's buildkitd answers and marks its cache in use
+// again (machines.Internal).
+func (b *Builders) Resumed(ctx context.Context, rec store.Machine, inst *vmrun.Instance) error {
+	return b.resume(ctx, inst)
+}
+
+// Stopping flushes the builder's cache and clears its in-use mark before its VM is
+// saved or powered off (machines.Internal): should a saved VM never be resumed, the
+// next builder finds the cache clean instead of resetting it.
+func (b *Builders) Stopping(ctx context.Context, rec store.Machine, inst *vmrun.Instance) {
+	b.release(ctx, rec.Name, inst)
+}
+
+// resume checks that buildkitd answers after a resume and marks the cache in use.
+func (b *Builders) resume(ctx context.Context, inst *vmrun.Instance) error {
+	c, err := inst.Agent.Connect(ctx, buildkitdSock)
 	if err != nil {
 		return fmt.Errorf("buildkitd does not answer after the resume: %w", err)
 	}
 	c.Close()
-	st, err := bd.Inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"sh", "-c", "touch " + inUse + "; sync"}}, guest.IO{})
+	st, err := inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"sh", "-c", "touch " + inUse + "; sync"}}, guest.IO{})
 	if err == nil && st.Code != 0 {
 		err = fmt.Errorf("exit status %d", st.Code)
 	}
@@ -256,108 +424,8 @@ func (b *Builders) resume(ctx context.Context, bd *Builder) error {
 	return nil
 }
 
-// Suspended lists the projects whose builder is suspended.
-func (b *Builders) Suspended() []string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	var out []string
-	for p := range b.suspended {
-		out = append(out, p)
-	}
-	return out
-}
-
-// StopIdle suspends builders idle longer than b.Idle (their VM saved to disk, its VMM
-// gone) where the driver can, and stops them otherwise. Either way the cache stays.
-func (b *Builders) StopIdle(ctx context.Context) {
-	b.mu.Lock()
-	var projects []string
-	for p := range b.m {
-		projects = append(projects, p)
-	}
-	b.mu.Unlock()
-	for _, p := range projects {
-		pl := b.projectLock(p)
-		pl.Lock()
-		b.stopIfIdle(ctx, p)
-		pl.Unlock()
-	}
-}
-
-// stopIfIdle suspends or stops the project's builder if it is still idle; the caller
-// holds the project's lock.
-func (b *Builders) stopIfIdle(ctx context.Context, project string) {
-	b.mu.Lock()
-	bd := b.m[project]
-	idle := false
-	if bd != nil {
-		bd.mu.Lock()
-		idle = bd.busy == 0 && time.Since(bd.lastUsed) > b.Idle
-		bd.mu.Unlock()
-	}
-	if idle {
-		delete(b.m, project)
-	}
-	b.mu.Unlock()
-	if !idle {
-		return
-	}
-	if b.RT.Driver.Capabilities().Snapshot {
-		// The cache is released first: should the saved VM never be resumed (kiln
-		// restarted), the next builder finds it clean instead of resetting it.
-		b.release(ctx, bd)
-		err := bd.Inst.Suspend(ctx)
-		if err == nil {
-			b.logf("builder of %s was idle for %s: suspended it", bd.Project, b.Idle)
-			b.mu.Lock()
-			if b.suspended == nil {
-				b.suspended = map[string]*Builder{}
-			}
-			b.suspended[bd.Project] = bd
-			b.mu.Unlock()
-			b.freeRoom(bd.Project)
-			return
-		}
-		b.logf("suspending the idle builder of %s failed (%v): stopping it", bd.Project, err)
-	} else {
-		b.logf("builder of %s was idle for %s: stopping it (its cache stays)", bd.Project, b.Idle)
-	}
-	b.release(ctx, bd)
-	bd.Inst.Shutdown(ctx, 10*time.Second)
-	bd.Inst.Destroy(context.WithoutCancel(ctx))
-	b.freeRoom(bd.Project)
-}
-
-// Close stops every builder.
-func (b *Builders) Close(ctx context.Context) {
-	b.mu.Lock()
-	all := b.m
-	sus := b.suspended
-	b.m, b.suspended = nil, nil
-	b.mu.Unlock()
-	for _, bd := range all {
-		b.release(ctx, bd)
-		bd.Inst.Destroy(context.WithoutCancel(ctx))
-		b.freeRoom(bd.Project)
-	}
-	for _, bd := range sus {
-		bd.Inst.Destroy(context.WithoutCancel(ctx))
-	}
-	if b.Net != nil {
-		b.mu.Lock()
-		var projects []string
-		for p := range b.plocks { // every project that may have booted a builder
-			projects = append(projects, p)
-		}
-		b.mu.Unlock()
-		for _, p := range projects {
-			b.Net.Detach(context.WithoutCancel(ctx), netID(p))
-		}
-	}
-}
-
 // boot starts a builder VM on the project's cache volume and waits for buildkitd.
-func (b *Builders) boot(ctx context.Context, project string) (inst *vmrun.Instance, reset bool, err error) {
+func (b *Builders) boot(ctx context.Context, project, id string) (inst *vmrun.Instance, reset bool, err error) {
 	cache := b.CachePath(project)
 	if _, err := os.Stat(cache); os.IsNotExist(err) {
 		if err := os.MkdirAll(filepath.Dir(cache), 0o755); err != nil {
@@ -369,11 +437,11 @@ func (b *Builders) boot(ctx context.Context, project string) (inst *vmrun.Instan
 		b.logf("created the cache volume of %s (%d GiB)", project, b.CacheBytes>>30)
 	}
 	spec := vmrun.Spec{
-		Rootfs: b.Rootfs, CPUs: b.CPUs, MemoryMiB: b.MemoryMiB, Hostname: "builder",
+		Rootfs: b.Rootfs, CPUs: b.CPUs, MemoryMiB: b.MemoryMiB, Hostname: "builder", Owner: id,
 		Mounts: []vmrun.Mount{{Image: cache, Path: cacheDir}},
 	}
 	if b.Net != nil {
-		l, err := b.Net.Attach(ctx, netApp(project), netID(project))
+		l, err := b.Net.Attach(ctx, netApp(project), id)
 		if err != nil {
 			return nil, false, fmt.Errorf("the network of the builder of %s: %w", project, err)
 		}
@@ -406,11 +474,11 @@ func (b *Builders) boot(ctx context.Context, project string) (inst *vmrun.Instan
 }
 
 // release flushes a builder's cache and clears its in-use mark before the VM stops.
-func (b *Builders) release(ctx context.Context, bd *Builder) {
+func (b *Builders) release(ctx context.Context, project string, inst *vmrun.Instance) {
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if st, err := bd.Inst.Agent.Exec(cctx, guest.ExecRequest{Argv: []string{"sh", "-c", releaseCache}}, guest.IO{}); err != nil || st.Code != 0 {
-		b.logf("releasing the cache of %s: %v (status %d); the next builder resets it", bd.Project, err, st.Code)
+	if st, err := inst.Agent.Exec(cctx, guest.ExecRequest{Argv: []string{"sh", "-c", releaseCache}}, guest.IO{}); err != nil || st.Code != 0 {
+		b.logf("releasing the cache of %s: %v (status %d); the next builder resets it", project, err, st.Code)
 	}
 }
 
@@ -439,7 +507,9 @@ func (b *Builders) startBuildkitd(ctx context.Context, inst *vmrun.Instance) err
 		"--oci-worker-gc",
 		fmt.Sprintf("--oci-worker-gc-keepstorage=%d", b.KeepBytes>>20), // MiB
 	}
-	if _, err := inst.Agent.Spawn(ctx, "buildkitd", guest.ExecRequest{Argv: argv}); err != nil {
+	// buildkitd is the builder machine's workload: the supervisor follows it and keeps
+	// its output with the machine's.
+	if _, err := inst.Agent.Spawn(ctx, "workload", guest.ExecRequest{Argv: argv}); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(60 * time.Second)
@@ -451,7 +521,7 @@ func (b *Builders) startBuildkitd(ctx context.Context, inst *vmrun.Instance) err
 		}
 		if time.Now().After(deadline) {
 			var tail []byte
-			inst.Agent.Follow(ctx, "buildkitd", 0, false, func(r guest.Record) error { tail = append(tail, r.Data...); return nil })
+			inst.Agent.Follow(ctx, "workload", 0, false, func(r guest.Record) error { tail = append(tail, r.Data...); return nil })
 			if len(tail) > 2000 {
 				tail = tail[len(tail)-2000:]
 			}

@@ -22,6 +22,10 @@ import (
 
 var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 
+// InternalApp says whether an app is kiln's own (its builders): users cannot create
+// such a name, see it in the API or make machines in it.
+func InternalApp(app string) bool { return strings.HasPrefix(app, "_") }
+
 // CheckName checks a machine's name.
 func CheckName(name string) error {
 	if !nameRE.MatchString(name) {
@@ -55,8 +59,8 @@ func Validate(cfg *api.MachineConfig) error {
 	if cfg.Guest.MemoryMB == 0 {
 		cfg.Guest.MemoryMB = 256
 	}
-	if err := vmm.CheckSize(cfg.Guest.CPUs, cfg.Guest.MemoryMB); err != nil {
-		return errdefs.Wrap(errdefs.ErrInvalid, err, "config.guest")
+	if err := vmm.CheckSize(cfg.Guest.CPUs, cfg.Guest.MemoryMB, "config.guest.cpus", "config.guest.memory_mb"); err != nil {
+		return err
 	}
 	if err := (RestartPolicy{Policy: cfg.Restart.Policy, MaxRetries: cfg.Restart.MaxRetries}).Validate(); err != nil {
 		return errdefs.Wrap(errdefs.ErrInvalid, err, "config")

@@ -29,8 +29,24 @@ type vmRuntime struct {
 	net    Network
 	log    io.Writer
 
+	internal map[string]Internal
+
 	mu    sync.Mutex
 	saved map[string]*vmInstance
+}
+
+// Internal is a kind of machine kiln runs for itself, such as a project's builder: its
+// VM, disks and workload are made by Boot instead of from an image and its config. The
+// supervisor runs it like any machine: capacity, suspend and resume, adoption after a
+// restart. Its app (a name users cannot create: machine.InternalApp) picks the kind.
+type Internal interface {
+	// Boot boots the machine's VM (owned by rec.ID, so that it is adopted after a
+	// restart) and spawns its workload, named "workload". On error nothing is left.
+	Boot(ctx context.Context, rec store.Machine) (*vmrun.Instance, error)
+	// Resumed runs once a saved VM runs again; an error makes the machine boot cold.
+	Resumed(ctx context.Context, rec store.Machine, inst *vmrun.Instance) error
+	// Stopping runs before the VM is saved or powered off.
+	Stopping(ctx context.Context, rec store.Machine, inst *vmrun.Instance)
 }
 
 var _ supervisor.Runtime = (*vmRuntime)(nil)
@@ -47,6 +63,13 @@ func (r *vmRuntime) rootfs(ctx context.Context, ref string) (image.Rootfs, error
 
 // Boot starts the machine's VM, with its volumes, and its workload.
 func (r *vmRuntime) Boot(ctx context.Context, rec store.Machine, cfg api.MachineConfig) (supervisor.VM, error) {
+	if k := r.internal[rec.App]; k != nil {
+		inst, err := k.Boot(ctx, rec)
+		if err != nil {
+			return nil, err
+		}
+		return &vmInstance{rt: r, id: rec.ID, inst: inst, rec: rec, kind: k}, nil
+	}
 	id := rec.ID
 	rfs, err := r.rootfs(ctx, cfg.Image)
 	if err != nil {
@@ -96,7 +119,11 @@ func (r *vmRuntime) Resume(ctx context.Context, id string) (supervisor.VM, error
 	if v == nil {
 		return nil, nil
 	}
-	if err := v.inst.Resume(ctx); err != nil {
+	err := v.inst.Resume(ctx)
+	if err == nil && v.kind != nil {
+		err = v.kind.Resumed(ctx, v.rec, v.inst)
+	}
+	if err != nil {
 		v.inst.Destroy(context.WithoutCancel(ctx))
 		return nil, err
 	}
@@ -134,6 +161,9 @@ func (r *vmRuntime) Owned(ctx context.Context) ([]supervisor.Owned, error) {
 // as is how execs in an adopted or restored VM run: the image is resolved again, once,
 // as the VM's first boot did.
 func (r *vmRuntime) as(ctx context.Context, rec store.Machine) guest.ExecRequest {
+	if r.internal[rec.App] != nil {
+		return guest.ExecRequest{}
+	}
 	cfg := machine.DecodeConfig(rec.Config)
 	rfs, err := r.rootfs(ctx, cfg.Image)
 	if err != nil {
@@ -154,7 +184,7 @@ func (r *vmRuntime) Adopt(ctx context.Context, o supervisor.Owned, rec store.Mac
 		}
 		return nil, err
 	}
-	return &vmInstance{rt: r, id: o.Owner, inst: inst, as: r.as(ctx, rec)}, nil
+	return &vmInstance{rt: r, id: o.Owner, inst: inst, as: r.as(ctx, rec), rec: rec, kind: r.internal[rec.App]}, nil
 }
 
 func (r *vmRuntime) Restore(ctx context.Context, o supervisor.Owned) error {
@@ -167,7 +197,7 @@ func (r *vmRuntime) Restore(ctx context.Context, o supervisor.Owned) error {
 	}
 	v := &vmInstance{rt: r, id: o.Owner, inst: inst}
 	if rec, err := r.store.GetMachine(ctx, o.Owner); err == nil {
-		v.as = r.as(ctx, rec)
+		v.as, v.rec, v.kind = r.as(ctx, rec), rec, r.internal[rec.App]
 	}
 	r.mu.Lock()
 	r.saved[o.Owner] = v
@@ -188,6 +218,9 @@ type vmInstance struct {
 	id   string
 	inst *vmrun.Instance
 	as   guest.ExecRequest
+	// rec and kind are set for an internal machine.
+	rec  store.Machine
+	kind Internal
 }
 
 func (v *vmInstance) logf(format string, args ...any) {
@@ -237,9 +270,17 @@ func (v *vmInstance) Signal(ctx context.Context, sig int) error {
 	return v.inst.Agent.SignalSupervised(ctx, "workload", sig)
 }
 
-func (v *vmInstance) PowerOff(ctx context.Context, grace time.Duration) { v.inst.Shutdown(ctx, grace) }
+func (v *vmInstance) PowerOff(ctx context.Context, grace time.Duration) {
+	if v.kind != nil {
+		v.kind.Stopping(ctx, v.rec, v.inst)
+	}
+	v.inst.Shutdown(ctx, grace)
+}
 
 func (v *vmInstance) Save(ctx context.Context) error {
+	if v.kind != nil {
+		v.kind.Stopping(ctx, v.rec, v.inst)
+	}
 	if err := v.inst.Suspend(ctx); err != nil {
 		return err
 	}

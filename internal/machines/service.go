@@ -67,6 +67,9 @@ type Config struct {
 	// Place, if set, picks the host for a new machine (without volumes, which stay with
 	// their host); nil keeps every machine on this host.
 	Place func(ctx context.Context, size capacity.Size) (string, error)
+	// Internal are the kinds of machine kiln runs for itself, by app
+	// (machine.InternalApp names).
+	Internal map[string]Internal
 }
 
 // Service runs this host's machines. Call Recover before serving requests.
@@ -80,7 +83,7 @@ type Service struct {
 func New(cfg Config) *Service {
 	s := &Service{cfg: cfg}
 	s.rt = &vmRuntime{vms: cfg.VMs, store: cfg.Store, images: cfg.Images, cache: cfg.Rootfs, net: cfg.Net, log: cfg.Log,
-		saved: map[string]*vmInstance{}}
+		internal: cfg.Internal, saved: map[string]*vmInstance{}}
 	scfg := supervisor.Config{Store: cfg.Store, Runtime: s.rt, CapacityWait: cfg.CapacityWait, LogDir: cfg.Dir,
 		Remove: s.remove, Log: cfg.Log}
 	if cfg.Capacity != nil {
@@ -109,6 +112,9 @@ func sizeOf(cfg api.MachineConfig) capacity.Size {
 // Create records a machine and starts it. Everything that can be checked is checked
 // first, so a refused request leaves no record and no VM.
 func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineRequest) (store.Machine, error) {
+	if machine.InternalApp(app) {
+		return store.Machine{}, errdefs.New(errdefs.ErrNotFound, "app %s not found", app)
+	}
 	cfg := req.Config
 	if err := machine.Validate(&cfg); err != nil {
 		return store.Machine{}, err
@@ -211,7 +217,13 @@ func (s *Service) Destroy(ctx context.Context, id string, force bool) error {
 	if err != nil {
 		return err
 	}
-	if force && (rec.State == machine.Started || rec.State == machine.Starting) {
+	switch rec.State {
+	case machine.Destroyed:
+		return errdefs.New(errdefs.ErrNotFound, "machine %s is already destroyed", id)
+	case machine.Started, machine.Starting:
+		if !force {
+			return errdefs.New(errdefs.ErrConflict, "machine %s is %s: stop it first, or destroy with force=true", id, rec.State)
+		}
 		if err := s.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 			return err
 		}
@@ -388,3 +400,51 @@ func (s *Service) Claim(id string) bool { return s.sup.Claim(id) }
 // Close stops supervising and lets go of every VM without stopping it: the next kiln
 // adopts them.
 func (s *Service) Close() { s.sup.Close() }
+
+// EnsureInternal records machine id of an internal kind (app) with cfg if it does not
+// exist yet; it is not started. An existing one is returned as it is.
+func (s *Service) EnsureInternal(ctx context.Context, app, id, name string, cfg api.MachineConfig) (store.Machine, error) {
+	if s.rt.internal[app] == nil {
+		return store.Machine{}, errdefs.Invalid("no internal machine kind %q", app)
+	}
+	if rec, err := s.cfg.Store.GetMachine(ctx, id); err == nil && rec.State != machine.Destroyed {
+		return rec, nil
+	} else if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+		return rec, err
+	}
+	if err := s.cfg.Store.CreateApp(ctx, app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+		return store.Machine{}, err
+	}
+	raw, _ := json.Marshal(cfg)
+	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: s.cfg.Host}
+	ev := machine.Event{Type: string(machine.EvLaunch), Status: machine.Created, Source: machine.SourceKiln}
+	if err := s.cfg.Store.CreateMachine(ctx, rec, ev); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+		return rec, err
+	}
+	return s.cfg.Store.GetMachine(ctx, id)
+}
+
+// Instance is the running VM of machine id, for kiln's own use of an internal
+// machine (exec and connect through its agent); nil if it does not run.
+func (s *Service) Instance(id string) *vmrun.Instance {
+	if v, ok := s.sup.Running(id).(*vmInstance); ok {
+		return v.inst
+	}
+	return nil
+}
+
+// Get returns a machine's record.
+func (s *Service) Get(ctx context.Context, id string) (store.Machine, error) {
+	return s.cfg.Store.GetMachine(ctx, id)
+}
+
+// Changed returns a channel closed at the next state change this host records.
+func (s *Service) Changed() <-chan struct{} { return s.sup.Changed() }
+
+// CanSuspend says whether this host's VMM can save machines to disk.
+func (s *Service) CanSuspend() bool { return s.cfg.VMs.Driver.Capabilities().Snapshot }
+
+// Events returns a machine's journal, oldest first.
+func (s *Service) Events(ctx context.Context, id string) ([]machine.Event, error) {
+	return s.cfg.Store.Events(ctx, id)
+}

@@ -34,7 +34,7 @@ func HostMemoryMiB() int {
 
 // Validate checks a Config against the host. Errors name the field and the allowed range.
 func Validate(cfg Config) error {
-	if err := CheckSize(cfg.CPUs, cfg.MemoryMiB); err != nil {
+	if err := CheckSize(cfg.CPUs, cfg.MemoryMiB, "cpus", "memory"); err != nil {
 		return err
 	}
 	if cfg.Dir == "" || !filepath.IsAbs(cfg.Dir) {
@@ -47,14 +47,15 @@ func Validate(cfg Config) error {
 }
 
 // CheckSize is the one rule for a VM's size on this host: cpus and memory in MiB.
-// Errors name both values and the range allowed.
-func CheckSize(cpus, memoryMiB int) error {
+// Errors name the value by the caller's field names (cpus and memory for a VM; the
+// config's fields for a machine) and give the range allowed.
+func CheckSize(cpus, memoryMiB int, cpusField, memoryField string) error {
 	if n := runtime.NumCPU(); cpus < 1 || cpus > n {
-		return errdefs.Invalid("cpus=%d is out of range: this host allows 1 to %d", cpus, n)
+		return errdefs.Invalid("%s=%d is out of range: this host allows 1 to %d", cpusField, cpus, n)
 	}
 	maxMem := HostMemoryMiB() - 256
 	if memoryMiB < MinMemoryMiB || (maxMem > 0 && memoryMiB > maxMem) {
-		return errdefs.Invalid("memory=%d MiB is out of range: this host allows %d to %d MiB", memoryMiB, MinMemoryMiB, maxMem)
+		return errdefs.Invalid("%s=%d MiB is out of range: this host allows %d to %d MiB", memoryField, memoryMiB, MinMemoryMiB, maxMem)
 	}
 	return nil
 }
