@@ -49,7 +49,12 @@ func testCluster(t *testing.T, shared bool, hosts map[string]time.Duration) (*Cl
 func machineOn(t *testing.T, db *sqlstore.DB, id, host string, state machine.State, config string) {
 	t.Helper()
 	ctx := context.Background()
-	if err := db.CreateMachine(ctx, store.Machine{ID: id, App: "web", Name: id, State: machine.Created, Config: []byte(config), Host: host},
+	app := "web"
+	if strings.HasPrefix(id, "builder-") {
+		app = "_builders"
+		db.CreateApp(ctx, app)
+	}
+	if err := db.CreateMachine(ctx, store.Machine{ID: id, App: app, Name: id, State: machine.Created, Config: []byte(config), Host: host},
 		machine.Event{Type: "launch", Source: "test"}); err != nil {
 		t.Fatal(err)
 	}
@@ -196,6 +201,11 @@ func (f *fakeMachines) Stop(ctx context.Context, id string) error {
 	return f.db.Transition(ctx, id, machine.Stopping, machine.Stopped, machine.Event{Type: "stop"})
 }
 
+// Start records the start of a machine another host now runs, as the service does.
+func (f *fakeMachines) Start(ctx context.Context, id string) error {
+	return f.db.Transition(ctx, id, machine.Stopped, machine.Starting, machine.Event{Type: "start", Source: "user"})
+}
+
 func (f *fakeMachines) Wait(ctx context.Context, id string, state machine.State, _ time.Duration) error {
 	m, err := f.db.GetMachine(ctx, id)
 	if err == nil && m.State != state {
@@ -221,6 +231,7 @@ func TestDrain(t *testing.T) {
 	machineOn(t, db, "data", "here", machine.Started, `{"guest":{"cpus":1,"memory_mb":512},"mounts":[{"volume":"v","path":"/data"}]}`)
 	machineOn(t, db, "big", "here", machine.Stopped, `{"guest":{"cpus":1,"memory_mb":65536}}`)
 	machineOn(t, db, "theirs", "other", machine.Started, `{"guest":{"cpus":1,"memory_mb":512}}`)
+	machineOn(t, db, "builder-shop", "here", machine.Stopped, `{"guest":{"cpus":1,"memory_mb":512}}`)
 	ms := &fakeMachines{db: db}
 	rep, err := c.Drain(ctx, ms)
 	if err != nil {
@@ -233,7 +244,8 @@ func TestDrain(t *testing.T) {
 	for _, k := range rep.Kept {
 		kept[k.Machine] = k.Why
 	}
-	if !strings.Contains(kept["data"], "volumes") || !strings.Contains(kept["big"], "not enough memory") || len(kept) != 2 {
+	if !strings.Contains(kept["data"], "volumes") || !strings.Contains(kept["big"], "not enough memory") ||
+		!strings.Contains(kept["builder-shop"], "cache") || len(kept) != 3 {
 		t.Fatalf("kept %v", kept)
 	}
 	if !slices.Equal(ms.stopped, []string{"run"}) || !slices.Equal(net.detached, []string{"run", "idle"}) {

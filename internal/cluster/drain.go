@@ -14,8 +14,11 @@ import (
 	"github.com/kilnhq/kiln/internal/store"
 )
 
-// Machines is what draining asks of this host's machines: stop one and wait for it.
+// Machines is what draining asks of this host's machines: stop one and wait for it,
+// and start one that now belongs to another host (which records the start; that host
+// claims it).
 type Machines interface {
+	Start(ctx context.Context, id string) error
 	Stop(ctx context.Context, id string) error
 	Wait(ctx context.Context, id string, state machine.State, timeout time.Duration) error
 }
@@ -69,6 +72,9 @@ func (c *Cluster) move(ctx context.Context, ms Machines, rec store.Machine) (to,
 	if len(cfg.Mounts) > 0 {
 		return "", "its volumes live on this host"
 	}
+	if machine.InternalApp(rec.App) {
+		return "", "a builder stays with its project's cache on this host"
+	}
 	if !c.cfg.Shared {
 		return "", "no other host shares this host's database"
 	}
@@ -97,7 +103,9 @@ func (c *Cluster) move(ctx context.Context, ms Machines, rec store.Machine) (to,
 	c.cfg.Store.Note(ctx, rec.ID, machine.Event{Type: "moved", Source: "kiln", Message: fmt.Sprintf("drained from host %s to host %s", c.cfg.Here.Name, to)})
 	if wasRunning {
 		// The new host claims it.
-		c.cfg.Store.Transition(ctx, rec.ID, machine.Stopped, machine.Starting, machine.Event{Type: string(machine.ActionStart), Source: "user"})
+		if err := ms.Start(ctx, rec.ID); err != nil {
+			c.logf("machine %s: starting it on host %s: %v", rec.ID, to, err)
+		}
 	}
 	return to, ""
 }
