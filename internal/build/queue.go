@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/cluster"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/store"
 )
@@ -396,17 +397,14 @@ func (s *Service) liveHosts(ctx context.Context) map[string]bool {
 		return nil
 	}
 	live := map[string]bool{}
+	now := time.Now()
 	for _, h := range hs {
-		if time.Since(h.HeartbeatAt) <= HostDownAfter {
+		if cluster.Live(h, now) { // down: its builds are taken over
 			live[h.Name] = true
 		}
 	}
 	return live
 }
-
-// HostDownAfter is how long a host may go without a heartbeat before its builds are
-// taken over.
-const HostDownAfter = 10 * time.Second
 
 // cacheHost is the host that ran the project's last successful build: its builder's
 // cache is there.

@@ -136,7 +136,7 @@ func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if s.Hosts != nil && b.Host != "" && b.Host != s.HostName && r.Header.Get(forwardedHeader) == "" && s.hostLive(r, b.Host) {
+	if s.Cluster != nil && b.Host != "" && b.Host != s.Cluster.Name() && r.Header.Get(forwardedHeader) == "" && s.Cluster.IsLive(r.Context(), b.Host) {
 		// The log of the build's last attempt is on the host that ran it.
 		s.forwardTo(w, r, b.Host, "build "+b.ID)
 		return nil

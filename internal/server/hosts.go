@@ -2,10 +2,9 @@ package server
 
 import (
 	"net/http"
-	"time"
 
 	"github.com/kilnhq/kiln/api"
-	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/internal/cluster"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
@@ -26,63 +25,42 @@ func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
 	if s.Capacity == nil {
 		return errdefs.New(errdefs.ErrMissingDependency, "this server keeps no capacity ledger")
 	}
-	local, used := s.Capacity.Hosts()
-	var hosts []capacity.Host
-	beats := map[string]time.Time{}
-	if s.Hosts != nil {
-		rows, err := s.Hosts.ListHosts(r.Context())
-		if err != nil {
+	var states []cluster.HostState
+	if s.Cluster != nil {
+		var err error
+		if states, err = s.Cluster.States(r.Context()); err != nil {
 			return err
-		}
-		running, err := s.Node.UsageByHost(r.Context())
-		if err != nil {
-			return err
-		}
-		for _, h := range rows {
-			hosts = append(hosts, capacity.Host{Name: h.Name, CPUs: h.CPUs, MemoryMiB: h.MemoryMiB, CPURatio: h.CPURatio, MemRatio: h.MemRatio,
-				ReserveCPUs: h.ReserveCPUs, ReserveMemoryMiB: h.ReserveMemoryMiB, Cordoned: h.Cordoned})
-			beats[h.Name] = h.HeartbeatAt
-			if h.Name != s.HostName {
-				used[h.Name] = running[h.Name]
-			}
 		}
 	} else {
-		hosts = local
+		local, used := s.Capacity.Hosts()
+		for _, h := range local {
+			states = append(states, cluster.HostState{Host: h, State: "up", Used: used[h.Name]})
+		}
 	}
 	out := []api.Host{}
-	for _, h := range hosts {
-		u := used[h.Name]
-		state := "up"
-		if h.Cordoned {
-			state = "cordoned"
-		}
-		if t, ok := beats[h.Name]; ok && time.Since(t) > HostDownAfter {
-			state = "down"
-		}
-		out = append(out, api.Host{Name: h.Name, State: state, CPUs: h.CPUs, MemoryMiB: h.MemoryMiB,
+	for _, h := range states {
+		out = append(out, api.Host{Name: h.Name, State: h.State, CPUs: h.CPUs, MemoryMiB: h.MemoryMiB,
 			CPUOvercommit: h.CPURatio, MemoryOvercommit: h.MemRatio, ReserveCPUs: h.ReserveCPUs, ReserveMemoryMiB: h.ReserveMemoryMiB,
-			CPUsOffered: h.AllowedCPUs(), MemoryOfferedMiB: h.AllowedMemoryMiB(), CPUsUsed: u.CPUs, MemoryUsedMiB: u.MemoryMiB})
+			CPUsOffered: h.AllowedCPUs(), MemoryOfferedMiB: h.AllowedMemoryMiB(), CPUsUsed: h.Used.CPUs, MemoryUsedMiB: h.Used.MemoryMiB})
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 
+// cordonHost cordons or uncordons a host; another host applies it at its next heartbeat.
 func (s *Server) cordonHost(c bool) func(http.ResponseWriter, *http.Request) error {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		if s.Capacity == nil {
 			return errdefs.New(errdefs.ErrMissingDependency, "this server keeps no capacity ledger")
 		}
 		name := r.PathValue("host")
-		if s.Hosts != nil {
-			if err := s.Hosts.SetHostCordoned(r.Context(), name, c); err != nil {
-				return err
-			}
-			if name != s.HostName {
-				writeJSON(w, http.StatusOK, api.OK{OK: true}) // that host applies it at its next heartbeat
-				return nil
-			}
+		var err error
+		if s.Cluster != nil {
+			err = s.Cluster.SetCordoned(r.Context(), name, c)
+		} else {
+			err = s.Capacity.SetCordoned(name, c)
 		}
-		if err := s.Capacity.SetCordoned(name, c); err != nil {
+		if err != nil {
 			return err
 		}
 		writeJSON(w, http.StatusOK, api.OK{OK: true})
@@ -94,29 +72,20 @@ func (s *Server) cordonHost(c bool) func(http.ResponseWriter, *http.Request) err
 // itself does the work, so a call made elsewhere goes to it.
 func (s *Server) drainHost(w http.ResponseWriter, r *http.Request) error {
 	name := r.PathValue("host")
-	if s.Hosts != nil && name != s.HostName {
+	if s.Cluster == nil {
+		return errdefs.New(errdefs.ErrNotFound, "no host %s: this server keeps no host registry", name)
+	}
+	if name != s.Cluster.Name() {
 		if r.Header.Get(forwardedHeader) != "" {
 			return errdefs.New(errdefs.ErrNotFound, "no host %s here", name)
 		}
 		s.forwardTo(w, r, name, "host "+name)
 		return nil
 	}
-	if s.Capacity == nil || (s.Hosts == nil && name != s.HostName) {
-		return errdefs.New(errdefs.ErrNotFound, "no host %s: list them with `kiln host ls`", name)
-	}
-	if s.Hosts != nil {
-		if err := s.Hosts.SetHostCordoned(r.Context(), name, true); err != nil {
-			return err
-		}
-	}
-	if err := s.Capacity.SetCordoned(name, true); err != nil {
-		return err
-	}
-	rep, err := s.Node.Drain(r.Context(), s.Hosts)
+	rep, err := s.Cluster.Drain(r.Context(), s.Node)
 	if err != nil {
 		return err
 	}
-	rep.Host = name
 	writeJSON(w, http.StatusOK, rep)
 	return nil
 }

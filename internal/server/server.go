@@ -21,12 +21,14 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/internal/cluster"
 	"github.com/kilnhq/kiln/internal/connlimit"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/limits"
 	"github.com/kilnhq/kiln/internal/machine"
-	"github.com/kilnhq/kiln/internal/node"
+	"github.com/kilnhq/kiln/internal/machinelog"
+	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/volume"
 )
@@ -34,15 +36,15 @@ import (
 // Server serves the API.
 type Server struct {
 	Store  store.Store
-	Node   *node.Manager
+	Node   *machines.Service
 	Images interface {
 		// LoadAs loads the tarball at path; errors call it name.
 		LoadAs(ctx context.Context, path, name string, extra ...string) (string, []string, error)
 	}
-	// Hosts, when set, is the cluster's host registry: calls about a machine another
-	// host runs go to that host, and GET /v1/hosts lists them all. HostName is this one.
-	Hosts    store.Hosts
-	HostName string
+	// Cluster, when set, knows the hosts sharing the database (a single host included):
+	// calls about a machine or build another host runs go to that host, GET /v1/hosts
+	// lists them all, and it cordons and drains hosts.
+	Cluster *cluster.Cluster
 	// Capacity is this server's capacity ledger, shown by GET /v1/hosts.
 	Capacity *capacity.Ledger
 	// Limits lists every limit the server enforces, for GET /v1/limits.
@@ -152,6 +154,12 @@ func (s *Server) Handler() http.Handler {
 				writeError(w, errdefs.New(errdefs.ErrUnavailable, "kiln is starting and adopting its running machines: retry in a moment"))
 				return
 			}
+			if app := req.PathValue("app"); machine.InternalApp(app) {
+				// kiln's own machines (builders) are not the API's: their app does not
+				// exist for callers, whatever the store holds.
+				writeError(w, errdefs.New(errdefs.ErrNotFound, "app %s not found: list apps with `kiln app ls`", app))
+				return
+			}
 			if strings.Contains(r.Path, "/machines/{id}") && s.forward(w, req) {
 				return
 			}
@@ -221,6 +229,9 @@ func (s *Server) listApps(w http.ResponseWriter, r *http.Request) error {
 	}
 	apps := []api.App{}
 	for _, n := range names {
+		if machine.InternalApp(n) {
+			continue
+		}
 		apps = append(apps, api.App{Name: n})
 	}
 	writeJSON(w, http.StatusOK, apps)
@@ -404,15 +415,7 @@ func (s *Server) restartMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if m.State == machine.Started {
-		if err := s.Node.Stop(r.Context(), m.ID); err != nil {
-			return err
-		}
-		if err := s.Node.Wait(r.Context(), m.ID, machine.Stopped, 2*time.Minute); err != nil {
-			return err
-		}
-	}
-	if err := s.Node.Start(r.Context(), m.ID); err != nil {
+	if err := s.Node.Restart(r.Context(), m.ID); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.OK{OK: true})
@@ -515,7 +518,7 @@ func (s *Server) machineLogs(w http.ResponseWriter, r *http.Request) error {
 	w.WriteHeader(http.StatusOK)
 	flusher, _ := w.(http.Flusher)
 	enc := json.NewEncoder(w)
-	return node.ReadLogs(s.Node.LogDir(m.ID), follow, r.Context().Done(), func(l api.LogLine) error {
+	return machinelog.Read(s.Node.LogDir(m.ID), follow, r.Context().Done(), func(l api.LogLine) error {
 		if err := enc.Encode(l); err != nil {
 			return err
 		}

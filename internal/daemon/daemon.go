@@ -1,0 +1,335 @@
+// Package daemon assembles a kiln server: it opens the store, prepares the VM runtime on
+// the chosen VMM, joins the cluster, opens the network, the proxy and the API, and runs
+// them until its context ends. Each part is made with its dependencies, in one order;
+// each pushes its cleanup on one stack, which unwinds on a failed start and at shutdown.
+//
+// cmd/kiln parses `kiln server`'s flags into Options and calls Run; nothing else does.
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	stdruntime "runtime"
+	"strings"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/assets"
+	"github.com/kilnhq/kiln/internal/atomicfile"
+	"github.com/kilnhq/kiln/internal/build"
+	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/internal/cluster"
+	"github.com/kilnhq/kiln/internal/connlimit"
+	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/limits"
+	"github.com/kilnhq/kiln/internal/machines"
+	"github.com/kilnhq/kiln/internal/network"
+	"github.com/kilnhq/kiln/internal/proxy"
+	"github.com/kilnhq/kiln/internal/registry"
+	"github.com/kilnhq/kiln/internal/server"
+	"github.com/kilnhq/kiln/internal/store/sqlstore"
+	"github.com/kilnhq/kiln/internal/vmm"
+	"github.com/kilnhq/kiln/internal/vmrun"
+)
+
+// shutdownGrace is how long requests in flight get at shutdown.
+const shutdownGrace = 5 * time.Second
+
+// Run runs a server until ctx ends (nil: a clean stop) or its API fails. Machines keep
+// running when it returns; the next Run adopts them.
+func Run(ctx context.Context, o Options, h Host) error {
+	if err := o.check(); err != nil {
+		return err
+	}
+	log := io.Writer(os.Stderr)
+	logf := func(format string, args ...any) { fmt.Fprintf(log, "kiln: "+format+"\n", args...) }
+	hostName, _ := os.Hostname()
+	here, err := o.here(hostName, stdruntime.NumCPU(), vmm.HostMemoryMiB())
+	if err != nil {
+		return err
+	}
+	var stack cleanups
+	defer stack.unwind()
+
+	dataDir := o.DataDir
+	if err := privateDataDir(dataDir); err != nil {
+		return err
+	}
+	h.Reap(ctx)
+	tok, created, err := adminToken(dataDir)
+	if err != nil {
+		return err
+	}
+	if created {
+		logf("created the admin token: %s", filepath.Join(dataDir, "admin-token"))
+	} else {
+		logf("admin token: %s", filepath.Join(dataDir, "admin-token"))
+	}
+	dsn := o.DB
+	if dsn == "" {
+		dsn = filepath.Join(dataDir, "kiln.db")
+	}
+	shared := sqlstore.IsPostgres(dsn)
+	db, err := sqlstore.Open(ctx, dsn)
+	if err != nil {
+		return err
+	}
+	stack.push(func() { db.Close() })
+	if shared {
+		// The first host's token is everyone's: API calls and registry pulls between
+		// hosts carry it.
+		if tok, err = sharedToken(ctx, db, dataDir, tok, logf); err != nil {
+			return err
+		}
+	}
+	uids, _ := vmrun.ParseUIDRange(o.VMUIDs) // check read it
+	rt, accel, err := h.Runtime(ctx, o.VMM)
+	if err != nil {
+		return err
+	}
+	rt.UIDs = uids
+
+	// Listen first: the built-in registry's address is where machines pull localhost/ images.
+	ln, err := net.Listen("tcp", o.Listen)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w (another kiln server? choose one with --listen)", o.Listen, err)
+	}
+	stack.push(func() { ln.Close() })
+	advertise := o.Advertise
+	if advertise == "" {
+		advertise = "http://" + ln.Addr().String()
+	}
+	ledger := capacity.NewLedger(here)
+
+	var nets *network.Manager
+	if o.Network {
+		if nets, err = openNetwork(ctx, o, dataDir, dsn, log); err != nil {
+			return err
+		}
+		stack.push(func() { nets.Close() })
+	}
+	// The host registry carries cordons on a single host too; with PostgreSQL, hosts
+	// share it: new machines go where they fit best, each host runs those placed on it,
+	// and calls about another host's machine go there.
+	ccfg := cluster.Config{Store: db, Here: here, APIURL: advertise, Shared: shared, Ledger: ledger, Log: log}
+	if nets != nil {
+		ccfg.Net = nets
+	}
+	hosts := cluster.New(ccfg)
+	if err := hosts.Join(ctx); err != nil {
+		return err
+	}
+	bg := background(ctx, &stack)
+	bg.run(hosts.Heartbeat)
+	if nets != nil {
+		bg.run(func(ctx context.Context) { blockPeers(ctx, hosts, nets, logf) })
+	}
+
+	images := image.Registries{Local: ln.Addr().String(), Token: tok}
+	if shared {
+		images.Peers = hosts.PeerRegistries
+	}
+	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), tok)
+	rootfs := RootfsCache(dataDir, o.ImageMaxBytes)
+	if err := rootfs.RemoveStale(); err != nil {
+		return fmt.Errorf("cleaning interrupted image conversions: %w", err)
+	}
+	builds, err := buildService(ctx, o, h, db, rt, images, log)
+	if err != nil {
+		return err
+	}
+	if builds != nil {
+		if nets != nil {
+			builds.Builders.Net = nets
+		}
+		if shared {
+			builds.Host, builds.Hosts = here.Name, db
+		}
+	}
+	mgr := newMachines(o, db, rt, images, rootfs, ledger, nets, hosts, builds)
+	stack.push(mgr.Close)
+
+	httpLim, _ := o.httpLimits() // check read it
+	httpLim.Log = logf
+	if files := connlimit.OpenFileLimit(); files > 0 && uint64(o.APIMaxUnauth+o.ProxyMaxPending+2*o.TCPMaxConns) >= files {
+		logf("the connection caps (--api-max-unauthenticated-conns, --proxy-max-pending-conns, twice --tcp-max-conns) add up to more than the %d files this process may open: raise its hard limit (systemd LimitNOFILE) or lower them", files)
+	}
+	var px *proxy.Proxy
+	if o.ProxyListen != "off" {
+		px = proxy.New(proxyMachines{db: db, mgr: mgr, nets: nets, wake: o.Wake}, proxy.Config{
+			HTTPAddr: o.ProxyListen, Domain: o.Domain, IdleTimeout: o.Idle, WakeTimeout: o.Wake, Log: log,
+			HTTP: httpLim.Pending(o.ProxyMaxPending, ""), TCPMaxConns: o.TCPMaxConns, TCPIdleTimeout: o.TCPIdle})
+		if err := px.Listen(); err != nil {
+			return err
+		}
+	}
+	registerLimits(limits.Default, o, here, builds)
+
+	apiSrv := &server.Server{Cluster: hosts, Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds,
+		Capacity: ledger, Limits: limits.Default}
+	apiSrv.Recovering.Store(true)
+	srv, apiLn := connlimit.NewServer(ln, apiSrv.Handler(), httpLim.Pending(o.APIMaxUnauth, "the API (--api-max-unauthenticated-conns)"))
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(apiLn) }()
+	stack.push(func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
+		defer cancel()
+		srv.Shutdown(sctx)
+	})
+	// Recovery may need images from the registry, so it runs once the server serves;
+	// the API answers 503 until it is done.
+	if err := mgr.Recover(ctx); err != nil {
+		return fmt.Errorf("recovering machines: %w", err)
+	}
+	apiSrv.Recovering.Store(false)
+	if builds != nil {
+		// Builders are machines: like them they keep running when kiln stops, and the
+		// next kiln adopts them with their caches (an interrupted build goes on in the
+		// same builder).
+		background(ctx, &stack).run(builds.Run)
+	}
+	late := background(ctx, &stack)
+	if shared {
+		late.run(func(ctx context.Context) { hosts.ClaimEvery(ctx, mgr) })
+	}
+	if px != nil {
+		late.run(px.Run)
+		logf("proxy serves http://<app>.%s on %s", o.Domain, px.Addr())
+	}
+	logf("serving the API and the image registry on http://%s (accelerator %s)", ln.Addr(), accel)
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return err
+	}
+	stack.unwind()
+	logf("stopped; machines keep running and are adopted at the next start")
+	return nil
+}
+
+// newMachines makes the machines service: the one place its dependencies are chosen.
+// Builders are machines of its own (build.BuildersApp), so builds, if on, use it.
+func newMachines(o Options, db *sqlstore.DB, rt *vmrun.Runtime, images image.Registries, rootfs image.Cache,
+	ledger *capacity.Ledger, nets *network.Manager, hosts *cluster.Cluster, builds *build.Service) *machines.Service {
+	cfg := machines.Config{Store: db, VMs: rt, Images: images, Rootfs: rootfs, Dir: filepath.Join(o.DataDir, "machines"), Log: os.Stderr,
+		Capacity: ledger, CapacityWait: o.CapacityWait, Host: hosts.HomeHost()}
+	if nets != nil {
+		cfg.Net = nets
+	}
+	if hosts.Shared() {
+		cfg.Place = hosts.Place
+	}
+	if builds != nil {
+		cfg.Internal = map[string]machines.Internal{build.BuildersApp: builds.Builders}
+	}
+	ms := machines.New(cfg)
+	if builds != nil {
+		builds.Builders.Use(ms)
+	}
+	return ms
+}
+
+// group runs background loops under one context, cancelled and waited for by the
+// cleanup pushed when the group is made.
+type group struct {
+	ctx  context.Context
+	done []chan struct{}
+}
+
+// background starts a group whose loops stop, and are waited for, when the stack
+// unwinds to it.
+func background(ctx context.Context, stack *cleanups) *group {
+	gctx, cancel := context.WithCancel(ctx)
+	g := &group{ctx: gctx}
+	stack.push(func() {
+		cancel()
+		for _, d := range g.done {
+			<-d
+		}
+	})
+	return g
+}
+
+func (g *group) run(loop func(ctx context.Context)) {
+	d := make(chan struct{})
+	g.done = append(g.done, d)
+	go func() {
+		defer close(d)
+		loop(g.ctx)
+	}()
+}
+
+// RootfsCache is where converted images live; the server and `kiln vm run --image`
+// share it.
+func RootfsCache(dataDir string, maxBytes int64) image.Cache {
+	return image.Cache{Dir: filepath.Join(dataDir, "images", "rootfs"), Limits: image.Limits{MaxBytes: maxBytes}}
+}
+
+// adminToken reads DATA_DIR/admin-token, creating it on first start.
+func adminToken(dataDir string) (string, bool, error) {
+	p := filepath.Join(dataDir, "admin-token")
+	if b, err := os.ReadFile(p); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		return strings.TrimSpace(string(b)), false, nil
+	}
+	var b [32]byte
+	rand.Read(b[:])
+	tok := hex.EncodeToString(b[:])
+	if err := atomicfile.WriteFile(p, []byte(tok+"\n"), 0o600); err != nil {
+		return "", false, err
+	}
+	return tok, true, nil
+}
+
+// sharedToken is the cluster's admin token: the first host's, which this host then
+// keeps in its data dir.
+func sharedToken(ctx context.Context, db *sqlstore.DB, dataDir, tok string, logf func(string, ...any)) (string, error) {
+	shared, err := db.Setting(ctx, "admin_token", tok)
+	if err != nil || shared == tok {
+		return tok, err
+	}
+	atomicfile.WriteFile(filepath.Join(dataDir, "admin-token"), []byte(shared+"\n"), 0o600)
+	logf("using the cluster's admin token (written to %s)", filepath.Join(dataDir, "admin-token"))
+	return shared, nil
+}
+
+// privateDataDir makes DATA_DIR its owner's alone, and tightens one that an older kiln
+// or another command made open: it holds the admin token, the database, machines' logs
+// and volumes. VMMs running as other users are handed open descriptors, not paths.
+func privateDataDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	return os.Chmod(dir, 0o700)
+}
+
+// buildService sets up builds, or returns nil (builds off, said in the log) where the
+// builder root filesystem is missing.
+func buildService(ctx context.Context, o Options, h Host, db *sqlstore.DB, rt *vmrun.Runtime, images image.Registries, log io.Writer) (*build.Service, error) {
+	rootfs, err := assets.EnsureBuilder(ctx, assets.Options{Dir: h.AssetsDir}, h.Buildkitd)
+	if err != nil {
+		fmt.Fprintf(log, "kiln: builds are off: %v\n", err)
+		return nil, nil
+	}
+	return &build.Service{
+		Store: db,
+		Builders: &build.Builders{RT: rt, Rootfs: rootfs, Dir: filepath.Join(o.DataDir, "builders"),
+			CacheBytes: o.BuildCacheBytes, KeepBytes: o.BuildCacheBytes * 6 / 10, CPUs: o.BuilderCPUs, MemoryMiB: o.BuilderMemory,
+			Idle: o.BuilderIdle, Log: log},
+		Bases:           &build.Bases{Dir: filepath.Join(o.DataDir, "build-bases")},
+		Images:          images,
+		Dir:             filepath.Join(o.DataDir, "builds"),
+		MaxContextBytes: o.BuildMaxContext,
+		MaxLogBytes:     16 << 20,
+		MaxAttempts:     3,
+		Backoff:         2 * time.Second,
+		MaxConcurrent:   o.MaxBuilds,
+		KeepImages:      o.ImagesKept,
+		Git:             build.GitOptions{AllowFile: o.GitAllowFile, Timeout: o.GitTimeout},
+		Log:             log,
+	}, nil
+}
