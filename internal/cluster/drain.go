@@ -100,7 +100,7 @@ func (c *Cluster) move(ctx context.Context, ms Machines, rec store.Machine) (to,
 	if c.cfg.Net != nil {
 		c.cfg.Net.Detach(ctx, rec.ID)
 	}
-	c.cfg.Store.Note(ctx, rec.ID, machine.Event{Type: "moved", Source: "kiln", Message: fmt.Sprintf("drained from host %s to host %s", c.cfg.Here.Name, to)})
+	c.cfg.Store.Note(ctx, rec.ID, machine.Event{Type: string(machine.EvMoved), Source: machine.SourceKiln, Message: fmt.Sprintf("drained from host %s to host %s", c.cfg.Here.Name, to)})
 	if wasRunning {
 		// The new host claims it.
 		if err := ms.Start(ctx, rec.ID); err != nil {

@@ -472,7 +472,7 @@ func (s *DB) UpdateConfig(ctx context.Context, id string, version int, config []
 	if err != nil {
 		return err
 	}
-	if err := s.appendEvent(ctx, tx, id, machine.Event{Type: "update", Status: state, Source: "user"}); err != nil {
+	if err := s.appendEvent(ctx, tx, id, machine.Event{Type: string(machine.EvUpdate), Status: state, Source: machine.SourceUser}); err != nil {
 		return err
 	}
 	return tx.Commit()
