@@ -439,10 +439,8 @@ func (s *Server) waitMachine(w http.ResponseWriter, r *http.Request) error {
 		}
 		timeout = time.Duration(n) * time.Second
 	}
+	// A wait that runs out is ErrTimeout (408) from Wait itself.
 	if err := s.Node.Wait(r.Context(), m.ID, state, timeout); err != nil {
-		if errors.Is(err, errdefs.ErrUnavailable) {
-			return errdefs.Wrap(errdefs.ErrTimeout, err, "waiting for machine %s", m.ID)
-		}
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.OK{OK: true})
