@@ -4,9 +4,7 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/subtle"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -339,12 +337,8 @@ func (s *Server) machine(r *http.Request) (store.Machine, error) {
 	// While a lease holds, only its holder changes the machine (taking the lease itself
 	// is checked by the store).
 	if r.Method != "GET" && !strings.HasSuffix(r.Pattern, "/lease") {
-		l, err := s.Store.Lease(r.Context(), m.ID)
-		if err != nil {
+		if err := s.Node.CheckLease(r.Context(), m.ID, r.Header.Get(api.LeaseHeader)); err != nil {
 			return m, err
-		}
-		if l.Nonce != "" && r.Header.Get(api.LeaseHeader) != l.Nonce {
-			return m, errdefs.New(errdefs.ErrConflict, "machine %s is leased (%s) until %s: send its nonce in the %s header", m.ID, l.Description, l.ExpiresAt.Format(time.RFC3339), api.LeaseHeader)
 		}
 	}
 	return m, nil
@@ -675,15 +669,10 @@ func (s *Server) getLease(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	l, err := s.Store.Lease(r.Context(), m.ID)
+	l, err := s.Node.Lease(r.Context(), m.ID)
 	if err != nil {
 		return err
 	}
-	if l.Nonce == "" {
-		return errdefs.New(errdefs.ErrNotFound, "machine %s has no lease", m.ID)
-	}
-	// The nonce is the holder's secret.
-	l.Nonce = ""
 	writeJSON(w, http.StatusOK, leaseAPI(l))
 	return nil
 }
@@ -699,14 +688,8 @@ func (s *Server) takeLease(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 	}
-	if req.TTL == 0 {
-		req.TTL = 30
-	}
-	if req.TTL < 1 || req.TTL > 3600 {
-		return errdefs.Invalid("ttl=%d: give seconds from 1 to 3600", req.TTL)
-	}
-	l := store.Lease{Nonce: newNonce(), ExpiresAt: time.Now().Add(time.Duration(req.TTL) * time.Second), Description: req.Description}
-	if err := s.Store.SetLease(r.Context(), m.ID, r.Header.Get(api.LeaseHeader), l); err != nil {
+	l, err := s.Node.TakeLease(r.Context(), m.ID, r.Header.Get(api.LeaseHeader), time.Duration(req.TTL)*time.Second, req.Description)
+	if err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, leaseAPI(l))
@@ -718,17 +701,11 @@ func (s *Server) releaseLease(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if err := s.Store.SetLease(r.Context(), m.ID, r.Header.Get(api.LeaseHeader), store.Lease{}); err != nil {
+	if err := s.Node.ReleaseLease(r.Context(), m.ID, r.Header.Get(api.LeaseHeader)); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.OK{OK: true})
 	return nil
-}
-
-func newNonce() string {
-	var b [16]byte
-	rand.Read(b[:])
-	return hex.EncodeToString(b[:])
 }
 
 func (s *Server) getMetadata(w http.ResponseWriter, r *http.Request) error {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
@@ -88,7 +89,9 @@ func TestLeaseHoldsForEveryChange(t *testing.T) {
 	defer db.Close()
 	db.CreateApp(ctx, "web")
 	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
-	srv := httptest.NewServer((&server.Server{Store: db, Token: "t"}).Handler())
+	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
+	defer ms.Close()
+	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
 	defer srv.Close()
 	do := func(method, path, body, nonce string) int {
 		req, _ := http.NewRequest(method, srv.URL+"/v1/apps/web/machines/m1"+path, strings.NewReader(body))
@@ -113,5 +116,54 @@ func TestLeaseHoldsForEveryChange(t *testing.T) {
 	}
 	if code := do("POST", "/cordon", "", ""); code != 409 {
 		t.Errorf("cordon without the nonce: %d", code)
+	}
+}
+
+// kiln's own machines (builders, app _builders) are not the API's: the app is not
+// listed, and nothing under it can be read or changed, whatever the store holds.
+func TestInternalAppsAreHidden(t *testing.T) {
+	ctx := context.Background()
+	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.CreateApp(ctx, "web")
+	db.CreateApp(ctx, "_builders")
+	db.CreateMachine(ctx, store.Machine{ID: "builder-shop", App: "_builders", Name: "shop", State: machine.Created, Config: []byte(`{}`)}, machine.Event{Type: "launch", Source: "kiln"})
+	srv := httptest.NewServer((&server.Server{Store: db, Token: "t"}).Handler())
+	defer srv.Close()
+	do := func(method, path string) int {
+		req, _ := http.NewRequest(method, srv.URL+path, nil)
+		req.Header.Set("Authorization", "Bearer t")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	req, _ := http.NewRequest("GET", srv.URL+"/v1/apps", nil)
+	req.Header.Set("Authorization", "Bearer t")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var apps []api.App
+	json.NewDecoder(resp.Body).Decode(&apps)
+	resp.Body.Close()
+	if len(apps) != 1 || apps[0].Name != "web" {
+		t.Fatalf("apps listed: %+v, want only web", apps)
+	}
+	for _, c := range []struct{ method, path string }{
+		{"GET", "/v1/apps/_builders"},
+		{"GET", "/v1/apps/_builders/machines"},
+		{"GET", "/v1/apps/_builders/machines/builder-shop"},
+		{"POST", "/v1/apps/_builders/machines/builder-shop/stop"},
+		{"DELETE", "/v1/apps/_builders/machines/builder-shop"},
+	} {
+		if code := do(c.method, c.path); code != 404 {
+			t.Errorf("%s %s: %d, want 404", c.method, c.path, code)
+		}
 	}
 }

@@ -1,0 +1,68 @@
+package machines
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"time"
+
+	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/store"
+)
+
+// A lease is an exclusive claim on a machine, as Fly's: while it holds, only the
+// holder of its nonce changes the machine. The store compares and swaps it.
+
+// DefaultLeaseTTL is a lease's life when the request names none; MaxLeaseTTL bounds it.
+const (
+	DefaultLeaseTTL = 30 * time.Second
+	MaxLeaseTTL     = time.Hour
+)
+
+// Lease returns the lease that holds the machine, without its nonce (the holder's
+// secret); ErrNotFound if none holds.
+func (s *Service) Lease(ctx context.Context, id string) (store.Lease, error) {
+	l, err := s.cfg.Store.Lease(ctx, id)
+	if err != nil {
+		return l, err
+	}
+	if l.Nonce == "" {
+		return l, errdefs.New(errdefs.ErrNotFound, "machine %s has no lease", id)
+	}
+	l.Nonce = ""
+	return l, nil
+}
+
+// TakeLease takes the machine's lease for ttl (0: DefaultLeaseTTL), or renews it when
+// holder is the current nonce. A lease someone else holds is ErrConflict.
+func (s *Service) TakeLease(ctx context.Context, id, holder string, ttl time.Duration, description string) (store.Lease, error) {
+	if ttl == 0 {
+		ttl = DefaultLeaseTTL
+	}
+	if ttl < time.Second || ttl > MaxLeaseTTL {
+		return store.Lease{}, errdefs.Invalid("ttl=%d: give seconds from 1 to %d", int(ttl/time.Second), int(MaxLeaseTTL/time.Second))
+	}
+	var b [16]byte
+	rand.Read(b[:])
+	l := store.Lease{Nonce: hex.EncodeToString(b[:]), ExpiresAt: time.Now().Add(ttl), Description: description}
+	return l, s.cfg.Store.SetLease(ctx, id, holder, l)
+}
+
+// ReleaseLease lets go of the machine's lease; holder must be its nonce.
+func (s *Service) ReleaseLease(ctx context.Context, id, holder string) error {
+	return s.cfg.Store.SetLease(ctx, id, holder, store.Lease{})
+}
+
+// CheckLease refuses a change to the machine unless no lease holds it or nonce is the
+// lease's.
+func (s *Service) CheckLease(ctx context.Context, id, nonce string) error {
+	l, err := s.cfg.Store.Lease(ctx, id)
+	if err != nil {
+		return err
+	}
+	if l.Nonce != "" && nonce != l.Nonce {
+		return errdefs.New(errdefs.ErrConflict, "machine %s is leased (%s) until %s: send its nonce in the %s header", id, l.Description, l.ExpiresAt.Format(time.RFC3339), api.LeaseHeader)
+	}
+	return nil
+}
