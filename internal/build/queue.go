@@ -358,6 +358,11 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 		if infrastructure(err) {
 			return out, errInfra{err}
 		}
+		if cacheFull(ctx, bd) {
+			// The retry finds the cache emptied.
+			s.checkFull(ctx, bd, c, capped)
+			return out, errInfra{fmt.Errorf("the cache volume of %s filled up: %w", b.Project, err)}
+		}
 		return out, err
 	}
 	s.checkFull(ctx, bd, c, capped)
@@ -445,12 +450,21 @@ func (s *Service) takeOver(ctx context.Context) {
 }
 
 // infrastructure says whether a solve error, with the builder still healthy, is kiln's
-// side failing rather than the build: the connection to buildkitd, or a full cache volume.
+// side failing rather than the build: buildkitd's connection (gRPC's status code, not
+// the message's text).
 func infrastructure(err error) bool {
 	switch status.Code(err) {
 	case codes.Unavailable, codes.ResourceExhausted:
 		return true
 	}
-	msg := err.Error()
-	return strings.Contains(msg, "no space left on device") || strings.Contains(msg, "transport is closing") || strings.Contains(msg, "session ended")
+	return false
+}
+
+// cacheFull says whether the builder's cache volume is over ResetAbove after a failed
+// step: a full disk is kiln's side (checkFull resets the cache), whatever the step
+// printed. It is measured, not read from BuildKit's message, which carries ENOSPC only
+// as text.
+func cacheFull(ctx context.Context, bd *Builder) bool {
+	total, used, err := usage(ctx, bd)
+	return err == nil && total > 0 && float64(used)/float64(total) > ResetAbove
 }
