@@ -2,11 +2,9 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"time"
 
-	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/machines"
@@ -19,8 +17,7 @@ import (
 // the machines service, like any API call.
 type proxyMachines struct {
 	db interface {
-		ListApps(ctx context.Context) ([]string, error)
-		ListMachines(ctx context.Context, app string) ([]store.Machine, error)
+		AllMachines(ctx context.Context) ([]store.Machine, error)
 	}
 	mgr  *machines.Service
 	nets *network.Manager
@@ -28,27 +25,21 @@ type proxyMachines struct {
 }
 
 func (p proxyMachines) Targets(ctx context.Context) ([]proxy.Target, error) {
-	apps, err := p.db.ListApps(ctx)
+	ms, err := p.db.AllMachines(ctx)
 	if err != nil {
 		return nil, err
 	}
 	var out []proxy.Target
-	for _, app := range apps {
-		ms, err := p.db.ListMachines(ctx, app)
-		if err != nil {
-			return nil, err
+	for _, m := range ms {
+		cfg := machine.DecodeConfig(m.Config)
+		if len(cfg.Services) == 0 || m.State == machine.Destroyed {
+			continue
 		}
-		for _, m := range ms {
-			var cfg api.MachineConfig
-			if json.Unmarshal(m.Config, &cfg); len(cfg.Services) == 0 || m.State == machine.Destroyed {
-				continue
-			}
-			l, ok := p.nets.Lookup(m.ID)
-			if !ok {
-				continue // never booted yet: it gets its address on its first start
-			}
-			out = append(out, proxy.Target{ID: m.ID, App: app, State: m.State, Addr: l.Addr.Addr(), Services: cfg.Services})
+		l, ok := p.nets.Lookup(m.ID)
+		if !ok {
+			continue // never booted yet: it gets its address on its first start
 		}
+		out = append(out, proxy.Target{ID: m.ID, App: m.App, State: m.State, Addr: l.Addr.Addr(), Services: cfg.Services})
 	}
 	return out, nil
 }

@@ -23,23 +23,17 @@ func (s *Service) checkPorts(ctx context.Context, app, self string, cfg api.Mach
 		http         bool
 	}
 	taken := map[int]use{}
-	apps, err := s.cfg.Store.ListApps(ctx)
+	ms, err := s.cfg.Store.AllMachines(ctx)
 	if err != nil {
 		return err
 	}
-	for _, other := range apps {
-		ms, err := s.cfg.Store.ListMachines(ctx, other)
-		if err != nil {
-			return err
+	for _, rec := range ms {
+		if rec.ID == self || rec.State == machine.Destroyed || rec.State == machine.Destroying {
+			continue
 		}
-		for _, rec := range ms {
-			if rec.ID == self || rec.State == machine.Destroyed || rec.State == machine.Destroying {
-				continue
-			}
-			for _, svc := range machine.DecodeConfig(rec.Config).Services {
-				for _, p := range svc.Ports {
-					taken[p.Port] = use{other, rec.ID, len(p.Handlers) > 0}
-				}
+		for _, svc := range machine.DecodeConfig(rec.Config).Services {
+			for _, p := range svc.Ports {
+				taken[p.Port] = use{rec.App, rec.ID, len(p.Handlers) > 0}
 			}
 		}
 	}

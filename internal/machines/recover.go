@@ -15,20 +15,18 @@ import (
 // volumes held by machines that are gone are let go.
 func (s *Service) Recover(ctx context.Context) error {
 	var mine []store.Machine
-	apps, err := s.cfg.Store.ListApps(ctx)
+	all, err := s.cfg.Store.AllMachines(ctx)
 	if err != nil {
 		return err
 	}
-	for _, app := range apps {
-		ms, err := s.cfg.Store.ListMachines(ctx, app)
-		if err != nil {
-			return err
+	for _, rec := range all {
+		if s.Mine(rec) && rec.State != machine.Destroyed {
+			mine = append(mine, rec)
 		}
-		for _, rec := range ms {
-			if s.Mine(rec) && rec.State != machine.Destroyed {
-				mine = append(mine, rec)
-			}
-		}
+	}
+	apps, err := s.cfg.Store.ListApps(ctx)
+	if err != nil {
+		return err
 	}
 	if s.cfg.Net != nil {
 		// Devices first: VMs about to be adopted or resumed need their TAP devices, and

@@ -71,6 +71,10 @@ type Store interface {
 	GetMachine(ctx context.Context, id string) (Machine, error)
 	// ListMachines lists an app's machines, oldest first; an unknown app is ErrNotFound.
 	ListMachines(ctx context.Context, app string) ([]Machine, error)
+	// AllMachines lists every machine of every app and host, destroyed ones too, oldest
+	// first: one query where a caller must see them all (public ports, the proxy's
+	// targets, recovery).
+	AllMachines(ctx context.Context) ([]Machine, error)
 	// Transition moves a machine from → to if the transition table allows it and the
 	// machine is still in from, and appends ev, atomically. Otherwise it changes nothing
 	// and returns ErrConflict (or ErrNotFound).

@@ -806,6 +806,11 @@ func (s *DB) MoveMachine(ctx context.Context, id, host string) error {
 	return nil
 }
 
+// AllMachines lists every machine, of every app and host, oldest first.
+func (s *DB) AllMachines(ctx context.Context) ([]store.Machine, error) {
+	return s.queryMachines(ctx, `SELECT `+machineCols+` FROM machines ORDER BY created_at, id`)
+}
+
 // MachinesOnHost lists the machines placed on host, of every app, oldest first.
 func (s *DB) MachinesOnHost(ctx context.Context, host string) ([]store.Machine, error) {
 	return s.queryMachines(ctx, `SELECT `+machineCols+` FROM machines WHERE host = ? ORDER BY created_at, id`, host)
