@@ -173,10 +173,24 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 			return nil
 		}}
 	cache.AddCommand(show, prune)
-	for _, sub := range []*cobra.Command{show, prune} {
+	builder := &cobra.Command{Use: "builder", Short: "The project's builder VM"}
+	rm := &cobra.Command{Use: "rm --project P", Short: "Destroy the project's builder VM (it outlives `kiln server` restarts); its cache stays", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			project, cl, err := projectClient(af, g, opProject)
+			if err != nil {
+				return err
+			}
+			if err := cl.RemoveBuilder(cmd.Context(), project); err != nil {
+				return err
+			}
+			fmt.Printf("destroyed the builder of %s; its cache stays\n", project)
+			return nil
+		}}
+	builder.AddCommand(rm)
+	for _, sub := range []*cobra.Command{show, prune, rm} {
 		sub.Flags().StringVar(&opProject, "project", os.Getenv("KILN_PROJECT"), "project (env KILN_PROJECT)")
 	}
-	c.AddCommand(ls, logs, cancel, cache)
+	c.AddCommand(ls, logs, cancel, cache, builder)
 	return c
 }
 

@@ -132,11 +132,23 @@ CMD ["sh", "-c", "cat /out; sleep 600"]
 		t.Errorf("build logs: %d %s", code, out)
 	}
 	os.Remove(filepath.Join(dir, "Dockerfile"))
-	if _, errs, code := srv.kiln("", "build", dir, "--project", "shop"); code == 0 || !strings.Contains(errs, "no Dockerfile at Dockerfile") {
+	if _, errs, code := srv.kiln("", "build", dir, "--project", "shop"); code != 2 || !strings.Contains(errs, "no Dockerfile at "+filepath.Join(dir, "Dockerfile")) {
 		t.Errorf("missing Dockerfile: exit %d: %s", code, errs)
 	}
+	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\n"), 0o644)
 	if _, errs, code := srv.kiln("", "build", dir, "--project", "Bad_Name"); code == 0 || !strings.Contains(errs, "project name") {
 		t.Errorf("bad project: exit %d: %s", code, errs)
+	}
+	// The builder outlives the server (it is adopted at the next start) until it is
+	// removed; its cache stays.
+	if out, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "shop"); code != 0 || !strings.Contains(out, "cache stays") {
+		t.Errorf("build builder rm: exit %d: %s%s", code, out, errs)
+	}
+	if _, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "shop"); code == 0 || !strings.Contains(errs, "has no builder") {
+		t.Errorf("build builder rm of a removed builder: exit %d: %s", code, errs)
+	}
+	if _, err := os.Stat(filepath.Join(e.dataDir, "builders", "shop", "cache.ext4")); err != nil {
+		t.Errorf("the cache volume went with its builder: %v", err)
 	}
 	srv.stop(syscall.SIGTERM)
 	srv = nil
@@ -151,7 +163,9 @@ func TestBuildSurvivesServerRestart(t *testing.T) {
 	srv := startServer(t, e, addr, args...)
 	defer stopOnFailure(&srv)
 	dir := loadBase(t, srv)
-	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo slow-step-started; sleep 5; echo done > /done\n"), 0o644)
+	// The first step finishes before kiln is killed: after the restart it must come from
+	// the cache, because the builder (with its cache) is adopted rather than replaced.
+	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM localhost/busybox:1\nRUN echo first > /first\nRUN echo slow-step-started; sleep 5; echo done > /done\n"), 0o644)
 	out, errs, code := srv.kiln("", "build", dir, "--project", "shop", "--detach")
 	if code != 0 {
 		t.Fatalf("kiln build --detach: %s", errs)
@@ -171,9 +185,14 @@ func TestBuildSurvivesServerRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b.State != "succeeded" || len(b.Retries) != 1 || !strings.Contains(b.Retries[0], "kiln stopped") {
+	if b.State != "succeeded" || len(b.Retries) != 1 || !strings.Contains(b.Retries[0], "kiln stopped") ||
+		b.Builder != "warm" || b.CachedSteps < 1 {
 		log, _, _ := srv.kiln("", "build", "logs", id, "--project", "shop")
-		t.Fatalf("after the restart: %s %s retries %q\n%s\n%s", b.State, b.Error, b.Retries, log, srv.logs)
+		t.Fatalf("after the restart: %s %s retries %q, builder %s, %d of %d steps cached\n%s\n%s", b.State, b.Error, b.Retries,
+			b.Builder, b.CachedSteps, b.TotalSteps, log, srv.logs)
+	}
+	if _, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "shop"); code != 0 {
+		t.Errorf("build builder rm: %s", errs)
 	}
 	srv.stop(syscall.SIGTERM)
 	srv = nil

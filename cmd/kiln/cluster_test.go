@@ -210,6 +210,10 @@ func TestBuildMovesWhenItsHostDies(t *testing.T) {
 	if !strings.Contains(log, "is down: building on "+done.Host+" with a fresh cache") {
 		t.Errorf("the build log does not say it moved:\n%s", log)
 	}
+	// Builders outlive their server; the one the build moved to goes when asked.
+	if _, errs, code := servers[done.Host].kiln("", "build", "builder", "rm", "--project", "shop"); code != 0 {
+		t.Errorf("build builder rm: %s", errs)
+	}
 	for _, n := range names {
 		if servers[n] != nil {
 			servers[n].stop(syscall.SIGTERM)

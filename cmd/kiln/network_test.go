@@ -479,6 +479,11 @@ func TestEgressPolicy(t *testing.T) {
 	if _, errs, code := srv.kiln("", "machine", "destroy", "-f", m.ID); code != 0 {
 		t.Fatalf("destroy: %s", errs)
 	}
+	// The builder outlived the restart above (adopted, under the new policy); it goes
+	// only when asked.
+	if _, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "egress"); code != 0 {
+		t.Fatalf("build builder rm: %s", errs)
+	}
 	srv.stop(syscall.SIGTERM)
 	srv = nil
 }

@@ -337,9 +337,26 @@ func (b *Builders) waitNotRunning(ctx context.Context, id string) {
 	}
 }
 
+// Remove destroys a project's builder machine; its cache volume stays. A project
+// without one is ErrNotFound.
+func (b *Builders) Remove(ctx context.Context, project string) error {
+	pl := b.projectLock(project)
+	pl.Lock()
+	defer pl.Unlock()
+	id := builderID(project)
+	if rec, err := b.Machines.Get(ctx, id); err != nil || rec.State == machine.Destroyed {
+		return errdefs.New(errdefs.ErrNotFound, "project %s has no builder", project)
+	}
+	err := b.Machines.Destroy(ctx, id, true)
+	b.mu.Lock()
+	delete(b.m, project)
+	b.mu.Unlock()
+	return err
+}
+
 // Close destroys every builder machine this kiln used (their caches stay). A server
 // does not call it: its builders keep running across a restart, like machines, and are
-// adopted; tests and a host's clean-up do.
+// adopted; tests do, and an operator removes one with `kiln build builder rm`.
 func (b *Builders) Close(ctx context.Context) {
 	b.mu.Lock()
 	var projects []string
@@ -348,7 +365,7 @@ func (b *Builders) Close(ctx context.Context) {
 	}
 	b.mu.Unlock()
 	for _, p := range projects {
-		if err := b.Machines.Destroy(ctx, builderID(p), true); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+		if err := b.Remove(ctx, p); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 			b.logf("destroying the builder of %s: %v", p, err)
 		}
 	}

@@ -119,3 +119,13 @@ func (s *Service) PruneCache(ctx context.Context, project string) (int64, error)
 	}
 	return freed, err
 }
+
+// RemoveBuilder destroys the project's builder machine (waiting for a build that uses
+// it would be the caller's to do: one running now fails and is retried); the cache
+// volume stays, and the next build boots a new builder on it.
+func (s *Service) RemoveBuilder(ctx context.Context, project string) error {
+	if err := ValidProject(project); err != nil {
+		return err
+	}
+	return s.Builders.Remove(ctx, project)
+}

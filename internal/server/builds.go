@@ -218,3 +218,16 @@ func (s *Server) pruneBuildCache(w http.ResponseWriter, r *http.Request) error {
 	writeJSON(w, http.StatusOK, api.PruneResponse{FreedBytes: freed})
 	return nil
 }
+
+// removeBuilder destroys a project's builder machine; its cache stays.
+func (s *Server) removeBuilder(w http.ResponseWriter, r *http.Request) error {
+	svc, err := s.builds()
+	if err != nil {
+		return err
+	}
+	if err := svc.RemoveBuilder(r.Context(), r.PathValue("project")); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.OK{OK: true})
+	return nil
+}

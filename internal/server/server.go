@@ -127,6 +127,7 @@ func (s *Server) Routes() []Route {
 		{"POST", "/v1/hosts/{host}/uncordon", true, s.cordonHost(false)},
 		{"POST", "/v1/hosts/{host}/drain", true, s.drainHost},
 		{"POST", "/v1/projects/{project}/cache/prune", true, s.pruneBuildCache},
+		{"DELETE", "/v1/projects/{project}/builder", true, s.removeBuilder},
 	}
 }
 
