@@ -79,8 +79,8 @@ func Validate(cfg *api.MachineConfig) error {
 		seen[mt.Volume] = true
 	}
 	if cfg.StopConfig != nil && cfg.StopConfig.Timeout != "" {
-		if _, err := time.ParseDuration(cfg.StopConfig.Timeout); err != nil {
-			return errdefs.Invalid("config.stop_config.timeout %q: want a duration like 10s", cfg.StopConfig.Timeout)
+		if err := CheckStopGrace(cfg.StopConfig.Timeout); err != nil {
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "config.stop_config")
 		}
 	}
 	if cfg.StopConfig != nil && cfg.StopConfig.Signal != "" {
@@ -191,14 +191,31 @@ func Workload(cfg api.MachineConfig, run image.Run) guest.ExecRequest {
 	return guest.ExecRequest{Argv: argv, Env: env, Dir: run.Dir, UID: run.UID, GID: run.GID}
 }
 
-// DefaultStopGrace is how long a stopping workload has when stop_config says nothing.
-const DefaultStopGrace = 10 * time.Second
+// DefaultStopGrace is how long a stopping workload has when stop_config says nothing;
+// MaxStopGrace bounds what a config or a stop request may ask: a workload that ignores
+// its signal must not hold kiln's shutdown, or its recovery of every other machine.
+const (
+	DefaultStopGrace = 10 * time.Second
+	MaxStopGrace     = 5 * time.Minute
+)
+
+// CheckStopGrace checks a stop timeout: a duration up to MaxStopGrace.
+func CheckStopGrace(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return errdefs.Invalid("timeout %q: want a duration like 10s", s)
+	}
+	if d > MaxStopGrace {
+		return errdefs.Invalid("timeout %s is over the limit of %s: a workload gets at most that to exit before its VM is powered off", d, MaxStopGrace)
+	}
+	return nil
+}
 
 // StopGrace is how long the workload has to exit after the stop signal.
 func StopGrace(cfg api.MachineConfig) time.Duration {
 	if cfg.StopConfig != nil {
 		if d, err := time.ParseDuration(cfg.StopConfig.Timeout); err == nil && d > 0 {
-			return d
+			return min(d, MaxStopGrace) // configs stored before the limit
 		}
 	}
 	return DefaultStopGrace

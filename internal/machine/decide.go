@@ -152,7 +152,7 @@ func Decide(s State, in Input, f Facts) (Decision, error) {
 		} else {
 			// Nothing runs it (its VM is gone, or saved by a suspend, which a stop
 			// discards): the stop completes at once.
-			d.Effects, d.Then = []Effect{DiscardSaved, Continue}, InVMDown
+			d.Effects, d.Then = []Effect{Continue}, InVMDown
 		}
 	case InSuspend:
 		if !CanTransition(s, Suspending) {
@@ -216,7 +216,8 @@ func Decide(s State, in Input, f Facts) (Decision, error) {
 			d.Next, d.Event = Stopping, kiln(EvStop)
 			d.Effects, d.Then = []Effect{Continue}, InVMDown
 		case Stopping:
-			d.Next, d.Event = Stopped, kiln(EvStop)
+			// A stopped machine has no saved VM either: its next start boots.
+			d.Next, d.Event, d.Effects = Stopped, kiln(EvStop), []Effect{DiscardSaved}
 			d.Event.ExitCode = f.ExitCode
 			exit := -1
 			if f.ExitCode != nil {
@@ -225,9 +226,9 @@ func Decide(s State, in Input, f Facts) (Decision, error) {
 			// A stop the user asked for never restarts.
 			switch {
 			case f.Exited && f.Restart.ShouldRestart(exit, f.Retries):
-				d.Effects, d.Then = []Effect{Continue}, InRestart
+				d.Effects, d.Then = append(d.Effects, Continue), InRestart
 			case f.Exited && f.AutoDestroy:
-				d.Effects, d.Then = []Effect{Continue}, InDestroy
+				d.Effects, d.Then = append(d.Effects, Continue), InDestroy
 			}
 		default:
 			return conflict()
@@ -246,7 +247,7 @@ func Decide(s State, in Input, f Facts) (Decision, error) {
 		if s != Suspending {
 			return conflict()
 		}
-		d.Next, d.Event, d.Effects = Stopped, kiln(EvSuspendFailed), []Effect{PowerOff}
+		d.Next, d.Event, d.Effects = Stopped, kiln(EvSuspendFailed), []Effect{PowerOff, DiscardSaved}
 	case InNoSupervisor:
 		// What a supervisor that ended left in between.
 		switch s {

@@ -196,6 +196,9 @@ func (s *Service) Stop(ctx context.Context, id string) error { return s.StopWith
 // StopWith stops a machine, first sending sig to its workload and giving it timeout to
 // exit (zero values: the config's stop_config, else power off at once).
 func (s *Service) StopWith(ctx context.Context, id string, sig int, timeout time.Duration) error {
+	if timeout > machine.MaxStopGrace || timeout < 0 {
+		return errdefs.Invalid("timeout %s: want a duration up to %s", timeout, machine.MaxStopGrace)
+	}
 	_, err := s.sup.Apply(ctx, id, machine.InStop, supervisor.Request{Signal: sig, Timeout: timeout})
 	return err
 }
@@ -402,26 +405,57 @@ func (s *Service) Claim(id string) bool { return s.sup.Claim(id) }
 func (s *Service) Close() { s.sup.Close() }
 
 // EnsureInternal records machine id of an internal kind (app) with cfg if it does not
-// exist yet; it is not started. An existing one is returned as it is.
+// exist yet; it is not started. An existing one gets cfg when it differs and the
+// machine is not running (a builder's size set by the server's flags, say).
 func (s *Service) EnsureInternal(ctx context.Context, app, id, name string, cfg api.MachineConfig) (store.Machine, error) {
 	if s.rt.internal[app] == nil {
 		return store.Machine{}, errdefs.Invalid("no internal machine kind %q", app)
 	}
-	if rec, err := s.cfg.Store.GetMachine(ctx, id); err == nil && rec.State != machine.Destroyed {
+	raw, _ := json.Marshal(cfg)
+	rec, err := s.cfg.Store.GetMachine(ctx, id)
+	switch {
+	case err == nil && !s.Mine(rec):
+		return rec, errdefs.New(errdefs.ErrConflict, "machine %s belongs to host %s, not this one", id, rec.Host)
+	case err == nil && rec.State == machine.Destroyed:
+		return rec, errdefs.New(errdefs.ErrConflict, "machine %s is destroyed: its ID cannot be used again", id)
+	case err == nil:
+		if string(rec.Config) != string(raw) && (rec.State == machine.Stopped || rec.State == machine.Created || rec.State == machine.Failed) {
+			if err := s.cfg.Store.UpdateConfig(ctx, id, rec.Version, raw); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+				return rec, err
+			}
+			return s.cfg.Store.GetMachine(ctx, id)
+		}
 		return rec, nil
-	} else if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+	case !errors.Is(err, errdefs.ErrNotFound):
 		return rec, err
 	}
 	if err := s.cfg.Store.CreateApp(ctx, app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 		return store.Machine{}, err
 	}
-	raw, _ := json.Marshal(cfg)
-	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: s.cfg.Host}
+	rec = store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: s.cfg.Host}
 	ev := machine.Event{Type: string(machine.EvLaunch), Status: machine.Created, Source: machine.SourceKiln}
 	if err := s.cfg.Store.CreateMachine(ctx, rec, ev); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 		return rec, err
 	}
 	return s.cfg.Store.GetMachine(ctx, id)
+}
+
+// Internal lists this host's machines of an internal app.
+func (s *Service) Internal(ctx context.Context, app string) ([]store.Machine, error) {
+	if !machine.InternalApp(app) {
+		return nil, errdefs.Invalid("%s is not an internal app", app)
+	}
+	ms, err := s.cfg.Store.ListMachines(ctx, app)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return nil, nil // none made yet
+	}
+	var out []store.Machine
+	for _, rec := range ms {
+		if s.Mine(rec) && rec.State != machine.Destroyed {
+			out = append(out, rec)
+		}
+	}
+	return out, err
 }
 
 // Instance is the running VM of machine id, for kiln's own use of an internal

@@ -78,11 +78,14 @@ func (s *Supervisor) resume(ctx context.Context, rec store.Machine, vm VM) {
 			return s.common(ctx, id, e)
 		})
 	case machine.Stopping:
-		if vm != nil {
-			// A stop was under way when kiln went down: finish it.
-			vm.PowerOff(context.WithoutCancel(ctx), machine.StopGrace(cfg))
+		if vm == nil {
+			s.step(ctx, id, rec.State, machine.InVMDown, machine.Facts{}, s.noEffects(id))
+			return
 		}
-		s.step(ctx, id, rec.State, machine.InVMDown, machine.Facts{}, s.noEffects(id))
+		// A stop was under way when kiln went down: its run finishes it, as any stop,
+		// without holding up the recovery of the other machines.
+		s.launch(id, vm)
+		s.run(id).request(halt, Request{})
 	case machine.Starting:
 		s.logf("machine %s: was starting when kiln stopped; starting it again", id)
 		s.launch(id, nil)

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/capacity"
+	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/machinelog"
@@ -33,6 +35,9 @@ type run struct {
 	req    Request
 	cancel context.CancelFunc // ends the wait for room, or the wait on the workload
 	done   chan struct{}
+	// again (guarded by the supervisor's mu) says a start was recorded while this run
+	// was still ending: a new run follows it, and this one records nothing more.
+	again bool
 }
 
 func (r *run) request(w intent, req Request) {
@@ -73,33 +78,56 @@ func (r *run) setVM(vm VM) {
 	r.mu.Unlock()
 }
 
-// launch starts supervising a machine; vm is its running VM when adopted. It returns
-// false if a supervisor runs the machine already.
-func (s *Supervisor) launch(id string, vm VM) bool {
+// launch starts supervising a machine; vm is its running VM when adopted. A start
+// recorded while the machine's last run is still ending is not lost: that run hands
+// over to a new one when it has ended.
+func (s *Supervisor) launch(id string, vm VM) {
 	r := &run{done: make(chan struct{}), vm: vm}
 	s.mu.Lock()
-	if s.runs[id] != nil {
+	if old := s.runs[id]; old != nil {
+		old.again = true
 		s.mu.Unlock()
-		return false
+		return
 	}
 	s.runs[id] = r
 	s.mu.Unlock()
 	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		defer close(r.done)
-		s.supervise(id, r, vm)
-		if s.cfg.Capacity != nil {
-			s.cfg.Capacity.Release(id)
-		}
-		s.mu.Lock()
+	go s.runLoop(id, r, vm)
+}
+
+// runLoop is one run's goroutine: supervise, then let go of the machine's room and of
+// its place in the map, then settle what it left (or hand over to the start that came
+// meanwhile).
+func (s *Supervisor) runLoop(id string, r *run, vm VM) {
+	defer s.wg.Done()
+	defer close(r.done)
+	s.supervise(id, r, vm)
+	if s.cfg.Capacity != nil {
+		s.cfg.Capacity.Release(id)
+	}
+	s.mu.Lock()
+	again := r.again && s.ctx.Err() == nil
+	if again {
+		next := &run{done: make(chan struct{})}
+		s.runs[id] = next
+		s.wg.Add(1)
+		go s.runLoop(id, next, nil)
+	} else {
 		delete(s.runs, id)
-		s.mu.Unlock()
+	}
+	s.mu.Unlock()
+	if !again {
 		// After the run is gone from the map, a user's request either saw it (and its
 		// transition is settled here) or did not (and completed itself).
 		s.settle(id)
-	}()
-	return true
+	}
+}
+
+// replaced says a start came while the run was ending: it must record nothing more.
+func (s *Supervisor) replaced(r *run) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return r.again
 }
 
 // settle finishes what a supervisor that has ended left in between: a stop it did not
@@ -138,22 +166,26 @@ func (s *Supervisor) supervise(id string, r *run, vm VM) {
 		}
 	}
 	for {
-		rec, err := s.cfg.Store.GetMachine(s.ctx, id)
+		rec, logs, err := s.prepare(id)
 		if err != nil {
-			if vm != nil {
-				vm.Release()
+			switch {
+			case vm == nil:
+			case s.ctx.Err() != nil:
+				vm.Release() // kiln is shutting down: the next kiln adopts the VM
+			default:
+				// Not a VM kiln can follow: it must not run on unwatched (a later start
+				// would boot a second one on its volumes).
+				s.logf("machine %s: %v; stopping its VM", id, err)
+				vm.PowerOff(context.WithoutCancel(s.ctx), machine.DefaultStopGrace)
 			}
+			return
+		}
+		if vm == nil && rec.State != machine.Starting {
+			// A stop got in before this run did: nothing to start.
+			logs.Close()
 			return
 		}
 		cfg := machine.DecodeConfig(rec.Config)
-		logs, err := machinelog.Open(s.LogDir(id))
-		if err != nil {
-			s.logf("machine %s: logs: %v", id, err)
-			if vm != nil {
-				vm.Release()
-			}
-			return
-		}
 		offset := logs.Offset()
 		if vm == nil {
 			var fresh bool
@@ -220,7 +252,9 @@ func (s *Supervisor) supervise(id string, r *run, vm VM) {
 		if !off {
 			vm.PowerOff(context.WithoutCancel(s.ctx), machine.StopGrace(cfg))
 		}
-		s.stopped(id, exit)
+		if !s.replaced(r) {
+			s.stopped(id, exit)
+		}
 		return
 	}
 }
@@ -275,7 +309,9 @@ func (s *Supervisor) start(id string, r *run, rec store.Machine, cfg api.Machine
 	}
 	r.setVM(vm) // ready for execs once the machine is recorded as started
 	if _, err := s.step(s.ctx, id, machine.Starting, in, machine.Facts{}, s.noEffects(id)); err != nil {
-		r.request(halt, Request{}) // only a stop moves a starting machine elsewhere
+		// Only a stop moves a starting machine elsewhere (and a start after it hands
+		// over to a new run).
+		r.request(halt, Request{})
 	}
 	return vm, fresh
 }
@@ -346,4 +382,33 @@ func (s *Supervisor) save(id string, vm VM, cfg api.MachineConfig) {
 	if err != nil && in == machine.InSaved && !errors.Is(err, context.Canceled) {
 		s.logf("machine %s: recording its suspend: %v", id, err)
 	}
+}
+
+// prepare reads the machine and opens its log for one pass of its run, riding out a
+// store or file system that fails for a moment (a run given up leaves a VM unwatched).
+func (s *Supervisor) prepare(id string) (store.Machine, *machinelog.File, error) {
+	var err error
+	for try := 0; try < 10; try++ {
+		if try > 0 {
+			select {
+			case <-s.ctx.Done():
+				return store.Machine{}, nil, s.ctx.Err()
+			case <-time.After(time.Second):
+			}
+		}
+		var rec store.Machine
+		if rec, err = s.cfg.Store.GetMachine(s.ctx, id); err != nil {
+			if errors.Is(err, errdefs.ErrNotFound) || s.ctx.Err() != nil {
+				return rec, nil, err
+			}
+			continue
+		}
+		var logs *machinelog.File
+		if logs, err = machinelog.Open(s.LogDir(id)); err != nil {
+			err = fmt.Errorf("its output cannot be stored: %w", err)
+			continue
+		}
+		return rec, logs, nil
+	}
+	return store.Machine{}, nil, err
 }

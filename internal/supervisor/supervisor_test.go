@@ -555,3 +555,66 @@ func TestCloseReleases(t *testing.T) {
 		t.Fatalf("state %s after Close, want started", rec.State)
 	}
 }
+
+// gate is room for everything whose Release blocks until the test opens it: it holds a
+// run between its last transition and its end, where requests race it.
+type gate struct {
+	releasing chan string
+	open      chan struct{}
+}
+
+func newGate() *gate { return &gate{releasing: make(chan string, 10), open: make(chan struct{})} }
+
+func (g *gate) Reserve(ctx context.Context, id string, r capacity.Request, wait time.Duration, onQueued func(int, error)) (string, error) {
+	return "here", nil
+}
+func (g *gate) Hold(string, capacity.Size) {}
+func (g *gate) Release(id string) {
+	g.releasing <- id
+	<-g.open
+}
+
+// A start recorded while the machine's last run is still ending is not lost: a new run
+// boots it (it used to be dropped, and the ending run's settle failed the machine).
+func TestStartWhileTheLastRunEnds(t *testing.T) {
+	g := newGate()
+	fx := newFixture(t, g)
+	fx.create("m1", machine.Created, "")
+	fx.apply("m1", machine.InStart, Request{})
+	fx.wait("m1", machine.Started)
+	fx.rt.exit(t, "m1", 0)
+	<-g.releasing // the run has recorded stopped and is ending
+	fx.wait("m1", machine.Stopped)
+	fx.apply("m1", machine.InStart, Request{})
+	close(g.open)
+	fx.wait("m1", machine.Started)
+	if n := fx.rt.bootCount(); n != 2 {
+		t.Fatalf("%d boots, want 2", n)
+	}
+	fx.wantEvents("m1", "start:starting start:started exit:stopping(0) stop:stopped(0) start:starting start:started ")
+}
+
+// A stop of a machine suspended by a run that is still ending discards the saved VM:
+// the next start boots instead of resuming a VM the user stopped.
+func TestStopWhileTheSuspendingRunEnds(t *testing.T) {
+	g := newGate()
+	fx := newFixture(t, g)
+	fx.create("m1", machine.Created, "")
+	fx.apply("m1", machine.InStart, Request{})
+	fx.wait("m1", machine.Started)
+	fx.apply("m1", machine.InSuspend, Request{})
+	<-g.releasing
+	fx.wait("m1", machine.Suspended)
+	fx.apply("m1", machine.InStop, Request{})
+	close(g.open)
+	fx.settled("m1")
+	fx.wait("m1", machine.Stopped)
+	if fx.rt.Saved("m1") {
+		t.Fatal("the saved VM outlives the stop")
+	}
+	fx.apply("m1", machine.InStart, Request{})
+	fx.wait("m1", machine.Started)
+	if n := fx.rt.bootCount(); n != 2 {
+		t.Fatalf("%d boots, want 2 (a cold boot, not a resume)", n)
+	}
+}
