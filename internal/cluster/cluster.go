@@ -109,7 +109,7 @@ func (c *Cluster) Name() string { return c.cfg.Here.Name }
 func (c *Cluster) Shared() bool { return c.cfg.Shared }
 
 // Mine says whether this host runs the machine.
-func (c *Cluster) Mine(m store.Machine) bool { return m.Host == "" || m.Host == c.cfg.Here.Name }
+func (c *Cluster) Mine(m store.Machine) bool { return m.RunsOn(c.cfg.Here.Name) }
 
 // HomeHost is the host a machine created here belongs to before placement: this one
 // where hosts share the database, "" where only one host uses it.

@@ -381,7 +381,7 @@ func (s *Service) Restart(ctx context.Context, id string) error {
 }
 
 // Mine says whether this host runs the machine.
-func (s *Service) Mine(rec store.Machine) bool { return rec.Host == "" || rec.Host == s.cfg.Host }
+func (s *Service) Mine(rec store.Machine) bool { return rec.RunsOn(s.cfg.Host) }
 
 // PrivateIP is the machine's address on its app's network, if it has one.
 func (s *Service) PrivateIP(id string) string {

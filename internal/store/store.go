@@ -30,6 +30,10 @@ type Machine struct {
 	UpdatedAt time.Time `json:"updated_at"`
 }
 
+// RunsOn says whether host runs the machine: the host it is placed on, or any host for a
+// machine of a database only one host uses (no host recorded).
+func (m Machine) RunsOn(host string) bool { return m.Host == "" || m.Host == host }
+
 // Lease is an exclusive claim on a machine: while it holds, changes need its nonce.
 type Lease struct {
 	Nonce       string    `json:"nonce"`
