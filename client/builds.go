@@ -163,7 +163,7 @@ func (c *Client) PruneBuildCache(ctx context.Context, project string) (api.Prune
 	return out, c.do(ctx, "POST", "/v1/projects/"+url.PathEscape(project)+"/cache/prune", nil, &out)
 }
 
-// RemoveBuilder destroys a project's builder VM; its cache stays.
+// RemoveBuilder removes a project's builder VM; its cache stays.
 func (c *Client) RemoveBuilder(ctx context.Context, project string) error {
 	return c.do(ctx, "DELETE", "/v1/projects/"+url.PathEscape(project)+"/builder", nil, nil)
 }

@@ -174,7 +174,7 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 		}}
 	cache.AddCommand(show, prune)
 	builder := &cobra.Command{Use: "builder", Short: "The project's builder VM"}
-	rm := &cobra.Command{Use: "rm --project P", Short: "Destroy the project's builder VM (it outlives `kiln server` restarts); its cache stays", Args: cobra.NoArgs,
+	rm := &cobra.Command{Use: "rm --project P", Short: "Remove the project's builder VM (it outlives `kiln server` restarts); its cache stays", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			project, cl, err := projectClient(af, g, opProject)
 			if err != nil {
@@ -183,7 +183,7 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 			if err := cl.RemoveBuilder(cmd.Context(), project); err != nil {
 				return err
 			}
-			fmt.Printf("destroyed the builder of %s; its cache stays\n", project)
+			fmt.Printf("removed the builder VM of %s; its cache stays\n", project)
 			return nil
 		}}
 	builder.AddCommand(rm)

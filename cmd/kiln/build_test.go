@@ -144,8 +144,11 @@ CMD ["sh", "-c", "cat /out; sleep 600"]
 	if out, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "shop"); code != 0 || !strings.Contains(out, "cache stays") {
 		t.Errorf("build builder rm: exit %d: %s%s", code, out, errs)
 	}
-	if _, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "shop"); code == 0 || !strings.Contains(errs, "has no builder") {
-		t.Errorf("build builder rm of a removed builder: exit %d: %s", code, errs)
+	if _, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "shop"); code != 0 {
+		t.Errorf("build builder rm of a removed builder (nothing to do): exit %d: %s", code, errs)
+	}
+	if _, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "never"); code != 1 || !strings.Contains(errs, "has no builder") {
+		t.Errorf("build builder rm of a project that never built: exit %d: %s", code, errs)
 	}
 	if _, err := os.Stat(filepath.Join(e.dataDir, "builders", "shop", "cache.ext4")); err != nil {
 		t.Errorf("the cache volume went with its builder: %v", err)

@@ -22,12 +22,26 @@ import (
 // and resume, adoption after a kiln restart).
 const BuildersApp = "_builders"
 
-// builderID is the machine ID of a project's builder.
-func builderID(project string) string { return "builder-" + project }
+// builderID is the machine ID (and name) of a project's builder on this host: hosts
+// sharing a database each have their own, with their own copy of the cache.
+func (b *Builders) builderID(project string) string {
+	if b.Host == "" {
+		return "builder-" + project
+	}
+	return "builder-" + b.Host + "-" + project
+}
+
+// projectEnv is where a builder machine's config names its project.
+const projectEnv = "KILN_BUILDER_PROJECT"
+
+// projectOf is the project whose cache a builder machine mounts.
+func projectOf(rec store.Machine) string { return machine.DecodeConfig(rec.Config).Env[projectEnv] }
 
 // Machines is what builders need of the machine service.
 type Machines interface {
 	EnsureInternal(ctx context.Context, app, id, name string, cfg api.MachineConfig) (store.Machine, error)
+	// Internal lists this host's machines of an internal app.
+	Internal(ctx context.Context, app string) ([]store.Machine, error)
 	Get(ctx context.Context, id string) (store.Machine, error)
 	Start(ctx context.Context, id string) error
 	Stop(ctx context.Context, id string) error
@@ -61,6 +75,9 @@ type Builders struct {
 	// machines' egress policy: RUN steps reach the internet, not the host's neighbours.
 	Net Network
 	Log io.Writer
+	// Host names this host where hosts share the database ("" otherwise): builders are
+	// per host, like their caches.
+	Host string
 	// Machines runs the builders. It is made with Builders as its BuildersApp kind, so
 	// it is set once both exist (Use).
 	Machines Machines
@@ -117,8 +134,9 @@ func (b *Builders) CachePath(project string) string {
 
 // config is a builder machine's config: its size; it never restarts by itself (the
 // next build starts it).
-func (b *Builders) config() api.MachineConfig {
-	return api.MachineConfig{Guest: api.Guest{CPUs: b.CPUs, MemoryMB: b.MemoryMiB}, Restart: api.Restart{Policy: "no"}}
+func (b *Builders) config(project string) api.MachineConfig {
+	return api.MachineConfig{Guest: api.Guest{CPUs: b.CPUs, MemoryMB: b.MemoryMiB}, Restart: api.Restart{Policy: "no"},
+		Env: map[string]string{projectEnv: project}}
 }
 
 // alive says whether a builder VM still runs.
@@ -141,8 +159,8 @@ func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error
 	pl := b.projectLock(project)
 	pl.Lock()
 	defer pl.Unlock()
-	id := builderID(project)
-	if _, err := b.Machines.EnsureInternal(ctx, BuildersApp, id, project, b.config()); err != nil {
+	id := b.builderID(project)
+	if _, err := b.Machines.EnsureInternal(ctx, BuildersApp, id, id, b.config(project)); err != nil {
 		return nil, fmt.Errorf("recording the builder of %s: %w", project, err)
 	}
 	var start time.Time
@@ -173,6 +191,10 @@ func (b *Builders) Acquire(ctx context.Context, project string) (*Builder, error
 			if err := b.Machines.Start(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 				return nil, fmt.Errorf("starting the builder of %s: %w", project, err)
 			}
+		case machine.Starting, machine.Stopping, machine.Suspending:
+			// In between: its supervisor moves it on.
+		default:
+			return nil, errdefs.New(errdefs.ErrUnavailable, "the builder of %s is %s: it cannot be used", project, rec.State)
 		}
 		select {
 		case <-changed:
@@ -244,7 +266,7 @@ func (b *Builders) Release(bd *Builder) {
 // Discard stops a project's builder (after it failed); its cache volume stays, and the
 // next build boots a new one on it.
 func (b *Builders) Discard(ctx context.Context, bd *Builder) {
-	id := builderID(bd.Project)
+	id := b.builderID(bd.Project)
 	if err := b.Machines.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 		b.logf("stopping the builder of %s: %v", bd.Project, err)
 	}
@@ -257,7 +279,7 @@ func (b *Builders) Running() map[string]*Builder {
 	defer b.mu.Unlock()
 	out := map[string]*Builder{}
 	for k, v := range b.m {
-		if inst := b.Machines.Instance(builderID(k)); inst != nil && inst == v.Inst {
+		if inst := b.Machines.Instance(b.builderID(k)); inst != nil && inst == v.Inst {
 			out[k] = v
 		}
 	}
@@ -266,16 +288,11 @@ func (b *Builders) Running() map[string]*Builder {
 
 // Suspended lists the projects whose builder is suspended.
 func (b *Builders) Suspended() []string {
-	b.mu.Lock()
-	var projects []string
-	for p := range b.plocks { // every project whose builder this kiln used
-		projects = append(projects, p)
-	}
-	b.mu.Unlock()
 	var out []string
-	for _, p := range projects {
-		if rec, err := b.Machines.Get(context.Background(), builderID(p)); err == nil && rec.State == machine.Suspended {
-			out = append(out, p)
+	recs, _ := b.Machines.Internal(context.Background(), BuildersApp)
+	for _, rec := range recs {
+		if rec.State == machine.Suspended {
+			out = append(out, projectOf(rec))
 		}
 	}
 	return out
@@ -285,6 +302,7 @@ func (b *Builders) Suspended() []string {
 // gone) where the VMM can, and stops them otherwise; the supervisor does it, and the
 // builder's cache is released first (Stopping). Either way the cache stays.
 func (b *Builders) StopIdle(ctx context.Context) {
+	b.adopt(ctx)
 	for project, bd := range b.Running() {
 		pl := b.projectLock(project)
 		pl.Lock()
@@ -298,10 +316,34 @@ func (b *Builders) StopIdle(ctx context.Context) {
 	}
 }
 
+// adopt counts the builders running here that no build has used since kiln started
+// (adopted after a restart): idle from now on, so that they too are suspended in time.
+func (b *Builders) adopt(ctx context.Context) {
+	recs, err := b.Machines.Internal(ctx, BuildersApp)
+	if err != nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.m == nil {
+		b.m = map[string]*Builder{}
+	}
+	for _, rec := range recs {
+		p := projectOf(rec)
+		inst := b.Machines.Instance(rec.ID)
+		if rec.State != machine.Started || inst == nil || p == "" {
+			continue
+		}
+		if bd := b.m[p]; bd == nil || bd.Inst != inst {
+			b.m[p] = &Builder{Project: p, Inst: inst, lastUsed: time.Now()}
+		}
+	}
+}
+
 // stopIdle suspends or stops an idle builder and waits until it has; the caller holds
 // the project's lock.
 func (b *Builders) stopIdle(ctx context.Context, project string) {
-	id := builderID(project)
+	id := b.builderID(project)
 	if b.Machines.CanSuspend() {
 		if err := b.Machines.Suspend(ctx, id); err == nil {
 			b.logf("builder of %s was idle for %s: suspending it", project, b.Idle)
@@ -337,36 +379,46 @@ func (b *Builders) waitNotRunning(ctx context.Context, id string) {
 	}
 }
 
-// Remove destroys a project's builder machine; its cache volume stays. A project
-// without one is ErrNotFound.
+// Remove stops a project's builder machine and lets go of its network; its cache
+// volume stays, and the next build starts the builder again on it. A project whose
+// builder never ran here is ErrNotFound.
 func (b *Builders) Remove(ctx context.Context, project string) error {
 	pl := b.projectLock(project)
 	pl.Lock()
 	defer pl.Unlock()
-	id := builderID(project)
-	if rec, err := b.Machines.Get(ctx, id); err != nil || rec.State == machine.Destroyed {
-		return errdefs.New(errdefs.ErrNotFound, "project %s has no builder", project)
+	id := b.builderID(project)
+	if _, err := b.Machines.Get(ctx, id); err != nil {
+		return errdefs.New(errdefs.ErrNotFound, "project %s has no builder on this host", project)
 	}
-	err := b.Machines.Destroy(ctx, id, true)
+	if err := b.Machines.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+		return err
+	}
+	b.waitNotRunning(ctx, id)
+	if rec, err := b.Machines.Get(ctx, id); err == nil && rec.State == machine.Suspended {
+		// A suspended builder is stopped too: its saved VM goes.
+		if err := b.Machines.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+			return err
+		}
+	}
 	b.mu.Lock()
 	delete(b.m, project)
 	b.mu.Unlock()
-	return err
+	if b.Net != nil {
+		if err := b.Net.Detach(ctx, id); err != nil {
+			return fmt.Errorf("removing the network of the builder of %s: %w", project, err)
+		}
+	}
+	return nil
 }
 
-// Close destroys every builder machine this kiln used (their caches stay). A server
-// does not call it: its builders keep running across a restart, like machines, and are
-// adopted; tests do, and an operator removes one with `kiln build builder rm`.
+// Close removes every builder of this host (their caches stay). A server does not call
+// it: its builders keep running across a restart, like machines, and are adopted;
+// tests do, and an operator removes one with `kiln build builder rm`.
 func (b *Builders) Close(ctx context.Context) {
-	b.mu.Lock()
-	var projects []string
-	for p := range b.plocks {
-		projects = append(projects, p)
-	}
-	b.mu.Unlock()
-	for _, p := range projects {
-		if err := b.Remove(ctx, p); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
-			b.logf("destroying the builder of %s: %v", p, err)
+	recs, _ := b.Machines.Internal(ctx, BuildersApp)
+	for _, rec := range recs {
+		if err := b.Remove(ctx, projectOf(rec)); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			b.logf("removing the builder of %s: %v", projectOf(rec), err)
 		}
 	}
 }

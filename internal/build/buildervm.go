@@ -41,13 +41,17 @@ const releaseCache = `sync; rm -f ` + inUse + `; sync`
 // Boot boots a project's builder VM (machines.Internal): the project's cache volume,
 // its network, buildkitd as the workload.
 func (b *Builders) Boot(ctx context.Context, rec store.Machine) (*vmrun.Instance, error) {
-	inst, reset, err := b.boot(ctx, rec.Name, rec.ID)
+	project := projectOf(rec)
+	if err := ValidProject(project); err != nil {
+		return nil, fmt.Errorf("builder machine %s: %w", rec.ID, err)
+	}
+	inst, reset, err := b.boot(ctx, project, rec.ID)
 	if reset {
 		b.mu.Lock()
 		if b.reset == nil {
 			b.reset = map[string]bool{}
 		}
-		b.reset[rec.Name] = true
+		b.reset[project] = true
 		b.mu.Unlock()
 	}
 	return inst, err
@@ -63,7 +67,7 @@ func (b *Builders) Resumed(ctx context.Context, rec store.Machine, inst *vmrun.I
 // saved or powered off (machines.Internal): should a saved VM never be resumed, the
 // next builder finds the cache clean instead of resetting it.
 func (b *Builders) Stopping(ctx context.Context, rec store.Machine, inst *vmrun.Instance) {
-	b.release(ctx, rec.Name, inst)
+	b.release(ctx, projectOf(rec), inst)
 }
 
 // resume checks that buildkitd answers after a resume and marks the cache in use.

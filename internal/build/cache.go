@@ -120,9 +120,8 @@ func (s *Service) PruneCache(ctx context.Context, project string) (int64, error)
 	return freed, err
 }
 
-// RemoveBuilder destroys the project's builder machine (waiting for a build that uses
-// it would be the caller's to do: one running now fails and is retried); the cache
-// volume stays, and the next build boots a new builder on it.
+// RemoveBuilder removes the project's builder VM (a build using it now fails and is
+// retried); the cache volume stays, and the next build boots the builder on it again.
 func (s *Service) RemoveBuilder(ctx context.Context, project string) error {
 	if err := ValidProject(project); err != nil {
 		return err

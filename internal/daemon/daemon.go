@@ -149,6 +149,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 		}
 		if shared {
 			builds.Host, builds.Hosts = here.Name, db
+			builds.Builders.Host = here.Name // a builder per host, like its cache
 		}
 	}
 	mgr := newMachines(o, db, rt, images, rootfs, ledger, nets, hosts, builds)

@@ -219,7 +219,7 @@ func (s *Server) pruneBuildCache(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// removeBuilder destroys a project's builder machine; its cache stays.
+// removeBuilder removes a project's builder VM; its cache stays.
 func (s *Server) removeBuilder(w http.ResponseWriter, r *http.Request) error {
 	svc, err := s.builds()
 	if err != nil {
