@@ -121,6 +121,7 @@ func ctxTar(files map[string]string) io.Reader {
 type harness struct {
 	svc *build.Service
 	reg *registry
+	dir string
 }
 
 func newHarness(t *testing.T, opts ...func(*build.Service)) *harness {
@@ -159,7 +160,7 @@ func newHarness(t *testing.T, opts ...func(*build.Service)) *harness {
 		bs.Close(context.Background())
 		ms.Close()
 	})
-	return &harness{svc: svc, reg: reg}
+	return &harness{svc: svc, reg: reg, dir: dir}
 }
 
 func (h *harness) wait(t *testing.T, id string) api.Build {
@@ -176,7 +177,17 @@ func (h *harness) wait(t *testing.T, id string) api.Build {
 		time.Sleep(200 * time.Millisecond)
 	}
 	log, _ := os.ReadFile(h.svc.LogPath(id))
-	t.Fatalf("build %s did not end:\n%s", id, log)
+	// The builder machines' stored output (buildkitd's) says what the builder did.
+	var builders []string
+	outs, _ := filepath.Glob(filepath.Join(h.dir, "machines", "*", "output.log"))
+	for _, f := range outs {
+		b, _ := os.ReadFile(f)
+		if len(b) > 4000 {
+			b = b[len(b)-4000:]
+		}
+		builders = append(builders, f+":\n"+string(b))
+	}
+	t.Fatalf("build %s did not end:\n%s\nbuilders' output:\n%s", id, log, strings.Join(builders, "\n"))
 	return api.Build{}
 }
 

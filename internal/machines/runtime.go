@@ -229,8 +229,9 @@ func (v *vmInstance) logf(format string, args ...any) {
 	}
 }
 
-// Follow passes the workload's output on until it exits. If the agent connection drops
-// while the VM lives, it reconnects and goes on from where the output stopped.
+// Follow passes the workload's output on until it exits. If the stream fails it follows
+// again; if the agent connection itself is gone while the VM lives, it reconnects. Either
+// way it goes on from where the output stopped.
 func (v *vmInstance) Follow(ctx context.Context, offset int64, add func(guest.Record) error) (*int, error) {
 	next := offset
 	pass := func(rec guest.Record) error {
@@ -254,6 +255,20 @@ func (v *vmInstance) Follow(ctx context.Context, offset int64, add func(guest.Re
 			return nil, err
 		default:
 		}
+		select {
+		case <-v.inst.Agent.Done():
+		default:
+			// The connection lives; only this stream failed. Dialing again would reset
+			// the guest's session and cut every other stream on it (a builder's BuildKit
+			// connection and its session, whose secrets a build then waits for forever).
+			v.logf("following the workload: %v; following again", err)
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(time.Second):
+			}
+			continue
+		}
 		v.logf("agent connection lost (%v); reconnecting", err)
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		c, derr := guest.Dial(dctx, v.inst.VM.DialAgent)
@@ -270,11 +285,18 @@ func (v *vmInstance) Signal(ctx context.Context, sig int) error {
 	return v.inst.Agent.SignalSupervised(ctx, "workload", sig)
 }
 
+// PowerOff stops the VM within grace and a minute more whatever the guest does: a guest
+// that no longer answers is killed rather than waited for.
 func (v *vmInstance) PowerOff(ctx context.Context, grace time.Duration) {
+	bctx, cancel := context.WithTimeout(ctx, grace+time.Minute)
+	defer cancel()
 	if v.kind != nil {
-		v.kind.Stopping(ctx, v.rec, v.inst)
+		v.kind.Stopping(bctx, v.rec, v.inst)
 	}
-	v.inst.Shutdown(ctx, grace)
+	if err := v.inst.Shutdown(bctx, grace); err != nil {
+		v.logf("powering off: %v; killing its VM", err)
+		v.inst.Destroy(context.WithoutCancel(ctx))
+	}
 }
 
 func (v *vmInstance) Save(ctx context.Context) error {
