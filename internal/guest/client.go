@@ -443,3 +443,46 @@ func (c *Client) SetTime(ctx context.Context, t time.Time) error {
 	defer s.Close()
 	return c.readReply(ctx, s, &Reply{})
 }
+
+// maxPsBytes bounds the bytes a ps answer may take on the wire: MaxProcs entries of
+// bounded strings fit in a fraction of it, even with every byte JSON-escaped. It bounds
+// the time a guest can keep the host reading, as MaxProcs and Bounded bound what is kept.
+const maxPsBytes = 64 << 20
+
+// Ps lists the guest's processes, at most MaxProcs of them, each held to
+// ProcessStat.Bounded whatever the guest sends. An agent from a release without ps
+// fails with ErrProtocol, saying a restart brings the current one.
+func (c *Client) Ps(ctx context.Context) ([]ProcessStat, error) {
+	if !c.Hello.Serves(OpPs) {
+		return nil, errdefs.New(errdefs.ErrProtocol, "this VM's guest agent predates ps: restart the machine so that it boots the current guest assets")
+	}
+	s, err := c.open(ctx, Header{Op: OpPs})
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	var r Reply
+	if err := c.readReply(ctx, s, &r); err != nil {
+		return nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	defer stop()
+	// Entries past MaxProcs are never read: closing the stream drops them.
+	n := min(max(r.Count, 0), MaxProcs)
+	in := &io.LimitedReader{R: s, N: maxPsBytes}
+	procs := make([]ProcessStat, 0, n)
+	for range n {
+		var p ProcessStat
+		if err := ReadFrame(in, &p); err != nil {
+			switch {
+			case ctx.Err() != nil:
+				return nil, ctx.Err()
+			case in.N == 0:
+				return nil, errdefs.New(errdefs.ErrProtocol, "the guest's process list is over %d bytes: it is not a kiln agent's answer", maxPsBytes)
+			}
+			return nil, c.lost(err)
+		}
+		procs = append(procs, p.Bounded())
+	}
+	return procs, nil
+}

@@ -19,6 +19,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
@@ -59,7 +61,16 @@ const (
 	// OpConnect connects the stream to the Unix socket at Header.Path in the guest (a
 	// daemon's API, such as buildkitd's); after the reply the stream carries its bytes.
 	OpConnect Op = "connect"
+	// OpPs lists the guest's processes, read from its /proc (no ps binary is needed in
+	// the image): a Reply whose Count says how many ProcessStat frames follow. Added to
+	// v1 later; the host asks only an agent whose hello lists it in Ops.
+	OpPs Op = "ps"
 )
+
+// AddedOps are the operations added to protocol v1 after its first release, listed in
+// the hello reply so the host can tell an agent from an older release (a machine booted
+// before kiln was upgraded) from one that failed, without parsing its error text.
+var AddedOps = []Op{OpPs}
 
 // Header opens every stream.
 type Header struct {
@@ -134,6 +145,21 @@ type Reply struct {
 	// became ready, so the host can split boot time into kernel and init.
 	InitStartMS int64 `json:"init_start_ms,omitempty"`
 	ReadyMS     int64 `json:"ready_ms,omitempty"`
+	// Ops lists, in a hello reply, the AddedOps this agent serves.
+	Ops []Op `json:"ops,omitempty"`
+	// Count is how many frames follow a ps reply.
+	Count int `json:"count,omitempty"`
+}
+
+// Serves says whether the agent that sent this hello reply serves op (one of AddedOps;
+// the rest every v1 agent serves).
+func (r *Reply) Serves(op Op) bool {
+	for _, o := range r.Ops {
+		if o == op {
+			return true
+		}
+	}
+	return false
 }
 
 // Control flows host → guest on an exec's control stream after it started.
@@ -195,4 +221,69 @@ func ReadFrame(r io.Reader, v any) error {
 		return err
 	}
 	return json.Unmarshal(b, v)
+}
+
+// Bounds of a process list (OpPs). The agent keeps to them and the host holds a guest to
+// them whatever it sends: at most MaxProcs entries, strings cut to MaxProcString bytes,
+// MaxProcSockets listening sockets each. The host so holds at most a few MiB of a list
+// however hostile the guest; an honest guest's long command lines lose their tails.
+const (
+	MaxProcs       = 4096
+	MaxProcString  = 1024
+	MaxProcSockets = 32
+)
+
+// ProcessStat is one guest process, as the agent reads it from /proc.
+type ProcessStat struct {
+	PID int32 `json:"pid"`
+	// Start is when it started (guest clock, Unix seconds); Run how long it has run
+	// (seconds).
+	Start int64  `json:"start"`
+	Run   uint64 `json:"run"`
+	// CPUMS is the CPU time it used, user and system, in milliseconds.
+	CPUMS uint64 `json:"cpu_ms"`
+	// RSS is its resident memory in bytes.
+	RSS uint64 `json:"rss"`
+	// Command is its argv joined by spaces ([comm] when it has none, as ps shows).
+	Command string `json:"cmd"`
+	Dir     string `json:"dir"`
+	// Listen are the sockets it listens on: TCP in LISTEN, unconnected UDP.
+	Listen []Socket `json:"listen,omitempty"`
+}
+
+// Socket is a listening socket: Proto "tcp" or "udp", Address host:port ([::]:80 for
+// IPv6).
+type Socket struct {
+	Proto   string `json:"proto"`
+	Address string `json:"address"`
+}
+
+// Bounded returns p cut to the list's bounds. Both ends call it: the agent so an honest
+// answer fits, the host so a hostile one cannot make it hold more.
+func (p ProcessStat) Bounded() ProcessStat {
+	p.Command = cut(p.Command, MaxProcString)
+	p.Dir = cut(p.Dir, MaxProcString)
+	if len(p.Listen) > MaxProcSockets {
+		p.Listen = p.Listen[:MaxProcSockets]
+	}
+	// A copy, so the host keeps none of the decoded frame's larger backing arrays.
+	listen := make([]Socket, len(p.Listen))
+	for i, s := range p.Listen {
+		// Longest honest address: [ffff:…:ffff%iface]:65535, under 64 bytes.
+		listen[i] = Socket{Proto: cut(s.Proto, 8), Address: cut(s.Address, 64)}
+	}
+	p.Listen = listen
+	return p
+}
+
+// cut returns s cut to at most n bytes, at a UTF-8 boundary, copied so the part kept
+// does not pin the whole in memory.
+func cut(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return strings.Clone(s[:n])
 }

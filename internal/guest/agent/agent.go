@@ -106,7 +106,7 @@ func (a *Agent) handle(s *yamux.Stream) {
 	defer s.Close()
 	switch h.Op {
 	case guest.OpHello:
-		r := guest.Reply{Version: guest.Version}
+		r := guest.Reply{Version: guest.Version, Ops: guest.AddedOps}
 		if a.Info != nil {
 			a.Info(&r)
 		}
@@ -131,6 +131,8 @@ func (a *Agent) handle(s *yamux.Stream) {
 		reply(s, guest.Reply{})
 	case guest.OpConnect:
 		connect(s, h.Path)
+	case guest.OpPs:
+		ps(s, "/proc")
 	case guest.OpReadFile:
 		readFile(s, h.Path)
 	case guest.OpWriteFile:
