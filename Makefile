@@ -38,10 +38,12 @@ demo: setup
 	@./bin/kiln vm run --verbose -- sh -c 'echo hello from $$(uname -r); exit 3'; \
 	  rc=$$?; echo "kiln vm run exited with status $$rc"; test $$rc -eq 3
 
-## test: every test, fast and with real VMs
+## test: every test, fast and with real VMs; then Fly's own client against kiln
+## (compat/flaps, a module of its own so that fly-go's dependencies stay out of kiln's)
 test: setup
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) -p 1 ./...
+	cd compat/flaps && $(GO) vet ./... && $(GO) test -count=1 -timeout 15m ./...
 
 ## test-fast: the tests that need no VM
 test-fast:

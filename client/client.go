@@ -111,8 +111,8 @@ func (c *Client) CreateApp(ctx context.Context, name string) error {
 
 // ListApps lists apps.
 func (c *Client) ListApps(ctx context.Context) ([]api.App, error) {
-	var out []api.App
-	return out, c.do(ctx, "GET", "/v1/apps", nil, &out)
+	var out api.AppList
+	return out.Apps, c.do(ctx, "GET", "/v1/apps", nil, &out)
 }
 
 // CreateMachine creates and starts a machine.
@@ -233,10 +233,16 @@ func (c *Client) FindMachine(ctx context.Context, id string) (string, api.Machin
 	return "", api.Machine{}, errdefs.New(errdefs.ErrNotFound, "no machine %s in any app: list them with `kiln machine ls --app APP`", id)
 }
 
-// CreateVolume creates a named volume, empty or from a snapshot.
-func (c *Client) CreateVolume(ctx context.Context, app, name string, sizeGB int, snapshotID string) (api.Volume, error) {
+// CreateVolume creates a named volume: empty, from a snapshot, or a fork of another.
+func (c *Client) CreateVolume(ctx context.Context, app string, req api.CreateVolumeRequest) (api.Volume, error) {
 	var v api.Volume
-	return v, c.do(ctx, "POST", "/v1/apps/"+url.PathEscape(app)+"/volumes", api.CreateVolumeRequest{Name: name, SizeGB: sizeGB, SnapshotID: snapshotID}, &v)
+	return v, c.do(ctx, "POST", "/v1/apps/"+url.PathEscape(app)+"/volumes", req, &v)
+}
+
+// UpdateVolume changes a volume's snapshot settings; nil fields stay as they are.
+func (c *Client) UpdateVolume(ctx context.Context, app, id string, req api.UpdateVolumeRequest) (api.Volume, error) {
+	var v api.Volume
+	return v, c.do(ctx, "PUT", "/v1/apps/"+url.PathEscape(app)+"/volumes/"+url.PathEscape(id), req, &v)
 }
 
 // SnapshotVolume takes a snapshot of a volume.

@@ -114,7 +114,7 @@ func benchMachines(ctx context.Context, rt *vmrun.Runtime, work string, add func
 	var starts []time.Duration
 	for i := 0; i < 5; i++ {
 		t0 := time.Now()
-		m, err := mgr.Create(ctx, "bench", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/bench:1"}})
+		m, _, err := mgr.Create(ctx, "bench", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/bench:1"}})
 		if err != nil {
 			return err
 		}

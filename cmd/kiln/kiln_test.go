@@ -60,8 +60,7 @@ func newEnv(t *testing.T) *env {
 	if buildkitdBin == "" {
 		// The server finds the builder root filesystem by this buildkitd's hash.
 		testutil.BuilderRootfs(t)
-		gomod, _ := exec.Command("go", "env", "GOMOD").Output()
-		buildkitdBin = filepath.Join(filepath.Dir(strings.TrimSpace(string(gomod))), "bin", "buildkitd")
+		buildkitdBin = filepath.Join(testutil.Root(), "bin", "buildkitd")
 	}
 	e := &env{t: t, dataDir: testutil.TempDir(t)}
 	t.Cleanup(func() { testutil.RequireNothingLeft(t, e.dataDir) })

@@ -142,7 +142,7 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				svc.Autostop, svc.MinMachinesRunning = autostop, minRunning
+				svc.Autostop, svc.MinMachinesRunning = api.Autostop(autostop), minRunning
 				if cmd.Flags().Changed("autostart") {
 					svc.Autostart = &autostart
 				}
@@ -337,8 +337,9 @@ func imageCmd(g *globals, af *apiFlags) *cobra.Command {
 
 func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 	c := &cobra.Command{Use: "volume", Aliases: []string{"volumes", "vol"}, Short: "Named persistent volumes"}
-	var app, size, fromSnapshot string
-	var asJSON, listSnapshots bool
+	var app, size, fromSnapshot, fromVolume string
+	var asJSON, listSnapshots, autoBackup bool
+	var retention int
 	gib := func() (int, error) {
 		n, err := parseSize(size)
 		if err != nil {
@@ -372,7 +373,23 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err := cl.CreateApp(cmd.Context(), app); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 				return err
 			}
-			v, err := cl.CreateVolume(cmd.Context(), app, args[0], n, fromSnapshot)
+			req := api.CreateVolumeRequest{Name: args[0]}
+			if cmd.Flags().Changed("size") || fromSnapshot == "" && fromVolume == "" {
+				req.SizeGB = &n
+			}
+			if fromSnapshot != "" {
+				req.SnapshotID = &fromSnapshot
+			}
+			if fromVolume != "" {
+				req.SourceVolumeID = &fromVolume
+			}
+			if cmd.Flags().Changed("snapshot-retention") {
+				req.SnapshotRetention = &retention
+			}
+			if cmd.Flags().Changed("auto-backup") {
+				req.AutoBackupEnabled = &autoBackup
+			}
+			v, err := cl.CreateVolume(cmd.Context(), app, req)
 			if err != nil {
 				return err
 			}
@@ -380,8 +397,41 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			return nil
 		},
 	}
-	create.Flags().StringVar(&size, "size", "1G", "size in whole GiB, e.g. 1G")
+	create.Flags().StringVar(&size, "size", "1G", "size in whole GiB, e.g. 1G (default with --snapshot or --fork: its size)")
 	create.Flags().StringVar(&fromSnapshot, "snapshot", "", "restore this snapshot ID into the new volume")
+	create.Flags().StringVar(&fromVolume, "fork", "", "start the new volume as a copy of this volume (ID or name), in use or not")
+	snapshotFlags := func(c *cobra.Command) {
+		c.Flags().IntVar(&retention, "snapshot-retention", 5, "days to keep the volume's snapshots")
+		c.Flags().BoolVar(&autoBackup, "auto-backup", false, "take a snapshot of the volume every day")
+	}
+	snapshotFlags(create)
+	update := &cobra.Command{
+		Use: "update NAME --app APP [--snapshot-retention DAYS] [--auto-backup=BOOL]", Short: "Change how a volume's snapshots are kept",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := needApp(); err != nil {
+				return err
+			}
+			cl, err := af.client(g)
+			if err != nil {
+				return err
+			}
+			var req api.UpdateVolumeRequest
+			if cmd.Flags().Changed("snapshot-retention") {
+				req.SnapshotRetention = &retention
+			}
+			if cmd.Flags().Changed("auto-backup") {
+				req.AutoBackupEnabled = &autoBackup
+			}
+			v, err := cl.UpdateVolume(cmd.Context(), app, args[0], req)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("volume %s keeps snapshots %d days; daily snapshots %v\n", v.Name, v.SnapshotRetention, v.AutoBackupEnabled)
+			return nil
+		},
+	}
+	snapshotFlags(update)
 	snapshot := &cobra.Command{
 		Use: "snapshot NAME --app APP", Short: "Snapshot a volume (ls with --list)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -401,7 +451,7 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 					return printJSON(sns)
 				}
 				for _, sn := range sns {
-					fmt.Printf("%s\t%s\t%dG\n", sn.ID, sn.CreatedAt.Local().Format(time.DateTime), sn.SizeBytes>>30)
+					fmt.Printf("%s\t%s\t%dG\t%dM stored\n", sn.ID, sn.CreatedAt.Local().Format(time.DateTime), sn.VolumeSize>>30, sn.Size>>20)
 				}
 				return nil
 			}
@@ -434,7 +484,7 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tNAME\tSIZE\tUSED\tATTACHED TO")
 			for _, v := range vs {
-				fmt.Fprintf(tw, "%s\t%s\t%dG\t%dM\t%s\n", v.ID, v.Name, v.SizeGB, v.UsedBytes>>20, v.AttachedMachineID)
+				fmt.Fprintf(tw, "%s\t%s\t%dG\t%dM\t%s\n", v.ID, v.Name, v.SizeGB, v.UsedBytes>>20, deref(v.AttachedMachineID))
 			}
 			return tw.Flush()
 		},
@@ -460,7 +510,7 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			}
 			fmt.Printf("volume %s is now %dG\n", res.Volume.Name, res.Volume.SizeGB)
 			if res.NeedsRestart {
-				fmt.Printf("restart machine %s to use the new size\n", res.Volume.AttachedMachineID)
+				fmt.Printf("restart machine %s to use the new size\n", deref(res.Volume.AttachedMachineID))
 			}
 			return nil
 		},
@@ -480,8 +530,16 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 		},
 	}
 	c.PersistentFlags().StringVar(&app, "app", os.Getenv("KILN_APP"), "app (env KILN_APP)")
-	c.AddCommand(create, ls, extend, destroy, snapshot)
+	c.AddCommand(create, update, ls, extend, destroy, snapshot)
 	return c
+}
+
+// deref is what s points to, or "" for nil.
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }
 
 // parsePort reads PUBLIC:INTERNAL[/http|/tcp] into a service.

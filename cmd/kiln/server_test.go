@@ -280,7 +280,7 @@ func TestServerEndToEnd(t *testing.T) {
 	code, body = call("POST", "", `{"config":{"image":"localhost/app:1","env":{"MODE":"canary"},"init":{"cmd":["sh","-c","echo mode $MODE; while true; do sleep 1; done"]}}}`, "")
 	var updated api.Machine
 	json.Unmarshal([]byte(body), &updated)
-	if code != 200 || updated.Version != 2 {
+	if code != 200 || updated.Version != "2" {
 		t.Fatalf("update: %d %s", code, body)
 	}
 	if err := cl.Wait(ctx, "web", id, "started", 60*time.Second); err != nil {

@@ -125,6 +125,15 @@ func HTTPStatus(err error) int {
 	return 500
 }
 
+// FlyStatus is the word Fly's API puts beside an error's message for clients that
+// branch on it: insufficient_capacity for a capacity error, unknown for the rest.
+func FlyStatus(err error) string {
+	if KindOf(err) == ErrCapacity {
+		return "insufficient_capacity"
+	}
+	return "unknown"
+}
+
 // KindOfStatus is the kind an API status stands for; nil for statuses no kind has
 // (2xx, 500 and the like).
 func KindOfStatus(status int) error {

@@ -26,6 +26,91 @@ var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 // such a name, see it in the API or make machines in it.
 func InternalApp(app string) bool { return strings.HasPrefix(app, "_") }
 
+// sizes are Fly's guest presets that kiln honours: vCPUs and MiB.
+var sizes = map[string][2]int{
+	"shared-cpu-1x": {1, 256}, "shared-cpu-2x": {2, 512}, "shared-cpu-4x": {4, 1024}, "shared-cpu-8x": {8, 2048},
+	"performance-1x": {1, 2048}, "performance-2x": {2, 4096}, "performance-4x": {4, 8192}, "performance-8x": {8, 16384},
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// checkUnsupported refuses Fly's fields that kiln cannot honour, where a value is given:
+// a workload would miss what they promise (a file, a GPU, a schedule). Empty values
+// (null, [], {}, "", false, 0) pass, as Fly's clients send them.
+func checkUnsupported(cfg *api.MachineConfig) error {
+	type field struct {
+		name string
+		v    api.Unsupported
+	}
+	fields := []field{
+		{"config.files", cfg.Files}, {"config.processes", cfg.Processes}, {"config.containers", cfg.Containers},
+		{"config.volumes", cfg.Volumes}, {"config.statics", cfg.Statics}, {"config.schedule", cfg.Schedule},
+		{"config.guest.gpus", cfg.Guest.GPUs}, {"config.guest.gpu_kind", cfg.Guest.GPUKind},
+		{"config.guest.kernel_args", cfg.Guest.KernelArgs}, {"config.init.kernel_args", cfg.Init.KernelArgs},
+	}
+	for i, svc := range cfg.Services {
+		for j, p := range svc.Ports {
+			at := fmt.Sprintf("config.services[%d].ports[%d].", i, j)
+			fields = append(fields, field{at + "start_port", p.StartPort}, field{at + "end_port", p.EndPort})
+		}
+	}
+	for _, f := range fields {
+		if !emptyJSON(f.v) {
+			return errdefs.New(errdefs.ErrNotImplemented, "%s is a Fly field kiln does not support (see the README's list): leave it out", f.name)
+		}
+	}
+	return nil
+}
+
+// emptyJSON says whether a raw value is absent or empty.
+func emptyJSON(raw json.RawMessage) bool {
+	if len(raw) == 0 {
+		return true
+	}
+	var v any
+	if json.Unmarshal(raw, &v) != nil {
+		return false
+	}
+	switch v := v.(type) {
+	case nil:
+		return true
+	case bool:
+		return !v
+	case float64:
+		return v == 0
+	case string:
+		return v == ""
+	case []any:
+		return len(v) == 0
+	case map[string]any:
+		return len(v) == 0
+	}
+	return false
+}
+
+// MaxMetadataKeys bounds a machine's metadata, which every read of the machine carries.
+const MaxMetadataKeys = 64
+
+// CheckMetadata checks a machine's metadata as it would be.
+func CheckMetadata(md map[string]string) error {
+	if len(md) > MaxMetadataKeys {
+		return errdefs.Invalid("metadata: %d keys, over the limit of %d", len(md), MaxMetadataKeys)
+	}
+	for k, v := range md {
+		if k == "" || len(k) > 128 || len(v) > 4096 {
+			return errdefs.Invalid("metadata %.140q: keys are 1 to 128 characters, values up to 4096", k)
+		}
+	}
+	return nil
+}
+
 // CheckName checks a machine's name.
 func CheckName(name string) error {
 	if !nameRE.MatchString(name) {
@@ -53,6 +138,24 @@ func Validate(cfg *api.MachineConfig) error {
 	if _, err := image.NormalizeRef(cfg.Image); err != nil && !strings.HasPrefix(cfg.Image, "sha256:") {
 		return errdefs.Wrap(errdefs.ErrInvalid, err, "config.image")
 	}
+	if err := checkUnsupported(cfg); err != nil {
+		return err
+	}
+	if err := CheckMetadata(cfg.Metadata); err != nil {
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "config")
+	}
+	if cfg.Size != "" {
+		preset, ok := sizes[cfg.Size]
+		if !ok {
+			return errdefs.Invalid("config.size %q is not a size kiln knows: use one of %s, or set config.guest.cpus and memory_mb", cfg.Size, strings.Join(sortedKeys(sizes), ", "))
+		}
+		if cfg.Guest.CPUs == 0 {
+			cfg.Guest.CPUs = preset[0]
+		}
+		if cfg.Guest.MemoryMB == 0 {
+			cfg.Guest.MemoryMB = preset[1]
+		}
+	}
 	if cfg.Guest.CPUs == 0 {
 		cfg.Guest.CPUs = 1
 	}
@@ -79,7 +182,7 @@ func Validate(cfg *api.MachineConfig) error {
 		seen[mt.Volume] = true
 	}
 	if cfg.StopConfig != nil && cfg.StopConfig.Timeout != "" {
-		if err := CheckStopGrace(cfg.StopConfig.Timeout); err != nil {
+		if err := CheckStopGrace(string(cfg.StopConfig.Timeout)); err != nil {
 			return errdefs.Wrap(errdefs.ErrInvalid, err, "config.stop_config")
 		}
 	}
@@ -214,7 +317,7 @@ func CheckStopGrace(s string) error {
 // StopGrace is how long the workload has to exit after the stop signal.
 func StopGrace(cfg api.MachineConfig) time.Duration {
 	if cfg.StopConfig != nil {
-		if d, err := time.ParseDuration(cfg.StopConfig.Timeout); err == nil && d > 0 {
+		if d, err := time.ParseDuration(string(cfg.StopConfig.Timeout)); err == nil && d > 0 {
 			return min(d, MaxStopGrace) // configs stored before the limit
 		}
 	}

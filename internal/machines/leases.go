@@ -20,17 +20,18 @@ const (
 	MaxLeaseTTL     = time.Hour
 )
 
-// Lease returns the lease that holds the machine, without its nonce (the holder's
-// secret); ErrNotFound if none holds.
+// Lease returns the lease that holds the machine; ErrNotFound if none holds. Its nonce
+// is shown, as Fly shows it: a lease keeps cooperating clients out of each other's way
+// (flyctl's `machine leases clear` reads the nonce to let go of a stuck lease); what a
+// caller may do at all is its token's business, not the lease's.
 func (s *Service) Lease(ctx context.Context, id string) (store.Lease, error) {
 	l, err := s.cfg.Store.Lease(ctx, id)
 	if err != nil {
 		return l, err
 	}
-	if l.Nonce == "" {
-		return l, errdefs.New(errdefs.ErrNotFound, "machine %s has no lease", id)
+	if l.Nonce == "" || !l.ExpiresAt.After(time.Now()) {
+		return store.Lease{}, errdefs.New(errdefs.ErrNotFound, "machine %s has no lease", id)
 	}
-	l.Nonce = ""
 	return l, nil
 }
 
@@ -43,9 +44,17 @@ func (s *Service) TakeLease(ctx context.Context, id, holder string, ttl time.Dur
 	if ttl < time.Second || ttl > MaxLeaseTTL {
 		return store.Lease{}, errdefs.Invalid("ttl=%d: give seconds from 1 to %d", int(ttl/time.Second), int(MaxLeaseTTL/time.Second))
 	}
-	var b [16]byte
-	rand.Read(b[:])
-	l := store.Lease{Nonce: hex.EncodeToString(b[:]), ExpiresAt: time.Now().Add(ttl), Description: description}
+	l := store.Lease{Nonce: holder, ExpiresAt: time.Now().Add(ttl), Description: description}
+	if cur, err := s.cfg.Store.Lease(ctx, id); err != nil {
+		return l, err
+	} else if holder == "" || cur.Nonce != holder {
+		// A new lease gets a new nonce; a renewal keeps the holder's.
+		var b [16]byte
+		rand.Read(b[:])
+		l.Nonce = hex.EncodeToString(b[:])
+	} else if description == "" {
+		l.Description = cur.Description
+	}
 	return l, s.cfg.Store.SetLease(ctx, id, holder, l)
 }
 

@@ -13,8 +13,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"reflect"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -109,26 +113,27 @@ func sizeOf(cfg api.MachineConfig) capacity.Size {
 	return capacity.Size{CPUs: cfg.Guest.CPUs, MemoryMiB: cfg.Guest.MemoryMB}
 }
 
-// Create records a machine and starts it. Everything that can be checked is checked
-// first, so a refused request leaves no record and no VM.
-func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineRequest) (store.Machine, error) {
+// Create records a machine and starts it (unless req.SkipLaunch). Everything that can
+// be checked is checked first, so a refused request leaves no record and no VM. With
+// req.LeaseTTL the machine is leased before it starts, and the lease's nonce returned.
+func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineRequest) (store.Machine, string, error) {
 	if machine.InternalApp(app) {
-		return store.Machine{}, errdefs.New(errdefs.ErrNotFound, "app %s not found", app)
+		return store.Machine{}, "", errdefs.New(errdefs.ErrNotFound, "app %s not found", app)
 	}
 	cfg := req.Config
 	if err := machine.Validate(&cfg); err != nil {
-		return store.Machine{}, err
+		return store.Machine{}, "", err
 	}
 	if err := s.checkPorts(ctx, app, "", cfg); err != nil {
-		return store.Machine{}, err
+		return store.Machine{}, "", err
 	}
 	if s.cfg.Capacity != nil {
 		if err := s.cfg.Capacity.CanEverFit(sizeOf(cfg)); err != nil {
-			return store.Machine{}, err
+			return store.Machine{}, "", err
 		}
 	}
 	if _, err := s.rt.rootfs(ctx, cfg.Image); err != nil {
-		return store.Machine{}, err
+		return store.Machine{}, "", err
 	}
 	id := newID()
 	name := req.Name
@@ -136,7 +141,7 @@ func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineR
 		name = id
 	}
 	if err := machine.CheckName(name); err != nil {
-		return store.Machine{}, err
+		return store.Machine{}, "", err
 	}
 	// Volumes are claimed in the transaction that makes the record: a crash leaves both
 	// or neither, never a volume held by a machine that does not exist.
@@ -144,7 +149,7 @@ func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineR
 	for _, mt := range cfg.Mounts {
 		v, err := s.cfg.Store.GetVolume(ctx, app, mt.Volume)
 		if err != nil {
-			return store.Machine{}, err
+			return store.Machine{}, "", err
 		}
 		volumes = append(volumes, v.ID)
 	}
@@ -156,10 +161,10 @@ func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineR
 			host = h
 		}
 	}
-	if req.NoCapacityWait && host == s.cfg.Host && s.cfg.Capacity != nil {
+	if req.NoCapacityWait && !req.SkipLaunch && host == s.cfg.Host && s.cfg.Capacity != nil {
 		// Hold the room now; the start takes over the hold.
 		if _, err := s.cfg.Capacity.Reserve(ctx, id, capacity.Request{Size: sizeOf(cfg)}, 0, nil); err != nil {
-			return store.Machine{}, err
+			return store.Machine{}, "", err
 		}
 	}
 	rec := store.Machine{ID: id, App: app, Name: name, State: machine.Created, Config: raw, Host: host}
@@ -168,12 +173,44 @@ func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineR
 		if s.cfg.Capacity != nil {
 			s.cfg.Capacity.Release(id)
 		}
-		return rec, err
+		return rec, "", err
 	}
-	if err := s.Start(ctx, id); err != nil {
-		return rec, err
+	// The config's metadata is the machine's metadata: the metadata calls read and
+	// change the same keys.
+	if len(cfg.Metadata) > 0 {
+		if err := s.cfg.Store.UpdateMetadata(ctx, id, 0, cfg.Metadata); err != nil {
+			return rec, "", s.undoCreate(ctx, id, err)
+		}
 	}
-	return s.cfg.Store.GetMachine(ctx, id)
+	if req.SkipServiceRegistration {
+		if err := s.cfg.Store.SetCordoned(ctx, id, true); err != nil {
+			return rec, "", s.undoCreate(ctx, id, err)
+		}
+	}
+	var nonce string
+	if req.LeaseTTL != 0 {
+		l, err := s.TakeLease(ctx, id, "", time.Duration(req.LeaseTTL)*time.Second, "taken at launch")
+		if err != nil {
+			return rec, "", s.undoCreate(ctx, id, err)
+		}
+		nonce = l.Nonce
+	}
+	if !req.SkipLaunch {
+		if err := s.Start(ctx, id); err != nil {
+			return rec, nonce, err
+		}
+	}
+	rec, err := s.cfg.Store.GetMachine(ctx, id)
+	return rec, nonce, err
+}
+
+// undoCreate destroys a machine whose creation failed after its record was made, so a
+// refused request leaves nothing, and returns the failure.
+func (s *Service) undoCreate(ctx context.Context, id string, cause error) error {
+	if err := s.Destroy(context.WithoutCancel(ctx), id, true); err != nil {
+		s.logf("machine %s: removing it after a failed create: %v", id, err)
+	}
+	return cause
 }
 
 // Start starts a created, stopped, failed or suspended machine. One placed on another
@@ -264,12 +301,22 @@ func (s *Service) remove(ctx context.Context, id string) error {
 	return nil
 }
 
-// Wait waits until the machine is in state, or the timeout passes (ErrTimeout). It
-// listens for the state changes this host records; a change another host records is
-// seen within a second.
+// Wait waits until the machine is in state, or the timeout passes (ErrTimeout).
 func (s *Service) Wait(ctx context.Context, id string, state machine.State, timeout time.Duration) error {
-	if !state.Valid() {
-		return errdefs.Invalid("state %q is not a machine state", state)
+	_, err := s.WaitFor(ctx, id, []machine.State{state}, 0, timeout)
+	return err
+}
+
+// WaitFor waits until the machine is in one of states and returns it, or the timeout
+// passes (ErrTimeout). A version > 0 names the config the caller means: one the
+// machine has moved past counts as stopped (and destroyed), since that instance
+// ended; waiting for it to start is ErrConflict. It listens for the state changes this
+// host records; a change another host records is seen within a second.
+func (s *Service) WaitFor(ctx context.Context, id string, states []machine.State, version int, timeout time.Duration) (store.Machine, error) {
+	for _, st := range states {
+		if !st.Valid() {
+			return store.Machine{}, errdefs.Invalid("state %q is not a machine state", st)
+		}
 	}
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
@@ -277,20 +324,38 @@ func (s *Service) Wait(ctx context.Context, id string, state machine.State, time
 		changed := s.sup.Changed()
 		rec, err := s.cfg.Store.GetMachine(ctx, id)
 		if err != nil {
-			return err
+			return rec, err
 		}
-		if rec.State == state {
-			return nil
+		switch {
+		case version > rec.Version:
+			return rec, errdefs.New(errdefs.ErrNotFound, "machine %s has no version %d yet (it is at %d)", id, version, rec.Version)
+		case version > 0 && version < rec.Version:
+			for _, st := range states {
+				if st == machine.Stopped || st == machine.Destroyed {
+					return rec, nil
+				}
+			}
+			return rec, errdefs.New(errdefs.ErrConflict, "machine %s version %d was replaced by version %d: wait on that", id, version, rec.Version)
+		case slices.Contains(states, rec.State):
+			return rec, nil
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return rec, ctx.Err()
 		case <-deadline.C:
-			return errdefs.New(errdefs.ErrTimeout, "machine %s is %s, not %s, after %s", id, rec.State, state, timeout)
+			return rec, errdefs.New(errdefs.ErrTimeout, "machine %s is %s, not %s, after %s", id, rec.State, joinStates(states), timeout)
 		case <-changed:
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+func joinStates(states []machine.State) string {
+	words := make([]string, len(states))
+	for i, st := range states {
+		words[i] = string(st)
+	}
+	return strings.Join(words, " or ")
 }
 
 // Signal delivers a signal to a started machine's workload.
@@ -303,8 +368,11 @@ func (s *Service) Signal(ctx context.Context, id string, sig int) error {
 }
 
 // Update replaces a machine's config with a new version. A running machine is stopped
-// and started again on the new config.
-func (s *Service) Update(ctx context.Context, id string, cfg api.MachineConfig) (store.Machine, error) {
+// and started again on the new config (left stopped with req.SkipLaunch). The config's
+// metadata replaces the machine's. req.CurrentVersion, if given, must be the machine's
+// version.
+func (s *Service) Update(ctx context.Context, id string, req api.CreateMachineRequest) (store.Machine, error) {
+	cfg := req.Config
 	if err := machine.Validate(&cfg); err != nil {
 		return store.Machine{}, err
 	}
@@ -315,6 +383,9 @@ func (s *Service) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 	if err != nil {
 		return rec, err
 	}
+	if req.CurrentVersion != "" && req.CurrentVersion != strconv.Itoa(rec.Version) {
+		return rec, errdefs.New(errdefs.ErrConflict, "machine %s is at version %d, not %s: read it again and retry", id, rec.Version, req.CurrentVersion)
+	}
 	if err := s.checkPorts(ctx, rec.App, id, cfg); err != nil {
 		return rec, err
 	}
@@ -323,7 +394,7 @@ func (s *Service) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 	}
 	wasRunning := rec.State == machine.Started || rec.State == machine.Starting
 	if wasRunning {
-		if err := s.stopAndWait(ctx, id); err != nil {
+		if err := s.stopAndWait(ctx, id, 0, 0); err != nil {
 			return rec, err
 		}
 	}
@@ -339,7 +410,10 @@ func (s *Service) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 		}
 		return rec, err
 	}
-	if wasRunning {
+	if err := s.replaceMetadata(ctx, id, cfg.Metadata); err != nil {
+		return rec, err
+	}
+	if wasRunning && !req.SkipLaunch {
 		if err := s.Start(ctx, id); err != nil {
 			return rec, err
 		}
@@ -347,10 +421,28 @@ func (s *Service) Update(ctx context.Context, id string, cfg api.MachineConfig) 
 	return s.cfg.Store.GetMachine(ctx, id)
 }
 
-// stopAndWait stops a machine and waits until it is stopped and its supervisor has
-// ended: what a restart, an update and a drain do first.
-func (s *Service) stopAndWait(ctx context.Context, id string) error {
-	if err := s.Stop(ctx, id); err != nil && !errors.Is(err, errdefs.ErrConflict) {
+// replaceMetadata makes md the machine's metadata.
+func (s *Service) replaceMetadata(ctx context.Context, id string, md map[string]string) error {
+	old, err := s.cfg.Store.Metadata(ctx, id)
+	if err != nil {
+		return err
+	}
+	kv := maps.Clone(md)
+	if kv == nil {
+		kv = map[string]string{}
+	}
+	for k := range old {
+		if _, keep := md[k]; !keep {
+			kv[k] = ""
+		}
+	}
+	return s.cfg.Store.UpdateMetadata(ctx, id, 0, kv)
+}
+
+// stopAndWait stops a machine (see StopWith) and waits until it is stopped and its
+// supervisor has ended: what a restart, an update and a drain do first.
+func (s *Service) stopAndWait(ctx context.Context, id string, sig int, timeout time.Duration) error {
+	if err := s.StopWith(ctx, id, sig, timeout); err != nil && !errors.Is(err, errdefs.ErrConflict) {
 		return err
 	}
 	if err := s.Wait(ctx, id, machine.Stopped, 2*time.Minute); err != nil {
@@ -366,14 +458,14 @@ func (s *Service) stopAndWait(ctx context.Context, id string) error {
 	return nil
 }
 
-// Restart stops a running machine and starts it again.
-func (s *Service) Restart(ctx context.Context, id string) error {
+// Restart stops a running machine (see StopWith) and starts it again.
+func (s *Service) Restart(ctx context.Context, id string, sig int, timeout time.Duration) error {
 	rec, err := s.cfg.Store.GetMachine(ctx, id)
 	if err != nil {
 		return err
 	}
 	if rec.State == machine.Started || rec.State == machine.Starting {
-		if err := s.stopAndWait(ctx, id); err != nil {
+		if err := s.stopAndWait(ctx, id, sig, timeout); err != nil {
 			return err
 		}
 	}
@@ -481,4 +573,39 @@ func (s *Service) CanSuspend() bool { return s.cfg.VMs.Driver.Capabilities().Sna
 // Events returns a machine's journal, oldest first.
 func (s *Service) Events(ctx context.Context, id string) ([]machine.Event, error) {
 	return s.cfg.Store.Events(ctx, id)
+}
+
+// DeleteApp deletes an app. With force its machines are destroyed and its volumes
+// deleted first; without, an app that still has any is ErrConflict.
+func (s *Service) DeleteApp(ctx context.Context, app string, force bool) error {
+	if machine.InternalApp(app) {
+		return errdefs.New(errdefs.ErrNotFound, "app %s not found", app)
+	}
+	if force {
+		ms, err := s.cfg.Store.ListMachines(ctx, app)
+		if err != nil {
+			return err
+		}
+		for _, m := range ms {
+			if m.State == machine.Destroyed {
+				continue
+			}
+			if !s.Mine(m) {
+				return errdefs.New(errdefs.ErrConflict, "machine %s of app %s runs on host %s: destroy it there, then delete the app", m.ID, app, m.Host)
+			}
+			if err := s.Destroy(ctx, m.ID, true); err != nil {
+				return fmt.Errorf("deleting app %s: %w", app, err)
+			}
+		}
+		vs, err := s.cfg.Store.ListVolumes(ctx, app)
+		if err != nil {
+			return err
+		}
+		for _, v := range vs {
+			if _, err := s.DeleteVolume(ctx, app, v.ID); err != nil {
+				return fmt.Errorf("deleting app %s: %w", app, err)
+			}
+		}
+	}
+	return s.cfg.Store.DeleteApp(ctx, app)
 }

@@ -144,7 +144,7 @@ func get(t *testing.T, p *Proxy, host, path string) (int, string) {
 
 func web(autostop string) api.Service {
 	on := true
-	return api.Service{Protocol: "tcp", Ports: []api.ServicePort{{Port: 80, Handlers: []string{"http"}}}, Autostop: autostop, Autostart: &on}
+	return api.Service{Protocol: "tcp", Ports: []api.ServicePort{{Port: 80, Handlers: []string{"http"}}}, Autostop: api.Autostop(autostop), Autostart: &on}
 }
 
 func TestRoutesByHostAndHidesOtherApps(t *testing.T) {

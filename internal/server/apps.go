@@ -1,6 +1,8 @@
 package server
 
 import (
+	"context"
+	"errors"
 	"net/http"
 
 	"github.com/kilnhq/kiln/api"
@@ -8,20 +10,49 @@ import (
 	"github.com/kilnhq/kiln/internal/machine"
 )
 
+// org is the one organization kiln shows Fly's clients; their org_slug is accepted and
+// ignored.
+var org = api.Organization{Name: "kiln", Slug: "personal"}
+
 func (s *Server) listApps(w http.ResponseWriter, r *http.Request) error {
 	names, err := s.Store.ListApps(r.Context())
 	if err != nil {
 		return err
 	}
-	apps := []api.App{}
+	out := api.AppList{Apps: []api.App{}}
 	for _, n := range names {
 		if machine.InternalApp(n) {
 			continue
 		}
-		apps = append(apps, api.App{Name: n})
+		a, err := s.app(r.Context(), n)
+		if err != nil {
+			return err
+		}
+		out.Apps = append(out.Apps, a)
 	}
-	writeJSON(w, http.StatusOK, apps)
+	out.TotalApps = len(out.Apps)
+	writeJSON(w, http.StatusOK, out)
 	return nil
+}
+
+// app shows an app in Fly's shape, with what it holds.
+func (s *Server) app(ctx context.Context, name string) (api.App, error) {
+	a := api.App{ID: name, Name: name, Status: "pending", Network: "default", Organization: org}
+	ms, err := s.Store.ListMachines(ctx, name)
+	if err != nil {
+		return a, err
+	}
+	for _, m := range ms {
+		if m.State != machine.Destroyed {
+			a.MachineCount++
+		}
+		if m.State == machine.Started {
+			a.Status = "deployed"
+		}
+	}
+	vs, err := s.Store.ListVolumes(ctx, name)
+	a.VolumeCount = len(vs)
+	return a, err
 }
 
 func (s *Server) createApp(w http.ResponseWriter, r *http.Request) error {
@@ -29,13 +60,21 @@ func (s *Server) createApp(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(r, &req); err != nil {
 		return err
 	}
-	if !appNameOK(req.AppName) {
-		return errdefs.Invalid("app_name %q: use lowercase letters, digits and dashes, up to 63", req.AppName)
+	name := req.AppName
+	if name == "" {
+		name = req.Name
 	}
-	if err := s.Store.CreateApp(r.Context(), req.AppName); err != nil {
+	if !appNameOK(name) {
+		return errdefs.Invalid("app_name %q: use lowercase letters, digits and dashes, up to 63", name)
+	}
+	if err := s.Store.CreateApp(r.Context(), name); err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusCreated, api.App{Name: req.AppName})
+	a, err := s.app(r.Context(), name)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, a)
 	return nil
 }
 
@@ -52,10 +91,23 @@ func appNameOK(n string) bool {
 }
 
 func (s *Server) getApp(w http.ResponseWriter, r *http.Request) error {
-	app := r.PathValue("app")
-	if _, err := s.Store.ListMachines(r.Context(), app); err != nil {
+	a, err := s.app(r.Context(), r.PathValue("app"))
+	if errors.Is(err, errdefs.ErrNotFound) {
+		// Fly's words exactly: its client tells a free name by this message.
+		return errdefs.New(errdefs.ErrNotFound, "app not found")
+	}
+	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, api.App{Name: app})
+	writeJSON(w, http.StatusOK, a)
+	return nil
+}
+
+// deleteApp deletes an app; with force=true its machines and volumes go first.
+func (s *Server) deleteApp(w http.ResponseWriter, r *http.Request) error {
+	if err := s.Node.DeleteApp(r.Context(), r.PathValue("app"), r.URL.Query().Get("force") == "true"); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusAccepted)
 	return nil
 }

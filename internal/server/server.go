@@ -66,15 +66,16 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/apps", true, s.listApps},
 		{"POST", "/v1/apps", true, s.createApp},
 		{"GET", "/v1/apps/{app}", true, s.getApp},
+		{"DELETE", "/v1/apps/{app}", true, s.deleteApp},
 		{"GET", "/v1/apps/{app}/machines", true, s.listMachines},
 		{"POST", "/v1/apps/{app}/machines", true, s.createMachine},
 		{"GET", "/v1/apps/{app}/machines/{id}", true, s.getMachine},
 		{"DELETE", "/v1/apps/{app}/machines/{id}", true, s.machineOp(func(r *http.Request, m store.Machine) error {
-			return s.Node.Destroy(r.Context(), m.ID, r.URL.Query().Get("force") == "true")
+			// Fly documents force; its client sends kill.
+			q := r.URL.Query()
+			return s.Node.Destroy(r.Context(), m.ID, q.Get("force") == "true" || q.Get("kill") == "true")
 		})},
-		{"POST", "/v1/apps/{app}/machines/{id}/start", true, s.machineOp(func(r *http.Request, m store.Machine) error {
-			return s.Node.Start(r.Context(), m.ID)
-		})},
+		{"POST", "/v1/apps/{app}/machines/{id}/start", true, s.startMachine},
 		{"POST", "/v1/apps/{app}/machines/{id}/stop", true, s.stopMachine},
 		{"POST", "/v1/apps/{app}/machines/{id}/restart", true, s.restartMachine},
 		{"POST", "/v1/apps/{app}/machines/{id}/suspend", true, s.machineOp(func(r *http.Request, m store.Machine) error {
@@ -96,14 +97,17 @@ func (s *Server) Routes() []Route {
 		{"POST", "/v1/apps/{app}/machines/{id}/lease", true, s.takeLease},
 		{"DELETE", "/v1/apps/{app}/machines/{id}/lease", true, s.releaseLease},
 		{"GET", "/v1/apps/{app}/machines/{id}/metadata", true, s.getMetadata},
+		{"PUT", "/v1/apps/{app}/machines/{id}/metadata", true, s.bulkMetadata},
+		{"PATCH", "/v1/apps/{app}/machines/{id}/metadata", true, s.bulkMetadata},
+		{"GET", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.getMetadata},
 		{"POST", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.setMetadata},
-		{"DELETE", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.machineOp(func(r *http.Request, m store.Machine) error {
-			return s.Store.SetMetadata(r.Context(), m.ID, r.PathValue("key"), "")
-		})},
+		{"DELETE", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.deleteMetadata},
 		{"GET", "/v1/apps/{app}/volumes", true, s.listVolumes},
 		{"POST", "/v1/apps/{app}/volumes", true, s.createVolume},
 		{"GET", "/v1/apps/{app}/volumes/{id}", true, s.getVolume},
 		{"DELETE", "/v1/apps/{app}/volumes/{id}", true, s.deleteVolume},
+		{"PUT", "/v1/apps/{app}/volumes/{id}", true, s.updateVolume},  // fly-go's flaps
+		{"POST", "/v1/apps/{app}/volumes/{id}", true, s.updateVolume}, // Fly's documentation
 		{"PUT", "/v1/apps/{app}/volumes/{id}/extend", true, s.extendVolume},
 		{"GET", "/v1/apps/{app}/volumes/{id}/snapshots", true, s.listSnapshots},
 		{"POST", "/v1/apps/{app}/volumes/{id}/snapshots", true, s.createSnapshot},
@@ -133,7 +137,7 @@ func (s *Server) Handler() http.Handler {
 				// The one status outside errdefs' table: a wrong token is the API's own
 				// answer, not an error any operation below it returns, so it has no kind
 				// (the client reads 401 back as unclassified).
-				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "missing or wrong bearer token: send Authorization: Bearer TOKEN (the admin token is in DATA_DIR/admin-token)"})
+				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "missing or wrong token: send Authorization: Bearer TOKEN (the admin token is in DATA_DIR/admin-token)", Status: "unknown"})
 				return
 			}
 			if r.auth {
@@ -169,9 +173,14 @@ func (s *Server) Handler() http.Handler {
 	return mux
 }
 
+// authorized checks the request's token, sent as "Bearer TOKEN" or, as Fly's client
+// sends its tokens, "FlyV1 TOKEN" (the scheme in any case).
 func (s *Server) authorized(r *http.Request) bool {
-	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	return ok && s.Token != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(s.Token)) == 1
+	scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") && !strings.EqualFold(scheme, "FlyV1") {
+		return false
+	}
+	return s.Token != "" && subtle.ConstantTimeCompare([]byte(strings.TrimSpace(tok)), []byte(s.Token)) == 1
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -183,7 +192,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 // writeError answers err with its kind's status from errdefs' one table, the table the
 // client reads statuses back with, so a remote error has the kind a local one has.
 func writeError(w http.ResponseWriter, err error) {
-	writeJSON(w, errdefs.HTTPStatus(err), api.Error{Error: err.Error()})
+	writeJSON(w, errdefs.HTTPStatus(err), api.Error{Error: err.Error(), Status: errdefs.FlyStatus(err)})
 }
 
 // maxBody bounds a JSON request body: every request kiln takes is far smaller.

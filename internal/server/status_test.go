@@ -95,7 +95,8 @@ func TestErrorStatusesOnlyFromTheTable(t *testing.T) {
 			}
 			switch s := status.(type) {
 			case *ast.SelectorExpr: // http.StatusX
-				if s.Sel.Name == "StatusOK" || s.Sel.Name == "StatusCreated" || s.Sel.Name == "StatusUnauthorized" {
+				switch s.Sel.Name {
+				case "StatusOK", "StatusCreated", "StatusAccepted", "StatusNoContent", "StatusUnauthorized":
 					return true
 				}
 			case *ast.Ident: // writeJSON's own WriteHeader(code)

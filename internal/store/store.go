@@ -50,15 +50,25 @@ type Volume struct {
 	Path            string    `json:"path"`
 	AttachedMachine string    `json:"attached_machine,omitempty"`
 	CreatedAt       time.Time `json:"created_at"`
+	// SnapshotRetention is how many days the volume's snapshots are kept.
+	SnapshotRetention int `json:"snapshot_retention"`
+	// AutoBackup takes a snapshot of the volume a day.
+	AutoBackup bool `json:"auto_backup_enabled"`
 }
 
 // Snapshot is a point-in-time copy of a volume.
 type Snapshot struct {
-	ID        string    `json:"id"`
-	VolumeID  string    `json:"volume_id"`
-	Path      string    `json:"path"`
-	SizeBytes int64     `json:"size_bytes"`
+	ID       string `json:"id"`
+	VolumeID string `json:"volume_id"`
+	Path     string `json:"path"`
+	// SizeBytes is the volume's size when the snapshot was taken; StoredBytes what the
+	// snapshot's file takes on disk.
+	SizeBytes   int64 `json:"size_bytes"`
+	StoredBytes int64 `json:"stored_bytes"`
+	// CreatedAt is set by AddSnapshot when zero.
 	CreatedAt time.Time `json:"created_at"`
+	// RetentionDays is its volume's SnapshotRetention, filled in by the reads.
+	RetentionDays int `json:"retention_days"`
 }
 
 // Store persists apps, machines and their event journals.
@@ -67,6 +77,10 @@ type Store interface {
 	CreateApp(ctx context.Context, name string) error
 	// ListApps lists app names, sorted.
 	ListApps(ctx context.Context) ([]string, error)
+	// DeleteApp removes an app with its destroyed machines' records. An app that still
+	// has a machine not destroyed, or a volume, is ErrConflict; an unknown one
+	// ErrNotFound.
+	DeleteApp(ctx context.Context, name string) error
 	// CreateMachine inserts m (its state must be created) with its launch event, and
 	// attaches the volumes (by ID) to it, all in one transaction: a volume is never held by
 	// a machine that does not exist. A volume another machine holds is ErrConflict, and
@@ -102,6 +116,10 @@ type Store interface {
 	Metadata(ctx context.Context, id string) (map[string]string, error)
 	// SetMetadata sets key; an empty value deletes it.
 	SetMetadata(ctx context.Context, id, key, value string) error
+	// UpdateMetadata sets several keys at once (an empty value deletes its key), in one
+	// transaction; with version > 0 only while the machine is at that version, else
+	// ErrConflict and nothing changes.
+	UpdateMetadata(ctx context.Context, id string, version int, kv map[string]string) error
 
 	CreateVolume(ctx context.Context, v Volume) error
 	// GetVolume finds an app's volume by ID or name.
@@ -114,12 +132,21 @@ type Store interface {
 	// DetachVolumes lets go of every volume machineID holds, whatever its config says.
 	DetachVolumes(ctx context.Context, machineID string) error
 	SetVolumeSize(ctx context.Context, id string, size int64) error
+	// SetVolumeSnapshots sets how long a volume keeps its snapshots and whether it gets
+	// one a day.
+	SetVolumeSnapshots(ctx context.Context, id string, retentionDays int, autoBackup bool) error
+	// AllVolumes lists every volume of every app, oldest first.
+	AllVolumes(ctx context.Context) ([]Volume, error)
 	DeleteVolume(ctx context.Context, id string) error
 	AddSnapshot(ctx context.Context, sn Snapshot) error
 	// Snapshots lists a volume's snapshots, oldest first.
 	Snapshots(ctx context.Context, volumeID string) ([]Snapshot, error)
+	// AllSnapshots lists the snapshots of every volume, oldest first.
+	AllSnapshots(ctx context.Context) ([]Snapshot, error)
 	// Snapshot finds a snapshot of any of app's volumes.
 	Snapshot(ctx context.Context, app, id string) (Snapshot, error)
+	// DeleteSnapshot removes a snapshot's record; one already gone is not an error.
+	DeleteSnapshot(ctx context.Context, id string) error
 	Close() error
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -45,18 +46,22 @@ func GoBuild(t testing.TB, pkg, dir string) string {
 func build(pkg, dir string) (string, error) {
 	buildMu.Lock()
 	defer buildMu.Unlock()
-	gomod, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w", err)
-	}
 	out := filepath.Join(dir, filepath.Base(pkg))
 	cmd := exec.Command("go", "build", "-o", out, pkg)
-	cmd.Dir = filepath.Dir(strings.TrimSpace(string(gomod)))
+	cmd.Dir = Root()
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
 	}
 	return out, nil
+}
+
+// Root is kiln's checkout: the directory of its go.mod, found from this file's place in
+// it, so a test module of its own under the repository (compat/flaps) builds kiln's
+// binaries too.
+func Root() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
 }
 
 // RequireQEMU skips the test where QEMU or the guest kernel is absent.
@@ -226,11 +231,7 @@ func BuilderRootfs(t testing.TB) string {
 	Assets(t)
 	bk := os.Getenv("KILN_BUILDKITD")
 	if bk == "" {
-		gomod, err := exec.Command("go", "env", "GOMOD").Output()
-		if err != nil {
-			t.Fatal(err)
-		}
-		bk = filepath.Join(filepath.Dir(strings.TrimSpace(string(gomod))), "bin", "buildkitd")
+		bk = filepath.Join(Root(), "bin", "buildkitd")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()

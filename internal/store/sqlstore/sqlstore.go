@@ -179,6 +179,41 @@ func (s *DB) ListApps(ctx context.Context) ([]string, error) {
 	return out, rows.Err()
 }
 
+func (s *DB) DeleteApp(ctx context.Context, name string) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	var machines, volumes int
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT count(*) FROM machines WHERE app = ? AND state <> 'destroyed'`), name).Scan(&machines); err != nil {
+		return err
+	}
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT count(*) FROM volumes WHERE app = ?`), name).Scan(&volumes); err != nil {
+		return err
+	}
+	if machines > 0 || volumes > 0 {
+		return errdefs.New(errdefs.ErrConflict, "app %s still has %d machines and %d volumes: destroy them first, or delete the app with force=true", name, machines, volumes)
+	}
+	for _, q := range []string{
+		`DELETE FROM machine_events WHERE machine_id IN (SELECT id FROM machines WHERE app = ?)`,
+		`DELETE FROM machine_metadata WHERE machine_id IN (SELECT id FROM machines WHERE app = ?)`,
+		`DELETE FROM machines WHERE app = ?`,
+	} {
+		if _, err := tx.ExecContext(ctx, s.q(q), name); err != nil {
+			return fmt.Errorf("deleting app %s: %w", name, err)
+		}
+	}
+	res, err := tx.ExecContext(ctx, s.q(`DELETE FROM apps WHERE name = ?`), name)
+	if err != nil {
+		return fmt.Errorf("deleting app %s: %w", name, err)
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return errdefs.New(errdefs.ErrNotFound, "app %s does not exist", name)
+	}
+	return tx.Commit()
+}
+
 func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Event, volumes ...string) error {
 	if m.State != machine.Created {
 		return errdefs.Invalid("a new machine starts in state created, not %s", m.State)
@@ -335,17 +370,23 @@ func (s *DB) Events(ctx context.Context, id string) ([]machine.Event, error) {
 	return out, rows.Err()
 }
 
-const volumeCols = `id, app, name, size_bytes, path, COALESCE(attached_machine, ''), created_at`
+const volumeCols = `id, app, name, size_bytes, path, COALESCE(attached_machine, ''), created_at, snapshot_retention, auto_backup_enabled`
 
 func scanVolume(row interface{ Scan(...any) error }) (store.Volume, error) {
 	var v store.Volume
-	err := row.Scan(&v.ID, &v.App, &v.Name, &v.SizeBytes, &v.Path, &v.AttachedMachine, &v.CreatedAt)
+	err := row.Scan(&v.ID, &v.App, &v.Name, &v.SizeBytes, &v.Path, &v.AttachedMachine, &v.CreatedAt, &v.SnapshotRetention, &v.AutoBackup)
 	return v, err
 }
 
+// CreateVolume records v; a zero SnapshotRetention is the schema's default.
 func (s *DB) CreateVolume(ctx context.Context, v store.Volume) error {
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO volumes (id, app, name, size_bytes, path, created_at) VALUES (?, ?, ?, ?, ?, ?)`),
-		v.ID, v.App, v.Name, v.SizeBytes, v.Path, time.Now().UTC())
+	query, args := `INSERT INTO volumes (id, app, name, size_bytes, path, created_at, auto_backup_enabled) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+		[]any{v.ID, v.App, v.Name, v.SizeBytes, v.Path, time.Now().UTC(), v.AutoBackup}
+	if v.SnapshotRetention > 0 {
+		query = `INSERT INTO volumes (id, app, name, size_bytes, path, created_at, auto_backup_enabled, snapshot_retention) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`
+		args = append(args, v.SnapshotRetention)
+	}
+	_, err := s.db.ExecContext(ctx, s.q(query), args...)
 	if err != nil {
 		switch {
 		case isUnique(err):
@@ -366,7 +407,15 @@ func (s *DB) GetVolume(ctx context.Context, app, idOrName string) (store.Volume,
 }
 
 func (s *DB) ListVolumes(ctx context.Context, app string) ([]store.Volume, error) {
-	rows, err := s.db.QueryContext(ctx, s.q(`SELECT `+volumeCols+` FROM volumes WHERE app = ? ORDER BY created_at, id`), app)
+	return s.volumes(ctx, `WHERE app = ?`, app)
+}
+
+func (s *DB) AllVolumes(ctx context.Context) ([]store.Volume, error) {
+	return s.volumes(ctx, ``)
+}
+
+func (s *DB) volumes(ctx context.Context, where string, args ...any) ([]store.Volume, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT `+volumeCols+` FROM volumes `+where+` ORDER BY created_at, id`), args...)
 	if err != nil {
 		return nil, err
 	}
@@ -432,6 +481,17 @@ func (s *DB) DetachVolumes(ctx context.Context, machineID string) error {
 func (s *DB) SetVolumeSize(ctx context.Context, id string, size int64) error {
 	_, err := s.db.ExecContext(ctx, s.q(`UPDATE volumes SET size_bytes = ? WHERE id = ?`), size, id)
 	return err
+}
+
+func (s *DB) SetVolumeSnapshots(ctx context.Context, id string, retentionDays int, autoBackup bool) error {
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE volumes SET snapshot_retention = ?, auto_backup_enabled = ? WHERE id = ?`), retentionDays, autoBackup, id)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return errdefs.New(errdefs.ErrNotFound, "volume %s does not exist", id)
+	}
+	return nil
 }
 
 func (s *DB) DeleteVolume(ctx context.Context, id string) error {
@@ -545,32 +605,80 @@ func (s *DB) Metadata(ctx context.Context, id string) (map[string]string, error)
 }
 
 func (s *DB) SetMetadata(ctx context.Context, id, key, value string) error {
-	var err error
-	if value == "" {
-		_, err = s.db.ExecContext(ctx, s.q(`DELETE FROM machine_metadata WHERE machine_id = ? AND key = ?`), id, key)
-	} else {
-		_, err = s.db.ExecContext(ctx, s.q(`INSERT INTO machine_metadata (machine_id, key, value) VALUES (?, ?, ?)
-			ON CONFLICT (machine_id, key) DO UPDATE SET value = excluded.value`), id, key, value)
+	return s.UpdateMetadata(ctx, id, 0, map[string]string{key: value})
+}
+
+func (s *DB) UpdateMetadata(ctx context.Context, id string, version int, kv map[string]string) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
 	}
-	return err
+	defer tx.Rollback()
+	if version > 0 {
+		var now int
+		if err := tx.QueryRowContext(ctx, s.q(`SELECT version FROM machines WHERE id = ?`), id).Scan(&now); err != nil {
+			if errors.Is(err, sql.ErrNoRows) {
+				return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
+			}
+			return err
+		}
+		if now != version {
+			return errdefs.New(errdefs.ErrConflict, "machine %s is at version %d, not %d: read it again and retry", id, now, version)
+		}
+	}
+	for key, value := range kv {
+		if value == "" {
+			_, err = tx.ExecContext(ctx, s.q(`DELETE FROM machine_metadata WHERE machine_id = ? AND key = ?`), id, key)
+		} else {
+			_, err = tx.ExecContext(ctx, s.q(`INSERT INTO machine_metadata (machine_id, key, value) VALUES (?, ?, ?)
+				ON CONFLICT (machine_id, key) DO UPDATE SET value = excluded.value`), id, key, value)
+		}
+		if err != nil {
+			return fmt.Errorf("machine %s: setting metadata %s: %w", id, key, err)
+		}
+	}
+	return tx.Commit()
 }
 
 func (s *DB) AddSnapshot(ctx context.Context, sn store.Snapshot) error {
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO volume_snapshots (id, volume_id, path, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)`),
-		sn.ID, sn.VolumeID, sn.Path, sn.SizeBytes, time.Now().UTC())
+	at := sn.CreatedAt
+	if at.IsZero() {
+		at = time.Now()
+	}
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO volume_snapshots (id, volume_id, path, size_bytes, stored_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)`),
+		sn.ID, sn.VolumeID, sn.Path, sn.SizeBytes, sn.StoredBytes, at.UTC())
 	return err
 }
 
+// snapshotCols reads a snapshot with its volume's retention (volume_snapshots s JOIN
+// volumes v).
+const snapshotCols = `s.id, s.volume_id, s.path, s.size_bytes, s.stored_bytes, s.created_at, v.snapshot_retention`
+
+func scanSnapshot(row interface{ Scan(...any) error }) (store.Snapshot, error) {
+	var sn store.Snapshot
+	err := row.Scan(&sn.ID, &sn.VolumeID, &sn.Path, &sn.SizeBytes, &sn.StoredBytes, &sn.CreatedAt, &sn.RetentionDays)
+	return sn, err
+}
+
 func (s *DB) Snapshots(ctx context.Context, volumeID string) ([]store.Snapshot, error) {
-	rows, err := s.db.QueryContext(ctx, s.q(`SELECT id, volume_id, path, size_bytes, created_at FROM volume_snapshots WHERE volume_id = ? ORDER BY created_at, id`), volumeID)
+	return s.snapshots(ctx, `WHERE s.volume_id = ?`, volumeID)
+}
+
+func (s *DB) AllSnapshots(ctx context.Context) ([]store.Snapshot, error) {
+	return s.snapshots(ctx, ``)
+}
+
+func (s *DB) snapshots(ctx context.Context, where string, args ...any) ([]store.Snapshot, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT `+snapshotCols+` FROM volume_snapshots s JOIN volumes v ON v.id = s.volume_id `+
+		where+` ORDER BY s.created_at, s.id`), args...)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
 	var out []store.Snapshot
 	for rows.Next() {
-		var sn store.Snapshot
-		if err := rows.Scan(&sn.ID, &sn.VolumeID, &sn.Path, &sn.SizeBytes, &sn.CreatedAt); err != nil {
+		sn, err := scanSnapshot(rows)
+		if err != nil {
 			return nil, err
 		}
 		out = append(out, sn)
@@ -579,13 +687,17 @@ func (s *DB) Snapshots(ctx context.Context, volumeID string) ([]store.Snapshot, 
 }
 
 func (s *DB) Snapshot(ctx context.Context, app, id string) (store.Snapshot, error) {
-	var sn store.Snapshot
-	err := s.db.QueryRowContext(ctx, s.q(`SELECT s.id, s.volume_id, s.path, s.size_bytes, s.created_at FROM volume_snapshots s
-		JOIN volumes v ON v.id = s.volume_id WHERE s.id = ? AND v.app = ?`), id, app).Scan(&sn.ID, &sn.VolumeID, &sn.Path, &sn.SizeBytes, &sn.CreatedAt)
+	sn, err := scanSnapshot(s.db.QueryRowContext(ctx, s.q(`SELECT `+snapshotCols+` FROM volume_snapshots s
+		JOIN volumes v ON v.id = s.volume_id WHERE s.id = ? AND v.app = ?`), id, app))
 	if errors.Is(err, sql.ErrNoRows) {
 		return sn, errdefs.New(errdefs.ErrNotFound, "app %s has no volume snapshot %s: list them with GET /v1/apps/%s/volumes/VOLUME/snapshots", app, id, app)
 	}
 	return sn, err
+}
+
+func (s *DB) DeleteSnapshot(ctx context.Context, id string) error {
+	_, err := s.db.ExecContext(ctx, s.q(`DELETE FROM volume_snapshots WHERE id = ?`), id)
+	return err
 }
 
 func (s *DB) Note(ctx context.Context, id string, ev machine.Event) error {

@@ -476,3 +476,72 @@ func TestSQLiteFileIsPrivate(t *testing.T) {
 	db.CreateApp(context.Background(), "api")
 	check("a database made before kiln kept it private")
 }
+
+func TestVolumeSnapshotSettings(t *testing.T) { forEachDialect(t, testVolumeSnapshotSettings) }
+
+// A volume made without a retention keeps its snapshots Fly's 5 days; the settings
+// change, snapshots read with their volume's retention and their own creation time, and
+// a deleted snapshot is gone from every list.
+func testVolumeSnapshotSettings(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	db.CreateApp(ctx, "web")
+	db.CreateApp(ctx, "api")
+	if err := db.CreateVolume(ctx, store.Volume{ID: "vol1", App: "web", Name: "data", SizeBytes: 1 << 30, Path: "/v/vol1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.CreateVolume(ctx, store.Volume{ID: "vol2", App: "api", Name: "data", SizeBytes: 2 << 30, Path: "/v/vol2",
+		SnapshotRetention: 9, AutoBackup: true}); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := db.GetVolume(ctx, "web", "vol1"); err != nil || v.SnapshotRetention != 5 || v.AutoBackup {
+		t.Errorf("default settings: %+v %v", v, err)
+	}
+	if v, err := db.GetVolume(ctx, "api", "data"); err != nil || v.SnapshotRetention != 9 || !v.AutoBackup {
+		t.Errorf("given settings: %+v %v", v, err)
+	}
+	if err := db.SetVolumeSnapshots(ctx, "vol1", 2, true); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := db.GetVolume(ctx, "web", "data"); v.SnapshotRetention != 2 || !v.AutoBackup {
+		t.Errorf("after set: %+v", v)
+	}
+	if err := db.SetVolumeSnapshots(ctx, "nope", 2, true); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("set on no volume: %v", err)
+	}
+	if vs, err := db.AllVolumes(ctx); err != nil || len(vs) != 2 || vs[0].ID != "vol1" || vs[1].ID != "vol2" {
+		t.Errorf("all volumes: %+v %v", vs, err)
+	}
+
+	old := time.Date(2020, 1, 2, 3, 4, 5, 0, time.UTC)
+	for _, sn := range []store.Snapshot{
+		{ID: "vs_old", VolumeID: "vol1", Path: "/s/old", SizeBytes: 1 << 30, StoredBytes: 4096, CreatedAt: old},
+		{ID: "vs_new", VolumeID: "vol1", Path: "/s/new", SizeBytes: 1 << 30},
+		{ID: "vs_api", VolumeID: "vol2", Path: "/s/api", SizeBytes: 2 << 30},
+	} {
+		if err := db.AddSnapshot(ctx, sn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sns, err := db.Snapshots(ctx, "vol1")
+	if err != nil || len(sns) != 2 || sns[0].ID != "vs_old" || !sns[0].CreatedAt.Equal(old) || sns[0].StoredBytes != 4096 ||
+		sns[0].RetentionDays != 2 || time.Since(sns[1].CreatedAt) > time.Minute {
+		t.Errorf("snapshots: %+v %v", sns, err)
+	}
+	if sn, err := db.Snapshot(ctx, "api", "vs_api"); err != nil || sn.RetentionDays != 9 || sn.SizeBytes != 2<<30 {
+		t.Errorf("snapshot: %+v %v", sn, err)
+	}
+	if _, err := db.Snapshot(ctx, "web", "vs_api"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("another app's snapshot: %v", err)
+	}
+	if err := db.DeleteSnapshot(ctx, "vs_old"); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.DeleteSnapshot(ctx, "vs_old"); err != nil {
+		t.Errorf("deleting a deleted snapshot: %v", err)
+	}
+	all, err := db.AllSnapshots(ctx)
+	if err != nil || len(all) != 2 || all[0].ID != "vs_new" || all[1].ID != "vs_api" {
+		t.Errorf("all snapshots: %+v %v", all, err)
+	}
+}
