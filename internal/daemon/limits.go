@@ -8,6 +8,7 @@ import (
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/connlimit"
+	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/guest/agent"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/limits"
@@ -42,6 +43,8 @@ func registerLimits(r *limits.Registry, o Options, h capacity.Host, b *build.Ser
 	r.Set("vm.users", o.VMUIDs, "uids", src("vm-uids"), "host users VMMs run as, one per VM")
 	r.Set("machine.console_log", vmm.ConsoleLogCap, "bytes", "built in", "guest console kept per VM on the host, in two files; oldest dropped first")
 	r.Set("exec.output", machines.ExecOutputCap, "bytes", "built in", "stdout and stderr each of a buffered exec; the rest is dropped and the answer says truncated (a streaming exec has none)")
+	r.Set("ps.processes", guest.MaxProcs, "processes", "built in", "processes a machine's ps lists (the rest are left out); command and directory are cut to ps.string")
+	r.Set("ps.string", guest.MaxProcString, "bytes", "built in", "command line or directory of one process in a machine's ps")
 	r.Set("exec.timeout_max", machines.MaxExecTimeout, "", "built in", "longest timeout an exec may ask for, and the timeout of one that asks for none (an interactive session included); a longer one is refused")
 	r.Set("network.apps", 1<<(24-mustPrefix(o.Pool).Bits()), "apps", src("network-pool"), "apps with a private /24 in the pool")
 	r.Set("network.machines_per_app", 253, "machines", "built in (a /24)", "machines on one app's network")

@@ -15,11 +15,12 @@ import (
 // controls from the host, the host reads replies, records and exit statuses from a guest
 // it does not trust.
 var frameTypes = map[string]func() any{
-	"Header":     func() any { return new(Header) },
-	"Control":    func() any { return new(Control) },
-	"Reply":      func() any { return new(Reply) },
-	"Record":     func() any { return new(Record) },
-	"ExitStatus": func() any { return new(ExitStatus) },
+	"Header":      func() any { return new(Header) },
+	"Control":     func() any { return new(Control) },
+	"Reply":       func() any { return new(Reply) },
+	"Record":      func() any { return new(Record) },
+	"ExitStatus":  func() any { return new(ExitStatus) },
+	"ProcessStat": func() any { return new(ProcessStat) },
 }
 
 // frame is a length prefix followed by payload; the length need not match.
@@ -48,6 +49,7 @@ func FuzzReadFrame(f *testing.F) {
 		framed(Reply{Error: "no such file", Code: CodeNotFound, Version: Version, PID: 1, Size: 10}),
 		framed(Record{Offset: 5, Stream: 1, Time: 1, Data: []byte("out\xff"), Dropped: true, Exit: &ExitStatus{Code: 137, Signal: 9}}),
 		framed(ExitStatus{Code: 3, TimedOut: true}),
+		framed(ProcessStat{PID: 1, Start: 1, Run: 2, CPUMS: 3, RSS: 4, Command: "sh -c x", Dir: "/", Listen: []Socket{{Proto: "tcp", Address: "[::]:80"}}}),
 		framed(Control{Signal: 15, Resize: &WinSize{Rows: 1, Cols: 2}}),
 		append(framed(Reply{Version: Version}), framed(Record{Offset: 1, Data: []byte("x")})...),
 		// Lengths: none, short, zero, at the cap with little behind it, over the cap, huge.

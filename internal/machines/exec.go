@@ -8,6 +8,7 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/supervisor"
 )
 
 // ExecOutputCap bounds each stream of a buffered exec (stdout, stderr) that the host
@@ -30,9 +31,9 @@ func (s *Service) StartExec(ctx context.Context, id string, req guest.ExecReques
 	if req.TimeoutMS == 0 {
 		req.TimeoutMS = MaxExecTimeout.Milliseconds()
 	}
-	vm := s.sup.Running(id)
-	if vm == nil {
-		return nil, errdefs.New(errdefs.ErrConflict, "machine %s is not running: start it first", id)
+	vm, err := s.running(id)
+	if err != nil {
+		return nil, err
 	}
 	as := vm.As()
 	req.Env = append(append([]string{}, as.Env...), req.Env...)
@@ -41,6 +42,14 @@ func (s *Service) StartExec(ctx context.Context, id string, req guest.ExecReques
 		req.Dir = as.Dir
 	}
 	return vm.Exec(ctx, req, pio)
+}
+
+// running returns the VM of a machine whose workload runs now, for a call into its guest.
+func (s *Service) running(id string) (supervisor.VM, error) {
+	if vm := s.sup.Running(id); vm != nil {
+		return vm, nil
+	}
+	return nil, errdefs.New(errdefs.ErrConflict, "machine %s is not running: start it first", id)
 }
 
 // Exec runs a command in a started machine and returns its output, at most

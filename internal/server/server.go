@@ -83,6 +83,7 @@ func (s *Server) Routes() []Route {
 		})},
 		{"GET", "/v1/apps/{app}/machines/{id}/wait", true, s.waitMachine},
 		{"POST", "/v1/apps/{app}/machines/{id}/exec", true, s.execMachine},
+		{"GET", "/v1/apps/{app}/machines/{id}/ps", true, s.machinePs},
 		{"GET", "/v1/apps/{app}/machines/{id}/events", true, s.machineEvents},
 		{"GET", "/v1/apps/{app}/machines/{id}/logs", true, s.machineLogs},
 		{"POST", "/v1/apps/{app}/machines/{id}", true, s.updateMachine},

@@ -77,6 +77,8 @@ type VM interface {
 	Exec(ctx context.Context, req guest.ExecRequest, pio guest.IO) (*guest.Process, error)
 	// As is how execs run: as the workload does (its user, environment and directory).
 	As() guest.ExecRequest
+	// Ps lists the processes in the guest, held to guest.ProcessStat's bounds.
+	Ps(ctx context.Context) ([]guest.ProcessStat, error)
 }
 
 // Capacity holds room for running machines.

@@ -156,6 +156,9 @@ func (v *fakeVM) Exec(ctx context.Context, req guest.ExecRequest, pio guest.IO) 
 	return nil, errdefs.New(errdefs.ErrNotImplemented, "fake")
 }
 func (v *fakeVM) As() guest.ExecRequest { return guest.ExecRequest{} }
+func (v *fakeVM) Ps(ctx context.Context) ([]guest.ProcessStat, error) {
+	return nil, errdefs.New(errdefs.ErrNotImplemented, "fake")
+}
 
 // exit makes machine id's workload exit with code.
 func (f *fakeRuntime) exit(t *testing.T, id string, code int) {
