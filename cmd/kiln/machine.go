@@ -350,23 +350,30 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 		}
 		return int(n >> 30), nil
 	}
-	needApp := func() error {
+	appClient := func() (*client.Client, error) {
 		if app == "" {
-			return errdefs.Invalid("--app is required")
+			return nil, errdefs.Invalid("--app is required")
 		}
-		return nil
+		return af.client(g)
+	}
+	// snapshotSettings is what the snapshot flags given on cmd ask for; nil where unset.
+	snapshotSettings := func(cmd *cobra.Command) (days *int, auto *bool) {
+		if cmd.Flags().Changed("snapshot-retention") {
+			days = &retention
+		}
+		if cmd.Flags().Changed("auto-backup") {
+			auto = &autoBackup
+		}
+		return days, auto
 	}
 	create := &cobra.Command{
 		Use: "create NAME --app APP --size 1G", Short: "Create a volume", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := needApp(); err != nil {
-				return err
-			}
-			n, err := gib()
+			cl, err := appClient()
 			if err != nil {
 				return err
 			}
-			cl, err := af.client(g)
+			n, err := gib()
 			if err != nil {
 				return err
 			}
@@ -383,12 +390,7 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 			if fromVolume != "" {
 				req.SourceVolumeID = &fromVolume
 			}
-			if cmd.Flags().Changed("snapshot-retention") {
-				req.SnapshotRetention = &retention
-			}
-			if cmd.Flags().Changed("auto-backup") {
-				req.AutoBackupEnabled = &autoBackup
-			}
+			req.SnapshotRetention, req.AutoBackupEnabled = snapshotSettings(cmd)
 			v, err := cl.CreateVolume(cmd.Context(), app, req)
 			if err != nil {
 				return err
@@ -409,20 +411,12 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 		Use: "update NAME --app APP [--snapshot-retention DAYS] [--auto-backup=BOOL]", Short: "Change how a volume's snapshots are kept",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := needApp(); err != nil {
-				return err
-			}
-			cl, err := af.client(g)
+			cl, err := appClient()
 			if err != nil {
 				return err
 			}
 			var req api.UpdateVolumeRequest
-			if cmd.Flags().Changed("snapshot-retention") {
-				req.SnapshotRetention = &retention
-			}
-			if cmd.Flags().Changed("auto-backup") {
-				req.AutoBackupEnabled = &autoBackup
-			}
+			req.SnapshotRetention, req.AutoBackupEnabled = snapshotSettings(cmd)
 			v, err := cl.UpdateVolume(cmd.Context(), app, args[0], req)
 			if err != nil {
 				return err
@@ -435,10 +429,7 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 	snapshot := &cobra.Command{
 		Use: "snapshot NAME --app APP", Short: "Snapshot a volume (ls with --list)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := needApp(); err != nil {
-				return err
-			}
-			cl, err := af.client(g)
+			cl, err := appClient()
 			if err != nil {
 				return err
 			}
@@ -467,10 +458,7 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 	ls := &cobra.Command{
 		Use: "ls --app APP", Short: "List volumes", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := needApp(); err != nil {
-				return err
-			}
-			cl, err := af.client(g)
+			cl, err := appClient()
 			if err != nil {
 				return err
 			}
@@ -493,14 +481,11 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 	extend := &cobra.Command{
 		Use: "extend NAME --app APP --size 2G", Short: "Grow a volume", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := needApp(); err != nil {
-				return err
-			}
-			n, err := gib()
+			cl, err := appClient()
 			if err != nil {
 				return err
 			}
-			cl, err := af.client(g)
+			n, err := gib()
 			if err != nil {
 				return err
 			}
@@ -519,10 +504,7 @@ func volumeCmd(g *globals, af *apiFlags) *cobra.Command {
 	destroy := &cobra.Command{
 		Use: "destroy NAME --app APP", Short: "Destroy a volume no machine holds", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := needApp(); err != nil {
-				return err
-			}
-			cl, err := af.client(g)
+			cl, err := appClient()
 			if err != nil {
 				return err
 			}

@@ -195,6 +195,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 		background(ctx, &stack).run(builds.Run)
 	}
 	late := background(ctx, &stack)
+	late.run(mgr.SweepSnapshots) // volume snapshots: retention and daily backups
 	if shared {
 		late.run(func(ctx context.Context) { hosts.ClaimEvery(ctx, mgr) })
 	}
