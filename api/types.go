@@ -13,8 +13,8 @@ import (
 )
 
 // Error is the body of every error response, in Fly's shape: the message, and Fly's
-// status word (insufficient_capacity, volume_placement_capacity, name_taken or unknown)
-// for clients that branch on it.
+// status word for clients that branch on it (insufficient_capacity for capacity,
+// unknown for the rest).
 type Error struct {
 	Error  string `json:"error"`
 	Status string `json:"status,omitempty"`

@@ -12,6 +12,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -157,7 +158,16 @@ func (c *Client) Destroy(ctx context.Context, app, id string, force bool) error 
 
 // Wait waits until the machine reaches state.
 func (c *Client) Wait(ctx context.Context, app, id, state string, timeout time.Duration) error {
-	return c.do(ctx, "GET", mpath(app, id)+fmt.Sprintf("/wait?state=%s&timeout=%d", url.QueryEscape(state), int(timeout.Seconds())), nil, nil)
+	_, err := c.WaitFor(ctx, app, id, []string{state}, timeout)
+	return err
+}
+
+// WaitFor waits until the machine reaches one of states (ErrTimeout after timeout, in
+// whole seconds from 1 to 300) and says which.
+func (c *Client) WaitFor(ctx context.Context, app, id string, states []string, timeout time.Duration) (api.WaitResponse, error) {
+	q := url.Values{"state": states, "timeout": {strconv.Itoa(max(1, int(timeout.Seconds())))}}
+	var out api.WaitResponse
+	return out, c.do(ctx, "GET", mpath(app, id)+"/wait?"+q.Encode(), nil, &out)
 }
 
 // Exec runs a command in a started machine and returns its output, at most 1 MiB of

@@ -100,7 +100,8 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 		autostop           string
 		autostart          bool
 		minRunning         int
-		noWait             bool
+		noWait, detach     bool
+		waitFor            time.Duration
 	)
 	run := &cobra.Command{
 		Use:   "run IMAGE [-- COMMAND...]",
@@ -159,6 +160,11 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "machine %s (%s) in app %s: %s\n", m.ID, m.Name, app, m.State)
+			if !detach {
+				if err := waitStarted(ctx, cl, app, m.ID, waitFor); err != nil {
+					return err
+				}
+			}
 			fmt.Println(m.ID)
 			return nil
 		},
@@ -177,6 +183,8 @@ func machineCmd(g *globals, af *apiFlags) *cobra.Command {
 	run.Flags().BoolVar(&autostart, "autostart", false, "let a request start or resume the machine (default: on when --autostop is)")
 	run.Flags().IntVar(&minRunning, "min-running", 0, "machines of the app that autostop leaves running")
 	run.Flags().BoolVar(&noWait, "no-capacity-wait", false, "fail at once if the machine does not fit now, instead of waiting in the capacity queue")
+	run.Flags().BoolVarP(&detach, "detach", "d", false, "return once the machine is created, without waiting for it to start")
+	run.Flags().DurationVar(&waitFor, "wait-timeout", 5*time.Minute, "how long to wait for the machine to start (it goes on starting after)")
 
 	var lsApp string
 	var asJSON bool
@@ -525,6 +533,46 @@ func deref(s *string) string {
 }
 
 // parsePort reads PUBLIC:INTERNAL[/http|/tcp] into a service.
+// waitStarted waits until a new machine has started, as `fly machine run` does, saying
+// on stderr what it waits for. A workload that has already run to its end counts as
+// started (its exit is reported); a machine that failed is an error naming its logs.
+func waitStarted(ctx context.Context, cl *client.Client, app, id string, limit time.Duration) error {
+	fmt.Fprintf(os.Stderr, "waiting for machine %s to start (--detach returns at once)...\n", id)
+	t0 := time.Now()
+	for {
+		step := min(30*time.Second, max(time.Second, limit-time.Since(t0)))
+		got, err := cl.WaitFor(ctx, app, id, []string{"started", "stopped", "failed", "destroyed"}, step)
+		switch {
+		case errors.Is(err, errdefs.ErrTimeout) && time.Since(t0) < limit:
+			m, gerr := cl.GetMachine(ctx, app, id)
+			if gerr != nil {
+				return gerr
+			}
+			fmt.Fprintf(os.Stderr, "machine %s is still %s after %s\n", id, m.State, time.Since(t0).Round(time.Second))
+			continue
+		case errors.Is(err, errdefs.ErrTimeout):
+			return errdefs.Wrap(errdefs.ErrTimeout, err, "machine %s did not start within %s (it goes on; see `kiln machine ls --app %s` and `kiln logs %s`)", id, limit, app, id)
+		case err != nil:
+			return err
+		}
+		switch got.State {
+		case "started":
+			fmt.Fprintf(os.Stderr, "machine %s started in %s\n", id, time.Since(t0).Round(100*time.Millisecond))
+			return nil
+		case "stopped", "destroyed":
+			m, err := cl.GetMachine(ctx, app, id)
+			if err == nil && m.ExitCode != nil {
+				fmt.Fprintf(os.Stderr, "machine %s ran and exited with status %d (its output: kiln logs %s)\n", id, *m.ExitCode, id)
+			} else {
+				fmt.Fprintf(os.Stderr, "machine %s is %s\n", id, got.State)
+			}
+			return nil
+		default:
+			return errdefs.New(errdefs.ErrUnavailable, "machine %s failed to start: see its events with `kiln machine ls --app %s` and its output with `kiln logs %s`", id, app, id)
+		}
+	}
+}
+
 func parsePort(s string) (api.Service, error) {
 	bad := errdefs.Invalid("--port %q: want PUBLIC:INTERNAL with an optional /http or /tcp, like 80:8080/http", s)
 	spec, proto, _ := strings.Cut(s, "/")

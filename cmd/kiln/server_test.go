@@ -128,8 +128,21 @@ func TestServerEndToEnd(t *testing.T) {
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	id := lines[len(lines)-1]
-	if _, errs, code := srv.kiln("", "machine", "wait", id, "--state", "started"); code != 0 {
-		t.Fatalf("wait started: %s\n%s", errs, srv.logs)
+	// run waits until the machine is started, saying so: an exec right after it works.
+	if !strings.Contains(errs, "machine "+id+" started") {
+		t.Errorf("machine run's progress: %q", errs)
+	}
+	if out, errs, code := srv.kiln("", "machine", "exec", id, "--", "true"); code != 0 {
+		t.Fatalf("exec right after run: %d %s %s", code, out, errs)
+	}
+	// --detach returns at once, with the machine still on its way.
+	out, errs, code = srv.kiln("", "machine", "run", "localhost/app:1", "--app", "web", "--detach", "--", "sleep", "1000")
+	if code != 0 || strings.Contains(errs, "waiting for") {
+		t.Errorf("machine run --detach: %d %q", code, errs)
+	}
+	detached := strings.TrimSpace(out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:])
+	if _, errs, code := srv.kiln("", "machine", "destroy", detached, "--force"); code != 0 {
+		t.Fatalf("destroy the detached machine: %s", errs)
 	}
 	out, _, _ = srv.kiln("", "machine", "ls", "--app", "web", "--json")
 	var ms []api.Machine

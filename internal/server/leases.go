@@ -41,10 +41,8 @@ func (s *Server) takeLease(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var req api.LeaseRequest
-	if r.ContentLength != 0 {
-		if err := decode(r, &req); err != nil {
-			return err
-		}
+	if err := decodeOptional(r, &req); err != nil {
+		return err
 	}
 	if q := r.URL.Query().Get("ttl"); q != "" {
 		if req.TTL, err = strconv.Atoi(q); err != nil {

@@ -228,10 +228,8 @@ func (s *Server) stopMachine(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	var req api.StopRequest
-	if r.ContentLength != 0 {
-		if err := decode(r, &req); err != nil {
-			return err
-		}
+	if err := decodeOptional(r, &req); err != nil {
+		return err
 	}
 	if req.ID != "" && req.ID != m.ID {
 		return errdefs.Invalid("the body names machine %s, the path %s: send one machine's id", req.ID, m.ID)

@@ -218,6 +218,15 @@ func decode(r *http.Request, v any) error {
 	return errdefs.Wrap(errdefs.ErrInvalid, err, "request body (check the fields against /v1/openapi.json)")
 }
 
+// decodeOptional decodes a body that may be absent, as Fly's clients send none for some
+// calls that take one.
+func decodeOptional(r *http.Request, v any) error {
+	if r.ContentLength == 0 {
+		return nil
+	}
+	return decode(r, v)
+}
+
 func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
 	w.Header().Set("Content-Type", "application/json")
 	_, err := w.Write(api.OpenAPI)
