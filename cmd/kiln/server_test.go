@@ -132,7 +132,7 @@ func TestServerEndToEnd(t *testing.T) {
 	if !strings.Contains(errs, "machine "+id+" started") {
 		t.Errorf("machine run's progress: %q", errs)
 	}
-	if out, errs, code := srv.kiln("", "machine", "exec", id, "--", "true"); code != 0 {
+	if out, errs, code := srv.kiln("", "machine", "exec", id, "--", "sh", "-c", "echo up"); code != 0 || out != "up\n" {
 		t.Fatalf("exec right after run: %d %s %s", code, out, errs)
 	}
 	// --detach returns at once, with the machine still on its way.
@@ -261,7 +261,7 @@ func TestServerEndToEnd(t *testing.T) {
 		b.ReadFrom(resp.Body)
 		return resp.StatusCode, b.String()
 	}
-	if code, body := call("POST", "/metadata/role", `{"value":"web"}`, ""); code != 200 {
+	if code, body := call("POST", "/metadata/role", `{"value":"web"}`, ""); code != 204 {
 		t.Errorf("set metadata: %d %s", code, body)
 	}
 	if _, body := call("GET", "/metadata", "", ""); !strings.Contains(body, `"role":"web"`) {
@@ -273,18 +273,19 @@ func TestServerEndToEnd(t *testing.T) {
 	}
 	call("POST", "/uncordon", "", "")
 	code, body := call("POST", "/lease", `{"ttl":60,"description":"deploy"}`, "")
-	var lease api.Lease
-	json.Unmarshal([]byte(body), &lease)
-	if code != 200 || lease.Nonce == "" {
+	var held api.LeaseResponse
+	json.Unmarshal([]byte(body), &held)
+	if code != 201 || held.Data == nil || held.Data.Nonce == "" || held.Data.Description != "deploy" {
 		t.Fatalf("lease: %d %s", code, body)
 	}
+	lease := held.Data
 	if code, body := call("POST", "/lease", `{"ttl":60}`, ""); code != 409 {
 		t.Errorf("second lease: %d %s", code, body)
 	}
-	if code, body := call("POST", "/metadata/role", `{"value":"x"}`, ""); code != 409 || !strings.Contains(body, api.LeaseHeader) {
+	if code, body := call("POST", "/cordon", "", ""); code != 409 || !strings.Contains(body, api.LeaseHeader) {
 		t.Errorf("change without the nonce under a lease: %d %s", code, body)
 	}
-	if code, body := call("DELETE", "/metadata/role", "", lease.Nonce); code != 200 {
+	if code, body := call("POST", "/uncordon", "", lease.Nonce); code != 200 {
 		t.Errorf("change with the nonce: %d %s", code, body)
 	}
 	if code, _ := call("DELETE", "/lease", "", lease.Nonce); code != 200 {

@@ -41,8 +41,8 @@ func (s *Service) TakeLease(ctx context.Context, id, holder string, ttl time.Dur
 	if ttl == 0 {
 		ttl = DefaultLeaseTTL
 	}
-	if ttl < time.Second || ttl > MaxLeaseTTL {
-		return store.Lease{}, errdefs.Invalid("ttl=%d: give seconds from 1 to %d", int(ttl/time.Second), int(MaxLeaseTTL/time.Second))
+	if err := checkLeaseTTL(ttl); err != nil {
+		return store.Lease{}, err
 	}
 	l := store.Lease{Nonce: holder, ExpiresAt: time.Now().Add(ttl), Description: description}
 	if cur, err := s.cfg.Store.Lease(ctx, id); err != nil {
@@ -72,6 +72,14 @@ func (s *Service) CheckLease(ctx context.Context, id, nonce string) error {
 	}
 	if l.Nonce != "" && nonce != l.Nonce {
 		return errdefs.New(errdefs.ErrConflict, "machine %s is leased (%s) until %s: send its nonce in the %s header", id, l.Description, l.ExpiresAt.Format(time.RFC3339), api.LeaseHeader)
+	}
+	return nil
+}
+
+// checkLeaseTTL is the one rule for how long a lease may last.
+func checkLeaseTTL(ttl time.Duration) error {
+	if ttl < time.Second || ttl > MaxLeaseTTL {
+		return errdefs.Invalid("ttl=%d: give seconds from 1 to %d", int(ttl/time.Second), int(MaxLeaseTTL/time.Second))
 	}
 	return nil
 }

@@ -124,6 +124,11 @@ func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineR
 	if err := machine.Validate(&cfg); err != nil {
 		return store.Machine{}, "", err
 	}
+	if req.LeaseTTL != 0 {
+		if err := checkLeaseTTL(time.Duration(req.LeaseTTL) * time.Second); err != nil {
+			return store.Machine{}, "", errdefs.Wrap(errdefs.ErrInvalid, err, "lease_ttl")
+		}
+	}
 	if err := s.checkPorts(ctx, app, "", cfg); err != nil {
 		return store.Machine{}, "", err
 	}
