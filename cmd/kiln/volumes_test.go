@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -38,8 +39,15 @@ func TestVolumeForkOfAVolumeInUse(t *testing.T) {
 	if err := cl.Wait(ctx, "web", writer.ID, "started", 90*time.Second); err != nil {
 		t.Fatalf("wait: %v\n%s", err, srv.logs)
 	}
+	var last string
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("last exec: %s\nserver:\n%s", last, srv.logs)
+		}
+	})
 	waitFor(t, func() bool {
-		res, err := cl.Exec(ctx, "web", writer.ID, []string{"cat", "/data/note"}, "", 10*time.Second)
+		res, err := cl.Exec(ctx, "web", writer.ID, []string{"sh", "-c", "cat /data/note"}, "", 10*time.Second)
+		last = fmt.Sprintf("%+v %v", res, err)
 		return err == nil && res.Stdout == "written-before-the-fork\n"
 	}, "the machine to write to its volume")
 
@@ -62,7 +70,7 @@ func TestVolumeForkOfAVolumeInUse(t *testing.T) {
 	if err := cl.Wait(ctx, "web", reader.ID, "started", 90*time.Second); err != nil {
 		t.Fatalf("wait: %v\n%s", err, srv.logs)
 	}
-	res, err := cl.Exec(ctx, "web", reader.ID, []string{"cat", "/fork/note"}, "", 30*time.Second)
+	res, err := cl.Exec(ctx, "web", reader.ID, []string{"sh", "-c", "cat /fork/note"}, "", 30*time.Second)
 	if err != nil || res.Stdout != "written-before-the-fork\n" {
 		t.Errorf("the fork's data in another machine: %+v %v", res, err)
 	}
