@@ -67,13 +67,15 @@ func benchBuilds(ctx context.Context, rt *vmrun.Runtime, dataDir, work string, a
 	}
 	bs := &build.Builders{RT: rt, Rootfs: rootfs, Dir: filepath.Join(work, "builders"), CacheBytes: 4 << 30, KeepBytes: 2 << 30,
 		CPUs: 2, MemoryMiB: 1024, Idle: time.Hour}
-	defer bs.Close(context.WithoutCancel(ctx))
 	// Builders are machines of kiln's own, supervised by the machines service as the
 	// server's are (internal/daemon wires them the same way).
 	msvc := machines.New(machines.Config{Store: db, VMs: rt, Images: images, Rootfs: image.Cache{Dir: filepath.Join(work, "rootfs")},
 		Dir: filepath.Join(work, "machines"), Internal: map[string]machines.Internal{build.BuildersApp: bs}})
 	defer msvc.Close()
 	bs.Use(msvc)
+	// Before the service closes (defers run last first): the builder VM must not outlive
+	// the bench, nor load the host while the placement benchmark runs.
+	defer bs.Close(context.WithoutCancel(ctx))
 	svc := &build.Service{Store: db, Builders: bs, Bases: &build.Bases{Dir: filepath.Join(work, "bases")}, Images: images,
 		Dir: filepath.Join(work, "builds"), MaxContextBytes: 64 << 20, MaxLogBytes: 1 << 20, MaxAttempts: 1,
 		Backoff: time.Second, MaxConcurrent: 1}

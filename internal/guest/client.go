@@ -471,6 +471,7 @@ func (c *Client) Ps(ctx context.Context) ([]ProcessStat, error) {
 	n := min(max(r.Count, 0), MaxProcs)
 	in := &io.LimitedReader{R: s, N: maxPsBytes}
 	procs := make([]ProcessStat, 0, n)
+	kept := 0
 	for range n {
 		var p ProcessStat
 		if err := ReadFrame(in, &p); err != nil {
@@ -482,7 +483,26 @@ func (c *Client) Ps(ctx context.Context) ([]ProcessStat, error) {
 			}
 			return nil, c.lost(err)
 		}
-		procs = append(procs, p.Bounded())
+		p = p.Bounded()
+		if kept += p.size(); kept > maxPsKept {
+			// A list an honest guest never sends: keep what fits, so the answer (JSON
+			// that can escape each byte into six) stays a few tens of MiB at most.
+			break
+		}
+		procs = append(procs, p)
 	}
 	return procs, nil
+}
+
+// maxPsKept bounds the text a ps answer keeps: a thousand processes with long command
+// lines fit several times over.
+const maxPsKept = 2 << 20
+
+// size is roughly the bytes p holds.
+func (p ProcessStat) size() int {
+	n := len(p.Command) + len(p.Dir) + 64
+	for _, s := range p.Listen {
+		n += len(s.Proto) + len(s.Address)
+	}
+	return n
 }

@@ -95,6 +95,9 @@ func emptyJSON(raw json.RawMessage) bool {
 	return false
 }
 
+// MaxConfigBytes bounds a machine's config as stored.
+const MaxConfigBytes = 64 << 10
+
 // MaxMetadataKeys bounds a machine's metadata, which every read of the machine carries.
 const MaxMetadataKeys = 64
 
@@ -143,6 +146,11 @@ func Validate(cfg *api.MachineConfig) error {
 	}
 	if err := CheckMetadata(cfg.Metadata); err != nil {
 		return errdefs.Wrap(errdefs.ErrInvalid, err, "config")
+	}
+	// Stored as sent and served with every read of the machine: bounded as stored (JSON
+	// may write each byte of a string as six).
+	if raw, _ := json.Marshal(cfg); len(raw) > MaxConfigBytes {
+		return errdefs.Invalid("config is %d KiB as stored, over the limit of %d KiB: send less (Fly's fields kiln ignores are kept as sent)", len(raw)>>10, MaxConfigBytes>>10)
 	}
 	if cfg.Size != "" {
 		preset, ok := sizes[cfg.Size]

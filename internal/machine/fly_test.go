@@ -64,4 +64,11 @@ func TestFlyConfigFields(t *testing.T) {
 	if err := Validate(&many); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Errorf("%d metadata keys: %v, want invalid", len(many.Metadata), err)
 	}
+
+	// Ignored fields are kept as sent, so they count toward the stored config's bound,
+	// as stored: "<" is six bytes there.
+	big := decode(`{"image":"localhost/app:1","checks":"` + strings.Repeat("<", MaxConfigBytes/6+1) + `"}`)
+	if err := Validate(&big); !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "KiB") {
+		t.Errorf("a config over %d bytes as stored: %v, want invalid", MaxConfigBytes, err)
+	}
 }

@@ -215,6 +215,9 @@ func (s *Service) undoCreate(ctx context.Context, id string, cause error) error 
 	if err := s.Destroy(context.WithoutCancel(ctx), id, true); err != nil {
 		s.logf("machine %s: removing it after a failed create: %v", id, err)
 	}
+	if s.cfg.Capacity != nil {
+		s.cfg.Capacity.Release(id) // a no_capacity_wait hold
+	}
 	return cause
 }
 
@@ -591,12 +594,22 @@ func (s *Service) DeleteApp(ctx context.Context, app string, force bool) error {
 		if err != nil {
 			return err
 		}
+		// All or nothing where it can be known first: a leased machine, or one on
+		// another host, stops the delete before anything is destroyed.
 		for _, m := range ms {
 			if m.State == machine.Destroyed {
 				continue
 			}
+			if err := s.CheckLease(ctx, m.ID, ""); err != nil {
+				return fmt.Errorf("deleting app %s: %w", app, err)
+			}
 			if !s.Mine(m) {
 				return errdefs.New(errdefs.ErrConflict, "machine %s of app %s runs on host %s: destroy it there, then delete the app", m.ID, app, m.Host)
+			}
+		}
+		for _, m := range ms {
+			if m.State == machine.Destroyed {
+				continue
 			}
 			if err := s.Destroy(ctx, m.ID, true); err != nil {
 				return fmt.Errorf("deleting app %s: %w", app, err)

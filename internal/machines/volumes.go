@@ -257,12 +257,20 @@ func (s *Service) snapshot(ctx context.Context, v store.Volume, at time.Time) (s
 // written yet is not in the copy, as with any crash-consistent block snapshot.
 func (s *Service) copyVolume(ctx context.Context, v store.Volume, dst string) error {
 	if vm := s.sup.Running(v.AttachedMachine); vm != nil {
-		if err := vm.Sync(ctx); err != nil {
+		// Bounded: a guest that never answers (a frozen filesystem, a hung agent) must
+		// not hold the snapshot sweep of every volume on the host.
+		sctx, cancel := context.WithTimeout(ctx, syncTimeout)
+		err := vm.Sync(sctx)
+		cancel()
+		if err != nil {
 			return fmt.Errorf("flushing volume %s in machine %s: %w", v.Name, v.AttachedMachine, err)
 		}
 	}
 	return sparseCopy(ctx, v.Path, dst)
 }
+
+// syncTimeout bounds how long a guest has to flush a volume before it is copied.
+const syncTimeout = 30 * time.Second
 
 // SweepEvery is how often SweepSnapshots looks for snapshots to take or delete.
 const SweepEvery = time.Hour

@@ -637,6 +637,15 @@ func (s *DB) UpdateMetadata(ctx context.Context, id string, version int, kv map[
 			return fmt.Errorf("machine %s: setting metadata %s: %w", id, key, err)
 		}
 	}
+	// Counted in the transaction, so that concurrent updates cannot pass the bound
+	// together.
+	var n int
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT count(*) FROM machine_metadata WHERE machine_id = ?`), id).Scan(&n); err != nil {
+		return err
+	}
+	if n > machine.MaxMetadataKeys {
+		return errdefs.Invalid("machine %s would have %d metadata keys, over the limit of %d: delete some first", id, n, machine.MaxMetadataKeys)
+	}
 	return tx.Commit()
 }
 

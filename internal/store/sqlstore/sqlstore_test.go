@@ -545,3 +545,52 @@ func testVolumeSnapshotSettings(t *testing.T, dsn string) {
 		t.Errorf("all snapshots: %+v %v", all, err)
 	}
 }
+
+// Metadata updates are bounded in the transaction that makes them, so concurrent ones
+// cannot pass the bound together, and a stale machine_version changes nothing. An app
+// is deleted only without machines or volumes, and takes its destroyed machines' records.
+func TestMetadataAndAppDelete(t *testing.T) { forEachDialect(t, testMetadataAndAppDelete) }
+
+func testMetadataAndAppDelete(t *testing.T, path string) {
+	ctx := context.Background()
+	db := open(t, path)
+	if err := createMachine(db, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for i := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			kv := map[string]string{}
+			for k := range machine.MaxMetadataKeys/2 + 1 {
+				kv[fmt.Sprintf("k%d-%d", i, k)] = "v"
+			}
+			db.UpdateMetadata(ctx, "m1", 0, kv)
+		}()
+	}
+	wg.Wait()
+	if md, _ := db.Metadata(ctx, "m1"); len(md) > machine.MaxMetadataKeys {
+		t.Errorf("%d metadata keys after two concurrent updates, over %d", len(md), machine.MaxMetadataKeys)
+	}
+	if err := db.UpdateMetadata(ctx, "m1", 7, map[string]string{"x": "y"}); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("an update at a stale version: %v, want a conflict", err)
+	}
+	if err := db.DeleteApp(ctx, "web"); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("deleting an app with a machine: %v, want a conflict", err)
+	}
+	for _, step := range [][2]machine.State{{machine.Created, machine.Destroying}, {machine.Destroying, machine.Destroyed}} {
+		if err := db.Transition(ctx, "m1", step[0], step[1], machine.Event{Type: "destroy", Source: "user"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.DeleteApp(ctx, "web"); err != nil {
+		t.Fatalf("deleting an app whose machines are destroyed: %v", err)
+	}
+	if _, err := db.GetMachine(ctx, "m1"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("the destroyed machine's record outlived its app: %v", err)
+	}
+	if err := db.DeleteApp(ctx, "web"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("deleting it again: %v, want not found", err)
+	}
+}
