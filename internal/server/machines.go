@@ -64,7 +64,8 @@ func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
 // region is what kiln answers where Fly has a region: its hosts are one place.
 const region = "local"
 
-// statesParam reads state filters, repeated or comma-separated.
+// statesParam reads state filters, repeated or comma-separated; "settled" stands for
+// every state that is not on its way to another.
 func statesParam(vals []string) ([]machine.State, error) {
 	var out []machine.State
 	for _, v := range vals {
@@ -72,9 +73,13 @@ func statesParam(vals []string) ([]machine.State, error) {
 			if w = strings.TrimSpace(w); w == "" {
 				continue
 			}
+			if w == "settled" { // Fly's word for any state the machine rests in
+				out = append(out, machine.Created, machine.Started, machine.Stopped, machine.Suspended, machine.Failed, machine.Destroyed)
+				continue
+			}
 			st := machine.State(w)
 			if !st.Valid() {
-				return nil, errdefs.Invalid("state %q is not a machine state: use created, starting, started, stopping, stopped, suspending, suspended, destroyed or failed", w)
+				return nil, errdefs.Invalid("state %q is not a machine state: use created, starting, started, stopping, stopped, suspending, suspended, destroyed, failed or settled", w)
 			}
 			out = append(out, st)
 		}

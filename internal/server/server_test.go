@@ -175,3 +175,34 @@ func TestInternalAppsAreHidden(t *testing.T) {
 		}
 	}
 }
+
+// Wait takes Fly's "settled" for any resting state, and several states at once.
+func TestWaitSettled(t *testing.T) {
+	ctx := context.Background()
+	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.CreateApp(ctx, "web")
+	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
+	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
+	defer ms.Close()
+	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
+	defer srv.Close()
+	for q, want := range map[string]int{"state=settled": 200, "state=stopped&state=created": 200, "state=stopped,created&version=1": 200,
+		"state=nonsense": 400, "state=started&timeout=1": 408, "state=created&version=2": 404} {
+		req, _ := http.NewRequest("GET", srv.URL+"/v1/apps/web/machines/m1/wait?"+q, nil)
+		req.Header.Set("Authorization", "Bearer t")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var body api.WaitResponse
+		json.NewDecoder(resp.Body).Decode(&body)
+		resp.Body.Close()
+		if resp.StatusCode != want || want == 200 && body.State != "created" {
+			t.Errorf("wait?%s: %d %+v, want %d", q, resp.StatusCode, body, want)
+		}
+	}
+}
