@@ -398,10 +398,18 @@ func TestFlyClient(t *testing.T) {
 
 	// skip_launch records the machine without starting it; lease_ttl hands back a held
 	// lease with the new machine.
-	idle := must(c.Launch(ctx, app, fly.LaunchMachineInput{SkipLaunch: true, LeaseTTL: 30,
+	// skip_service_registration keeps the proxy from sending it anything (cordoned)
+	// until it is uncordoned, as Fly's blue-green deploys do once checks pass.
+	idle := must(c.Launch(ctx, app, fly.LaunchMachineInput{SkipLaunch: true, LeaseTTL: 30, SkipServiceRegistration: true,
 		Config: &fly.MachineConfig{Image: image, Init: fly.MachineInit{Cmd: loop}}}))(t, "Launch skip_launch")
 	if idle.State != fly.MachineStateCreated || idle.LeaseNonce == "" {
 		t.Errorf("skip_launch with lease_ttl: state %q, nonce %q", idle.State, idle.LeaseNonce)
+	}
+	var shown struct {
+		Cordoned bool `json:"cordoned"`
+	}
+	if k.do("GET", "/v1/apps/"+app+"/machines/"+idle.ID, "", nil, &shown); !shown.Cordoned {
+		t.Error("a machine launched with skip_service_registration is not cordoned")
 	}
 	if err := c.Destroy(ctx, app, fly.RemoveMachineInput{ID: idle.ID}, ""); err == nil {
 		t.Error("destroy without the nonce of the lease taken at launch was let through")
