@@ -75,18 +75,37 @@ type Request struct {
 // Fit says whether size fits on h beside used, and if not, which resource is short,
 // with the numbers.
 func Fit(h Host, used Size, s Size) error {
-	if h.Cordoned {
+	switch refusal(h, used, s) {
+	case refusedCordoned:
 		return errdefs.New(errdefs.ErrCapacity, "host %s is cordoned: it takes no new work", h.Name)
-	}
-	if used.MemoryMiB+s.MemoryMiB > h.AllowedMemoryMiB() {
+	case refusedMemory:
 		return errdefs.New(errdefs.ErrCapacity, "not enough memory on host %s: %d MiB asked, %d of %d MiB in use ((%d MiB − %d reserved) × %.2g overcommit)",
 			h.Name, s.MemoryMiB, used.MemoryMiB, h.AllowedMemoryMiB(), h.MemoryMiB, h.ReserveMemoryMiB, h.MemRatio)
-	}
-	if used.CPUs+s.CPUs > h.AllowedCPUs() {
+	case refusedCPUs:
 		return errdefs.New(errdefs.ErrCapacity, "not enough CPUs on host %s: %d asked, %d of %d in use ((%d − %d reserved) × %.2g overcommit)",
 			h.Name, s.CPUs, used.CPUs, h.AllowedCPUs(), h.CPUs, h.ReserveCPUs, h.CPURatio)
 	}
 	return nil
+}
+
+// Why a host refuses a request; the rule is here alone, and Fit words it.
+const (
+	fits = iota
+	refusedCordoned
+	refusedMemory
+	refusedCPUs
+)
+
+func refusal(h Host, used Size, s Size) int {
+	switch {
+	case h.Cordoned:
+		return refusedCordoned
+	case used.MemoryMiB+s.MemoryMiB > h.AllowedMemoryMiB():
+		return refusedMemory
+	case used.CPUs+s.CPUs > h.AllowedCPUs():
+		return refusedCPUs
+	}
+	return fits
 }
 
 // Place picks a host: the pinned one, else the preferred one if it fits, else the fitting
@@ -101,22 +120,26 @@ func Place(hosts []Host, used map[string]Size, r Request) (string, error) {
 		}
 		return "", errdefs.New(errdefs.ErrCapacity, "host %s, where the request is pinned (its volume lives there), is not available", r.Pin)
 	}
-	var reasons []string
 	best, bestFree := "", -1
 	for _, h := range hosts {
-		if err := Fit(h, used[h.Name], r.Size); err != nil {
-			reasons = append(reasons, err.Error())
+		u := used[h.Name]
+		if refusal(h, u, r.Size) != fits {
 			continue
 		}
 		if h.Name == r.Prefer {
 			return h.Name, nil
 		}
-		if free := h.AllowedMemoryMiB() - used[h.Name].MemoryMiB; free > bestFree || (free == bestFree && h.Name < best) {
+		if free := h.AllowedMemoryMiB() - u.MemoryMiB; free > bestFree || (free == bestFree && h.Name < best) {
 			best, bestFree = h.Name, free
 		}
 	}
 	if best != "" {
 		return best, nil
+	}
+	// Nothing fits: only now is each host's refusal worded.
+	var reasons []string
+	for _, h := range hosts {
+		reasons = append(reasons, Fit(h, used[h.Name], r.Size).Error())
 	}
 	if len(reasons) == 0 {
 		return "", errdefs.New(errdefs.ErrCapacity, "no host is available")

@@ -20,14 +20,10 @@ func (c *Cluster) Place(ctx context.Context, size capacity.Size) (string, error)
 		return "", err
 	}
 	hosts := make([]capacity.Host, len(hs))
-	used := make(map[string]capacity.Size, len(usage))
 	for i, h := range hs {
 		hosts[i] = Offer(h)
 	}
-	for name, u := range usage {
-		used[name] = capacity.Size(u)
-	}
-	return capacity.Place(hosts, used, capacity.Request{Size: size})
+	return capacity.Place(hosts, usage, capacity.Request{Size: size})
 }
 
 // HostState is a host as `kiln host ls` shows it.

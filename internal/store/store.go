@@ -7,8 +7,11 @@ package store
 
 import (
 	"context"
+
 	"encoding/json"
 	"time"
+
+	"github.com/kilnhq/kiln/internal/capacity"
 
 	"github.com/kilnhq/kiln/internal/machine"
 )
@@ -232,11 +235,9 @@ type Hosts interface {
 	MachinesOnHost(ctx context.Context, host string) ([]Machine, error)
 }
 
-// Usage is what machines ask for: their guests' vCPUs and memory.
-type Usage struct {
-	CPUs      int `json:"cpus"`
-	MemoryMiB int `json:"memory_mib"`
-}
+// Usage is what machines ask for: their guests' vCPUs and memory, in the capacity
+// ledger's terms, so that placement reads the store's usage without a copy.
+type Usage = capacity.Size
 
 // HoldsRoom says whether a machine in state s holds room on its host: from the start of a
 // boot until its VM is gone or saved.
