@@ -36,6 +36,10 @@ func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	mds, err := s.Store.AppMetadata(r.Context(), r.PathValue("app"))
+	if err != nil {
+		return err
+	}
 	out := []api.Machine{}
 	for _, m := range ms {
 		switch {
@@ -44,9 +48,9 @@ func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
 			q.Get("region") != "" && q.Get("region") != region:
 			continue
 		}
-		md, err := s.Store.Metadata(r.Context(), m.ID)
-		if err != nil {
-			return err
+		md := mds[m.ID]
+		if md == nil {
+			md = map[string]string{}
 		}
 		if !metadataMatches(q, md) {
 			continue

@@ -117,6 +117,8 @@ type Store interface {
 	// current nonce; otherwise ErrConflict. A zero l releases it.
 	SetLease(ctx context.Context, id, holder string, l Lease) error
 	Metadata(ctx context.Context, id string) (map[string]string, error)
+	// AppMetadata is the metadata of every machine of an app, by machine ID, in one read.
+	AppMetadata(ctx context.Context, app string) (map[string]map[string]string, error)
 	// SetMetadata sets key; an empty value deletes it.
 	SetMetadata(ctx context.Context, id, key, value string) error
 	// UpdateMetadata sets several keys at once (an empty value deletes its key), in one

@@ -604,6 +604,27 @@ func (s *DB) Metadata(ctx context.Context, id string) (map[string]string, error)
 	return out, rows.Err()
 }
 
+func (s *DB) AppMetadata(ctx context.Context, app string) (map[string]map[string]string, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT md.machine_id, md.key, md.value FROM machine_metadata md
+		JOIN machines m ON m.id = md.machine_id WHERE m.app = ?`), app)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]map[string]string{}
+	for rows.Next() {
+		var id, k, v string
+		if err := rows.Scan(&id, &k, &v); err != nil {
+			return nil, err
+		}
+		if out[id] == nil {
+			out[id] = map[string]string{}
+		}
+		out[id][k] = v
+	}
+	return out, rows.Err()
+}
+
 func (s *DB) SetMetadata(ctx context.Context, id, key, value string) error {
 	return s.UpdateMetadata(ctx, id, 0, map[string]string{key: value})
 }

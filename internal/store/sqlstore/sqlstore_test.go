@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -572,6 +573,10 @@ func testMetadataAndAppDelete(t *testing.T, path string) {
 	wg.Wait()
 	if md, _ := db.Metadata(ctx, "m1"); len(md) > machine.MaxMetadataKeys {
 		t.Errorf("%d metadata keys after two concurrent updates, over %d", len(md), machine.MaxMetadataKeys)
+	}
+	md, _ := db.Metadata(ctx, "m1")
+	if all, err := db.AppMetadata(ctx, "web"); err != nil || len(all) != 1 || !maps.Equal(all["m1"], md) {
+		t.Errorf("AppMetadata: %v %v, want m1's %v", all, err, md)
 	}
 	if err := db.UpdateMetadata(ctx, "m1", 7, map[string]string{"x": "y"}); !errors.Is(err, errdefs.ErrConflict) {
 		t.Errorf("an update at a stale version: %v, want a conflict", err)
