@@ -24,12 +24,12 @@ type Error struct {
 // API and client say name: either is taken. The rest of Fly's fields are accepted and
 // ignored: kiln has one organization and one network per host.
 type CreateAppRequest struct {
-	AppName          string  `json:"app_name,omitempty"`
-	Name             string  `json:"name,omitempty"`
-	OrgSlug          string  `json:"org_slug,omitempty"`
-	Network          string  `json:"network,omitempty"`
-	AppRoleID        string  `json:"app_role_id,omitempty"`
-	EnableSubdomains bool    `json:"enable_subdomains,omitempty"`
+	AppName          string `json:"app_name,omitempty"`
+	Name             string `json:"name,omitempty"`
+	OrgSlug          string `json:"org_slug,omitempty"`
+	Network          string `json:"network,omitempty"`
+	AppRoleID        string `json:"app_role_id,omitempty"`
+	EnableSubdomains bool   `json:"enable_subdomains,omitempty"`
 	IdempotencyKey   string `json:"idempotency_key,omitempty"`
 }
 

@@ -339,6 +339,8 @@ func TestFlyClient(t *testing.T) {
 	}
 	if err := other.Stop(ctx, app, fly.StopMachineInput{ID: m.ID}, ""); err == nil {
 		t.Error("a stop without the lease's nonce was let through")
+	} else if code, _ := statusOf(err); code != http.StatusConflict {
+		t.Errorf("a stop without the lease's nonce: %v (status %d), want 409", err, code)
 	}
 	found := must(c.FindLease(ctx, app, m.ID))(t, "FindLease")
 	if found.Data == nil || found.Data.Nonce != nonce {
@@ -413,8 +415,18 @@ func TestFlyClient(t *testing.T) {
 	}
 	if err := c.Destroy(ctx, app, fly.RemoveMachineInput{ID: idle.ID}, ""); err == nil {
 		t.Error("destroy without the nonce of the lease taken at launch was let through")
+	} else if code, _ := statusOf(err); code != http.StatusConflict {
+		t.Errorf("destroy without the nonce: %v (status %d), want 409", err, code)
 	}
-	ok(t, "Destroy created", c.Destroy(ctx, app, fly.RemoveMachineInput{ID: idle.ID}, idle.LeaseNonce))
+	// An update starts a machine that was not running, as on Fly, on its new config.
+	relaunch := fly.LaunchMachineInput{ID: idle.ID, Config: &fly.MachineConfig{Image: image, Init: fly.MachineInit{Cmd: loop},
+		Env: map[string]string{"STAGE": "two"}}}
+	relaunched := must(c.Update(ctx, app, relaunch, idle.LeaseNonce))(t, "Update a created machine")
+	ok(t, "Wait after updating a created machine", c.Wait(ctx, app, relaunched, "started", 60*time.Second))
+	if out := execOut(t, ctx, c, app, idle.ID, `sh -c 'echo $STAGE'`); out != "two\n" {
+		t.Errorf("after updating a created machine: STAGE=%q", out)
+	}
+	ok(t, "Destroy", c.Destroy(ctx, app, fly.RemoveMachineInput{ID: idle.ID, Kill: true}, idle.LeaseNonce))
 
 	// Capacity: a machine no host can hold is refused with Fly's status word.
 	_, err := c.Launch(ctx, app, fly.LaunchMachineInput{Config: &fly.MachineConfig{Image: image, Guest: &fly.MachineGuest{CPUs: 1, MemoryMB: 2048}}})

@@ -36,8 +36,11 @@ func TestVMMIsASetting(t *testing.T) {
 			o.VMM = tc.vmm
 			var asked string
 			err := Run(context.Background(), o, Host{
-				Reap:    func(context.Context) {},
-				Runtime: func(_ context.Context, vmm string) (*vmrun.Runtime, string, error) { asked = vmm; return nil, "", errStop },
+				Reap: func(context.Context) {},
+				Runtime: func(_ context.Context, vmm string) (*vmrun.Runtime, string, error) {
+					asked = vmm
+					return nil, "", errStop
+				},
 			})
 			if tc.kind == nil {
 				if !errors.Is(err, errStop) || asked != "qemu" {

@@ -322,4 +322,6 @@ func (v *vmInstance) Exec(ctx context.Context, req guest.ExecRequest, pio guest.
 
 func (v *vmInstance) As() guest.ExecRequest { return v.as }
 
-func (v *vmInstance) Ps(ctx context.Context) ([]guest.ProcessStat, error) { return v.inst.Agent.Ps(ctx) }
+func (v *vmInstance) Ps(ctx context.Context) ([]guest.ProcessStat, error) {
+	return v.inst.Agent.Ps(ctx)
+}

@@ -202,7 +202,12 @@ func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineR
 	}
 	if !req.SkipLaunch {
 		if err := s.Start(ctx, id); err != nil {
-			return rec, nonce, err
+			if nonce != "" {
+				// The caller never learns the nonce of a create that failed: let go of it,
+				// or nobody could change the machine until the lease ran out.
+				s.ReleaseLease(context.WithoutCancel(ctx), id, nonce)
+			}
+			return rec, "", err
 		}
 	}
 	rec, err := s.cfg.Store.GetMachine(ctx, id)
@@ -376,7 +381,7 @@ func (s *Service) Signal(ctx context.Context, id string, sig int) error {
 }
 
 // Update replaces a machine's config with a new version. A running machine is stopped
-// and started again on the new config (left stopped with req.SkipLaunch). The config's
+// first; the machine is then started on the new config, unless req.SkipLaunch. The config's
 // metadata replaces the machine's. req.CurrentVersion, if given, must be the machine's
 // version.
 func (s *Service) Update(ctx context.Context, id string, req api.CreateMachineRequest) (store.Machine, error) {
@@ -421,7 +426,9 @@ func (s *Service) Update(ctx context.Context, id string, req api.CreateMachineRe
 	if err := s.replaceMetadata(ctx, id, cfg.Metadata); err != nil {
 		return rec, err
 	}
-	if wasRunning && !req.SkipLaunch {
+	// As on Fly, an update starts the machine on its new config, whatever state it was
+	// in, unless skip_launch says not to.
+	if !req.SkipLaunch {
 		if err := s.Start(ctx, id); err != nil {
 			return rec, err
 		}

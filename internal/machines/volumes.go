@@ -22,9 +22,8 @@ import (
 // VolumeDir is where volume images live, under the manager's data.
 func (s *Service) volumeDir() string { return filepath.Join(filepath.Dir(s.cfg.Dir), "volumes") }
 
-// DefaultSnapshotRetention is Fly's: a volume keeps its snapshots five days unless told
-// otherwise.
-const DefaultSnapshotRetention = 5
+// DefaultSnapshotRetention is the store's: five days, as on Fly.
+const DefaultSnapshotRetention = store.DefaultSnapshotRetention
 
 // MaxSnapshotRetention is the longest retention Fly allows, in days.
 const MaxSnapshotRetention = 60
@@ -306,7 +305,9 @@ func (s *Service) Sweep(ctx context.Context, now time.Time) error {
 	var errs []error
 	newest := map[string]time.Time{}
 	for _, sn := range sns {
-		if !now.After(sn.CreatedAt.Add(time.Duration(sn.RetentionDays) * autoBackupEvery)) {
+		// Retention 0 is a volume from before retention existed: its snapshots are kept
+		// until deleted, as they were when they were taken.
+		if sn.RetentionDays <= 0 || !now.After(sn.CreatedAt.Add(time.Duration(sn.RetentionDays)*autoBackupEvery)) {
 			if sn.CreatedAt.After(newest[sn.VolumeID]) {
 				newest[sn.VolumeID] = sn.CreatedAt
 			}

@@ -210,3 +210,28 @@ func TestSweepLeavesOtherHostsSnapshots(t *testing.T) {
 		t.Errorf("another host's snapshot record was deleted: %+v", sns)
 	}
 }
+
+// A volume from before retention existed (0 after the migration) keeps its snapshots:
+// an upgrade deletes nothing.
+func TestSweepKeepsOldVolumesSnapshots(t *testing.T) {
+	s, db := volumeHost(t, "")
+	ctx := context.Background()
+	now := time.Date(2030, 6, 1, 12, 0, 0, 0, time.UTC)
+	v, err := s.CreateVolume(ctx, "web", VolumeSpec{Name: "old"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sn, err := s.snapshot(ctx, v, now.Add(-400*24*time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.SetVolumeSnapshots(ctx, v.ID, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Sweep(ctx, now); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(sn.Path); err != nil {
+		t.Errorf("a snapshot of a volume without retention was swept: %v", err)
+	}
+}

@@ -237,6 +237,10 @@ type Hosts interface {
 	MachinesOnHost(ctx context.Context, host string) ([]Machine, error)
 }
 
+// DefaultSnapshotRetention is Fly's: a new volume keeps its snapshots five days unless
+// told otherwise.
+const DefaultSnapshotRetention = 5
+
 // Usage is what machines ask for: their guests' vCPUs and memory, in the capacity
 // ledger's terms, so that placement reads the store's usage without a copy.
 type Usage = capacity.Size

@@ -195,10 +195,12 @@ func (s *DB) DeleteApp(ctx context.Context, name string) error {
 	if machines > 0 || volumes > 0 {
 		return errdefs.New(errdefs.ErrConflict, "app %s still has %d machines and %d volumes: destroy them first, or delete the app with force=true", name, machines, volumes)
 	}
+	// Only destroyed machines' records go; a machine made since the count above keeps
+	// the app (its foreign key refuses the delete below).
 	for _, q := range []string{
-		`DELETE FROM machine_events WHERE machine_id IN (SELECT id FROM machines WHERE app = ?)`,
-		`DELETE FROM machine_metadata WHERE machine_id IN (SELECT id FROM machines WHERE app = ?)`,
-		`DELETE FROM machines WHERE app = ?`,
+		`DELETE FROM machine_events WHERE machine_id IN (SELECT id FROM machines WHERE app = ? AND state = 'destroyed')`,
+		`DELETE FROM machine_metadata WHERE machine_id IN (SELECT id FROM machines WHERE app = ? AND state = 'destroyed')`,
+		`DELETE FROM machines WHERE app = ? AND state = 'destroyed'`,
 	} {
 		if _, err := tx.ExecContext(ctx, s.q(q), name); err != nil {
 			return fmt.Errorf("deleting app %s: %w", name, err)
@@ -378,15 +380,14 @@ func scanVolume(row interface{ Scan(...any) error }) (store.Volume, error) {
 	return v, err
 }
 
-// CreateVolume records v; a zero SnapshotRetention is the schema's default.
+// CreateVolume records v; a zero SnapshotRetention is store.DefaultSnapshotRetention (the
+// schema's default, 0, is for volumes made before retention existed).
 func (s *DB) CreateVolume(ctx context.Context, v store.Volume) error {
-	query, args := `INSERT INTO volumes (id, app, name, size_bytes, path, created_at, auto_backup_enabled) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-		[]any{v.ID, v.App, v.Name, v.SizeBytes, v.Path, time.Now().UTC(), v.AutoBackup}
-	if v.SnapshotRetention > 0 {
-		query = `INSERT INTO volumes (id, app, name, size_bytes, path, created_at, auto_backup_enabled, snapshot_retention) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`
-		args = append(args, v.SnapshotRetention)
+	if v.SnapshotRetention <= 0 {
+		v.SnapshotRetention = store.DefaultSnapshotRetention
 	}
-	_, err := s.db.ExecContext(ctx, s.q(query), args...)
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO volumes (id, app, name, size_bytes, path, created_at, auto_backup_enabled, snapshot_retention)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`), v.ID, v.App, v.Name, v.SizeBytes, v.Path, time.Now().UTC(), v.AutoBackup, v.SnapshotRetention)
 	if err != nil {
 		switch {
 		case isUnique(err):
@@ -635,17 +636,21 @@ func (s *DB) UpdateMetadata(ctx context.Context, id string, version int, kv map[
 		return err
 	}
 	defer tx.Rollback()
-	if version > 0 {
-		var now int
-		if err := tx.QueryRowContext(ctx, s.q(`SELECT version FROM machines WHERE id = ?`), id).Scan(&now); err != nil {
-			if errors.Is(err, sql.ErrNoRows) {
-				return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
-			}
-			return err
+	// The machine's row is locked first (PostgreSQL; SQLite has one writer at a time), so
+	// that two updates count each other's keys below.
+	lock := `SELECT version FROM machines WHERE id = ?`
+	if s.pg {
+		lock += ` FOR UPDATE`
+	}
+	var now int
+	if err := tx.QueryRowContext(ctx, s.q(lock), id).Scan(&now); err != nil {
+		if errors.Is(err, sql.ErrNoRows) {
+			return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 		}
-		if now != version {
-			return errdefs.New(errdefs.ErrConflict, "machine %s is at version %d, not %d: read it again and retry", id, now, version)
-		}
+		return err
+	}
+	if version > 0 && now != version {
+		return errdefs.New(errdefs.ErrConflict, "machine %s is at version %d, not %d: read it again and retry", id, now, version)
 	}
 	for key, value := range kv {
 		if value == "" {
