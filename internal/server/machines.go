@@ -196,7 +196,12 @@ func (s *Server) createMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out := s.toAPI(m, req.Config.Metadata, nil)
+	// The metadata as stored (a key sent with an empty value is none), as a read shows it.
+	md, err := s.Store.Metadata(r.Context(), m.ID)
+	if err != nil {
+		return err
+	}
+	out := s.toAPI(m, md, nil)
 	out.Nonce = nonce
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -441,7 +446,11 @@ func (s *Server) updateMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, s.toAPI(updated, req.Config.Metadata, nil))
+	md, err := s.Store.Metadata(r.Context(), m.ID)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, s.toAPI(updated, md, nil))
 	return nil
 }
 
