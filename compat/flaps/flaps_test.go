@@ -33,6 +33,7 @@ import (
 
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 	"github.com/kilnhq/kiln/internal/testutil"
+	"github.com/kilnhq/kiln/internal/vmm"
 )
 
 func TestMain(m *testing.M) {
@@ -69,7 +70,7 @@ func startKiln(t *testing.T) *kiln {
 	addr := l.Addr().String()
 	l.Close()
 	// The host offers machines 1.5 GiB, so a launch of 2 GiB can never fit.
-	reserve := hostMemoryMiB(t) - 1536
+	reserve := vmm.HostMemoryMiB() - 1536
 	srv := k.cmd("server", "--listen", addr, "--proxy-listen", "off", "--network=false",
 		"--memory-overcommit", "1", "--reserve-memory", strconv.Itoa(reserve))
 	stderr, _ := srv.StderrPipe()
@@ -113,23 +114,6 @@ func startKiln(t *testing.T) *kiln {
 	}
 	k.token = strings.TrimSpace(string(tok))
 	return k
-}
-
-func hostMemoryMiB(t *testing.T) int {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var kb int
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
-			kb, _ = strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
-		}
-	}
-	if kb == 0 {
-		t.Fatal("no MemTotal in /proc/meminfo")
-	}
-	return kb >> 10
 }
 
 func (k *kiln) cmd(args ...string) *exec.Cmd {

@@ -3,7 +3,9 @@ package machine
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -30,15 +32,6 @@ func InternalApp(app string) bool { return strings.HasPrefix(app, "_") }
 var sizes = map[string][2]int{
 	"shared-cpu-1x": {1, 256}, "shared-cpu-2x": {2, 512}, "shared-cpu-4x": {4, 1024}, "shared-cpu-8x": {8, 2048},
 	"performance-1x": {1, 2048}, "performance-2x": {2, 4096}, "performance-4x": {4, 8192}, "performance-8x": {8, 16384},
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
 
 // checkUnsupported refuses Fly's fields that kiln cannot honour, where a value is given:
@@ -155,7 +148,7 @@ func Validate(cfg *api.MachineConfig) error {
 	if cfg.Size != "" {
 		preset, ok := sizes[cfg.Size]
 		if !ok {
-			return errdefs.Invalid("config.size %q is not a size kiln knows: use one of %s, or set config.guest.cpus and memory_mb", cfg.Size, strings.Join(sortedKeys(sizes), ", "))
+			return errdefs.Invalid("config.size %q is not a size kiln knows: use one of %s, or set config.guest.cpus and memory_mb", cfg.Size, strings.Join(slices.Sorted(maps.Keys(sizes)), ", "))
 		}
 		if cfg.Guest.CPUs == 0 {
 			cfg.Guest.CPUs = preset[0]

@@ -158,7 +158,7 @@ func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineR
 		}
 		volumes = append(volumes, v.ID)
 	}
-	raw, _ := json.Marshal(cfg)
+	raw := storedConfig(cfg)
 	host := s.cfg.Host
 	if s.cfg.Place != nil && len(cfg.Mounts) == 0 {
 		// Where nothing fits now, the machine stays here and waits in this host's queue.
@@ -212,6 +212,14 @@ func (s *Service) Create(ctx context.Context, app string, req api.CreateMachineR
 	}
 	rec, err := s.cfg.Store.GetMachine(ctx, id)
 	return rec, nonce, err
+}
+
+// storedConfig is a config as the machine's record keeps it: without its metadata, which
+// the metadata table holds alone (reads show the table's as the config's).
+func storedConfig(cfg api.MachineConfig) []byte {
+	cfg.Metadata = nil
+	raw, _ := json.Marshal(cfg)
+	return raw
 }
 
 // undoCreate destroys a machine whose creation failed after its record was made, so a
@@ -411,7 +419,7 @@ func (s *Service) Update(ctx context.Context, id string, req api.CreateMachineRe
 			return rec, err
 		}
 	}
-	raw, _ := json.Marshal(cfg)
+	raw := storedConfig(cfg)
 	// From the version read above: an update that raced this one is not overwritten.
 	if err := s.cfg.Store.UpdateConfig(ctx, id, rec.Version, raw); err != nil {
 		if wasRunning {

@@ -112,6 +112,11 @@ func (s *Server) bulkMetadata(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(r, &req); err != nil {
 		return err
 	}
+	// Each key is a statement in the store's transaction: no more than a machine can
+	// hold, removed and set anew.
+	if len(req.Metadata) > 2*machine.MaxMetadataKeys {
+		return errdefs.Invalid("metadata: %d keys in one update, over the limit of %d", len(req.Metadata), 2*machine.MaxMetadataKeys)
+	}
 	kv := make(map[string]string, len(req.Metadata))
 	for k, v := range req.Metadata {
 		kv[k] = ""

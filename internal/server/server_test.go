@@ -1,8 +1,10 @@
 package server_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -204,5 +206,42 @@ func TestWaitSettled(t *testing.T) {
 		if resp.StatusCode != want || want == 200 && body.State != "created" {
 			t.Errorf("wait?%s: %d %+v, want %d", q, resp.StatusCode, body, want)
 		}
+	}
+}
+
+// A bulk metadata update is bounded by what a machine can hold, before the store sees it.
+func TestBulkMetadataIsBounded(t *testing.T) {
+	ctx := context.Background()
+	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.CreateApp(ctx, "web")
+	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
+	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
+	defer ms.Close()
+	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
+	defer srv.Close()
+	put := func(n int) int {
+		md := map[string]*string{}
+		for i := range n {
+			md[fmt.Sprintf("k%d", i)] = nil
+		}
+		body, _ := json.Marshal(api.MetadataUpdate{Metadata: md})
+		req, _ := http.NewRequest("PUT", srv.URL+"/v1/apps/web/machines/m1/metadata", bytes.NewReader(body))
+		req.Header.Set("Authorization", "Bearer t")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := put(2 * machine.MaxMetadataKeys); code != 204 {
+		t.Errorf("removing %d keys: %d, want 204", 2*machine.MaxMetadataKeys, code)
+	}
+	if code := put(20000); code != 400 {
+		t.Errorf("20000 keys in one update: %d, want 400", code)
 	}
 }
