@@ -83,18 +83,7 @@ func TestAuth(t *testing.T) {
 
 // A lease cannot be stepped around through a metadata key named like the lease route.
 func TestLeaseHoldsForEveryChange(t *testing.T) {
-	ctx := context.Background()
-	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.CreateApp(ctx, "web")
-	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
-	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
-	defer ms.Close()
-	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
-	defer srv.Close()
+	srv := oneMachine(t)
 	do := func(method, path, body, nonce string) int {
 		req, _ := http.NewRequest(method, srv.URL+"/v1/apps/web/machines/m1"+path, strings.NewReader(body))
 		req.Header.Set("Authorization", "Bearer t")
@@ -180,18 +169,7 @@ func TestInternalAppsAreHidden(t *testing.T) {
 
 // Wait takes Fly's "settled" for any resting state, and several states at once.
 func TestWaitSettled(t *testing.T) {
-	ctx := context.Background()
-	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.CreateApp(ctx, "web")
-	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
-	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
-	defer ms.Close()
-	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
-	defer srv.Close()
+	srv := oneMachine(t)
 	for q, want := range map[string]int{"state=settled": 200, "state=stopped&state=created": 200, "state=stopped,created&version=1": 200,
 		"state=nonsense": 400, "state=started&timeout=1": 408, "state=created&version=2": 404} {
 		req, _ := http.NewRequest("GET", srv.URL+"/v1/apps/web/machines/m1/wait?"+q, nil)
@@ -211,18 +189,7 @@ func TestWaitSettled(t *testing.T) {
 
 // A bulk metadata update is bounded by what a machine can hold, before the store sees it.
 func TestBulkMetadataIsBounded(t *testing.T) {
-	ctx := context.Background()
-	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.CreateApp(ctx, "web")
-	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
-	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
-	defer ms.Close()
-	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
-	defer srv.Close()
+	srv := oneMachine(t)
 	put := func(n int) int {
 		md := map[string]*string{}
 		for i := range n {
@@ -244,4 +211,22 @@ func TestBulkMetadataIsBounded(t *testing.T) {
 	if code := put(20000); code != 400 {
 		t.Errorf("20000 keys in one update: %d, want 400", code)
 	}
+}
+
+// oneMachine serves the API (token t) over a fresh store holding app web with one
+// created machine, m1, and no VM runtime.
+func oneMachine(t *testing.T) *httptest.Server {
+	t.Helper()
+	ctx := context.Background()
+	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	db.CreateApp(ctx, "web")
+	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
+	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
+	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
+	t.Cleanup(func() { srv.Close(); ms.Close() })
+	return srv
 }
