@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kilnhq/kiln/internal/auth/authtest"
+
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/kilnhq/kiln/api"
@@ -51,9 +53,9 @@ func benchBuilds(ctx context.Context, rt *vmrun.Runtime, dataDir, work string, a
 		return err
 	}
 	defer db.Close()
-	regSrv := httptest.NewServer(registry.Handler(ctx, filepath.Join(work, "build-registry"), "t"))
+	regSrv := httptest.NewServer(registry.Handler(ctx, filepath.Join(work, "build-registry"), registry.Access{Auth: opAuth}))
 	defer regSrv.Close()
-	images := image.Registries{Local: strings.TrimPrefix(regSrv.URL, "http://"), Token: "t"}
+	images := image.Registries{Local: strings.TrimPrefix(regSrv.URL, "http://"), Token: opToken}
 	base, _, err := benchImage(0)
 	if err != nil {
 		return err
@@ -145,3 +147,6 @@ func benchBuilds(ctx context.Context, rt *vmrun.Runtime, dataDir, work string, a
 	add("build_warm_no_change_export", float64(exportMS), "ms", fmt.Sprintf("of the no-change rebuild: exporting the image (other steps %d ms, summed)", solveMS))
 	return nil
 }
+
+// opAuth checks tokens; opToken is the operator's.
+var opAuth, opToken = authtest.Operator()

@@ -98,9 +98,9 @@ func benchMachines(ctx context.Context, rt *vmrun.Runtime, work string, add func
 		return err
 	}
 	defer db.Close()
-	regSrv := httptest.NewServer(registry.Handler(ctx, filepath.Join(work, "registry"), "t"))
+	regSrv := httptest.NewServer(registry.Handler(ctx, filepath.Join(work, "registry"), registry.Access{Auth: opAuth}))
 	defer regSrv.Close()
-	images := image.Registries{Local: strings.TrimPrefix(regSrv.URL, "http://"), Token: "t"}
+	images := image.Registries{Local: strings.TrimPrefix(regSrv.URL, "http://"), Token: opToken}
 	tar := filepath.Join(work, "bench.tar")
 	if err := tarball.WriteToFile(tar, nil, img); err != nil {
 		return err
@@ -137,12 +137,12 @@ func benchMachines(ctx context.Context, rt *vmrun.Runtime, work string, add func
 			return err
 		}
 	}
-	srv := httptest.NewServer((&server.Server{Store: db, Node: mgr, Images: images, Token: "t"}).Handler())
+	srv := httptest.NewServer((&server.Server{Store: db, Node: mgr, Images: images, Auth: opAuth}).Handler())
 	defer srv.Close()
 	var lists []time.Duration
 	for i := 0; i < 20; i++ {
 		req, _ := http.NewRequest("GET", srv.URL+"/v1/apps/many/machines", nil)
-		req.Header.Set("Authorization", "Bearer t")
+		req.Header.Set("Authorization", "Bearer "+opToken)
 		t0 := time.Now()
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kilnhq/kiln/internal/auth/authtest"
+
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/server"
 )
@@ -18,7 +20,7 @@ import (
 // gets as far as a registry.
 func TestImageLoadNamesTheUsersFile(t *testing.T) {
 	buildKiln(t)
-	api := httptest.NewServer((&server.Server{Token: "t", Images: image.Registries{Local: "127.0.0.1:1"}}).Handler())
+	api := httptest.NewServer((&server.Server{Auth: opAuth, Images: image.Registries{Local: "127.0.0.1:1"}}).Handler())
 	defer api.Close()
 	e := &env{t: t, dataDir: t.TempDir()}
 	dir := t.TempDir()
@@ -48,7 +50,7 @@ func TestImageLoadNamesTheUsersFile(t *testing.T) {
 		{"missing", missing, 1, []string{missing, "no such file"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			_, errs, code := e.run("", "image", "load", c.file, "--api-url", api.URL, "--token", "t")
+			_, errs, code := e.run("", "image", "load", c.file, "--api-url", api.URL, "--token", opToken)
 			if code != c.code {
 				t.Errorf("exit %d, want %d: %s", code, c.code, errs)
 			}
@@ -63,3 +65,6 @@ func TestImageLoadNamesTheUsersFile(t *testing.T) {
 		})
 	}
 }
+
+// opAuth checks tokens; opToken is the operator's.
+var opAuth, opToken = authtest.Operator()

@@ -8,19 +8,16 @@ package daemon
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
 	stdruntime "runtime"
-	"strings"
 	"time"
 
 	"github.com/kilnhq/kiln/internal/assets"
-	"github.com/kilnhq/kiln/internal/atomicfile"
+	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/cluster"
@@ -61,15 +58,6 @@ func Run(ctx context.Context, o Options, h Host) error {
 		return err
 	}
 	h.Reap(ctx)
-	tok, created, err := adminToken(dataDir)
-	if err != nil {
-		return err
-	}
-	if created {
-		logf("created the admin token: %s", filepath.Join(dataDir, "admin-token"))
-	} else {
-		logf("admin token: %s", filepath.Join(dataDir, "admin-token"))
-	}
 	dsn := o.DB
 	if dsn == "" {
 		dsn = filepath.Join(dataDir, "kiln.db")
@@ -80,13 +68,21 @@ func Run(ctx context.Context, o Options, h Host) error {
 		return err
 	}
 	stack.push(func() { db.Close() })
-	if shared {
-		// The first host's token is everyone's: API calls and registry pulls between
-		// hosts carry it.
-		if tok, err = sharedToken(ctx, db, dataDir, tok, logf); err != nil {
-			return err
-		}
+	key, err := localTokenKey(dataDir)
+	if err != nil {
+		return err
 	}
+	changed, err := writeAdminToken(dataDir, key)
+	if err != nil {
+		return err
+	}
+	if changed {
+		logf("wrote the operator's token: %s (tokens for apps and projects: `kiln tokens create`)", filepath.Join(dataDir, "admin-token"))
+	} else {
+		logf("operator's token: %s", filepath.Join(dataDir, "admin-token"))
+	}
+	tok := key.Mint(auth.OperatorID)
+	checker := &auth.Checker{Key: key, Tokens: db}
 	uids, _ := vmrun.ParseUIDRange(o.VMUIDs) // check read it
 	rt, accel, err := h.Runtime(ctx, o.VMM)
 	if err != nil {
@@ -134,7 +130,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	if shared {
 		images.Peers = hosts.PeerRegistries
 	}
-	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), tok)
+	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), registry.Access{Auth: checker, Rules: registry.Rules{Shared: o.SharedImages}, Audit: db, Log: logf})
 	rootfs := RootfsCache(dataDir, o.ImageMaxBytes)
 	if err := rootfs.RemoveStale(); err != nil {
 		return fmt.Errorf("cleaning interrupted image conversions: %w", err)
@@ -171,7 +167,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}
 	registerLimits(limits.Default, o, here, builds)
 
-	apiSrv := &server.Server{Cluster: hosts, Store: db, Node: mgr, Images: images, Registry: reg, Token: tok, Builds: builds,
+	apiSrv := &server.Server{Cluster: hosts, Store: db, Node: mgr, Images: images, Registry: reg, Auth: checker, Access: db, ImageRules: registry.Rules{Shared: o.SharedImages}, Log: log, Builds: builds,
 		Capacity: ledger, Limits: limits.Default}
 	apiSrv.Recovering.Store(true)
 	srv, apiLn := connlimit.NewServer(ln, apiSrv.Handler(), httpLim.Pending(o.APIMaxUnauth, "the API (--api-max-unauthenticated-conns)"))
@@ -270,33 +266,6 @@ func (g *group) run(loop func(ctx context.Context)) {
 // share it.
 func RootfsCache(dataDir string, maxBytes int64) image.Cache {
 	return image.Cache{Dir: filepath.Join(dataDir, "images", "rootfs"), Limits: image.Limits{MaxBytes: maxBytes}}
-}
-
-// adminToken reads DATA_DIR/admin-token, creating it on first start.
-func adminToken(dataDir string) (string, bool, error) {
-	p := filepath.Join(dataDir, "admin-token")
-	if b, err := os.ReadFile(p); err == nil && len(strings.TrimSpace(string(b))) > 0 {
-		return strings.TrimSpace(string(b)), false, nil
-	}
-	var b [32]byte
-	rand.Read(b[:])
-	tok := hex.EncodeToString(b[:])
-	if err := atomicfile.WriteFile(p, []byte(tok+"\n"), 0o600); err != nil {
-		return "", false, err
-	}
-	return tok, true, nil
-}
-
-// sharedToken is the cluster's admin token: the first host's, which this host then
-// keeps in its data dir.
-func sharedToken(ctx context.Context, db *sqlstore.DB, dataDir, tok string, logf func(string, ...any)) (string, error) {
-	shared, err := db.Setting(ctx, "admin_token", tok)
-	if err != nil || shared == tok {
-		return tok, err
-	}
-	atomicfile.WriteFile(filepath.Join(dataDir, "admin-token"), []byte(shared+"\n"), 0o600)
-	logf("using the cluster's admin token (written to %s)", filepath.Join(dataDir, "admin-token"))
-	return shared, nil
 }
 
 // privateDataDir makes DATA_DIR its owner's alone, and tightens one that an older kiln

@@ -60,6 +60,9 @@ type Options struct {
 
 	ImageMaxBytes int64
 	VMUIDs        string
+	// SharedImages lists the registry namespaces every token may pull from
+	// (localhost/NS/...); only the operator pushes there.
+	SharedImages []string
 
 	// Source says where a flag's value came from, for the limits' registry ("flag
 	// --x", "config file (x)", "default (flag --x)"); nil says default for all.

@@ -76,11 +76,16 @@ var (
 	ErrTimeout = errors.New("timeout")
 	// ErrNotImplemented: kiln does not do this (yet, or in this configuration).
 	ErrNotImplemented = errors.New("not implemented")
+	// ErrUnauthenticated: the call carries no token kiln accepts (none, altered,
+	// expired or revoked).
+	ErrUnauthenticated = errors.New("unauthenticated")
+	// ErrForbidden: the token reaches the thing but its role does not allow the call.
+	ErrForbidden = errors.New("forbidden")
 )
 
 // Kinds lists every kind, most specific first.
 var Kinds = []error{ErrInvalid, ErrNotFound, ErrConflict, ErrTimeout, ErrCapacity, ErrUnavailable,
-	ErrProtocol, ErrNotImplemented, ErrMissingDependency}
+	ErrProtocol, ErrNotImplemented, ErrMissingDependency, ErrUnauthenticated, ErrForbidden}
 
 // KindOf is err's kind: the kind of the outermost classified error in its chain (a
 // Wrap's own kind, not its cause's), or nil if none is classified.
@@ -104,6 +109,8 @@ var statuses = []struct {
 	status int
 }{
 	{ErrInvalid, 400},
+	{ErrUnauthenticated, 401},
+	{ErrForbidden, 403},
 	{ErrNotFound, 404},
 	{ErrTimeout, 408},
 	{ErrConflict, 409},

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/kilnhq/kiln/internal/auth/authtest"
+
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
@@ -111,9 +113,9 @@ func TestOpenTarballBadInput(t *testing.T) {
 
 func TestRegistryLoadAndResolve(t *testing.T) {
 	ctx := context.Background()
-	srv := httptest.NewServer(registry.Handler(ctx, t.TempDir(), "tok"))
+	srv := httptest.NewServer(registry.Handler(ctx, t.TempDir(), registry.Access{Auth: opAuth}))
 	defer srv.Close()
-	regs := image.Registries{Local: strings.TrimPrefix(srv.URL, "http://"), Token: "tok"}
+	regs := image.Registries{Local: strings.TrimPrefix(srv.URL, "http://"), Token: opToken}
 	img := imagetest.App(t)
 	dir := t.TempDir()
 	docker := filepath.Join(dir, "app.tar")
@@ -214,3 +216,6 @@ func (b *lockedBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+// opAuth checks tokens; opToken is the operator's.
+var opAuth, opToken = authtest.Operator()

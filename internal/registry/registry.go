@@ -6,10 +6,8 @@ package registry
 
 import (
 	"context"
-	"crypto/subtle"
 	"io"
 	"net/http"
-	"strings"
 
 	"github.com/distribution/distribution/v3/configuration"
 	"github.com/distribution/distribution/v3/registry/handlers"
@@ -20,35 +18,43 @@ import (
 )
 
 // Handler serves the OCI distribution API (/v2/...) with blobs and manifests stored
-// under dir. Clients authenticate with kiln's API token, as a bearer token or as the
-// password of HTTP basic authentication (what docker login and BuildKit send).
-func Handler(ctx context.Context, dir, token string) http.Handler {
+// under dir. Clients authenticate with a kiln token, as a bearer token or as the
+// password of HTTP basic authentication (what docker login and BuildKit send), and
+// reach the repositories access allows.
+func Handler(ctx context.Context, dir string, access Access) http.Handler {
 	app := newApp(ctx, dir)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !authorized(r, token) {
-			w.Header().Set("WWW-Authenticate", `Basic realm="kiln"`)
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusUnauthorized)
-			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"log in with kiln's API token as the password"}]}`)
+		id, err := access.check(r)
+		if err != nil {
+			access.audit(r, id, refuse(w, err), true)
 			return
 		}
 		// A push may idle between blobs: an authenticated client is never shed.
 		connlimit.Trust(r.Context())
-		app.ServeHTTP(w, r)
+		rec := &status{ResponseWriter: w}
+		app.ServeHTTP(rec, r)
+		access.audit(r, id, rec.code, false)
 	})
 }
 
-func authorized(r *http.Request, token string) bool {
-	if token == "" {
-		return false
+// status remembers the status the registry answered.
+type status struct {
+	http.ResponseWriter
+	code int
+}
+
+func (s *status) WriteHeader(code int) {
+	if s.code == 0 {
+		s.code = code
 	}
-	got := ""
-	if _, pw, ok := r.BasicAuth(); ok {
-		got = pw
-	} else if b, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
-		got = b
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *status) Write(b []byte) (int, error) {
+	if s.code == 0 {
+		s.code = http.StatusOK
 	}
-	return subtle.ConstantTimeCompare([]byte(got), []byte(token)) == 1
+	return s.ResponseWriter.Write(b)
 }
 
 func newApp(ctx context.Context, dir string) http.Handler {

@@ -4,15 +4,16 @@ package server
 
 import (
 	"context"
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
 	"sync/atomic"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/cluster"
@@ -21,6 +22,7 @@ import (
 	"github.com/kilnhq/kiln/internal/limits"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/machines"
+	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
@@ -44,10 +46,19 @@ type Server struct {
 	Builds *build.Service
 	// Registry, if set, serves the built-in OCI registry at /v2/.
 	Registry http.Handler
-	Token    string
+	// Auth checks tokens; Access keeps issued tokens and the audit log.
+	Auth   *auth.Checker
+	Access interface {
+		store.Tokens
+		store.Audit
+	}
+	// ImageRules say which registry images a token may use and push.
+	ImageRules registry.Rules
 	// Recovering, while set, makes the API answer 503: machines are being adopted and
 	// must not change meanwhile. The registry is served regardless; recovery uses it.
 	Recovering atomic.Bool
+	// Log takes the server's own complaints (an audit entry it could not write).
+	Log io.Writer
 	// MaxImageBytes bounds an uploaded image tarball.
 	MaxImageBytes int64
 }
@@ -55,77 +66,77 @@ type Server struct {
 // Route is one method and path pattern the server answers.
 type Route struct {
 	Method, Path string
-	auth         bool
+	need         need
 	h            func(http.ResponseWriter, *http.Request) error
 }
 
 // Routes lists every route; the OpenAPI test holds the document to it.
 func (s *Server) Routes() []Route {
 	return []Route{
-		{"GET", "/v1/openapi.json", false, s.openapi},
-		{"GET", "/v1/apps", true, s.listApps},
-		{"POST", "/v1/apps", true, s.createApp},
-		{"GET", "/v1/apps/{app}", true, s.getApp},
-		{"DELETE", "/v1/apps/{app}", true, s.deleteApp},
-		{"GET", "/v1/apps/{app}/machines", true, s.listMachines},
-		{"POST", "/v1/apps/{app}/machines", true, s.createMachine},
-		{"GET", "/v1/apps/{app}/machines/{id}", true, s.getMachine},
-		{"DELETE", "/v1/apps/{app}/machines/{id}", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+		{"GET", "/v1/openapi.json", public, s.openapi},
+		{"GET", "/v1/apps", anyone, s.listApps},
+		{"POST", "/v1/apps", anyone, s.createApp},
+		{"GET", "/v1/apps/{app}", appRead, s.getApp},
+		{"DELETE", "/v1/apps/{app}", appAdmin, s.deleteApp},
+		{"GET", "/v1/apps/{app}/machines", appRead, s.listMachines},
+		{"POST", "/v1/apps/{app}/machines", appDeploy, s.createMachine},
+		{"GET", "/v1/apps/{app}/machines/{id}", appRead, s.getMachine},
+		{"DELETE", "/v1/apps/{app}/machines/{id}", appDeploy, s.machineOp(func(r *http.Request, m store.Machine) error {
 			// Fly documents force; its client sends kill.
 			q := r.URL.Query()
 			return s.Node.Destroy(r.Context(), m.ID, q.Get("force") == "true" || q.Get("kill") == "true")
 		})},
-		{"POST", "/v1/apps/{app}/machines/{id}/start", true, s.startMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/stop", true, s.stopMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/restart", true, s.restartMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/suspend", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+		{"POST", "/v1/apps/{app}/machines/{id}/start", appDeploy, s.startMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/stop", appDeploy, s.stopMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/restart", appDeploy, s.restartMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/suspend", appDeploy, s.machineOp(func(r *http.Request, m store.Machine) error {
 			return s.Node.Suspend(r.Context(), m.ID)
 		})},
-		{"GET", "/v1/apps/{app}/machines/{id}/wait", true, s.waitMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/exec", true, s.execMachine},
-		{"GET", "/v1/apps/{app}/machines/{id}/ps", true, s.machinePs},
-		{"GET", "/v1/apps/{app}/machines/{id}/events", true, s.machineEvents},
-		{"GET", "/v1/apps/{app}/machines/{id}/logs", true, s.machineLogs},
-		{"POST", "/v1/apps/{app}/machines/{id}", true, s.updateMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/signal", true, s.signalMachine},
-		{"POST", "/v1/apps/{app}/machines/{id}/cordon", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+		{"GET", "/v1/apps/{app}/machines/{id}/wait", appRead, s.waitMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/exec", appExec, s.execMachine},
+		{"GET", "/v1/apps/{app}/machines/{id}/ps", appRead, s.machinePs},
+		{"GET", "/v1/apps/{app}/machines/{id}/events", appRead, s.machineEvents},
+		{"GET", "/v1/apps/{app}/machines/{id}/logs", appRead, s.machineLogs},
+		{"POST", "/v1/apps/{app}/machines/{id}", appDeploy, s.updateMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/signal", appDeploy, s.signalMachine},
+		{"POST", "/v1/apps/{app}/machines/{id}/cordon", appDeploy, s.machineOp(func(r *http.Request, m store.Machine) error {
 			return s.Store.SetCordoned(r.Context(), m.ID, true)
 		})},
-		{"POST", "/v1/apps/{app}/machines/{id}/uncordon", true, s.machineOp(func(r *http.Request, m store.Machine) error {
+		{"POST", "/v1/apps/{app}/machines/{id}/uncordon", appDeploy, s.machineOp(func(r *http.Request, m store.Machine) error {
 			return s.Store.SetCordoned(r.Context(), m.ID, false)
 		})},
-		{"GET", "/v1/apps/{app}/machines/{id}/lease", true, s.getLease},
-		{"POST", "/v1/apps/{app}/machines/{id}/lease", true, s.takeLease},
-		{"DELETE", "/v1/apps/{app}/machines/{id}/lease", true, s.releaseLease},
-		{"GET", "/v1/apps/{app}/machines/{id}/metadata", true, s.getMetadata},
-		{"PUT", "/v1/apps/{app}/machines/{id}/metadata", true, s.bulkMetadata},
-		{"PATCH", "/v1/apps/{app}/machines/{id}/metadata", true, s.bulkMetadata},
-		{"GET", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.getMetadata},
-		{"POST", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.setMetadata},
-		{"DELETE", "/v1/apps/{app}/machines/{id}/metadata/{key}", true, s.deleteMetadata},
-		{"GET", "/v1/apps/{app}/volumes", true, s.listVolumes},
-		{"POST", "/v1/apps/{app}/volumes", true, s.createVolume},
-		{"GET", "/v1/apps/{app}/volumes/{id}", true, s.getVolume},
-		{"DELETE", "/v1/apps/{app}/volumes/{id}", true, s.deleteVolume},
-		{"PUT", "/v1/apps/{app}/volumes/{id}", true, s.updateVolume},  // fly-go's flaps
-		{"POST", "/v1/apps/{app}/volumes/{id}", true, s.updateVolume}, // Fly's documentation
-		{"PUT", "/v1/apps/{app}/volumes/{id}/extend", true, s.extendVolume},
-		{"GET", "/v1/apps/{app}/volumes/{id}/snapshots", true, s.listSnapshots},
-		{"POST", "/v1/apps/{app}/volumes/{id}/snapshots", true, s.createSnapshot},
-		{"POST", "/v1/images", true, s.loadImage},
-		{"POST", "/v1/projects/{project}/builds", true, s.submitBuild},
-		{"GET", "/v1/projects/{project}/builds", true, s.listBuilds},
-		{"GET", "/v1/projects/{project}/builds/{id}", true, s.getBuild},
-		{"GET", "/v1/projects/{project}/builds/{id}/logs", true, s.buildLogs},
-		{"POST", "/v1/projects/{project}/builds/{id}/cancel", true, s.cancelBuild},
-		{"GET", "/v1/projects/{project}/cache", true, s.buildCache},
-		{"GET", "/v1/limits", true, s.listLimits},
-		{"GET", "/v1/hosts", true, s.listHosts},
-		{"POST", "/v1/hosts/{host}/cordon", true, s.cordonHost(true)},
-		{"POST", "/v1/hosts/{host}/uncordon", true, s.cordonHost(false)},
-		{"POST", "/v1/hosts/{host}/drain", true, s.drainHost},
-		{"POST", "/v1/projects/{project}/cache/prune", true, s.pruneBuildCache},
-		{"DELETE", "/v1/projects/{project}/builder", true, s.removeBuilder},
+		{"GET", "/v1/apps/{app}/machines/{id}/lease", appRead, s.getLease},
+		{"POST", "/v1/apps/{app}/machines/{id}/lease", appDeploy, s.takeLease},
+		{"DELETE", "/v1/apps/{app}/machines/{id}/lease", appDeploy, s.releaseLease},
+		{"GET", "/v1/apps/{app}/machines/{id}/metadata", appRead, s.getMetadata},
+		{"PUT", "/v1/apps/{app}/machines/{id}/metadata", appDeploy, s.bulkMetadata},
+		{"PATCH", "/v1/apps/{app}/machines/{id}/metadata", appDeploy, s.bulkMetadata},
+		{"GET", "/v1/apps/{app}/machines/{id}/metadata/{key}", appRead, s.getMetadata},
+		{"POST", "/v1/apps/{app}/machines/{id}/metadata/{key}", appDeploy, s.setMetadata},
+		{"DELETE", "/v1/apps/{app}/machines/{id}/metadata/{key}", appDeploy, s.deleteMetadata},
+		{"GET", "/v1/apps/{app}/volumes", appRead, s.listVolumes},
+		{"POST", "/v1/apps/{app}/volumes", appDeploy, s.createVolume},
+		{"GET", "/v1/apps/{app}/volumes/{id}", appRead, s.getVolume},
+		{"DELETE", "/v1/apps/{app}/volumes/{id}", appDeploy, s.deleteVolume},
+		{"PUT", "/v1/apps/{app}/volumes/{id}", appDeploy, s.updateVolume},  // fly-go's flaps
+		{"POST", "/v1/apps/{app}/volumes/{id}", appDeploy, s.updateVolume}, // Fly's documentation
+		{"PUT", "/v1/apps/{app}/volumes/{id}/extend", appDeploy, s.extendVolume},
+		{"GET", "/v1/apps/{app}/volumes/{id}/snapshots", appRead, s.listSnapshots},
+		{"POST", "/v1/apps/{app}/volumes/{id}/snapshots", appDeploy, s.createSnapshot},
+		{"POST", "/v1/images", anyone, s.loadImage},
+		{"POST", "/v1/projects/{project}/builds", projectDeploy, s.submitBuild},
+		{"GET", "/v1/projects/{project}/builds", projectRead, s.listBuilds},
+		{"GET", "/v1/projects/{project}/builds/{id}", projectRead, s.getBuild},
+		{"GET", "/v1/projects/{project}/builds/{id}/logs", projectRead, s.buildLogs},
+		{"POST", "/v1/projects/{project}/builds/{id}/cancel", projectDeploy, s.cancelBuild},
+		{"GET", "/v1/projects/{project}/cache", projectRead, s.buildCache},
+		{"GET", "/v1/limits", anyone, s.listLimits},
+		{"GET", "/v1/hosts", operator, s.listHosts},
+		{"POST", "/v1/hosts/{host}/cordon", operator, s.cordonHost(true)},
+		{"POST", "/v1/hosts/{host}/uncordon", operator, s.cordonHost(false)},
+		{"POST", "/v1/hosts/{host}/drain", operator, s.drainHost},
+		{"POST", "/v1/projects/{project}/cache/prune", projectDeploy, s.pruneBuildCache},
+		{"DELETE", "/v1/projects/{project}/builder", projectDeploy, s.removeBuilder},
 	}
 }
 
@@ -134,34 +145,45 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	for _, r := range s.Routes() {
 		mux.HandleFunc(r.Method+" "+r.Path, func(w http.ResponseWriter, req *http.Request) {
-			if r.auth && !s.authorized(req) {
-				// The one status outside errdefs' table: a wrong token is the API's own
-				// answer, not an error any operation below it returns, so it has no kind
-				// (the client reads 401 back as unclassified).
-				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "missing or wrong token: send Authorization: Bearer TOKEN (the admin token is in DATA_DIR/admin-token)", Status: "unknown"})
+			if r.need == public {
+				if err := r.h(w, req); err != nil {
+					writeError(w, err)
+				}
 				return
 			}
-			if r.auth {
-				// An authenticated client's connection is no longer shed by the cap on
-				// unauthenticated ones (connlimit), however many half-open ones arrive.
-				connlimit.Trust(req.Context())
+			rec := &recorder{ResponseWriter: w}
+			defer s.audit(req, r, rec)
+			id, err := s.identify(req)
+			if err != nil {
+				writeError(rec, err)
+				return
 			}
-			if r.auth && s.Recovering.Load() {
-				w.Header().Set("Retry-After", "2")
-				writeError(w, errdefs.New(errdefs.ErrUnavailable, "kiln is starting and adopting its running machines: retry in a moment"))
+			rec.id = id
+			req = req.WithContext(auth.With(req.Context(), id))
+			// An authenticated client's connection is no longer shed by the cap on
+			// unauthenticated ones (connlimit), however many half-open ones arrive.
+			connlimit.Trust(req.Context())
+			if s.Recovering.Load() {
+				rec.Header().Set("Retry-After", "2")
+				writeError(rec, errdefs.New(errdefs.ErrUnavailable, "kiln is starting and adopting its running machines: retry in a moment"))
 				return
 			}
 			if app := req.PathValue("app"); machine.InternalApp(app) {
 				// kiln's own machines (builders) are not the API's: their app does not
 				// exist for callers, whatever the store holds.
-				writeError(w, errdefs.New(errdefs.ErrNotFound, "app %s not found: list apps with `kiln app ls`", app))
+				writeError(rec, errdefs.New(errdefs.ErrNotFound, "app %s not found: list apps with `kiln app ls`", app))
 				return
 			}
-			if strings.Contains(r.Path, "/machines/{id}") && s.forward(w, req) {
+			if err := r.need.check(id, req); err != nil {
+				rec.refused = true
+				writeError(rec, err)
 				return
 			}
-			if err := r.h(w, req); err != nil {
-				writeError(w, err)
+			if strings.Contains(r.Path, "/machines/{id}") && s.forward(rec, req) {
+				return
+			}
+			if err := r.h(rec, req); err != nil {
+				writeError(rec, err)
 			}
 		})
 	}
@@ -174,14 +196,10 @@ func (s *Server) Handler() http.Handler {
 	return mux
 }
 
-// authorized checks the request's token, sent as "Bearer TOKEN" or, as Fly's client
-// sends its tokens, "FlyV1 TOKEN" (the scheme in any case).
-func (s *Server) authorized(r *http.Request) bool {
-	scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") && !strings.EqualFold(scheme, "FlyV1") {
-		return false
+func (s *Server) logf(format string, args ...any) {
+	if s.Log != nil {
+		fmt.Fprintf(s.Log, "kiln: "+format+"\n", args...)
 	}
-	return s.Token != "" && subtle.ConstantTimeCompare([]byte(strings.TrimSpace(tok)), []byte(s.Token)) == 1
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

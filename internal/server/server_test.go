@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kilnhq/kiln/internal/auth/authtest"
+
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/machines"
@@ -49,7 +51,7 @@ func TestOpenAPIMatchesRoutes(t *testing.T) {
 }
 
 func TestAuth(t *testing.T) {
-	srv := httptest.NewServer((&server.Server{Token: "secret"}).Handler())
+	srv := httptest.NewServer((&server.Server{Auth: opAuth}).Handler())
 	defer srv.Close()
 	for _, tc := range []struct {
 		path, auth string
@@ -59,7 +61,7 @@ func TestAuth(t *testing.T) {
 		{"/v1/apps", "Bearer wrong", 401},
 		{"/v1/apps/web/machines", "Basic c2VjcmV0", 401},
 		{"/v1/openapi.json", "", 200},
-		{"/v2/nothing", "Bearer secret", 404},
+		{"/v2/nothing", "Bearer " + opToken, 404},
 	} {
 		req, _ := http.NewRequest("GET", srv.URL+tc.path, nil)
 		if tc.auth != "" {
@@ -86,7 +88,7 @@ func TestLeaseHoldsForEveryChange(t *testing.T) {
 	srv := oneMachine(t)
 	do := func(method, path, body, nonce string) int {
 		req, _ := http.NewRequest(method, srv.URL+"/v1/apps/web/machines/m1"+path, strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer t")
+		req.Header.Set("Authorization", "Bearer "+opToken)
 		if nonce != "" {
 			req.Header.Set(api.LeaseHeader, nonce)
 		}
@@ -130,11 +132,11 @@ func TestInternalAppsAreHidden(t *testing.T) {
 	db.CreateApp(ctx, "web")
 	db.CreateApp(ctx, "_builders")
 	db.CreateMachine(ctx, store.Machine{ID: "builder-shop", App: "_builders", Name: "shop", State: machine.Created, Config: []byte(`{}`)}, machine.Event{Type: "launch", Source: "kiln"})
-	srv := httptest.NewServer((&server.Server{Store: db, Token: "t"}).Handler())
+	srv := httptest.NewServer((&server.Server{Store: db, Auth: opAuth}).Handler())
 	defer srv.Close()
 	do := func(method, path string) int {
 		req, _ := http.NewRequest(method, srv.URL+path, nil)
-		req.Header.Set("Authorization", "Bearer t")
+		req.Header.Set("Authorization", "Bearer "+opToken)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -143,7 +145,7 @@ func TestInternalAppsAreHidden(t *testing.T) {
 		return resp.StatusCode
 	}
 	req, _ := http.NewRequest("GET", srv.URL+"/v1/apps", nil)
-	req.Header.Set("Authorization", "Bearer t")
+	req.Header.Set("Authorization", "Bearer "+opToken)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -173,7 +175,7 @@ func TestWaitSettled(t *testing.T) {
 	for q, want := range map[string]int{"state=settled": 200, "state=stopped&state=created": 200, "state=stopped,created&version=1": 200,
 		"state=nonsense": 400, "state=started&timeout=1": 408, "state=created&version=2": 404} {
 		req, _ := http.NewRequest("GET", srv.URL+"/v1/apps/web/machines/m1/wait?"+q, nil)
-		req.Header.Set("Authorization", "Bearer t")
+		req.Header.Set("Authorization", "Bearer "+opToken)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -197,7 +199,7 @@ func TestBulkMetadataIsBounded(t *testing.T) {
 		}
 		body, _ := json.Marshal(api.MetadataUpdate{Metadata: md})
 		req, _ := http.NewRequest("PUT", srv.URL+"/v1/apps/web/machines/m1/metadata", bytes.NewReader(body))
-		req.Header.Set("Authorization", "Bearer t")
+		req.Header.Set("Authorization", "Bearer "+opToken)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -226,7 +228,10 @@ func oneMachine(t *testing.T) *httptest.Server {
 	db.CreateApp(ctx, "web")
 	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
 	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
-	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
+	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Auth: opAuth}).Handler())
 	t.Cleanup(func() { srv.Close(); ms.Close() })
 	return srv
 }
+
+// opAuth checks tokens; opToken is the operator's.
+var opAuth, opToken = authtest.Operator()

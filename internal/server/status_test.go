@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kilnhq/kiln/internal/auth/authtest"
+
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/client"
 	"github.com/kilnhq/kiln/internal/errdefs"
@@ -119,11 +121,11 @@ func TestErrorStatusesOnlyFromTheTable(t *testing.T) {
 // The answers the handler gives before any route runs (still recovering, no such route)
 // come from the same table, so the client reads them as the kinds they are.
 func TestHandlersOwnAnswersHaveKinds(t *testing.T) {
-	s := &Server{Token: "t"}
+	s := &Server{Auth: opAuth}
 	s.Recovering.Store(true)
 	srv := httptest.NewServer(s.Handler())
 	defer srv.Close()
-	cl := client.New(srv.URL, "t")
+	cl := client.New(srv.URL, opToken)
 	if _, err := cl.ListApps(t.Context()); !errors.Is(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), "retry") {
 		t.Errorf("while recovering: %v, want unavailable saying to retry", err)
 	}
@@ -136,3 +138,6 @@ func TestHandlersOwnAnswersHaveKinds(t *testing.T) {
 		t.Errorf("no route: %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
 }
+
+// opAuth checks tokens; opToken is the operator's.
+var opAuth, opToken = authtest.Operator()

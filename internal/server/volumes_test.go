@@ -30,7 +30,7 @@ func volumeAPI(t *testing.T) func(method, path, body string) (int, map[string]an
 	db.CreateApp(ctx, "web")
 	ms := machines.New(machines.Config{Store: db, VMs: &vmrun.Runtime{DataDir: dir}, Dir: filepath.Join(dir, "machines")})
 	t.Cleanup(ms.Close)
-	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Token: "t"}).Handler())
+	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Auth: opAuth}).Handler())
 	t.Cleanup(srv.Close)
 	return func(method, path, body string) (int, map[string]any, string) {
 		t.Helper()
@@ -39,7 +39,7 @@ func volumeAPI(t *testing.T) func(method, path, body string) (int, map[string]an
 			r = strings.NewReader(body)
 		}
 		req, _ := http.NewRequest(method, srv.URL+"/v1/apps/web/volumes"+path, r)
-		req.Header.Set("Authorization", "Bearer t")
+		req.Header.Set("Authorization", "Bearer "+opToken)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
