@@ -123,3 +123,14 @@ func OwnOrShared(project, ref string) error {
 	}
 	return nil
 }
+
+// OwnNamespace is the default rule for what a project's builds may tag: images under
+// the project's namespace (localhost/PROJECT/NAME:TAG), never another project's or a
+// shared name.
+func OwnNamespace(project, ref string) error {
+	repo, ok := strings.CutPrefix(ref, "localhost/")
+	if ns, _, _ := strings.Cut(repo, "/"); !ok || ns != project || !strings.Contains(repo, "/") {
+		return errdefs.Invalid("tag %s is outside project %s: a build tags images under localhost/%s/ (like localhost/%s/web:v2)", ref, project, project, project)
+	}
+	return nil
+}

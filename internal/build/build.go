@@ -87,6 +87,9 @@ type Service struct {
 	// MayPull decides whether a project's builds may use an image of kiln's registry as
 	// a base; nil means OwnOrShared.
 	MayPull func(project, ref string) error
+	// MayTag decides whether a project's builds may push an image under ref; nil
+	// means under the project's namespace (localhost/PROJECT/...) only.
+	MayTag func(project, ref string) error
 	// MaxAttempts bounds runs of a build whose infrastructure fails; Backoff is the
 	// first wait before a retry, doubled each time.
 	MaxAttempts int
@@ -153,11 +156,18 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 	spec.Dockerfile = df
 	id := newID()
 	if len(spec.Tags) == 0 {
-		spec.Tags = []string{"localhost/" + project + ":" + id}
+		spec.Tags = []string{"localhost/" + project + "/build:" + id}
+	}
+	mayTag := s.MayTag
+	if mayTag == nil {
+		mayTag = OwnNamespace
 	}
 	for _, t := range spec.Tags {
 		if _, err := image.NormalizeRef(t); err != nil || strings.Contains(t, "@") {
 			return api.Build{}, errdefs.Invalid("tag %q is not a valid image reference: use NAME[:TAG], like localhost/%s/web:v2", t, project)
+		}
+		if err := mayTag(project, t); err != nil {
+			return api.Build{}, err
 		}
 	}
 	for k := range spec.BuildArgs {
@@ -320,7 +330,7 @@ func (s *Service) localBases(project string, stages []instructions.Stage) ([]str
 	refs := fromImages(stages)
 	for _, ref := range refs {
 		if err := mayPull(project, ref); err != nil {
-			return nil, err
+			return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "FROM %s", ref)
 		}
 	}
 	return refs, nil

@@ -10,6 +10,9 @@ import (
 
 	"github.com/kilnhq/kiln/internal/atomicfile"
 	"github.com/kilnhq/kiln/internal/auth"
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/registry"
 )
 
 // localTokenKey reads DATA_DIR/token-key, the key a single host signs tokens with,
@@ -40,4 +43,16 @@ func writeAdminToken(dataDir string, key auth.Key) (bool, error) {
 		return false, nil
 	}
 	return true, atomicfile.WriteFile(p, []byte(tok+"\n"), 0o600)
+}
+
+// projectImages turns a registry rule into a build's: the project's identity deciding
+// on the repository of a localhost/ reference.
+func projectImages(images image.Registries, rule func(auth.Identity, string) error) func(project, ref string) error {
+	return func(project, ref string) error {
+		repo, ok := images.LocalRepo(ref)
+		if !ok {
+			return errdefs.Invalid("image %s is not in kiln's registry: builds use and tag localhost/ images", ref)
+		}
+		return rule(registry.ProjectIdentity(project), repo)
+	}
 }

@@ -126,11 +126,12 @@ func Run(ctx context.Context, o Options, h Host) error {
 		bg.run(func(ctx context.Context) { blockPeers(ctx, hosts, nets, logf) })
 	}
 
+	rules := registry.Rules{Shared: o.SharedImages}
 	images := image.Registries{Local: ln.Addr().String(), Token: tok}
 	if shared {
 		images.Peers = hosts.PeerRegistries
 	}
-	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), registry.Access{Auth: checker, Rules: registry.Rules{Shared: o.SharedImages}, Audit: db, Log: logf})
+	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), registry.Access{Auth: checker, Rules: rules, Audit: db, Log: logf})
 	rootfs := RootfsCache(dataDir, o.ImageMaxBytes)
 	if err := rootfs.RemoveStale(); err != nil {
 		return fmt.Errorf("cleaning interrupted image conversions: %w", err)
@@ -143,6 +144,8 @@ func Run(ctx context.Context, o Options, h Host) error {
 		if nets != nil {
 			builds.Builders.Net = nets
 		}
+		// A build reads and tags images as its project, whoever submitted it.
+		builds.MayPull, builds.MayTag = projectImages(images, rules.MayPull), projectImages(images, rules.MayPush)
 		if shared {
 			builds.Host, builds.Hosts = here.Name, db
 			builds.Builders.Host = here.Name // a builder per host, like its cache
@@ -167,7 +170,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}
 	registerLimits(limits.Default, o, here, builds)
 
-	apiSrv := &server.Server{Cluster: hosts, Store: db, Node: mgr, Images: images, Registry: reg, Auth: checker, Access: db, ImageRules: registry.Rules{Shared: o.SharedImages}, Log: log, Builds: builds,
+	apiSrv := &server.Server{Cluster: hosts, Store: db, Node: mgr, Images: images, Registry: reg, Auth: checker, Access: db, ImageRules: rules, Log: log, Builds: builds,
 		Capacity: ledger, Limits: limits.Default}
 	apiSrv.Recovering.Store(true)
 	srv, apiLn := connlimit.NewServer(ln, apiSrv.Handler(), httpLim.Pending(o.APIMaxUnauth, "the API (--api-max-unauthenticated-conns)"))

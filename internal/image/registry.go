@@ -43,6 +43,19 @@ func NormalizeRef(ref string) (string, error) {
 	return r.Name(), nil
 }
 
+// LocalRepo says whether ref names an image of the built-in registry (as localhost/...
+// or by the registry's own address), and its repository there (without a tag).
+func (r Registries) LocalRepo(ref string) (string, bool) {
+	parsed, err := name.ParseReference(ref)
+	if err != nil {
+		return "", false
+	}
+	if reg := parsed.Context().RegistryStr(); reg != "localhost" && (r.Local == "" || reg != r.Local) {
+		return "", false
+	}
+	return parsed.Context().RepositoryStr(), true
+}
+
 // where returns the reference to fetch ref from and the options to do it with.
 func (r Registries) where(ctx context.Context, ref string) (name.Reference, []remote.Option, error) {
 	parsed, err := name.ParseReference(ref)
@@ -109,12 +122,14 @@ func (r Registries) resolve(ctx context.Context, ref string) (v1.Image, error) {
 // Load pushes the image in a tarball to the built-in registry under the references it
 // was saved with plus extra ones (which, like those, must name localhost).
 func (r Registries) Load(ctx context.Context, tarballPath string, extra ...string) (digest string, refs []string, err error) {
-	return r.LoadAs(ctx, tarballPath, tarballPath, extra...)
+	return r.LoadAs(ctx, tarballPath, tarballPath, nil, extra...)
 }
 
 // LoadAs is Load with errors calling the tarball name ("the upload" for a server's
-// temporary copy of one, whose path means nothing to the user who sent it).
-func (r Registries) LoadAs(ctx context.Context, tarballPath, name string, extra ...string) (digest string, refs []string, err error) {
+// temporary copy of one, whose path means nothing to the user who sent it). If allow is
+// set, every repository the image would be stored under must pass it before any is
+// written.
+func (r Registries) LoadAs(ctx context.Context, tarballPath, name string, allow func(repo string) error, extra ...string) (digest string, refs []string, err error) {
 	img, closeImg, err := openTarball(tarballPath, name)
 	if err != nil {
 		return "", nil, err
@@ -132,12 +147,19 @@ func (r Registries) LoadAs(ctx context.Context, tarballPath, name string, extra 
 		if refs[i], err = r.localRef(ref); err != nil {
 			return "", nil, err
 		}
-		where, opts, err := r.where(ctx, refs[i])
+		if repo, _ := r.LocalRepo(refs[i]); allow != nil {
+			if err := allow(repo); err != nil {
+				return "", nil, err
+			}
+		}
+	}
+	for _, ref := range refs {
+		where, opts, err := r.where(ctx, ref)
 		if err != nil {
 			return "", nil, err
 		}
 		if err := remote.Write(where, img, opts...); err != nil {
-			return "", nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "storing %s in the built-in registry", refs[i])
+			return "", nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "storing %s in the built-in registry", ref)
 		}
 	}
 	return d.String(), refs, nil

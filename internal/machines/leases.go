@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/store"
 )
@@ -44,7 +45,8 @@ func (s *Service) TakeLease(ctx context.Context, id, holder string, ttl time.Dur
 	if err := checkLeaseTTL(ttl); err != nil {
 		return store.Lease{}, err
 	}
-	l := store.Lease{Nonce: holder, ExpiresAt: time.Now().Add(ttl), Description: description}
+	caller, _ := auth.From(ctx)
+	l := store.Lease{Nonce: holder, ExpiresAt: time.Now().Add(ttl), Description: description, Owner: caller.TokenID}
 	if cur, err := s.cfg.Store.Lease(ctx, id); err != nil {
 		return l, err
 	} else if holder == "" || cur.Nonce != holder {

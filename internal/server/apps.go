@@ -6,6 +6,7 @@ import (
 	"net/http"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/machine"
 )
@@ -20,8 +21,9 @@ func (s *Server) listApps(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	out := api.AppList{Apps: []api.App{}}
+	id, _ := auth.From(r.Context())
 	for _, n := range names {
-		if machine.InternalApp(n) {
+		if machine.InternalApp(n) || !id.Reaches(auth.App(n)) {
 			continue
 		}
 		a, err := s.app(r.Context(), n)
@@ -66,6 +68,10 @@ func (s *Server) createApp(w http.ResponseWriter, r *http.Request) error {
 	}
 	if !appNameOK(name) {
 		return errdefs.Invalid("app_name %q: use lowercase letters, digits and dashes, up to 63", name)
+	}
+	// A token creates only apps it reaches: one scoped to web may create web.
+	if id, _ := auth.From(r.Context()); !id.May(auth.App(name), auth.Deploy) {
+		return errdefs.New(errdefs.ErrForbidden, "token %s (%s) cannot create app %s: a token creates only the apps it deploys to", id.TokenID, id.Describe(), name)
 	}
 	if err := s.Store.CreateApp(r.Context(), name); err != nil {
 		return err

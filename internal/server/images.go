@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
@@ -34,10 +35,26 @@ func (s *Server) loadImage(w http.ResponseWriter, r *http.Request) error {
 	}
 	// Errors say "the upload": the temporary file's path means nothing to the caller,
 	// who names the file it sent (as the CLI does).
-	digest, refs, err := s.Images.LoadAs(r.Context(), f.Name(), "the upload", extra...)
+	id, _ := auth.From(r.Context())
+	allow := func(repo string) error { return s.ImageRules.MayPush(id, repo) }
+	digest, refs, err := s.Images.LoadAs(r.Context(), f.Name(), "the upload", allow, extra...)
 	if err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.ImageLoadResponse{Digest: digest, Refs: refs})
 	return nil
+}
+
+// mayUseImage checks that the caller may run ref: an image of another registry, or one
+// of kiln's registry the caller's token may pull.
+func (s *Server) mayUseImage(r *http.Request, ref string) error {
+	if s.Images == nil {
+		return nil
+	}
+	repo, local := s.Images.LocalRepo(ref)
+	if !local {
+		return nil
+	}
+	id, _ := auth.From(r.Context())
+	return s.ImageRules.MayPull(id, repo)
 }

@@ -6,19 +6,23 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
 // leaseBody is a lease in Fly's envelope.
-func leaseBody(l store.Lease, m store.Machine) api.LeaseResponse {
-	return api.LeaseResponse{Status: "success", Data: &api.Lease{Nonce: l.Nonce, ExpiresAt: l.ExpiresAt.Unix(),
-		Owner: owner, Description: l.Description, Version: strconv.Itoa(m.Version)}}
+// The nonce is shown to the token that took the lease (and the operator) only: it is
+// what lets a holder change the machine.
+func leaseBody(r *http.Request, l store.Lease, m store.Machine) api.LeaseResponse {
+	nonce := l.Nonce
+	if id, _ := auth.From(r.Context()); !id.Operator() && id.TokenID != l.Owner {
+		nonce = ""
+	}
+	return api.LeaseResponse{Status: "success", Data: &api.Lease{Nonce: nonce, ExpiresAt: l.ExpiresAt.Unix(),
+		Owner: l.Owner, Description: l.Description, Version: strconv.Itoa(m.Version)}}
 }
-
-// owner is who holds every lease: one token can call the API today.
-const owner = "admin"
 
 func (s *Server) getLease(w http.ResponseWriter, r *http.Request) error {
 	m, err := s.machine(r)
@@ -29,7 +33,7 @@ func (s *Server) getLease(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, leaseBody(l, m))
+	writeJSON(w, http.StatusOK, leaseBody(r, l, m))
 	return nil
 }
 
@@ -53,7 +57,7 @@ func (s *Server) takeLease(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusCreated, leaseBody(l, m))
+	writeJSON(w, http.StatusCreated, leaseBody(r, l, m))
 	return nil
 }
 

@@ -192,6 +192,9 @@ func (s *Server) createMachine(w http.ResponseWriter, r *http.Request) error {
 	if _, err := s.Store.ListMachines(r.Context(), app); err != nil {
 		return err
 	}
+	if err := s.mayUseImage(r, req.Config.Image); err != nil {
+		return err
+	}
 	m, nonce, err := s.Node.Create(r.Context(), app, req)
 	if err != nil {
 		return err
@@ -440,6 +443,9 @@ func (s *Server) updateMachine(w http.ResponseWriter, r *http.Request) error {
 	}
 	var req api.CreateMachineRequest
 	if err := decode(r, &req); err != nil {
+		return err
+	}
+	if err := s.mayUseImage(r, req.Config.Image); err != nil {
 		return err
 	}
 	updated, err := s.Node.Update(r.Context(), m.ID, req)

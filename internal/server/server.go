@@ -31,8 +31,12 @@ type Server struct {
 	Store  store.Store
 	Node   *machines.Service
 	Images interface {
-		// LoadAs loads the tarball at path; errors call it name.
-		LoadAs(ctx context.Context, path, name string, extra ...string) (string, []string, error)
+		// LoadAs loads the tarball at path, if allow lets every repository it names;
+		// errors call it name.
+		LoadAs(ctx context.Context, path, name string, allow func(repo string) error, extra ...string) (string, []string, error)
+		// LocalRepo says whether ref names an image of the built-in registry, and its
+		// repository.
+		LocalRepo(ref string) (string, bool)
 	}
 	// Cluster, when set, knows the hosts sharing the database (a single host included):
 	// calls about a machine or build another host runs go to that host, GET /v1/hosts
@@ -137,6 +141,11 @@ func (s *Server) Routes() []Route {
 		{"POST", "/v1/hosts/{host}/drain", operator, s.drainHost},
 		{"POST", "/v1/projects/{project}/cache/prune", projectDeploy, s.pruneBuildCache},
 		{"DELETE", "/v1/projects/{project}/builder", projectDeploy, s.removeBuilder},
+		{"POST", "/v1/tokens", operator, s.createToken},
+		{"GET", "/v1/tokens", operator, s.listTokens},
+		{"GET", "/v1/tokens/current", anyone, s.currentToken},
+		{"DELETE", "/v1/tokens/{token}", operator, s.revokeToken},
+		{"GET", "/v1/audit", anyone, s.listAudit},
 	}
 }
 

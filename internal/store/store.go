@@ -42,6 +42,8 @@ type Lease struct {
 	Nonce       string    `json:"nonce"`
 	ExpiresAt   time.Time `json:"expires_at"`
 	Description string    `json:"description,omitempty"`
+	// Owner is the ID of the token that took it.
+	Owner string `json:"owner,omitempty"`
 }
 
 // Volume is a named persistent disk of an app.

@@ -553,7 +553,7 @@ func (s *DB) SetCordoned(ctx context.Context, id string, cordoned bool) error {
 func (s *DB) Lease(ctx context.Context, id string) (store.Lease, error) {
 	var l store.Lease
 	var exp sql.NullTime
-	err := s.db.QueryRowContext(ctx, s.q(`SELECT lease_nonce, lease_expires, lease_description FROM machines WHERE id = ?`), id).Scan(&l.Nonce, &exp, &l.Description)
+	err := s.db.QueryRowContext(ctx, s.q(`SELECT lease_nonce, lease_expires, lease_description, lease_owner FROM machines WHERE id = ?`), id).Scan(&l.Nonce, &exp, &l.Description, &l.Owner)
 	if errors.Is(err, sql.ErrNoRows) {
 		return l, errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 	}
@@ -573,9 +573,9 @@ func (s *DB) SetLease(ctx context.Context, id, holder string, l store.Lease) err
 	if !l.ExpiresAt.IsZero() {
 		exp = l.ExpiresAt.UTC()
 	}
-	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET lease_nonce = ?, lease_expires = ?, lease_description = ?
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET lease_nonce = ?, lease_expires = ?, lease_description = ?, lease_owner = ?
 		WHERE id = ? AND (lease_nonce = '' OR lease_expires IS NULL OR lease_expires < ? OR lease_nonce = ?)`),
-		l.Nonce, exp, l.Description, id, now, holder)
+		l.Nonce, exp, l.Description, l.Owner, id, now, holder)
 	if err != nil {
 		return err
 	}

@@ -23,9 +23,12 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_app_at ON audit (app, at);
 CREATE INDEX audit_at ON audit (at);
+-- A lease records the token that took it.
+ALTER TABLE machines ADD COLUMN lease_owner TEXT NOT NULL DEFAULT '';
 -- Hosts used to share the admin token through this table in clear.
 DELETE FROM settings WHERE key = 'admin_token';
 
 -- +goose Down
 DROP TABLE audit;
 DROP TABLE tokens;
+ALTER TABLE machines DROP COLUMN lease_owner;
