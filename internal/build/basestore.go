@@ -130,7 +130,7 @@ func OwnOrShared(project, ref string) error {
 func OwnNamespace(project, ref string) error {
 	repo, ok := strings.CutPrefix(ref, "localhost/")
 	if ns, _, _ := strings.Cut(repo, "/"); !ok || ns != project || !strings.Contains(repo, "/") {
-		return errdefs.Invalid("tag %s is outside project %s: a build tags images under localhost/%s/ (like localhost/%s/web:v2)", ref, project, project, project)
+		return errdefs.Invalid("a build of %s tags images under localhost/%s/ (like localhost/%s/web:v2)", project, project, project)
 	}
 	return nil
 }

@@ -167,7 +167,7 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 			return api.Build{}, errdefs.Invalid("tag %q is not a valid image reference: use NAME[:TAG], like localhost/%s/web:v2", t, project)
 		}
 		if err := mayTag(project, t); err != nil {
-			return api.Build{}, err
+			return api.Build{}, errdefs.Wrap(errdefs.ErrInvalid, err, "tag %s is outside project %s", t, project)
 		}
 	}
 	for k := range spec.BuildArgs {
