@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/kilnhq/kiln/internal/assets"
+	"github.com/kilnhq/kiln/internal/auditlog"
 	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
@@ -29,6 +30,7 @@ import (
 	"github.com/kilnhq/kiln/internal/proxy"
 	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/server"
+	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmrun"
@@ -127,11 +129,12 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}
 
 	rules := registry.Rules{Shared: o.SharedImages}
+	audit := &auditlog.Limited{Audit: db}
 	images := image.Registries{Local: ln.Addr().String(), Token: tok}
 	if shared {
 		images.Peers = hosts.PeerRegistries
 	}
-	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), registry.Access{Auth: checker, Rules: rules, Audit: db, Log: logf})
+	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), registry.Access{Auth: checker, Rules: rules, Audit: audit, Log: logf})
 	rootfs := RootfsCache(dataDir, o.ImageMaxBytes)
 	if err := rootfs.RemoveStale(); err != nil {
 		return fmt.Errorf("cleaning interrupted image conversions: %w", err)
@@ -170,7 +173,10 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}
 	registerLimits(limits.Default, o, here, builds)
 
-	apiSrv := &server.Server{Cluster: hosts, Store: db, Node: mgr, Images: images, Registry: reg, Auth: checker, Access: db, ImageRules: rules, Log: log, Builds: builds,
+	apiSrv := &server.Server{Cluster: hosts, Store: db, Node: mgr, Images: images, Registry: reg, Auth: checker, Access: struct {
+		store.Tokens
+		store.Audit
+	}{db, audit}, ImageRules: rules, Log: log, Builds: builds,
 		Capacity: ledger, Limits: limits.Default}
 	apiSrv.Recovering.Store(true)
 	srv, apiLn := connlimit.NewServer(ln, apiSrv.Handler(), httpLim.Pending(o.APIMaxUnauth, "the API (--api-max-unauthenticated-conns)"))

@@ -94,16 +94,20 @@ type Access struct {
 	Log   func(format string, args ...any)
 }
 
-// repoOf reads the repository a /v2/ path names, and whether the call writes it.
-// "/v2/" and "/v2/_catalog" name none.
+// repoOf reads the repository a /v2/ path names. The route's own separator is the last
+// one in the path (a reference, digest, upload ID or "list" has no slash), so a
+// repository whose name holds "manifests" or "tags" is read whole, as the registry's
+// router reads it. "/v2/" and "/v2/_catalog" name none.
 func repoOf(r *http.Request) (repo string, ok bool) {
 	p := strings.TrimPrefix(r.URL.Path, "/v2/")
+	end := -1
 	for _, sep := range []string{"/manifests/", "/blobs/", "/tags/", "/referrers/"} {
-		if i := strings.LastIndex(p, sep); i > 0 {
-			return p[:i], true
-		}
+		end = max(end, strings.LastIndex(p, sep))
 	}
-	return "", false
+	if end <= 0 {
+		return "", false
+	}
+	return p[:end], true
 }
 
 // check decides a registry call; a nil error lets it through.

@@ -89,6 +89,18 @@ func TestRegistryNamespaces(t *testing.T) {
 	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusNotFound {
 		t.Errorf("mounting pb's blob into pa: %v %v, want 404", resp.StatusCode, err)
 	}
+	// A repository named so that its path holds another route's word is read whole: pb's
+	// repository pb/manifests/x is pb's, not the shared "pb".
+	if ref, _ := name.ParseReference(host+"/pb/manifests/x:1", name.Insecure); remote.Write(ref, img, remote.WithAuth(&authn.Basic{Username: "kiln", Password: op})) != nil {
+		t.Fatal("the operator pushing pb/manifests/x:1")
+	}
+	for _, path := range []string{"/v2/pb/manifests/x/tags/list", "/v2/pb/manifests/x/manifests/1"} {
+		req, _ := http.NewRequest("GET", srv.URL+path, nil)
+		req.SetBasicAuth("kiln", pa)
+		if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusNotFound {
+			t.Errorf("GET %s with pa's token: %v %v, want 404", path, resp.StatusCode, err)
+		}
+	}
 	// Listing every repository is the operator's.
 	req, _ = http.NewRequest("GET", srv.URL+"/v2/_catalog", nil)
 	req.SetBasicAuth("kiln", pa)

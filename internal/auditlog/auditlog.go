@@ -1,0 +1,67 @@
+// Package auditlog bounds what callers without a token can write to the audit log.
+// Every call with a token is recorded; calls without one (anyone can send them, as
+// fast as the network allows) are recorded up to a rate, and those past it are counted
+// in one entry per second instead, so that the log cannot be used to fill the disk.
+package auditlog
+
+import (
+	"context"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/store"
+)
+
+// DefaultAnonymousPerSecond is how many refusals of callers without a valid token are
+// recorded one by one each second.
+const DefaultAnonymousPerSecond = 20
+
+// Limited is a store.Audit that bounds anonymous entries.
+type Limited struct {
+	store.Audit
+	PerSecond int
+
+	mu      sync.Mutex
+	window  time.Time // the second being counted
+	n       int       // anonymous entries in it
+	dropped int       // of those, not recorded
+	source  string    // the last dropped one's source
+}
+
+// AddAudit records e, unless it is anonymous and past the second's budget.
+func (l *Limited) AddAudit(ctx context.Context, e store.AuditEntry) error {
+	if e.TokenID != "" {
+		return l.Audit.AddAudit(ctx, e)
+	}
+	per := l.PerSecond
+	if per <= 0 {
+		per = DefaultAnonymousPerSecond
+	}
+	sec := e.At.Truncate(time.Second)
+	l.mu.Lock()
+	var summary *store.AuditEntry
+	if !sec.Equal(l.window) {
+		if l.dropped > 0 {
+			summary = &store.AuditEntry{At: l.window.Add(time.Second - time.Nanosecond), Action: "unauthenticated calls past " + strconv.Itoa(per) + "/s, not recorded one by one",
+				Target: strconv.Itoa(l.dropped), Result: 401, Source: l.source}
+		}
+		l.window, l.n, l.dropped = sec, 0, 0
+	}
+	l.n++
+	record := l.n <= per
+	if !record {
+		l.dropped++
+		l.source = e.Source
+	}
+	l.mu.Unlock()
+	if summary != nil {
+		if err := l.Audit.AddAudit(ctx, *summary); err != nil {
+			return err
+		}
+	}
+	if !record {
+		return nil
+	}
+	return l.Audit.AddAudit(ctx, e)
+}

@@ -1,0 +1,46 @@
+package auditlog_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/kilnhq/kiln/internal/auditlog"
+	"github.com/kilnhq/kiln/internal/store"
+)
+
+type mem struct{ es []store.AuditEntry }
+
+func (m *mem) AddAudit(_ context.Context, e store.AuditEntry) error { m.es = append(m.es, e); return nil }
+func (m *mem) ListAudit(context.Context, store.AuditFilter) ([]store.AuditEntry, error) {
+	return m.es, nil
+}
+
+// A flood of calls without a token costs PerSecond entries a second plus one that
+// counts the rest; calls with a token are all recorded.
+func TestAnonymousFloodIsBounded(t *testing.T) {
+	m := &mem{}
+	l := &auditlog.Limited{Audit: m, PerSecond: 5}
+	ctx := context.Background()
+	t0 := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	for i := range 1000 {
+		l.AddAudit(ctx, store.AuditEntry{At: t0.Add(time.Duration(i) * time.Millisecond), Result: 401, Source: "10.0.0.9"})
+		l.AddAudit(ctx, store.AuditEntry{At: t0.Add(time.Duration(i) * time.Millisecond), TokenID: "tok_a", Result: 404})
+	}
+	l.AddAudit(ctx, store.AuditEntry{At: t0.Add(time.Second), Result: 401}) // the next second
+	anon, tok := 0, 0
+	var summary store.AuditEntry
+	for _, e := range m.es {
+		switch {
+		case e.TokenID != "":
+			tok++
+		case e.Target != "":
+			summary = e
+		default:
+			anon++
+		}
+	}
+	if tok != 1000 || anon != 6 || summary.Target != "995" || summary.Source != "10.0.0.9" {
+		t.Errorf("%d token entries, %d anonymous, summary %+v; want 1000, 5+1, 995 dropped", tok, anon, summary)
+	}
+}
