@@ -11,7 +11,10 @@ import (
 
 type mem struct{ es []store.AuditEntry }
 
-func (m *mem) AddAudit(_ context.Context, e store.AuditEntry) error { m.es = append(m.es, e); return nil }
+func (m *mem) AddAudit(_ context.Context, e store.AuditEntry) error {
+	m.es = append(m.es, e)
+	return nil
+}
 func (m *mem) ListAudit(context.Context, store.AuditFilter) ([]store.AuditEntry, error) {
 	return m.es, nil
 }

@@ -258,4 +258,3 @@ func TestAuditRecordsChangesAndRefusals(t *testing.T) {
 		}
 	}
 }
-
