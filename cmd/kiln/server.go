@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/kilnhq/kiln/internal/auditlog"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/connlimit"
 	"github.com/kilnhq/kiln/internal/daemon"
@@ -87,6 +88,8 @@ when the server stops or dies; the next start adopts them.`,
 	f.StringVar(&o.DB, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). One host per database for now")
 	f.StringVar(&o.HostName, "host-name", "", "this host's name among the hosts sharing a database (default: the system's host name)")
 	f.StringVar(&o.Advertise, "advertise", "", "the URL other hosts reach this host's API at (default http://LISTEN)")
+	f.StringVar(&o.PeerListen, "peer-listen", os.Getenv("KILN_PEER_LISTEN"), "with PostgreSQL: where the cluster's other hosts call this one over mutual TLS (forwarded calls, image pulls), reached at --advertise's host; default the --listen host on a free port, registered in the database (give one to open in a firewall, like :4281; env KILN_PEER_LISTEN)")
+	f.StringVar(&o.ClusterSecretFile, "cluster-secret-file", os.Getenv("KILN_CLUSTER_SECRET_FILE"), "with PostgreSQL: the file holding the cluster's secret, a copy of DATA_DIR/cluster-secret from the host that made the cluster (default DATA_DIR/cluster-secret; env KILN_CLUSTER_SECRET_FILE)")
 	f.BoolVar(&o.Network, "network", true, "give machines a private network per app (bridges, TAP devices, nftables; needs root)")
 	f.StringVar(&o.Pool, "network-pool", network.DefaultPool.String(), "IPv4 prefix that apps' /24 networks come from")
 	f.StringVar(&o.Egress, "egress", "masquerade", "machines' outbound traffic: masquerade (the host's address), an IP address to translate to, or none")
@@ -110,6 +113,7 @@ when the server stops or dies; the next start adopts them.`,
 	f.IntVar(&o.ReserveMemory, "reserve-memory", 1024, "host memory kept for the host itself, MiB")
 	f.StringVar(&sizes.imageMax, "image-max-size", "10G", "largest image accepted, uncompressed: converting a larger one (or a gzip bomb) stops at this size")
 	f.StringSliceVar(&o.SharedImages, "registry-shared", []string{"library"}, "registry namespaces every token may pull from (localhost/NS/...); only the operator's token pushes there. Images named with no namespace (localhost/NAME:TAG) are shared too")
+	f.DurationVar(&o.AuditRetention, "audit-retention", auditlog.DefaultRetention, "how long the audit log keeps an entry; 0 keeps every entry")
 	f.StringVar(&o.VMUIDs, "vm-uids", vmrun.DefaultUIDs.String(), "host user IDs VMMs run as, FIRST-LAST, one per VM; no account may use them (data dirs on one host may share them: each uid is claimed host-wide)")
 	f.DurationVar(&o.CapacityWait, "capacity-wait", time.Minute, "how long a machine or builder start waits in the capacity queue; 0 fails at once")
 	f.DurationVar(&o.HeaderTimeout, "header-timeout", connlimit.DefaultHTTP.HeaderTimeout, "how long a client of the API or of the proxy's HTTP ports has to send a request's headers")

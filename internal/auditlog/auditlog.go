@@ -13,6 +13,28 @@ import (
 	"github.com/kilnhq/kiln/internal/store"
 )
 
+// DefaultRetention is how long entries are kept unless the operator says otherwise.
+const DefaultRetention = 90 * 24 * time.Hour
+
+// Prune deletes entries older than keep every hour until ctx ends; keep 0 keeps all.
+func Prune(ctx context.Context, a store.Audit, keep time.Duration, logf func(string, ...any)) {
+	if keep <= 0 {
+		return
+	}
+	for {
+		if n, err := a.PruneAudit(ctx, time.Now().Add(-keep)); err != nil && ctx.Err() == nil {
+			logf("audit: pruning entries older than %s: %v", keep, err)
+		} else if n > 0 {
+			logf("audit: deleted %d entries older than %s (--audit-retention)", n, keep)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Hour):
+		}
+	}
+}
+
 // DefaultAnonymousPerSecond is how many refusals of callers without a valid token are
 // recorded one by one each second.
 const DefaultAnonymousPerSecond = 20

@@ -15,6 +15,7 @@ func (m *mem) AddAudit(_ context.Context, e store.AuditEntry) error {
 	m.es = append(m.es, e)
 	return nil
 }
+func (m *mem) PruneAudit(context.Context, time.Time) (int64, error) { return 0, nil }
 func (m *mem) ListAudit(context.Context, store.AuditFilter) ([]store.AuditEntry, error) {
 	return m.es, nil
 }

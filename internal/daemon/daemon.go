@@ -70,7 +70,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 		return err
 	}
 	stack.push(func() { db.Close() })
-	key, err := localTokenKey(dataDir)
+	key, cred, err := tokenKey(ctx, o, db, shared, logf)
 	if err != nil {
 		return err
 	}
@@ -102,6 +102,13 @@ func Run(ctx context.Context, o Options, h Host) error {
 	if advertise == "" {
 		advertise = "http://" + ln.Addr().String()
 	}
+	peers, err := listenPeers(o, cred, here.Name, ln.Addr(), advertise)
+	if err != nil {
+		return err
+	}
+	if peers != nil {
+		stack.push(func() { peers.ln.Close() })
+	}
 	ledger := capacity.NewLedger(here)
 
 	var nets *network.Manager
@@ -114,7 +121,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	// The host registry carries cordons on a single host too; with PostgreSQL, hosts
 	// share it: new machines go where they fit best, each host runs those placed on it,
 	// and calls about another host's machine go there.
-	ccfg := cluster.Config{Store: db, Here: here, APIURL: advertise, Shared: shared, Ledger: ledger, Log: log}
+	ccfg := cluster.Config{Store: db, Here: here, APIURL: advertise, PeerURL: peers.URL(), Shared: shared, Ledger: ledger, Log: log}
 	if nets != nil {
 		ccfg.Net = nets
 	}
@@ -132,7 +139,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	audit := &auditlog.Limited{Audit: db}
 	images := image.Registries{Local: ln.Addr().String(), Token: tok}
 	if shared {
-		images.Peers = hosts.PeerRegistries
+		images.Peers, images.PeerTransport = hosts.PeerRegistries, peers.Transport()
 	}
 	reg := registry.Handler(ctx, filepath.Join(dataDir, "registry"), registry.Access{Auth: checker, Rules: rules, Audit: audit, Log: logf})
 	rootfs := RootfsCache(dataDir, o.ImageMaxBytes)
@@ -173,7 +180,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}
 	registerLimits(limits.Default, o, here, builds)
 
-	apiSrv := &server.Server{Cluster: hosts, Store: db, Node: mgr, Images: images, Registry: reg, Auth: checker, Access: struct {
+	apiSrv := &server.Server{Cluster: hosts, Peers: peers.Transport(), Store: db, Node: mgr, Images: images, Registry: reg, Auth: checker, Access: struct {
 		store.Tokens
 		store.Audit
 	}{db, audit}, ImageRules: rules, Log: log, Builds: builds,
@@ -187,6 +194,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 		defer cancel()
 		srv.Shutdown(sctx)
 	})
+	peers.serve(ctx, apiSrv.Handler(), httpLim.Pending(o.APIMaxUnauth, "the peer listener (--api-max-unauthenticated-conns)"), &stack, logf)
 	// Recovery may need images from the registry, so it runs once the server serves;
 	// the API answers 503 until it is done.
 	if err := mgr.Recover(ctx); err != nil {
@@ -201,6 +209,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}
 	late := background(ctx, &stack)
 	late.run(mgr.SweepSnapshots) // volume snapshots: retention and daily backups
+	late.run(func(ctx context.Context) { auditlog.Prune(ctx, db, o.AuditRetention, logf) })
 	if shared {
 		late.run(func(ctx context.Context) { hosts.ClaimEvery(ctx, mgr) })
 	}

@@ -33,6 +33,12 @@ type Options struct {
 	// wired into the server yet).
 	VMM string
 
+	// PeerListen is where other hosts sharing PostgreSQL call this one (mutual TLS);
+	// "" is the API's host on a free port. ClusterSecretFile holds the cluster's
+	// secret; "" is DATA_DIR/cluster-secret.
+	PeerListen        string
+	ClusterSecretFile string
+
 	BuildCacheBytes int64
 	BuildMaxContext int64
 	BuilderCPUs     int
@@ -63,6 +69,8 @@ type Options struct {
 	// SharedImages lists the registry namespaces every token may pull from
 	// (localhost/NS/...); only the operator pushes there.
 	SharedImages []string
+	// AuditRetention is how long audit entries are kept; 0 keeps them all.
+	AuditRetention time.Duration
 
 	// Source says where a flag's value came from, for the limits' registry ("flag
 	// --x", "config file (x)", "default (flag --x)"); nil says default for all.

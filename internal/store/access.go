@@ -58,4 +58,7 @@ type Audit interface {
 	AddAudit(ctx context.Context, e AuditEntry) error
 	// ListAudit lists entries oldest first.
 	ListAudit(ctx context.Context, f AuditFilter) ([]AuditEntry, error)
+	// PruneAudit deletes the entries older than before (the operator's retention), and
+	// says how many.
+	PruneAudit(ctx context.Context, before time.Time) (int64, error)
 }

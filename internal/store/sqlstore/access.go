@@ -88,6 +88,15 @@ func (s *DB) AddAudit(ctx context.Context, e store.AuditEntry) error {
 	return err
 }
 
+// PruneAudit deletes entries older than before.
+func (s *DB) PruneAudit(ctx context.Context, before time.Time) (int64, error) {
+	res, err := s.db.ExecContext(ctx, s.q(`DELETE FROM audit WHERE at < ?`), before.UTC())
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
 // maxAuditRows bounds one read of the audit log.
 const maxAuditRows = 10000
 
