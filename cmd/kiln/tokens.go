@@ -96,6 +96,9 @@ func tokensCmd(g *globals, af *apiFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if t.ID == auth.OperatorID {
+				return errdefs.Invalid("this is the operator's token, whose narrowed copies could not be revoked: make a token with `kiln tokens create --app ... --role ...` instead")
+			}
 			fmt.Println(t.Attenuate(caveats...))
 			return nil
 		}}

@@ -92,8 +92,11 @@ func (c *Checker) Check(ctx context.Context, token string) (Identity, error) {
 		return Identity{}, errdefs.Wrap(ErrUnauthenticated, err, "token refused")
 	}
 	if t.ID == OperatorID {
-		// The operator's token, or one narrowed from it: it has no record to revoke and
-		// stays usable as long as the key does.
+		if len(t.Caveats) > 0 {
+			// A narrowed copy would have no record of its own to revoke: it would stay
+			// good until the key is replaced. Narrow tokens that can be revoked.
+			return Identity{}, errdefs.New(ErrUnauthenticated, "the operator's token cannot be narrowed: make a token with `kiln tokens create`, which can be revoked, and narrow that")
+		}
 		return id, nil
 	}
 	rec, err := c.record(ctx, t.ID)

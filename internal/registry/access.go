@@ -139,10 +139,17 @@ func (a Access) check(r *http.Request) (auth.Identity, error) {
 	if r.Method == http.MethodGet || r.Method == http.MethodHead {
 		return id, a.MayPull(id, repo)
 	}
-	if from := r.URL.Query().Get("from"); from != "" {
-		// A cross-repository mount reads the other repository.
-		if err := a.MayPull(id, from); err != nil {
-			return id, err
+	// A cross-repository mount reads the other repository. The registry reads "from"
+	// as a form value, from the query or a form body: check every one given.
+	if r.Method == http.MethodPost {
+		r.Body = http.MaxBytesReader(nil, r.Body, 64<<10)
+		if err := r.ParseForm(); err != nil {
+			return id, errdefs.Wrap(errdefs.ErrInvalid, err, "reading the request's form")
+		}
+		for _, from := range r.Form["from"] {
+			if err := a.MayPull(id, from); err != nil {
+				return id, err
+			}
 		}
 	}
 	return id, a.MayPush(id, repo)
@@ -150,7 +157,8 @@ func (a Access) check(r *http.Request) (auth.Identity, error) {
 
 // audit records a registry call that wrote a manifest, deleted, or was refused.
 func (a Access) audit(r *http.Request, id auth.Identity, status int, refused bool) {
-	writes := (r.Method == http.MethodPut || r.Method == http.MethodDelete) && strings.Contains(r.URL.Path, "/manifests/")
+	// Manifests written or deleted, blobs completed or deleted (not upload chunks).
+	writes := r.Method == http.MethodPut || r.Method == http.MethodDelete
 	if a.Audit == nil || !refused && !writes {
 		return
 	}
@@ -161,10 +169,7 @@ func (a Access) audit(r *http.Request, id auth.Identity, status int, refused boo
 	repo, _ := repoOf(r)
 	e := store.AuditEntry{At: time.Now(), TokenID: id.TokenID, App: namespace(repo), Action: r.Method + " /v2/{repo}" + strings.TrimPrefix(r.URL.Path, "/v2/"+repo),
 		Target: repo, Result: status, Source: src}
-	if len(e.Action) > 200 {
-		e.Action = e.Action[:200]
-	}
-	if err := a.Audit.AddAudit(context.WithoutCancel(r.Context()), e); err != nil && a.Log != nil {
+	if err := a.Audit.AddAudit(context.WithoutCancel(r.Context()), e.Clipped()); err != nil && a.Log != nil {
 		a.Log("audit: could not record %s %s: %v", e.Action, repo, err)
 	}
 }

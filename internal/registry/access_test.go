@@ -27,9 +27,7 @@ func TestRegistryNamespaces(t *testing.T) {
 	srv := httptest.NewServer(registry.Handler(ctx, t.TempDir(), registry.Access{Auth: chk, Rules: registry.Rules{Shared: []string{"library"}}}))
 	defer srv.Close()
 	host := strings.TrimPrefix(srv.URL, "http://")
-	opTok, _ := auth.Parse(op)
-	// Narrowed from the operator's token, so no record is needed.
-	pa := opTok.Attenuate(auth.RoleCaveat(auth.Deploy), auth.ScopeCaveat(auth.Project("pa")))
+	pa := authtest.Issue(chk, "tok_pa", auth.RoleCaveat(auth.Deploy), auth.ScopeCaveat(auth.Project("pa")))
 	img, err := random.Image(512, 1)
 	if err != nil {
 		t.Fatal(err)

@@ -144,7 +144,10 @@ func (s *Server) audit(r *http.Request, route Route, rec *recorder) {
 	if status == 0 {
 		status = http.StatusOK
 	}
-	refused := rec.refused || status == http.StatusUnauthorized || status == http.StatusForbidden
+	// A 404 about a named thing is a refusal too: it is also what a probe for another
+	// tenant's machine or build gets.
+	refused := rec.refused || status == http.StatusUnauthorized || status == http.StatusForbidden ||
+		status == http.StatusNotFound && r.PathValue("id") != ""
 	if !refused && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
 		return
 	}
@@ -164,7 +167,7 @@ func (s *Server) audit(r *http.Request, route Route, rec *recorder) {
 	}
 	e := store.AuditEntry{At: time.Now(), TokenID: rec.id.TokenID, App: r.PathValue("app"), Action: route.Method + " " + route.Path,
 		Target: target, Result: status, Source: src}
-	if err := s.Access.AddAudit(context.WithoutCancel(r.Context()), e); err != nil {
+	if err := s.Access.AddAudit(context.WithoutCancel(r.Context()), e.Clipped()); err != nil {
 		// The call is done; what is lost is its record, which the server's log keeps.
 		s.logf("audit: could not record %s %s by %s: %v", e.Action, e.Target, e.TokenID, err)
 	}

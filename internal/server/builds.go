@@ -90,7 +90,9 @@ func (s *Server) projectBuild(r *http.Request) (*build.Service, api.Build, error
 		return nil, b, err
 	}
 	if b.Project != r.PathValue("project") {
-		return nil, b, errdefs.New(errdefs.ErrNotFound, "build %s is not in project %s", b.ID, r.PathValue("project"))
+		// Worded as the store words an unknown ID: another project's build cannot be
+		// told from none.
+		return nil, api.Build{}, errdefs.New(errdefs.ErrNotFound, "build %s does not exist", r.PathValue("id"))
 	}
 	return svc, b, nil
 }

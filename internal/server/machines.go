@@ -171,7 +171,9 @@ func (s *Server) machine(r *http.Request) (store.Machine, error) {
 		return m, err
 	}
 	if m.App != r.PathValue("app") {
-		return m, errdefs.New(errdefs.ErrNotFound, "machine %s is not in app %s", m.ID, r.PathValue("app"))
+		// Worded as the store words an unknown ID, so that another app's machine
+		// cannot be told from none.
+		return store.Machine{}, errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", r.PathValue("id"))
 	}
 	// While a lease holds, only its holder changes the machine (taking the lease itself
 	// is checked by the store).

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"strings"
 	"time"
 )
 
@@ -42,6 +43,21 @@ type AuditEntry struct {
 	// Result is the HTTP status answered.
 	Result int    `json:"result"`
 	Source string `json:"source"`
+}
+
+// maxAuditField bounds each text field of an audit entry: they come from request paths,
+// which a caller makes as long as the header limit allows.
+const maxAuditField = 256
+
+// Clipped returns e with every text field at most maxAuditField bytes, a cut one
+// ending in "…". Whatever writes an entry from a request clips it.
+func (e AuditEntry) Clipped() AuditEntry {
+	for _, f := range []*string{&e.TokenID, &e.App, &e.Action, &e.Target, &e.Source} {
+		if len(*f) > maxAuditField {
+			*f = strings.ToValidUTF8((*f)[:maxAuditField-3], "") + "…"
+		}
+	}
+	return e
 }
 
 // AuditFilter selects audit entries.
