@@ -19,21 +19,24 @@ import (
 	"github.com/kilnhq/kiln/internal/testutil"
 )
 
-// Two hosts share one real PostgreSQL: they share the admin token; a new machine goes
-// to a host with room that is not cordoned, and pulls its image from the host that has
-// it; the API answers on either host (calls about the other's machine are forwarded);
-// host ls shows both, and a killed host as down, with its machine neither answered for
-// nor started elsewhere.
+// Two hosts share one real PostgreSQL: the second joins with the cluster secret the
+// first made, and they share the admin token; a new machine goes to a host with room
+// that is not cordoned, and pulls its image from the host that has it (over their
+// mutual TLS link); the API answers on either host (calls about the other's machine
+// are forwarded, carrying the caller's identity, not its token); no token or secret is
+// in the database in clear, and a host without the secret does not start (see
+// checkHostLinks); host ls shows both, and a killed host as down, with its machine
+// neither answered for nor started elsewhere.
 func TestTwoHostsOnePostgres(t *testing.T) {
 	dsn := testutil.Postgres(t)
-	start := func(name string) (*env, *kilnServer) {
+	start := func(name string, extra ...string) (*env, *kilnServer) {
 		e := newEnv(t)
-		srv := startServer(t, e, freeAddr(t), "--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false")
+		srv := startServer(t, e, freeAddr(t), append([]string{"--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false"}, extra...)...)
 		return e, srv
 	}
-	ea, a := start("host-a")
+	ea, a := start("host-a") // it makes the cluster
 	defer stopOnFailure(&a)
-	eb, b := start("host-b")
+	eb, b := start("host-b", secretOf(ea)...)
 	defer stopOnFailure(&b)
 	ta, tb := readToken(t, filepath.Join(ea.dataDir, "admin-token")), readToken(t, filepath.Join(eb.dataDir, "admin-token"))
 	if ta != tb {
@@ -72,6 +75,7 @@ func TestTwoHostsOnePostgres(t *testing.T) {
 	if st, err := sess.Run(ctx, strings.NewReader("through b\n"), &streamed, io.Discard); err != nil || st.ExitCode != 4 || streamed.String() != "through b\n" {
 		t.Fatalf("streaming exec through host-b: %+v %q %v", st, streamed.String(), err)
 	}
+	checkHostLinks(t, dsn, ea, a, b, "web", m.ID)
 	out, _, _ := b.kiln("", "host", "ls")
 	if !strings.Contains(out, "host-a") || !strings.Contains(out, "host-b") || strings.Count(out, " up ") != 2 {
 		t.Fatalf("host ls:\n%s", out)
@@ -136,8 +140,11 @@ func TestBuildMovesWhenItsHostDies(t *testing.T) {
 	envs := map[string]*env{}
 	for _, name := range names {
 		e := newEnv(t)
-		srv := startServer(t, e, freeAddr(t), "--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false",
-			"--build-cache-size", "4G", "--builder-memory", "1024")
+		args := []string{"--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false", "--build-cache-size", "4G", "--builder-memory", "1024"}
+		if name != "host-a" {
+			args = append(args, secretOf(envs["host-a"])...)
+		}
+		srv := startServer(t, e, freeAddr(t), args...)
 		servers[name], envs[name] = srv, e
 	}
 	defer func() {
@@ -291,7 +298,7 @@ func TestPartitionFromPostgres(t *testing.T) {
 	a := startServer(t, ea, freeAddr(t), "--db", viaTCP, "--host-name", "host-a", "--proxy-listen", "off", "--network=false")
 	defer stopOnFailure(&a)
 	eb := newEnv(t)
-	b := startServer(t, eb, freeAddr(t), "--db", dsn, "--host-name", "host-b", "--proxy-listen", "off", "--network=false")
+	b := startServer(t, eb, freeAddr(t), append([]string{"--db", dsn, "--host-name", "host-b", "--proxy-listen", "off", "--network=false"}, secretOf(ea)...)...)
 	defer stopOnFailure(&b)
 	ctx := context.Background()
 	ca := client.New(a.url, readToken(t, filepath.Join(ea.dataDir, "admin-token")))

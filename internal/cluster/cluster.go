@@ -66,8 +66,11 @@ type Config struct {
 	Store Store
 	// Here is this host and what it offers.
 	Here capacity.Host
-	// APIURL is where other hosts reach this host's API (and its registry).
+	// APIURL is where users reach this host's API (and its registry).
 	APIURL string
+	// PeerURL is where other hosts reach the same API over the cluster's mutual TLS:
+	// calls forwarded here, and image pulls from this host's registry.
+	PeerURL string
 	// Shared says other hosts may share the database (PostgreSQL): new machines are
 	// placed across hosts, machines placed here are claimed, and calls about another
 	// host's machine go there. Without it every machine stays on this host.
@@ -136,7 +139,9 @@ func (c *Cluster) Join(ctx context.Context) error {
 	if skew > MaxClockSkew || skew < -MaxClockSkew {
 		return errdefs.Invalid("this host's clock is %s off the database's (more than %s): fix its time (NTP) before it joins", skew.Round(time.Millisecond), MaxClockSkew)
 	}
-	if err := c.cfg.Store.RegisterHost(ctx, record(c.cfg.Here, c.cfg.APIURL, c.cfg.Now())); err != nil {
+	rec := record(c.cfg.Here, c.cfg.APIURL, c.cfg.Now())
+	rec.PeerURL = c.cfg.PeerURL
+	if err := c.cfg.Store.RegisterHost(ctx, rec); err != nil {
 		return fmt.Errorf("registering host %s: %w", c.cfg.Here.Name, err)
 	}
 	return nil
@@ -239,12 +244,17 @@ func (c *Cluster) live(hs []store.Host) []store.Host {
 	return out
 }
 
-// PeerRegistries lists the live hosts' registries (their API address serves /v2/).
+// PeerRegistries lists the other live hosts' registries as their peer listeners serve
+// them (host:port, over the cluster's mutual TLS). A host that registered no peer
+// listener (one not restarted since kiln had them) is left out.
 func (c *Cluster) PeerRegistries(ctx context.Context) []string {
 	hs, _ := c.LiveHosts(ctx)
 	var out []string
 	for _, h := range hs {
-		if u, err := url.Parse(h.APIURL); err == nil && u.Host != "" {
+		if h.Name == c.cfg.Here.Name {
+			continue
+		}
+		if u, err := url.Parse(h.PeerURL); err == nil && u.Host != "" {
 			out = append(out, u.Host)
 		}
 	}

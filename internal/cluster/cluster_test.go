@@ -35,12 +35,14 @@ func testCluster(t *testing.T, shared bool, hosts map[string]time.Duration) (*Cl
 	}
 	t.Cleanup(func() { db.Close() })
 	for name, age := range hosts {
-		if err := db.RegisterHost(ctx, record(offer(name), "http://"+name+":4280", t0.Add(-age))); err != nil {
+		h := record(offer(name), "http://"+name+":4280", t0.Add(-age))
+		h.PeerURL = "https://" + name + ":4281"
+		if err := db.RegisterHost(ctx, h); err != nil {
 			t.Fatal(err)
 		}
 	}
 	db.CreateApp(ctx, "web")
-	c := New(Config{Store: db, Here: offer("here"), APIURL: "http://here:4280", Shared: shared,
+	c := New(Config{Store: db, Here: offer("here"), APIURL: "http://here:4280", PeerURL: "https://here:4281", Shared: shared,
 		Ledger: capacity.NewLedger(offer("here")), Now: func() time.Time { return t0 }})
 	return c, db
 }
@@ -100,7 +102,7 @@ func TestOneLivenessRule(t *testing.T) {
 	if c.IsLive(ctx, "gone") || !c.IsLive(ctx, "late") {
 		t.Fatal("IsLive disagrees with Owner")
 	}
-	if got := c.PeerRegistries(ctx); !slices.Equal(got, []string{"here:4280", "late:4280"}) {
+	if got := c.PeerRegistries(ctx); !slices.Equal(got, []string{"late:4281"}) {
 		t.Fatalf("peer registries %v", got)
 	}
 	states, err := c.States(ctx)
@@ -182,7 +184,7 @@ func TestJoinRegistersWhatTheHostOffers(t *testing.T) {
 	if err != nil || len(hs) != 1 {
 		t.Fatalf("hosts %v (%v)", hs, err)
 	}
-	if Offer(hs[0]) != offer("here") || hs[0].APIURL != "http://here:4280" {
+	if Offer(hs[0]) != offer("here") || hs[0].APIURL != "http://here:4280" || hs[0].PeerURL != "https://here:4281" {
 		t.Fatalf("registered %+v", hs[0])
 	}
 }

@@ -38,8 +38,8 @@ func openNetwork(ctx context.Context, o Options, dataDir, dsn string, log io.Wri
 	return nets, nil
 }
 
-// blockDatabase keeps machines away from the database's host: in a cluster it holds the
-// admin token in clear.
+// blockDatabase keeps machines away from the database's host: it holds every app's
+// state, and a machine has no business there.
 func blockDatabase(ctx context.Context, nets *network.Manager, dsn string, log io.Writer) {
 	if !sqlstore.IsPostgres(dsn) {
 		return // a SQLite file on this host, whose addresses are closed anyway
@@ -70,8 +70,10 @@ func blockPeers(ctx context.Context, hosts *cluster.Cluster, nets *network.Manag
 		if hs, err := hosts.Hosts(ctx); err == nil {
 			var names []string
 			for _, h := range hs {
-				if u, err := url.Parse(h.APIURL); err == nil {
-					names = append(names, u.Hostname())
+				for _, hu := range []string{h.APIURL, h.PeerURL} {
+					if u, err := url.Parse(hu); err == nil && u.Hostname() != "" {
+						names = append(names, u.Hostname())
+					}
 				}
 			}
 			addrs, _ := network.ResolveHosts(ctx, names)

@@ -28,9 +28,15 @@ type Registries struct {
 	Local string
 	// Token authenticates to the built-in registry.
 	Token string
-	// Peers, if set, lists the other hosts' registries (host:port), tried in turn for a
-	// localhost/ image this one lacks. They share the token.
+	// Peers, if set, lists the other hosts' registries (host:port of their peer
+	// listeners), tried in turn for a localhost/ image this one lacks.
 	Peers func(ctx context.Context) []string
+	// PeerTransport carries the pulls from Peers: over the cluster's mutual TLS, this
+	// host's certificate standing for it, and no token.
+	PeerTransport http.RoundTripper
+
+	// transport, if set, reaches Local in place of the token: Local is then a peer.
+	transport http.RoundTripper
 }
 
 // NormalizeRef parses a reference; "app:1" means Docker Hub's library/app:1, as with
@@ -74,6 +80,9 @@ func (r Registries) where(ctx context.Context, ref string) (name.Reference, []re
 		if err != nil {
 			return nil, nil, err
 		}
+		if r.transport != nil {
+			return lr, []remote.Option{remote.WithContext(ctx), remote.WithTransport(r.transport)}, nil
+		}
 		return lr, []remote.Option{remote.WithContext(ctx), remote.WithAuth(&authn.Basic{Username: "kiln", Password: r.Token})}, nil
 	}
 	return parsed, []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain)}, nil
@@ -93,10 +102,7 @@ func (r Registries) Resolve(ctx context.Context, ref string) (v1.Image, error) {
 		return img, err
 	}
 	for _, peer := range r.Peers(ctx) {
-		if peer == r.Local {
-			continue
-		}
-		if pimg, perr := (Registries{Local: peer, Token: r.Token}).resolve(ctx, ref); perr == nil {
+		if pimg, perr := (Registries{Local: peer, transport: r.PeerTransport}).resolve(ctx, ref); perr == nil {
 			return pimg, nil
 		}
 	}

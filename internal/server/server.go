@@ -42,6 +42,9 @@ type Server struct {
 	// calls about a machine or build another host runs go to that host, GET /v1/hosts
 	// lists them all, and it cordons and drains hosts.
 	Cluster *cluster.Cluster
+	// Peers carries calls forwarded to other hosts: over the cluster's mutual TLS
+	// (clusterauth.Link.Transport), to their peer listeners.
+	Peers http.RoundTripper
 	// Capacity is this server's capacity ledger, shown by GET /v1/hosts.
 	Capacity *capacity.Ledger
 	// Limits lists every limit the server enforces, for GET /v1/limits.

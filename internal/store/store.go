@@ -219,6 +219,9 @@ type Host struct {
 	ReserveMemoryMiB int       `json:"reserve_memory_mib"`
 	Cordoned         bool      `json:"cordoned"`
 	HeartbeatAt      time.Time `json:"heartbeat_at"`
+	// PeerURL is the host's peer listener (https, mutual TLS with the cluster's CA):
+	// other hosts forward calls and pull images there.
+	PeerURL string `json:"peer_url,omitempty"`
 }
 
 // Hosts persists the hosts of a cluster and its shared settings.

@@ -838,16 +838,16 @@ func onHost(h string) string {
 
 var _ store.Hosts = (*DB)(nil)
 
-const hostCols = `name, api_url, cpus, memory_mib, cpu_ratio, memory_ratio, reserve_cpus, reserve_memory_mib, cordoned, heartbeat_at`
+const hostCols = `name, api_url, peer_url, cpus, memory_mib, cpu_ratio, memory_ratio, reserve_cpus, reserve_memory_mib, cordoned, heartbeat_at`
 
 // RegisterHost records a host joining (or rejoining) with what it offers; its cordon
 // stays as it was.
 func (s *DB) RegisterHost(ctx context.Context, h store.Host) error {
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO hosts (`+hostCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-		ON CONFLICT (name) DO UPDATE SET api_url = excluded.api_url, cpus = excluded.cpus, memory_mib = excluded.memory_mib,
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO hosts (`+hostCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT (name) DO UPDATE SET api_url = excluded.api_url, peer_url = excluded.peer_url, cpus = excluded.cpus, memory_mib = excluded.memory_mib,
 		cpu_ratio = excluded.cpu_ratio, memory_ratio = excluded.memory_ratio, reserve_cpus = excluded.reserve_cpus,
 		reserve_memory_mib = excluded.reserve_memory_mib, heartbeat_at = excluded.heartbeat_at`),
-		h.Name, h.APIURL, h.CPUs, h.MemoryMiB, h.CPURatio, h.MemRatio, h.ReserveCPUs, h.ReserveMemoryMiB, h.Cordoned, h.HeartbeatAt.UTC())
+		h.Name, h.APIURL, h.PeerURL, h.CPUs, h.MemoryMiB, h.CPURatio, h.MemRatio, h.ReserveCPUs, h.ReserveMemoryMiB, h.Cordoned, h.HeartbeatAt.UTC())
 	return err
 }
 
@@ -873,7 +873,7 @@ func (s *DB) ListHosts(ctx context.Context) ([]store.Host, error) {
 	var out []store.Host
 	for rows.Next() {
 		var h store.Host
-		if err := rows.Scan(&h.Name, &h.APIURL, &h.CPUs, &h.MemoryMiB, &h.CPURatio, &h.MemRatio, &h.ReserveCPUs, &h.ReserveMemoryMiB, &h.Cordoned, &h.HeartbeatAt); err != nil {
+		if err := rows.Scan(&h.Name, &h.APIURL, &h.PeerURL, &h.CPUs, &h.MemoryMiB, &h.CPURatio, &h.MemRatio, &h.ReserveCPUs, &h.ReserveMemoryMiB, &h.Cordoned, &h.HeartbeatAt); err != nil {
 			return nil, err
 		}
 		out = append(out, h)
