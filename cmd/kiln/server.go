@@ -85,7 +85,7 @@ when the server stops or dies; the next start adopts them.`,
 	f.StringVar(&serverConfig, "config", os.Getenv("KILN_SERVER_CONFIG"), "a TOML file setting any of these flags by name (flags on the command line win; env KILN_SERVER_CONFIG)")
 	f.StringVar(&o.VMM, "vmm", "qemu", "virtual machine monitor machines and builders run on: qemu (firecracker is not wired into the server yet)")
 	f.StringVar(&o.Listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
-	f.StringVar(&o.DB, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). One host per database for now")
+	f.StringVar(&o.DB, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). Hosts sharing one PostgreSQL form a cluster: see --cluster-secret-file. PostgreSQL URL parameters such as sslmode=verify-full&sslrootcert=FILE are passed through")
 	f.StringVar(&o.HostName, "host-name", "", "this host's name among the hosts sharing a database (default: the system's host name)")
 	f.StringVar(&o.Advertise, "advertise", "", "the URL other hosts reach this host's API at (default http://LISTEN)")
 	f.StringVar(&o.PeerListen, "peer-listen", os.Getenv("KILN_PEER_LISTEN"), "with PostgreSQL: where the cluster's other hosts call this one over mutual TLS (forwarded calls, image pulls), reached at --advertise's host; default the --listen host on a free port, registered in the database (give one to open in a firewall, like :4281; env KILN_PEER_LISTEN)")

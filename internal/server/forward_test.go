@@ -109,7 +109,7 @@ func TestForwardCarriesTheIdentityNotTheToken(t *testing.T) {
 		return resp.StatusCode, string(body)
 	}
 	// A token narrowed to reading app web.
-	readWeb := authtest.Key.Mint(auth.OperatorID, auth.RoleCaveat(auth.Read), auth.ScopeCaveat(auth.App("web")))
+	readWeb := authtest.Issue(opAuth, "tok_readweb", auth.RoleCaveat(auth.Read), auth.ScopeCaveat(auth.App("web")))
 	if code, body := call("/v1/apps/web/machines/m1", readWeb); code != http.StatusOK {
 		t.Fatalf("GET host-a's machine through host-b: %d %s", code, body)
 	}
