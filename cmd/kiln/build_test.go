@@ -200,3 +200,65 @@ func TestBuildSurvivesServerRestart(t *testing.T) {
 	srv.stop(syscall.SIGTERM)
 	srv = nil
 }
+
+// Most real Dockerfiles name their base through an ARG. kiln expands it as BuildKit does
+// (with --build-arg values), so the base reaches the builder, and the rest of a real
+// Dockerfile works with it: a heredoc RUN, a secret, COPY --chmod, USER, --target and
+// .dockerignore.
+func TestBuildFromArg(t *testing.T) {
+	e := newEnv(t)
+	srv := startServer(t, e, freeAddr(t), "--proxy-listen", "off", "--network=false", "--build-cache-size", "4G", "--builder-memory", "1024")
+	defer stopOnFailure(&srv)
+	dir := loadBase(t, srv)
+	write := func(name, body string) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("Dockerfile", `ARG REGISTRY=localhost
+ARG BASE=${REGISTRY}/nothing:0
+FROM ${BASE} AS build
+RUN <<EOT
+echo heredoc-ran
+echo built > /built
+EOT
+RUN --mount=type=secret,id=tok test "$(wc -c < /run/secrets/tok)" -eq 6 && echo secret-seen
+COPY --chmod=0750 run.sh /run.sh
+RUN test ! -e /ctx/secret.env && echo mode-$(stat -c %a /run.sh)
+
+FROM build AS prod
+USER 65534:65534
+RUN echo uid-$(id -u)
+
+FROM prod AS never
+RUN false
+`)
+	write("run.sh", "#!/bin/sh\necho hi\n")
+	write("secret.env", "TOKEN=do-not-send\n")
+	write(".dockerignore", "*.env\n")
+	secret := filepath.Join(e.dataDir, "tok")
+	os.WriteFile(secret, []byte("s3cret"), 0o600)
+	out, errs, code := srv.kiln("", "build", dir, "--project", "shop", "--tag", "localhost/shop/arg:1", "--target", "prod",
+		"--build-arg", "BASE=localhost/busybox:1", "--secret", "id=tok,src="+secret)
+	if code != 0 {
+		t.Fatalf("kiln build: exit %d\n%s\n%s\n%s", code, out, errs, srv.logs)
+	}
+	for _, want := range []string{"heredoc-ran", "secret-seen", "mode-750", "uid-65534", "localhost/shop/arg:1"} {
+		if !strings.Contains(out+errs, want) {
+			t.Errorf("the build's output lacks %q:\n%s\n%s", want, out, errs)
+		}
+	}
+	if strings.Contains(out+errs, "s3cret") {
+		t.Errorf("the secret's value is in the build's output")
+	}
+	// The ARG's default names an image that does not exist: without --build-arg the
+	// build is refused at submission, naming the expanded reference.
+	if _, errs, code := srv.kiln("", "build", dir, "--project", "shop", "--target", "prod"); code == 0 || !strings.Contains(errs, "localhost/nothing:0") {
+		t.Errorf("a FROM whose ARG names a missing image: %d %s", code, errs)
+	}
+	if _, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "shop"); code != 0 {
+		t.Errorf("build builder rm: %s", errs)
+	}
+	srv.stop(syscall.SIGTERM)
+	srv = nil
+}

@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -28,6 +29,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/moby/buildkit/frontend/dockerfile/instructions"
 	"github.com/moby/buildkit/frontend/dockerfile/parser"
+	"github.com/moby/buildkit/frontend/dockerfile/shell"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/buildcontext"
@@ -246,7 +248,7 @@ func (s *Service) checkDockerfile(ctx context.Context, project, ctxDir string, s
 	if err != nil {
 		return err
 	}
-	stages, err := parseStages(b)
+	stages, err := parseStages(b, spec.BuildArgs)
 	if err != nil {
 		return errdefs.Wrap(errdefs.ErrInvalid, err, "%s", spec.Dockerfile)
 	}
@@ -305,19 +307,86 @@ func readDockerfile(ctxDir, rel string) ([]byte, error) {
 	return b, nil
 }
 
-func parseStages(dockerfile []byte) ([]instructions.Stage, error) {
+// parseStages parses a Dockerfile and expands each FROM as BuildKit's frontend does:
+// with the ARGs declared before the first FROM, their defaults replaced by the build's
+// --build-arg values, and the platform ARGs BuildKit predefines. So FROM ${BASE} names
+// the image the builder will ask for, and that image is checked and provided.
+func parseStages(dockerfile []byte, buildArgs map[string]string) ([]instructions.Stage, error) {
 	res, err := parser.Parse(bytes.NewReader(dockerfile))
 	if err != nil {
 		return nil, err
 	}
-	stages, _, err := instructions.Parse(res.AST, nil)
+	stages, metaArgs, err := instructions.Parse(res.AST, nil)
 	if err != nil {
 		return nil, err
 	}
 	if len(stages) == 0 {
 		return nil, fmt.Errorf("no FROM instruction")
 	}
+	lex := shell.NewLex(res.EscapeToken)
+	env := platformArgs(buildArgs)
+	for _, cmd := range metaArgs {
+		for _, kv := range cmd.Args {
+			if v, ok := buildArgs[kv.Key]; ok {
+				env.set(kv.Key, v)
+			} else if kv.Value != nil {
+				v, _, err := lex.ProcessWord(*kv.Value, env)
+				if err != nil {
+					return nil, parser.WithLocation(err, cmd.Location())
+				}
+				env.set(kv.Key, v)
+			}
+		}
+	}
+	for i := range stages {
+		name, _, err := lex.ProcessWord(stages[i].BaseName, env)
+		if err != nil {
+			return nil, parser.WithLocation(err, stages[i].Location)
+		}
+		if name == "" {
+			return nil, errdefs.Invalid("FROM %s is empty once its ARGs are expanded: give the ARG a default or pass --build-arg", stages[i].BaseName)
+		}
+		stages[i].BaseName = name
+		if stages[i].Platform != "" {
+			if stages[i].Platform, _, err = lex.ProcessWord(stages[i].Platform, env); err != nil {
+				return nil, parser.WithLocation(err, stages[i].Location)
+			}
+		}
+	}
 	return stages, nil
+}
+
+// argEnv is the ARGs in scope at a FROM, in the shell lexer's terms.
+type argEnv struct {
+	keys []string
+	vals map[string]string
+}
+
+func (e *argEnv) set(k, v string) {
+	if _, ok := e.vals[k]; !ok {
+		e.keys = append(e.keys, k)
+	}
+	e.vals[k] = v
+}
+
+func (e *argEnv) Get(k string) (string, bool) { v, ok := e.vals[k]; return v, ok }
+func (e *argEnv) Keys() []string              { return e.keys }
+
+// platformArgs are the ARGs BuildKit defines before any FROM: builders build for the
+// host's platform, linux on its architecture. A --build-arg overrides them, as in
+// BuildKit.
+func platformArgs(buildArgs map[string]string) *argEnv {
+	env := &argEnv{vals: map[string]string{}}
+	plat := "linux/" + runtime.GOARCH
+	for _, kv := range [][2]string{{"BUILDPLATFORM", plat}, {"BUILDOS", "linux"}, {"BUILDARCH", runtime.GOARCH},
+		{"TARGETPLATFORM", plat}, {"TARGETOS", "linux"}, {"TARGETARCH", runtime.GOARCH}} {
+		v := kv[1]
+		if o, ok := buildArgs[kv[0]]; ok {
+			v = o
+		}
+		env.set(kv[0], v)
+	}
+	return env
 }
 
 // localBases lists FROM images served by kiln's registry (localhost/...), which reach
@@ -336,7 +405,7 @@ func (s *Service) localBases(project string, stages []instructions.Stage) ([]str
 	return refs, nil
 }
 
-// fromImages lists the localhost/ images stages name in FROM.
+// fromImages lists the localhost/ images stages name in FROM and COPY --from.
 func fromImages(stages []instructions.Stage) []string {
 	named := map[string]bool{}
 	var out []string
@@ -346,12 +415,21 @@ func fromImages(stages []instructions.Stage) []string {
 		}
 	}
 	seen := map[string]bool{}
-	for _, st := range stages {
-		if named[strings.ToLower(st.BaseName)] || !strings.HasPrefix(st.BaseName, "localhost/") || seen[st.BaseName] {
-			continue
+	add := func(ref string) {
+		if named[strings.ToLower(ref)] || !strings.HasPrefix(ref, "localhost/") || seen[ref] {
+			return
 		}
-		seen[st.BaseName] = true
-		out = append(out, st.BaseName)
+		seen[ref] = true
+		out = append(out, ref)
+	}
+	for _, st := range stages {
+		add(st.BaseName)
+		// COPY --from=IMAGE reads an image too.
+		for _, c := range st.Commands {
+			if cp, ok := c.(*instructions.CopyCommand); ok && cp.From != "" {
+				add(cp.From)
+			}
+		}
 	}
 	return out
 }

@@ -276,7 +276,7 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 	if err != nil {
 		return out, err
 	}
-	stages, err := parseStages(df)
+	stages, err := parseStages(df, spec.BuildArgs)
 	if err != nil {
 		return out, err
 	}
