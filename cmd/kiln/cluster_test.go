@@ -36,7 +36,7 @@ func TestTwoHostsOnePostgres(t *testing.T) {
 	}
 	ea, a := start("host-a") // it makes the cluster
 	defer stopOnFailure(&a)
-	eb, b := start("host-b", secretOf(ea)...)
+	eb, b := start("host-b", secretOf(t, ea)...)
 	defer stopOnFailure(&b)
 	ta, tb := readToken(t, filepath.Join(ea.dataDir, "admin-token")), readToken(t, filepath.Join(eb.dataDir, "admin-token"))
 	if ta != tb {
@@ -142,7 +142,7 @@ func TestBuildMovesWhenItsHostDies(t *testing.T) {
 		e := newEnv(t)
 		args := []string{"--db", dsn, "--host-name", name, "--proxy-listen", "off", "--network=false", "--build-cache-size", "4G", "--builder-memory", "1024"}
 		if name != "host-a" {
-			args = append(args, secretOf(envs["host-a"])...)
+			args = append(args, secretOf(t, envs["host-a"])...)
 		}
 		srv := startServer(t, e, freeAddr(t), args...)
 		servers[name], envs[name] = srv, e
@@ -202,9 +202,10 @@ func TestBuildMovesWhenItsHostDies(t *testing.T) {
 	os.RemoveAll(filepath.Join(envs[cacheHost].dataDir, "locks"))
 	servers[cacheHost] = nil
 	var done api.Build
+	var getErr error
 	deadline := time.Now().Add(3 * time.Minute)
 	for time.Now().Before(deadline) {
-		done, _ = cl.GetBuild(ctx, "shop", id)
+		done, getErr = cl.GetBuild(ctx, "shop", id)
 		if done.State == "succeeded" || done.State == "failed" || done.State == "canceled" {
 			break
 		}
@@ -212,7 +213,7 @@ func TestBuildMovesWhenItsHostDies(t *testing.T) {
 	}
 	log, _, _ := servers[via].kiln("", "build", "logs", id, "--project", "shop")
 	if done.State != "succeeded" || done.Host == cacheHost || servers[done.Host] == nil || len(done.Retries) != 1 || !strings.Contains(done.Retries[0], "stopped heartbeating") {
-		t.Fatalf("after the cache host died: %s on %s, retries %q, %s\n%s", done.State, done.Host, done.Retries, done.Error, log)
+		t.Fatalf("after the cache host died: %s on %s, retries %q, %s (%v)\n%s\n%s's log:\n%s", done.State, done.Host, done.Retries, done.Error, getErr, log, via, servers[via].logs)
 	}
 	if !strings.Contains(log, "is down: building on "+done.Host+" with a fresh cache") {
 		t.Errorf("the build log does not say it moved:\n%s", log)
@@ -298,7 +299,7 @@ func TestPartitionFromPostgres(t *testing.T) {
 	a := startServer(t, ea, freeAddr(t), "--db", viaTCP, "--host-name", "host-a", "--proxy-listen", "off", "--network=false")
 	defer stopOnFailure(&a)
 	eb := newEnv(t)
-	b := startServer(t, eb, freeAddr(t), append([]string{"--db", dsn, "--host-name", "host-b", "--proxy-listen", "off", "--network=false"}, secretOf(ea)...)...)
+	b := startServer(t, eb, freeAddr(t), append([]string{"--db", dsn, "--host-name", "host-b", "--proxy-listen", "off", "--network=false"}, secretOf(t, ea)...)...)
 	defer stopOnFailure(&b)
 	ctx := context.Background()
 	ca := client.New(a.url, readToken(t, filepath.Join(ea.dataDir, "admin-token")))

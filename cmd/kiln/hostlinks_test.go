@@ -19,10 +19,21 @@ import (
 	"github.com/kilnhq/kiln/internal/errdefs"
 )
 
-// secretOf is what a host joining a cluster is given: the secret the cluster's first
-// host (whose env is first) wrote to its data directory when it made the cluster.
-func secretOf(first *env) []string {
-	return []string{"--cluster-secret-file", filepath.Join(first.dataDir, clusterauth.SecretFile)}
+// secretOf is what a host joining a cluster is given: a copy of the secret the
+// cluster's first host (whose env is first) wrote to its data directory when it made
+// the cluster. A copy, as an operator would make: a server whose command line named
+// another host's data directory would die with that host's processes in the tests.
+func secretOf(t *testing.T, first *env) []string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(first.dataDir, clusterauth.SecretFile))
+	if err != nil {
+		t.Fatalf("the first host's cluster secret: %v", err)
+	}
+	p := filepath.Join(t.TempDir(), "cluster-secret")
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return []string{"--cluster-secret-file", p}
 }
 
 // dumpDatabase returns every row of every table of the PostgreSQL database, each as
