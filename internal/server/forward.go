@@ -19,8 +19,13 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request) bool {
 		return false
 	}
 	m, err := s.Store.GetMachine(r.Context(), r.PathValue("id"))
-	if err != nil || s.Cluster.Mine(m) {
-		return false // the handler answers (404, or the call itself)
+	if err != nil || s.Cluster.Mine(m) || m.App != r.PathValue("app") {
+		// The handler answers: 404 (as for an unknown ID when the machine is another
+		// app's, so that nothing about it, not even its host, is told), or the call.
+		return false
+	}
+	if !Peer(r) {
+		r.Header.Del(forwardedHeader) // only a host says it forwarded a call
 	}
 	if by := r.Header.Get(forwardedHeader); by != "" {
 		writeError(w, errdefs.New(errdefs.ErrUnavailable, "machine %s runs on host %s, and %s forwarded this call here: the hosts disagree about where it runs", m.ID, m.Host, by))

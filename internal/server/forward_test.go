@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -122,6 +123,26 @@ func TestForwardCarriesTheIdentityNotTheToken(t *testing.T) {
 	var id auth.Identity
 	if err := json.Unmarshal([]byte(h.Get("Kiln-Identity")), &id); err != nil || id.Role != auth.Read || !id.Limited || !id.Reaches(auth.App("web")) || id.Reaches(auth.App("shop")) {
 		t.Fatalf("host-a got identity %+v (%v), want read on app:web", id, err)
+	}
+
+	// Another app's machine on the other host, asked for under the caller's own app, is
+	// not forwarded: it answers as an unknown ID does, naming no host, even when the
+	// caller claims the call was forwarded already.
+	for _, hdr := range []string{"", "host-x"} {
+		req, _ := http.NewRequest("GET", bAPI.URL+"/v1/apps/web/machines/m2", nil)
+		req.Header.Set("Authorization", "Bearer "+readWeb)
+		if hdr != "" {
+			req.Header.Set("Kiln-Forwarded-By", hdr)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNotFound || strings.Contains(string(body), "host-a") || !strings.Contains(string(body), "machine m2 does not exist") {
+			t.Errorf("web's token asking for shop's machine on host-a (forwarded-by %q): %d %s", hdr, resp.StatusCode, body)
+		}
 	}
 
 	// host-a holds a forwarded call to the identity it carries, not to a host's rights.
