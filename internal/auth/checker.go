@@ -95,7 +95,7 @@ func (c *Checker) Check(ctx context.Context, token string) (Identity, error) {
 		if len(t.Caveats) > 0 {
 			// A narrowed copy would have no record of its own to revoke: it would stay
 			// good until the key is replaced. Narrow tokens that can be revoked.
-			return Identity{}, errdefs.New(ErrUnauthenticated, "the operator's token cannot be narrowed: make a token with `kiln tokens create`, which can be revoked, and narrow that")
+			return Identity{}, errdefs.New(errdefs.ErrUnauthenticated, "the operator's token cannot be narrowed: make a token with `kiln tokens create`, which can be revoked, and narrow that")
 		}
 		return id, nil
 	}
