@@ -34,15 +34,15 @@ func localTokenKey(dataDir string) (auth.Key, error) {
 }
 
 // writeAdminToken keeps DATA_DIR/admin-token, the operator's token, matching the key:
-// it is minted from it, so every host of a cluster writes the same one. It says whether
-// the file changed (first start, a new key, or an older kiln's token).
-func writeAdminToken(dataDir string, key auth.Key) (bool, error) {
+// it is minted from it, so every host of a cluster writes the same one. It returns the
+// token and whether the file changed (first start, a new key, or an older kiln's token).
+func writeAdminToken(dataDir string, key auth.Key) (string, bool, error) {
 	p := filepath.Join(dataDir, "admin-token")
 	tok := key.Mint(auth.OperatorID)
 	if b, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(b)) == tok {
-		return false, nil
+		return tok, false, nil
 	}
-	return true, atomicfile.WriteFile(p, []byte(tok+"\n"), 0o600)
+	return tok, true, atomicfile.WriteFile(p, []byte(tok+"\n"), 0o600)
 }
 
 // projectImages turns a registry rule into a build's: the project's identity deciding

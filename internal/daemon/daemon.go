@@ -74,7 +74,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	if err != nil {
 		return err
 	}
-	changed, err := writeAdminToken(dataDir, key)
+	tok, changed, err := writeAdminToken(dataDir, key)
 	if err != nil {
 		return err
 	}
@@ -83,7 +83,6 @@ func Run(ctx context.Context, o Options, h Host) error {
 	} else {
 		logf("operator's token: %s", filepath.Join(dataDir, "admin-token"))
 	}
-	tok := key.Mint(auth.OperatorID)
 	checker := &auth.Checker{Key: key, Tokens: db}
 	uids, _ := vmrun.ParseUIDRange(o.VMUIDs) // check read it
 	rt, accel, err := h.Runtime(ctx, o.VMM)
@@ -186,7 +185,8 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}{db, audit}, ImageRules: rules, Log: log, Builds: builds,
 		Capacity: ledger, Limits: limits.Default}
 	apiSrv.Recovering.Store(true)
-	srv, apiLn := connlimit.NewServer(ln, apiSrv.Handler(), httpLim.Pending(o.APIMaxUnauth, "the API (--api-max-unauthenticated-conns)"))
+	handler := apiSrv.Handler()
+	srv, apiLn := connlimit.NewServer(ln, handler, httpLim.Pending(o.APIMaxUnauth, "the API (--api-max-unauthenticated-conns)"))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(apiLn) }()
 	stack.push(func() {
@@ -194,7 +194,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 		defer cancel()
 		srv.Shutdown(sctx)
 	})
-	peers.serve(ctx, apiSrv.Handler(), httpLim.Pending(o.APIMaxUnauth, "the peer listener (--api-max-unauthenticated-conns)"), &stack, logf)
+	peers.serve(ctx, handler, httpLim.Pending(o.APIMaxUnauth, "the peer listener (--api-max-unauthenticated-conns)"), &stack, logf)
 	// Recovery may need images from the registry, so it runs once the server serves;
 	// the API answers 503 until it is done.
 	if err := mgr.Recover(ctx); err != nil {

@@ -153,7 +153,8 @@ func (r Registries) LoadAs(ctx context.Context, tarballPath, name string, allow 
 		if refs[i], err = r.localRef(ref); err != nil {
 			return "", nil, err
 		}
-		if repo, _ := r.LocalRepo(refs[i]); allow != nil {
+		if allow != nil {
+			repo, _ := r.LocalRepo(refs[i])
 			if err := allow(repo); err != nil {
 				return "", nil, err
 			}

@@ -1,14 +1,13 @@
 package registry
 
 import (
-	"context"
 	"encoding/json"
-	"net"
+	"mime"
 	"net/http"
 	"slices"
 	"strings"
-	"time"
 
+	"github.com/kilnhq/kiln/internal/auditlog"
 	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/store"
@@ -142,7 +141,10 @@ func (a Access) check(r *http.Request) (auth.Identity, error) {
 	// A cross-repository mount reads the other repository. The registry reads "from"
 	// as a form value, from the query or a form body: check every one given.
 	if r.Method == http.MethodPost {
-		r.Body = http.MaxBytesReader(nil, r.Body, 64<<10)
+		if ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); ct == "application/x-www-form-urlencoded" {
+			// Only a form body is read here (a blob's body is the registry's to stream).
+			r.Body = http.MaxBytesReader(nil, r.Body, 64<<10)
+		}
 		if err := r.ParseForm(); err != nil {
 			return id, errdefs.Wrap(errdefs.ErrInvalid, err, "reading the request's form")
 		}
@@ -162,16 +164,9 @@ func (a Access) audit(r *http.Request, id auth.Identity, status int, refused boo
 	if a.Audit == nil || !refused && !writes {
 		return
 	}
-	src, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		src = r.RemoteAddr
-	}
 	repo, _ := repoOf(r)
-	e := store.AuditEntry{At: time.Now(), TokenID: id.TokenID, App: namespace(repo), Action: r.Method + " /v2/{repo}" + strings.TrimPrefix(r.URL.Path, "/v2/"+repo),
-		Target: repo, Result: status, Source: src}
-	if err := a.Audit.AddAudit(context.WithoutCancel(r.Context()), e.Clipped()); err != nil && a.Log != nil {
-		a.Log("audit: could not record %s %s: %v", e.Action, repo, err)
-	}
+	auditlog.Record(a.Audit, r, store.AuditEntry{TokenID: id.TokenID, App: namespace(repo),
+		Action: r.Method + " /v2/{repo}" + strings.TrimPrefix(r.URL.Path, "/v2/"+repo), Target: repo, Result: status}, a.Log)
 }
 
 // refuse answers a refused registry call in the distribution API's error shape.

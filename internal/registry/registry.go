@@ -14,6 +14,7 @@ import (
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 	"github.com/sirupsen/logrus"
 
+	"github.com/kilnhq/kiln/internal/auditlog"
 	"github.com/kilnhq/kiln/internal/connlimit"
 )
 
@@ -31,30 +32,10 @@ func Handler(ctx context.Context, dir string, access Access) http.Handler {
 		}
 		// A push may idle between blobs: an authenticated client is never shed.
 		connlimit.Trust(r.Context())
-		rec := &status{ResponseWriter: w}
+		rec := &auditlog.Recorder{ResponseWriter: w}
 		app.ServeHTTP(rec, r)
-		access.audit(r, id, rec.code, false)
+		access.audit(r, id, rec.Status(), false)
 	})
-}
-
-// status remembers the status the registry answered.
-type status struct {
-	http.ResponseWriter
-	code int
-}
-
-func (s *status) WriteHeader(code int) {
-	if s.code == 0 {
-		s.code = code
-	}
-	s.ResponseWriter.WriteHeader(code)
-}
-
-func (s *status) Write(b []byte) (int, error) {
-	if s.code == 0 {
-		s.code = http.StatusOK
-	}
-	return s.ResponseWriter.Write(b)
 }
 
 func newApp(ctx context.Context, dir string) http.Handler {

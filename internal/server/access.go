@@ -1,12 +1,10 @@
 package server
 
 import (
-	"context"
 	"encoding/json"
-	"net"
 	"net/http"
-	"time"
 
+	"github.com/kilnhq/kiln/internal/auditlog"
 	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/store"
@@ -102,37 +100,13 @@ func peerName(r *http.Request) string {
 	return ""
 }
 
-// recorder remembers the status a handler answered, for the audit log.
+// recorder remembers what the audit entry needs of a call: its status, who called,
+// and whether the scope check refused it.
 type recorder struct {
-	http.ResponseWriter
-	status  int
+	auditlog.Recorder
 	id      auth.Identity
 	refused bool
 }
-
-func (r *recorder) WriteHeader(code int) {
-	if r.status == 0 {
-		r.status = code
-	}
-	r.ResponseWriter.WriteHeader(code)
-}
-
-func (r *recorder) Write(b []byte) (int, error) {
-	if r.status == 0 {
-		r.status = http.StatusOK
-	}
-	return r.ResponseWriter.Write(b)
-}
-
-// Flush passes streaming (logs, waits, exec) through.
-func (r *recorder) Flush() {
-	if f, ok := r.ResponseWriter.(http.Flusher); ok {
-		f.Flush()
-	}
-}
-
-// Unwrap lets http.ResponseController reach the connection (exec's hijack).
-func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
 
 // audit records a call that changed something or was refused. A call another host
 // forwarded here was recorded there.
@@ -140,10 +114,7 @@ func (s *Server) audit(r *http.Request, route Route, rec *recorder) {
 	if s.Access == nil || Peer(r) {
 		return
 	}
-	status := rec.status
-	if status == 0 {
-		status = http.StatusOK
-	}
+	status := rec.Status()
 	// A 404 about a named thing is a refusal too: it is also what a probe for another
 	// tenant's machine or build gets.
 	refused := rec.refused || status == http.StatusUnauthorized || status == http.StatusForbidden ||
@@ -161,14 +132,6 @@ func (s *Server) audit(r *http.Request, route Route, rec *recorder) {
 	if target == "" {
 		target = r.PathValue("project")
 	}
-	src, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		src = r.RemoteAddr
-	}
-	e := store.AuditEntry{At: time.Now(), TokenID: rec.id.TokenID, App: r.PathValue("app"), Action: route.Method + " " + route.Path,
-		Target: target, Result: status, Source: src}
-	if err := s.Access.AddAudit(context.WithoutCancel(r.Context()), e.Clipped()); err != nil {
-		// The call is done; what is lost is its record, which the server's log keeps.
-		s.logf("audit: could not record %s %s by %s: %v", e.Action, e.Target, e.TokenID, err)
-	}
+	auditlog.Record(s.Access, r, store.AuditEntry{TokenID: rec.id.TokenID, App: r.PathValue("app"),
+		Action: route.Method + " " + route.Path, Target: target, Result: status}, s.logf)
 }

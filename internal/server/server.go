@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/auditlog"
 	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
@@ -163,7 +164,7 @@ func (s *Server) Handler() http.Handler {
 				}
 				return
 			}
-			rec := &recorder{ResponseWriter: w}
+			rec := &recorder{Recorder: auditlog.Recorder{ResponseWriter: w}}
 			defer s.audit(req, r, rec)
 			id, err := s.identify(req)
 			if err != nil {

@@ -50,7 +50,7 @@ type AuditEntry struct {
 const maxAuditField = 256
 
 // Clipped returns e with every text field at most maxAuditField bytes, a cut one
-// ending in "…". Whatever writes an entry from a request clips it.
+// ending in "…". auditlog.Record clips every entry it writes.
 func (e AuditEntry) Clipped() AuditEntry {
 	for _, f := range []*string{&e.TokenID, &e.App, &e.Action, &e.Target, &e.Source} {
 		if len(*f) > maxAuditField {
