@@ -1,0 +1,80 @@
+package serverlog_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/kilnhq/kiln/internal/serverlog"
+)
+
+// records parses buf as JSON lines, failing on any line that is not one.
+func records(t *testing.T, buf *bytes.Buffer) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("line %q is not JSON: %v", l, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func TestWriterMakesOneRecordPerLine(t *testing.T) {
+	var buf bytes.Buffer
+	l, err := serverlog.New(&buf, "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := serverlog.Writer(l)
+	fmt.Fprintf(w, "kiln: proxy: serving %q\n", `a "quoted" name`)
+	w.Write([]byte("first half, "))
+	w.Write([]byte("second half\nanother\n\n"))
+	w.Write([]byte(strings.Repeat("x", 40<<10) + "\n"))
+	got := records(t, &buf)
+	want := []string{`proxy: serving "a \"quoted\" name"`, "first half, second half", "another"}
+	for i, m := range want {
+		if got[i]["msg"] != m || got[i]["level"] != "INFO" || got[i]["time"] == nil {
+			t.Errorf("record %d: %v, want msg %q at INFO with a time", i, got[i], m)
+		}
+	}
+	long := got[len(want):]
+	if len(long) != 3 || len(long[0]["msg"].(string)) != 16<<10 {
+		t.Errorf("a 40 KiB line made %d records, want 3 of at most 16 KiB", len(long))
+	}
+}
+
+func TestWriterConcurrentLinesStayWhole(t *testing.T) {
+	var buf bytes.Buffer
+	l, _ := serverlog.New(&buf, "json")
+	w := serverlog.Writer(l)
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			for j := range 50 {
+				fmt.Fprintf(w, "kiln: writer %d line %d\n", i, j)
+			}
+		})
+	}
+	wg.Wait()
+	got := records(t, &buf)
+	if len(got) != 400 {
+		t.Fatalf("%d records, want 400", len(got))
+	}
+	for _, m := range got {
+		if !strings.HasPrefix(m["msg"].(string), "writer ") {
+			t.Fatalf("record %v mixes lines", m)
+		}
+	}
+}
+
+func TestNewRefusesUnknownFormat(t *testing.T) {
+	if _, err := serverlog.New(&bytes.Buffer{}, "xml"); err == nil || !strings.Contains(err.Error(), "text or json") {
+		t.Fatalf("err %v, want one naming text and json", err)
+	}
+}
