@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	stdruntime "runtime"
 	"time"
@@ -19,6 +20,7 @@ import (
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/proxy"
+	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
@@ -71,18 +73,25 @@ when the server stops or dies; the next start adopts them.`,
 				}
 				return "default (flag --" + flag + ")"
 			}
-			return daemon.Run(cmd.Context(), o, daemon.Host{
-				Runtime: func(ctx context.Context, vmm string) (*vmrun.Runtime, string, error) {
-					return runtime(ctx, g.dataDir, vmm, "", "", os.Stderr)
+			err = daemon.Run(cmd.Context(), o, daemon.Host{
+				Runtime: func(ctx context.Context, vmm string, log io.Writer) (*vmrun.Runtime, string, error) {
+					return runtime(ctx, g.dataDir, vmm, "", "", log)
 				},
-				Reap:      func(ctx context.Context) { reap(ctx, g.dataDir) },
+				Reap:      func(ctx context.Context, log io.Writer) { vmrun.Reap(ctx, g.dataDir, drivers(g.dataDir), log) },
 				AssetsDir: assetsDir(g.dataDir),
 				Buildkitd: buildkitdBinary(),
 			})
+			if l, lerr := serverlog.New(os.Stderr, o.LogFormat); err != nil && lerr == nil && o.LogFormat == "json" {
+				// Its last line is a record too, for whatever reads the others.
+				l.Error(err.Error())
+				return exitError{exitCode(err)}
+			}
+			return err
 		},
 	}
 	f := c.Flags()
 	f.StringVar(&serverConfig, "config", os.Getenv("KILN_SERVER_CONFIG"), "a TOML file setting any of these flags by name (flags on the command line win; env KILN_SERVER_CONFIG)")
+	f.StringVar(&o.LogFormat, "log-format", "text", "how the server writes its log lines on stderr: text (key=value) or json (one object a line); an API call's lines carry its request_id")
 	f.StringVar(&o.VMM, "vmm", "qemu", "virtual machine monitor machines and builders run on: qemu (firecracker is not wired into the server yet)")
 	f.StringVar(&o.Listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
 	f.StringVar(&o.DB, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). Hosts sharing one PostgreSQL form a cluster: see --cluster-secret-file. PostgreSQL URL parameters such as sslmode=verify-full&sslrootcert=FILE are passed through")

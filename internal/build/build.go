@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -35,6 +36,7 @@ import (
 	"github.com/kilnhq/kiln/internal/buildcontext"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
+	"github.com/kilnhq/kiln/internal/reqid"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
@@ -101,7 +103,9 @@ type Service struct {
 	// KeepImages is how many of a project's newest build images stay in the registry;
 	// older ones are pruned. Zero keeps all.
 	KeepImages int
-	Log        io.Writer
+	// Log takes the service's lines; a line about an API call carries its request id.
+	// Nil logs nothing.
+	Log *slog.Logger
 	// Host names this host when several share the database: it claims builds for itself,
 	// prefers those whose project's cache it holds, and takes over the builds of a host
 	// whose heartbeat stopped. Hosts lists them; both unset on a single host.
@@ -117,10 +121,11 @@ type Service struct {
 	idling  atomic.Bool
 }
 
-func (s *Service) logf(format string, args ...any) {
-	if s.Log != nil {
-		fmt.Fprintf(s.Log, "kiln: builds: "+format+"\n", args...)
-	}
+func (s *Service) logf(format string, args ...any) { s.logfFor(context.Background(), format, args...) }
+
+// logfFor logs a line about what ctx is doing: an API call's lines carry its id.
+func (s *Service) logfFor(ctx context.Context, format string, args ...any) {
+	reqid.Logger(ctx, s.Log).Info(fmt.Sprintf("builds: "+format, args...))
 }
 
 var projectRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
@@ -235,6 +240,7 @@ func (s *Service) Submit(ctx context.Context, project string, spec api.BuildSpec
 		s.secrets[id] = secrets
 		s.mu.Unlock()
 	}
+	s.logfFor(ctx, "build %s of %s queued", id, project)
 	if spec.Branch != "" && !spec.NoSupersede {
 		s.supersede(ctx, project, spec.Branch, id)
 	}
@@ -520,7 +526,11 @@ func (s *Service) updateResult(ctx context.Context, b store.Build, edit func(*ap
 
 // Cancel stops a queued or running build.
 func (s *Service) Cancel(ctx context.Context, id string) error {
-	return s.cancel(ctx, id, "canceled by the user")
+	err := s.cancel(ctx, id, "canceled by the user")
+	if err == nil {
+		s.logfFor(ctx, "build %s canceled by the user", id)
+	}
+	return err
 }
 
 func (s *Service) cancel(ctx context.Context, id, why string) error {
@@ -573,7 +583,7 @@ func (s *Service) supersede(ctx context.Context, project, branch, newID string) 
 	}
 	for _, b := range bs {
 		if b.ID != newID && b.Branch == branch && (b.State == Queued || b.State == Running) {
-			s.logf("build %s of %s (branch %s) is superseded by %s", b.ID, project, branch, newID)
+			s.logfFor(ctx, "build %s of %s (branch %s) is superseded by %s", b.ID, project, branch, newID)
 			s.cancel(ctx, b.ID, "superseded by build "+newID)
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -142,12 +143,12 @@ func newHarness(t *testing.T, opts ...func(*build.Service)) *harness {
 	bs := &build.Builders{RT: rt, Rootfs: rootfs, Dir: filepath.Join(dir, "builders"), CacheBytes: 4 << 30, KeepBytes: 2 << 30,
 		CPUs: 2, MemoryMiB: 1024, Idle: time.Hour, Log: os.Stderr}
 	// Builders are machines: the machines' supervisor runs them.
-	ms := machines.New(machines.Config{Store: db, VMs: rt, Dir: filepath.Join(dir, "machines"), Log: os.Stderr,
+	ms := machines.New(machines.Config{Store: db, VMs: rt, Dir: filepath.Join(dir, "machines"), Log: slog.Default(),
 		Internal: map[string]machines.Internal{build.BuildersApp: bs}})
 	bs.Use(ms)
 	svc := &build.Service{Store: db, Builders: bs, Bases: &build.Bases{Dir: filepath.Join(dir, "bases")}, Images: reg,
 		Dir: filepath.Join(dir, "builds"), MaxContextBytes: 64 << 20, MaxLogBytes: 1 << 20, MaxAttempts: 3,
-		Backoff: 100 * time.Millisecond, MaxConcurrent: 2, Log: os.Stderr}
+		Backoff: 100 * time.Millisecond, MaxConcurrent: 2, Log: slog.Default()}
 	for _, o := range opts {
 		o(svc)
 	}

@@ -9,7 +9,7 @@ package daemon
 import (
 	"context"
 	"fmt"
-	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -30,6 +30,7 @@ import (
 	"github.com/kilnhq/kiln/internal/proxy"
 	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/server"
+	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
 	"github.com/kilnhq/kiln/internal/vmm"
@@ -45,8 +46,16 @@ func Run(ctx context.Context, o Options, h Host) error {
 	if err := o.check(); err != nil {
 		return err
 	}
-	log := io.Writer(os.Stderr)
-	logf := func(format string, args ...any) { fmt.Fprintf(log, "kiln: "+format+"\n", args...) }
+	// One logger for the whole server (--log-format); the parts that log lines to a
+	// writer get one that makes each line a record, and so does the log package (the
+	// HTTP servers' complaints): every line on stderr is of the one format.
+	logger, err := serverlog.New(os.Stderr, o.LogFormat)
+	if err != nil {
+		return err
+	}
+	slog.SetDefault(logger)
+	log := serverlog.Writer(logger)
+	logf := func(format string, args ...any) { logger.Info(fmt.Sprintf(format, args...)) }
 	hostName, _ := os.Hostname()
 	here, err := o.here(hostName, stdruntime.NumCPU(), vmm.HostMemoryMiB())
 	if err != nil {
@@ -59,7 +68,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	if err := privateDataDir(dataDir); err != nil {
 		return err
 	}
-	h.Reap(ctx)
+	h.Reap(ctx, log)
 	dsn := o.DB
 	if dsn == "" {
 		dsn = filepath.Join(dataDir, "kiln.db")
@@ -85,7 +94,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}
 	checker := &auth.Checker{Key: key, Tokens: db}
 	uids, _ := vmrun.ParseUIDRange(o.VMUIDs) // check read it
-	rt, accel, err := h.Runtime(ctx, o.VMM)
+	rt, accel, err := h.Runtime(ctx, o.VMM, log)
 	if err != nil {
 		return err
 	}
@@ -145,7 +154,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	if err := rootfs.RemoveStale(); err != nil {
 		return fmt.Errorf("cleaning interrupted image conversions: %w", err)
 	}
-	builds, err := buildService(ctx, o, h, db, rt, images, log)
+	builds, err := buildService(ctx, o, h, db, rt, images, logger)
 	if err != nil {
 		return err
 	}
@@ -160,7 +169,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 			builds.Builders.Host = here.Name // a builder per host, like its cache
 		}
 	}
-	mgr := newMachines(o, db, rt, images, rootfs, ledger, nets, hosts, builds)
+	mgr := newMachines(o, db, rt, images, rootfs, ledger, nets, hosts, builds, logger)
 	stack.push(mgr.Close)
 
 	httpLim, _ := o.httpLimits() // check read it
@@ -182,7 +191,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	apiSrv := &server.Server{Cluster: hosts, Peers: peers.Transport(), Store: db, Node: mgr, Images: images, Registry: reg, Auth: checker, Access: struct {
 		store.Tokens
 		store.Audit
-	}{db, audit}, ImageRules: rules, Log: log, Builds: builds,
+	}{db, audit}, ImageRules: rules, Log: logger, Builds: builds,
 		Capacity: ledger, Limits: limits.Default}
 	apiSrv.Recovering.Store(true)
 	handler := apiSrv.Handler()
@@ -231,8 +240,8 @@ func Run(ctx context.Context, o Options, h Host) error {
 // newMachines makes the machines service: the one place its dependencies are chosen.
 // Builders are machines of its own (build.BuildersApp), so builds, if on, use it.
 func newMachines(o Options, db *sqlstore.DB, rt *vmrun.Runtime, images image.Registries, rootfs image.Cache,
-	ledger *capacity.Ledger, nets *network.Manager, hosts *cluster.Cluster, builds *build.Service) *machines.Service {
-	cfg := machines.Config{Store: db, VMs: rt, Images: images, Rootfs: rootfs, Dir: filepath.Join(o.DataDir, "machines"), Log: os.Stderr,
+	ledger *capacity.Ledger, nets *network.Manager, hosts *cluster.Cluster, builds *build.Service, log *slog.Logger) *machines.Service {
+	cfg := machines.Config{Store: db, VMs: rt, Images: images, Rootfs: rootfs, Dir: filepath.Join(o.DataDir, "machines"), Log: log,
 		Capacity: ledger, CapacityWait: o.CapacityWait, Host: hosts.HomeHost()}
 	if nets != nil {
 		cfg.Net = nets
@@ -298,17 +307,17 @@ func privateDataDir(dir string) error {
 
 // buildService sets up builds, or returns nil (builds off, said in the log) where the
 // builder root filesystem is missing.
-func buildService(ctx context.Context, o Options, h Host, db *sqlstore.DB, rt *vmrun.Runtime, images image.Registries, log io.Writer) (*build.Service, error) {
+func buildService(ctx context.Context, o Options, h Host, db *sqlstore.DB, rt *vmrun.Runtime, images image.Registries, log *slog.Logger) (*build.Service, error) {
 	rootfs, err := assets.EnsureBuilder(ctx, assets.Options{Dir: h.AssetsDir}, h.Buildkitd)
 	if err != nil {
-		fmt.Fprintf(log, "kiln: builds are off: %v\n", err)
+		log.Warn(fmt.Sprintf("builds are off: %v", err))
 		return nil, nil
 	}
 	return &build.Service{
 		Store: db,
 		Builders: &build.Builders{RT: rt, Rootfs: rootfs, Dir: filepath.Join(o.DataDir, "builders"),
 			CacheBytes: o.BuildCacheBytes, KeepBytes: o.BuildCacheBytes * 6 / 10, CPUs: o.BuilderCPUs, MemoryMiB: o.BuilderMemory,
-			Idle: o.BuilderIdle, Log: log},
+			Idle: o.BuilderIdle, Log: serverlog.Writer(log)},
 		Bases:           &build.Bases{Dir: filepath.Join(o.DataDir, "build-bases")},
 		Images:          images,
 		Dir:             filepath.Join(o.DataDir, "builds"),

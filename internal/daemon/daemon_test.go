@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -36,8 +37,8 @@ func TestVMMIsASetting(t *testing.T) {
 			o.VMM = tc.vmm
 			var asked string
 			err := Run(context.Background(), o, Host{
-				Reap: func(context.Context) {},
-				Runtime: func(_ context.Context, vmm string) (*vmrun.Runtime, string, error) {
+				Reap: func(context.Context, io.Writer) {},
+				Runtime: func(_ context.Context, vmm string, _ io.Writer) (*vmrun.Runtime, string, error) {
 					asked = vmm
 					return nil, "", errStop
 				},

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/netip"
 	"time"
 
@@ -10,6 +11,7 @@ import (
 	"github.com/kilnhq/kiln/internal/connlimit"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/network"
+	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
@@ -71,6 +73,9 @@ type Options struct {
 	SharedImages []string
 	// AuditRetention is how long audit entries are kept; 0 keeps them all.
 	AuditRetention time.Duration
+	// LogFormat is how the server's log lines are written on stderr: text or json
+	// (serverlog.Formats).
+	LogFormat string
 
 	// Source says where a flag's value came from, for the limits' registry ("flag
 	// --x", "config file (x)", "default (flag --x)"); nil says default for all.
@@ -81,10 +86,10 @@ type Options struct {
 // prepares its VMs' parts, which `kiln vm` and `kiln assets` share.
 type Host struct {
 	// Runtime prepares the VM runtime on the named driver: assets present, accelerator
-	// resolved (said in words, the second result).
-	Runtime func(ctx context.Context, vmm string) (*vmrun.Runtime, string, error)
-	// Reap removes what killed kiln processes left behind.
-	Reap func(ctx context.Context)
+	// resolved (said in words, the second result). What it has to say goes to log.
+	Runtime func(ctx context.Context, vmm string, log io.Writer) (*vmrun.Runtime, string, error)
+	// Reap removes what killed kiln processes left behind, saying so on log.
+	Reap func(ctx context.Context, log io.Writer)
 	// AssetsDir is where guest assets are cached; Buildkitd is the binary builder VMs
 	// run ("" if there is none).
 	AssetsDir string
@@ -101,6 +106,9 @@ func (o Options) check() error {
 			"snapshots for suspend, the builder's disks): use --vmm qemu (`kiln vm run --vmm firecracker` runs one VM)")
 	default:
 		return errdefs.Invalid("--vmm %q: use qemu (or firecracker, once the server runs on it)", o.VMM)
+	}
+	if _, err := serverlog.New(io.Discard, o.LogFormat); err != nil {
+		return err
 	}
 	if o.Idle <= 0 || o.Wake <= 0 {
 		return errdefs.Invalid("--idle-timeout and --wake-timeout must be positive durations, like 5m")

@@ -41,6 +41,8 @@ func (s *Service) StartExec(ctx context.Context, id string, req guest.ExecReques
 	if req.Dir == "" {
 		req.Dir = as.Dir
 	}
+	// The program only: arguments may hold secrets, and the line says who ran what.
+	s.log(ctx).Info("exec", "machine", id, "program", execProgram(req.Argv))
 	return vm.Exec(ctx, req, pio)
 }
 
@@ -71,4 +73,16 @@ func (s *Service) Exec(ctx context.Context, id string, req guest.ExecRequest, st
 	}
 	return api.ExecResponse{ExitCode: st.Code, ExitSignal: st.Signal, Stdout: out.String(), Stderr: errb.String(),
 		Truncated: out.Truncated || errb.Truncated}, nil
+}
+
+// execProgram names what an exec runs, for a log line: its argv[0], cut short.
+func execProgram(argv []string) string {
+	if len(argv) == 0 {
+		return ""
+	}
+	p := argv[0]
+	if len(p) > 128 {
+		p = p[:128]
+	}
+	return p
 }

@@ -68,9 +68,9 @@ func (s *Service) releaseOrphanVolumes(ctx context.Context, apps []string) {
 			if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 				continue
 			}
-			s.logf("volume %s: releasing it from machine %s, which is gone", v.Name, v.AttachedMachine)
+			s.logf(ctx, "volume %s: releasing it from machine %s, which is gone", v.Name, v.AttachedMachine)
 			if err := s.cfg.Store.DetachVolumes(ctx, v.AttachedMachine); err != nil {
-				s.logf("volume %s: %v", v.Name, err)
+				s.logf(ctx, "volume %s: %v", v.Name, err)
 			}
 		}
 	}

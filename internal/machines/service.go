@@ -12,7 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"log/slog"
 	"maps"
 	"os"
 	"reflect"
@@ -29,6 +29,8 @@ import (
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/network"
+	"github.com/kilnhq/kiln/internal/reqid"
+	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/supervisor"
 	"github.com/kilnhq/kiln/internal/vmrun"
@@ -58,7 +60,9 @@ type Config struct {
 	Rootfs image.Cache
 	// Dir holds each machine's stored output (Dir/ID); volumes live beside it.
 	Dir string
-	Log io.Writer
+	// Log takes the service's lines; a line about an API call carries its request id.
+	// Nil logs nothing.
+	Log *slog.Logger
 	// Net, when set, puts every machine on its app's private network.
 	Net Network
 	// Capacity, when set, holds room for every running machine; a start that finds
@@ -86,10 +90,10 @@ type Service struct {
 // New returns the service; Close lets go of its VMs without stopping them.
 func New(cfg Config) *Service {
 	s := &Service{cfg: cfg}
-	s.rt = &vmRuntime{vms: cfg.VMs, store: cfg.Store, images: cfg.Images, cache: cfg.Rootfs, net: cfg.Net, log: cfg.Log,
+	s.rt = &vmRuntime{vms: cfg.VMs, store: cfg.Store, images: cfg.Images, cache: cfg.Rootfs, net: cfg.Net, log: serverlog.Writer(cfg.Log),
 		internal: cfg.Internal, saved: map[string]*vmInstance{}}
 	scfg := supervisor.Config{Store: cfg.Store, Runtime: s.rt, CapacityWait: cfg.CapacityWait, LogDir: cfg.Dir,
-		Remove: s.remove, Log: cfg.Log}
+		Remove: s.remove, Log: serverlog.Writer(cfg.Log)}
 	if cfg.Capacity != nil {
 		scfg.Capacity = cfg.Capacity
 	}
@@ -97,10 +101,11 @@ func New(cfg Config) *Service {
 	return s
 }
 
-func (s *Service) logf(format string, args ...any) {
-	if s.cfg.Log != nil {
-		fmt.Fprintf(s.cfg.Log, "kiln: "+format+"\n", args...)
-	}
+// log is the service's logger for what ctx is doing: an API call's lines carry its id.
+func (s *Service) log(ctx context.Context) *slog.Logger { return reqid.Logger(ctx, s.cfg.Log) }
+
+func (s *Service) logf(ctx context.Context, format string, args ...any) {
+	s.log(ctx).Info(fmt.Sprintf(format, args...))
 }
 
 func newID() string {
@@ -226,7 +231,7 @@ func storedConfig(cfg api.MachineConfig) []byte {
 // refused request leaves nothing, and returns the failure.
 func (s *Service) undoCreate(ctx context.Context, id string, cause error) error {
 	if err := s.Destroy(context.WithoutCancel(ctx), id, true); err != nil {
-		s.logf("machine %s: removing it after a failed create: %v", id, err)
+		s.logf(ctx, "machine %s: removing it after a failed create: %v", id, err)
 	}
 	if s.cfg.Capacity != nil {
 		s.cfg.Capacity.Release(id) // a no_capacity_wait hold
@@ -316,7 +321,7 @@ func (s *Service) remove(ctx context.Context, id string) error {
 	os.RemoveAll(s.LogDir(id))
 	if s.cfg.Net != nil {
 		if err := s.cfg.Net.Detach(ctx, id); err != nil {
-			s.logf("machine %s: removing its network device: %v (kiln removes it at its next restart)", id, err)
+			s.logf(ctx, "machine %s: removing its network device: %v (kiln removes it at its next restart)", id, err)
 		}
 	}
 	return nil
@@ -385,6 +390,7 @@ func (s *Service) Signal(ctx context.Context, id string, sig int) error {
 	if vm == nil {
 		return errdefs.New(errdefs.ErrConflict, "machine %s is not running: nothing to signal", id)
 	}
+	s.log(ctx).Info("signal", "machine", id, "signal", sig)
 	return vm.Signal(ctx, sig)
 }
 
@@ -426,7 +432,7 @@ func (s *Service) Update(ctx context.Context, id string, req api.CreateMachineRe
 			// Refused: the machine runs again as it was (unless the update that won
 			// started it already).
 			if serr := s.Start(ctx, id); serr != nil && !errors.Is(serr, errdefs.ErrConflict) {
-				s.logf("machine %s: starting it again after a refused update: %v", id, serr)
+				s.logf(ctx, "machine %s: starting it again after a refused update: %v", id, serr)
 			}
 		}
 		return rec, err

@@ -283,7 +283,7 @@ func (s *Service) SweepSnapshots(ctx context.Context) {
 	defer t.Stop()
 	for {
 		if err := s.Sweep(ctx, time.Now()); err != nil && ctx.Err() == nil {
-			s.logf("volume snapshots: %v", err)
+			s.logf(ctx, "volume snapshots: %v", err)
 		}
 		select {
 		case <-ctx.Done():

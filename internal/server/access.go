@@ -133,5 +133,5 @@ func (s *Server) audit(r *http.Request, route Route, rec *recorder) {
 		target = r.PathValue("project")
 	}
 	auditlog.Record(s.Access, r, store.AuditEntry{TokenID: rec.id.TokenID, App: r.PathValue("app"),
-		Action: route.Method + " " + route.Path, Target: target, Result: status}, s.logf)
+		Action: route.Method + " " + route.Path, Target: target, Result: status}, s.logf(r.Context()))
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/kilnhq/kiln/internal/auth"
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/reqid"
 )
 
 const forwardedHeader = "Kiln-Forwarded-By"
@@ -69,6 +70,13 @@ func (s *Server) forwardTo(w http.ResponseWriter, r *http.Request, host, what st
 			}
 			pr.Out.Header.Set(identityHeader, string(who))
 			pr.Out.Header.Set(forwardedHeader, s.Cluster.Name())
+			// The other host's lines about this call carry this host's id for it.
+			pr.Out.Header.Del("X-Request-Id")
+			pr.Out.Header.Set(reqid.Header, reqid.From(r.Context()))
+		},
+		ModifyResponse: func(res *http.Response) error {
+			res.Header.Del(reqid.Header) // the same id, which this host's answer already names
+			return nil
 		},
 		Transport:     s.Peers,
 		FlushInterval: -1, // logs and waits stream; an exec's upgrade passes through

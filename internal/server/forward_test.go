@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"log"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -74,6 +75,8 @@ func TestForwardCarriesTheIdentityNotTheToken(t *testing.T) {
 			Cluster: cluster.New(cluster.Config{Store: db, Here: offer, Shared: true, Ledger: capacity.NewLedger(offer)})}, l
 	}
 	a, linkA := host("host-a")
+	aLogs := newLogSink()
+	a.Log = slog.New(slog.NewJSONHandler(aLogs, nil))
 	var atA seen
 	// httptest's TLS server would put its own certificate first: serve as kiln does.
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", linkA.ServerTLS())
@@ -124,6 +127,28 @@ func TestForwardCarriesTheIdentityNotTheToken(t *testing.T) {
 	if err := json.Unmarshal([]byte(h.Get("Kiln-Identity")), &id); err != nil || id.Role != auth.Read || !id.Limited || !id.Reaches(auth.App("web")) || id.Reaches(auth.App("shop")) {
 		t.Fatalf("host-a got identity %+v (%v), want read on app:web", id, err)
 	}
+
+	// The call's id goes with it: host-a's lines about it carry the id host-b answered with,
+	// not one host-a would make of what the client sent.
+	req, _ := http.NewRequest("GET", bAPI.URL+"/v1/apps/web/machines/m1", nil)
+	req.Header.Set("Authorization", "Bearer "+readWeb)
+	req.Header.Set("X-Request-Id", "not an id") // host-b replaces it; host-a must not see it
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	ids := resp.Header.Values("Kiln-Request-Id")
+	if len(ids) != 1 || ids[0] == "" {
+		t.Fatalf("a forwarded call answered with ids %q, want one", ids)
+	}
+	atA.mu.Lock()
+	h = atA.header
+	atA.mu.Unlock()
+	if got := h.Get("Kiln-Request-Id"); got != ids[0] || h.Get("X-Request-Id") != "" {
+		t.Fatalf("host-a got request id %q (X-Request-Id %q), want host-b's %q", got, h.Get("X-Request-Id"), ids[0])
+	}
+	aLogs.waitLine(t, map[string]any{"request_id": ids[0], "forwarded_by": "host-b", "status": float64(200)})
 
 	// Another app's machine on the other host, asked for under the caller's own app, is
 	// not forwarded: it answers as an unknown ID does, naming no host, even when the

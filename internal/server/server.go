@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/auditlog"
@@ -24,8 +26,8 @@ import (
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/registry"
+	"github.com/kilnhq/kiln/internal/reqid"
 	"github.com/kilnhq/kiln/internal/store"
-	"github.com/kilnhq/kiln/internal/ui"
 )
 
 // Server serves the API.
@@ -66,8 +68,9 @@ type Server struct {
 	// Recovering, while set, makes the API answer 503: machines are being adopted and
 	// must not change meanwhile. The registry is served regardless; recovery uses it.
 	Recovering atomic.Bool
-	// Log takes the server's own complaints (an audit entry it could not write).
-	Log io.Writer
+	// Log takes the server's lines: one per API call (its access line) and its own
+	// complaints (an audit entry it could not write). Nil logs nothing.
+	Log *slog.Logger
 	// MaxImageBytes bounds an uploaded image tarball.
 	MaxImageBytes int64
 }
@@ -159,13 +162,14 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	for _, r := range s.Routes() {
 		mux.HandleFunc(r.Method+" "+r.Path, func(w http.ResponseWriter, req *http.Request) {
+			rec := &recorder{Recorder: auditlog.Recorder{ResponseWriter: w}}
+			defer s.logCall(req, r, rec, time.Now())
 			if r.need == public {
-				if err := r.h(w, req); err != nil {
-					writeError(w, err)
+				if err := r.h(rec, req); err != nil {
+					writeError(rec, err)
 				}
 				return
 			}
-			rec := &recorder{Recorder: auditlog.Recorder{ResponseWriter: w}}
 			defer s.audit(req, r, rec)
 			id, err := s.identify(req)
 			if err != nil {
@@ -204,17 +208,37 @@ func (s *Server) Handler() http.Handler {
 	if s.Registry != nil {
 		mux.Handle("/v2/", s.Registry)
 	}
-	mux.Handle("/ui/", ui.Handler()) // public static files; ServeMux redirects /ui to /ui/
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
 		writeError(w, errdefs.New(errdefs.ErrNotFound, "no route %s %s: see /v1/openapi.json", req.Method, req.URL.Path))
 	})
-	return mux
+	// Every answer names its call's id, and whatever serves the call finds it in the
+	// context: its log lines, a host it is forwarded to and the guest agent carry it.
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		id := reqid.FromRequest(req)
+		w.Header().Set(reqid.Header, id)
+		mux.ServeHTTP(w, req.WithContext(reqid.With(req.Context(), id)))
+	})
 }
 
-func (s *Server) logf(format string, args ...any) {
-	if s.Log != nil {
-		fmt.Fprintf(s.Log, "kiln: "+format+"\n", args...)
+// logCall writes a call's access line once it is answered.
+func (s *Server) logCall(r *http.Request, route Route, rec *recorder, start time.Time) {
+	status := rec.Status()
+	level := slog.LevelInfo
+	if status >= 500 {
+		level = slog.LevelWarn
 	}
+	attrs := []slog.Attr{slog.String("method", r.Method), slog.String("route", route.Path), slog.Int("status", status),
+		slog.Duration("duration", time.Since(start)), slog.String("token", rec.id.TokenID)}
+	if by := r.Header.Get(forwardedHeader); by != "" && Peer(r) {
+		attrs = append(attrs, slog.String("forwarded_by", by))
+	}
+	reqid.Logger(r.Context(), s.Log).LogAttrs(r.Context(), level, "api call", attrs...)
+}
+
+// logf returns a printf-style logger whose lines carry the id of ctx's call.
+func (s *Server) logf(ctx context.Context) func(string, ...any) {
+	l := reqid.Logger(ctx, s.Log)
+	return func(format string, args ...any) { l.Info(fmt.Sprintf(format, args...)) }
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -219,6 +220,14 @@ func TestBulkMetadataIsBounded(t *testing.T) {
 // created machine, m1, and no VM runtime.
 func oneMachine(t *testing.T) *httptest.Server {
 	t.Helper()
+	srv := httptest.NewServer(oneMachineAPI(t, nil).Handler())
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// oneMachineAPI is oneMachine's server, logging to log.
+func oneMachineAPI(t *testing.T, log *slog.Logger) *server.Server {
+	t.Helper()
 	ctx := context.Background()
 	db, err := sqlstore.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
 	if err != nil {
@@ -228,9 +237,8 @@ func oneMachine(t *testing.T) *httptest.Server {
 	db.CreateApp(ctx, "web")
 	db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "m1", State: machine.Created, Config: []byte(`{"image":"x"}`)}, machine.Event{Type: "launch", Source: "user"})
 	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
-	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Auth: opAuth}).Handler())
-	t.Cleanup(func() { srv.Close(); ms.Close() })
-	return srv
+	t.Cleanup(ms.Close)
+	return &server.Server{Store: db, Node: ms, Auth: opAuth, Log: log}
 }
 
 // opAuth checks tokens; opToken is the operator's.
