@@ -237,6 +237,13 @@ func (l *Ledger) Position(id string) int {
 	return 0
 }
 
+// Queued is how many requests wait in the queue now.
+func (l *Ledger) Queued() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.queue)
+}
+
 // Reserve holds room for id, waiting in the queue up to wait (0: fail at once) when
 // nothing fits. Requests are served in order: one that fits does not jump the queue.
 // onQueued, if set, is told the position when the request starts waiting. A second

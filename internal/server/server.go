@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/auditlog"
 	"github.com/kilnhq/kiln/internal/auth"
@@ -73,6 +75,9 @@ type Server struct {
 	Log *slog.Logger
 	// MaxImageBytes bounds an uploaded image tarball.
 	MaxImageBytes int64
+	// Metrics is what GET /metrics serves (metrics.NewRegistry with this server's
+	// collectors); nil serves the process-wide instruments only.
+	Metrics prometheus.Gatherer
 }
 
 // Route is one method and path pattern the server answers.
@@ -154,6 +159,7 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/tokens/current", anyone, s.currentToken},
 		{"DELETE", "/v1/tokens/{token}", operator, s.revokeToken},
 		{"GET", "/v1/audit", anyone, s.listAudit},
+		{"GET", "/metrics", anyone, s.metrics},
 	}
 }
 

@@ -58,7 +58,7 @@ func Open(ctx context.Context, dsn string) (*DB, error) {
 	} else if err := ownerOnly(dsn); err != nil {
 		return nil, err
 	}
-	db, err := sql.Open(driver, conn)
+	db, err := openTimed(driver, conn)
 	if err != nil {
 		return nil, err
 	}
