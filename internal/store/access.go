@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"strings"
 	"time"
 )
 
@@ -53,9 +52,7 @@ const maxAuditField = 256
 // ending in "…". auditlog.Record clips every entry it writes.
 func (e AuditEntry) Clipped() AuditEntry {
 	for _, f := range []*string{&e.TokenID, &e.App, &e.Action, &e.Target, &e.Source} {
-		if len(*f) > maxAuditField {
-			*f = strings.ToValidUTF8((*f)[:maxAuditField-3], "") + "…"
-		}
+		*f = clip(*f, maxAuditField)
 	}
 	return e
 }

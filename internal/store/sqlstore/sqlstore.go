@@ -15,6 +15,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -36,6 +37,9 @@ var migrations embed.FS
 type DB struct {
 	db *sql.DB
 	pg bool
+
+	wakeMu sync.Mutex
+	wake   chan struct{} // closed at the next commit of an event (EventsWritten)
 }
 
 var _ store.Store = (*DB)(nil)
@@ -243,19 +247,28 @@ func (s *DB) CreateMachine(ctx context.Context, m store.Machine, ev machine.Even
 			return err
 		}
 	}
-	if err := s.appendEvent(ctx, tx, m.ID, ev); err != nil {
+	ev.Status = m.State
+	if err := s.appendEvent(ctx, tx, m.ID, m.App, m.Host, ev); err != nil {
 		return err
 	}
-	return tx.Commit()
+	return s.commit(tx)
 }
 
-func (s *DB) appendEvent(ctx context.Context, tx *sql.Tx, id string, ev machine.Event) error {
+// appendEvent appends ev to machine id's journal, and to the journal of everything, in
+// tx: the transaction that makes the change ev describes.
+func (s *DB) appendEvent(ctx context.Context, tx *sql.Tx, id, app, host string, ev machine.Event) error {
 	if ev.Timestamp.IsZero() {
 		ev.Timestamp = time.Now()
 	}
 	_, err := tx.ExecContext(ctx, s.q(`INSERT INTO machine_events (machine_id, type, status, source, ts, exit_code, message) VALUES (?, ?, ?, ?, ?, ?, ?)`),
 		id, ev.Type, ev.Status, ev.Source, ev.Timestamp.UTC(), ev.ExitCode, ev.Message)
-	return err
+	if err != nil {
+		return err
+	}
+	if e, ok := machineEvent(id, app, host, ev); ok {
+		return s.appendJournal(ctx, tx, e)
+	}
+	return nil
 }
 
 const machineCols = `id, app, name, state, config, version, exit_code, restarts, created_at, updated_at, cordoned, host`
@@ -318,11 +331,11 @@ func (s *DB) Transition(ctx context.Context, id string, from, to machine.State, 
 		return err
 	}
 	defer tx.Rollback()
-	var host string
+	var app, host string
 	var size store.Usage
 	err = tx.QueryRowContext(ctx, s.q(`UPDATE machines SET state = ?, updated_at = ?, exit_code = COALESCE(?, exit_code) WHERE id = ? AND state = ?
-		RETURNING host, cpus, memory_mib`),
-		to, time.Now().UTC(), ev.ExitCode, id, from).Scan(&host, &size.CPUs, &size.MemoryMiB)
+		RETURNING app, host, cpus, memory_mib`),
+		to, time.Now().UTC(), ev.ExitCode, id, from).Scan(&app, &host, &size.CPUs, &size.MemoryMiB)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return err
 	}
@@ -344,10 +357,10 @@ func (s *DB) Transition(ctx context.Context, id string, from, to machine.State, 
 		return err
 	}
 	ev.Status = to
-	if err := s.appendEvent(ctx, tx, id, ev); err != nil {
+	if err := s.appendEvent(ctx, tx, id, app, host, ev); err != nil {
 		return err
 	}
-	return tx.Commit()
+	return s.commit(tx)
 }
 
 func (s *DB) Events(ctx context.Context, id string) ([]machine.Event, error) {
@@ -516,10 +529,11 @@ func (s *DB) UpdateConfig(ctx context.Context, id string, version int, config []
 	// read-committed transaction lets two updates both pass the read.
 	// The states it may change in hold no room, so no host's usage changes with the size.
 	var state machine.State
+	var app, host string
 	size := sizeOf(config)
 	err = tx.QueryRowContext(ctx, s.q(`UPDATE machines SET config = ?, cpus = ?, memory_mib = ?, version = version + 1, updated_at = ?
-		WHERE id = ? AND version = ? AND state IN (?, ?, ?) RETURNING state`),
-		string(config), size.CPUs, size.MemoryMiB, time.Now().UTC(), id, version, machine.Stopped, machine.Created, machine.Failed).Scan(&state)
+		WHERE id = ? AND version = ? AND state IN (?, ?, ?) RETURNING state, app, host`),
+		string(config), size.CPUs, size.MemoryMiB, time.Now().UTC(), id, version, machine.Stopped, machine.Created, machine.Failed).Scan(&state, &app, &host)
 	if errors.Is(err, sql.ErrNoRows) {
 		var cur int
 		if err := tx.QueryRowContext(ctx, s.q(`SELECT state, version FROM machines WHERE id = ?`), id).Scan(&state, &cur); err != nil {
@@ -533,10 +547,10 @@ func (s *DB) UpdateConfig(ctx context.Context, id string, version int, config []
 	if err != nil {
 		return err
 	}
-	if err := s.appendEvent(ctx, tx, id, machine.Event{Type: string(machine.EvUpdate), Status: state, Source: machine.SourceUser}); err != nil {
+	if err := s.appendEvent(ctx, tx, id, app, host, machine.Event{Type: string(machine.EvUpdate), Status: state, Source: machine.SourceUser}); err != nil {
 		return err
 	}
-	return tx.Commit()
+	return s.commit(tx)
 }
 
 func (s *DB) SetCordoned(ctx context.Context, id string, cordoned bool) error {
@@ -741,13 +755,14 @@ func (s *DB) Note(ctx context.Context, id string, ev machine.Event) error {
 		return err
 	}
 	defer tx.Rollback()
-	if err := tx.QueryRowContext(ctx, s.q(`SELECT state FROM machines WHERE id = ?`), id).Scan(&ev.Status); err != nil {
+	var app, host string
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT state, app, host FROM machines WHERE id = ?`), id).Scan(&ev.Status, &app, &host); err != nil {
 		return errdefs.New(errdefs.ErrNotFound, "machine %s does not exist", id)
 	}
-	if err := s.appendEvent(ctx, tx, id, ev); err != nil {
+	if err := s.appendEvent(ctx, tx, id, app, host, ev); err != nil {
 		return err
 	}
-	return tx.Commit()
+	return s.commit(tx)
 }
 
 var _ store.Builds = (*DB)(nil)
@@ -766,9 +781,20 @@ func (s *DB) CreateBuild(ctx context.Context, b store.Build) error {
 	if len(b.Result) == 0 {
 		b.Result = json.RawMessage("{}")
 	}
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO builds (`+buildCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	_, err = tx.ExecContext(ctx, s.q(`INSERT INTO builds (`+buildCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
 		b.ID, b.Project, b.Branch, b.State, b.Attempt, string(b.Spec), string(b.Result), b.NotBefore.UTC(), b.CreatedAt.UTC(), b.UpdatedAt.UTC(), b.Host)
-	return err
+	if err != nil {
+		return err
+	}
+	if err := s.appendJournal(ctx, tx, buildEvent(b)); err != nil {
+		return err
+	}
+	return s.commit(tx)
 }
 
 func (s *DB) GetBuild(ctx context.Context, id string) (store.Build, error) {
@@ -812,13 +838,17 @@ func (s *DB) BuildsInState(ctx context.Context, states ...string) ([]store.Build
 }
 
 func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from store.BuildRev) error {
-	res, err := s.db.ExecContext(ctx, s.q(`UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ?, host = ?
-		WHERE id = ? AND state = ? AND attempt = ? AND host = ?`),
-		b.State, b.Attempt, string(b.Result), b.NotBefore.UTC(), time.Now().UTC(), b.Host, b.ID, from.State, from.Attempt, from.Host)
+	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
-	if n, _ := res.RowsAffected(); n != 1 {
+	defer tx.Rollback()
+	var project string
+	err = tx.QueryRowContext(ctx, s.q(`UPDATE builds SET state = ?, attempt = ?, result = ?, not_before = ?, updated_at = ?, host = ?
+		WHERE id = ? AND state = ? AND attempt = ? AND host = ? RETURNING project`),
+		b.State, b.Attempt, string(b.Result), b.NotBefore.UTC(), time.Now().UTC(), b.Host, b.ID, from.State, from.Attempt, from.Host).Scan(&project)
+	if errors.Is(err, sql.ErrNoRows) {
+		tx.Rollback()
 		cur, err := s.GetBuild(ctx, b.ID)
 		if err != nil {
 			return err
@@ -826,7 +856,18 @@ func (s *DB) UpdateBuild(ctx context.Context, b store.Build, from store.BuildRev
 		return errdefs.New(errdefs.ErrConflict, "build %s is %s (attempt %d%s), not %s (attempt %d%s): it changed meanwhile",
 			b.ID, cur.State, cur.Attempt, onHost(cur.Host), from.State, from.Attempt, onHost(from.Host))
 	}
-	return nil
+	if err != nil {
+		return err
+	}
+	// A change of the result alone (its image pruned, say) is no event; a new state or
+	// a new attempt (a retry going back to queued, then running) is.
+	if b.State != from.State || b.Attempt != from.Attempt {
+		b.Project = project
+		if err := s.appendJournal(ctx, tx, buildEvent(b)); err != nil {
+			return err
+		}
+	}
+	return s.commit(tx)
 }
 
 func onHost(h string) string {
