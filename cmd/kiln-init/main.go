@@ -117,6 +117,7 @@ func boot() error {
 
 	a := agent.New(agent.NewReaper())
 	a.PowerOff = shutdown
+	a.Log = logf
 	a.SetTime = func(ns int64) error {
 		ts := unix.NsecToTimespec(ns)
 		return unix.ClockSettime(unix.CLOCK_REALTIME, &ts)

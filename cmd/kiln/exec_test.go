@@ -46,13 +46,16 @@ func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); retur
 // first MiB and truncated, the streaming exec passes every byte, and the server's RSS
 // stays within 64 MiB of where it started. A streaming exec carries stdin, a TTY and the
 // exit status (also through `kiln machine exec`), and a client that goes away takes its
-// command with it. Timeouts above exec.timeout_max are refused.
+// command with it. Timeouts above exec.timeout_max are refused. An exec's request id
+// is on the server's lines about it and on the guest agent's, and with --log-format json
+// every line the server writes is a JSON record.
 func TestExecBoundedMemory(t *testing.T) {
 	e := newEnv(t)
-	srv := startServer(t, e, freeAddr(t), "--proxy-listen", "off", "--network=false")
+	srv := startServer(t, e, freeAddr(t), "--proxy-listen", "off", "--network=false", "--log-format", "json")
 	defer stopOnFailure(&srv)
 	ctx := context.Background()
-	cl := client.New(srv.url, readToken(t, filepath.Join(e.dataDir, "admin-token")))
+	token := readToken(t, filepath.Join(e.dataDir, "admin-token"))
+	cl := client.New(srv.url, token)
 	loadImage(t, srv, imagetest.App(t), "localhost/app:1")
 	cl.CreateApp(ctx, "web")
 	m, err := cl.CreateMachine(ctx, "web", api.CreateMachineRequest{Config: api.MachineConfig{Image: "localhost/app:1",
@@ -63,6 +66,7 @@ func TestExecBoundedMemory(t *testing.T) {
 	if err := cl.Wait(ctx, "web", m.ID, "started", 90*time.Second); err != nil {
 		t.Fatalf("wait: %v\n%s", err, srv.logs)
 	}
+	execWithRequestID(t, srv, token, "web", m.ID, "test-123")
 	stream := func(req api.ExecRequest, stdin io.Reader, stdout, stderr io.Writer) api.ExecExit {
 		t.Helper()
 		sess, err := cl.ExecStream(ctx, "web", m.ID, req)
@@ -166,5 +170,7 @@ func TestExecBoundedMemory(t *testing.T) {
 		t.Fatal(errs)
 	}
 	srv.stop(syscall.SIGTERM)
+	logs := srv.logs.String()
 	srv = nil
+	requireJSONLines(t, logs)
 }

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -30,7 +31,26 @@ type kilnServer struct {
 	e    *env
 	url  string
 	cmd  *exec.Cmd
-	logs *bytes.Buffer
+	logs *serverLog
+}
+
+// serverLog is a server's stderr as read so far, safe to read while the server runs.
+type serverLog struct {
+	mu   sync.Mutex
+	b    strings.Builder
+	done chan struct{} // closed once stderr is read to its end
+}
+
+func (l *serverLog) add(line string) {
+	l.mu.Lock()
+	l.b.WriteString(line + "\n")
+	l.mu.Unlock()
+}
+
+func (l *serverLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func freeAddr(t *testing.T) string {
@@ -46,16 +66,17 @@ func freeAddr(t *testing.T) string {
 func startServer(t *testing.T, e *env, addr string, extra ...string) *kilnServer {
 	t.Helper()
 	c := e.cmd(append([]string{"server", "--listen", addr}, extra...)...)
-	var logs bytes.Buffer
+	logs := &serverLog{done: make(chan struct{})}
 	stderr, _ := c.StderrPipe()
 	if err := c.Start(); err != nil {
 		t.Fatal(err)
 	}
 	ready := make(chan bool, 1)
 	go func() {
+		defer close(logs.done)
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
-			logs.WriteString(sc.Text() + "\n")
+			logs.add(sc.Text())
 			if strings.Contains(sc.Text(), "serving the API") {
 				ready <- true
 			}
@@ -71,7 +92,7 @@ func startServer(t *testing.T, e *env, addr string, extra ...string) *kilnServer
 		c.Process.Kill()
 		t.Fatal("server did not start")
 	}
-	return &kilnServer{e: e, url: "http://" + addr, cmd: c, logs: &logs}
+	return &kilnServer{e: e, url: "http://" + addr, cmd: c, logs: logs}
 }
 
 // stopOnFailure stops a server a test left running (it failed part-way): a failed run
@@ -89,6 +110,12 @@ func stopOnFailure(srv **kilnServer) {
 
 func (s *kilnServer) stop(sig syscall.Signal) {
 	s.cmd.Process.Signal(sig)
+	// Its last lines are read before Wait closes the pipe (unless something it started
+	// holds stderr open).
+	select {
+	case <-s.logs.done:
+	case <-time.After(10 * time.Second):
+	}
 	s.cmd.Wait()
 }
 

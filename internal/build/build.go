@@ -36,7 +36,7 @@ import (
 	"github.com/kilnhq/kiln/internal/buildcontext"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
-	"github.com/kilnhq/kiln/internal/reqid"
+	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
@@ -125,7 +125,7 @@ func (s *Service) logf(format string, args ...any) { s.logfFor(context.Backgroun
 
 // logfFor logs a line about what ctx is doing: an API call's lines carry its id.
 func (s *Service) logfFor(ctx context.Context, format string, args ...any) {
-	reqid.Logger(ctx, s.Log).Info(fmt.Sprintf("builds: "+format, args...))
+	serverlog.For(ctx, s.Log).Info(fmt.Sprintf("builds: "+format, args...))
 }
 
 var projectRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)

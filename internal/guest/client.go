@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/yamux"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/reqid"
 )
 
 // SessionConfig is the yamux configuration both ends use. Keepalives are off: a paused
@@ -87,6 +88,7 @@ func (c *Client) Done() <-chan struct{} { return c.sess.CloseChan() }
 
 func (c *Client) open(ctx context.Context, h Header) (*yamux.Stream, error) {
 	h.Version = Version
+	h.RequestID = reqid.From(ctx) // an API call's, so the guest's lines about it carry it
 	s, err := c.sess.OpenStream()
 	if err != nil {
 		return nil, c.lost(err)

@@ -87,6 +87,10 @@ type Header struct {
 	Follow bool  `json:"follow,omitempty"`
 	Signal int   `json:"signal,omitempty"`
 	Time   int64 `json:"time,omitempty"`
+	// RequestID is the id of the API call a request is made for (package reqid), which
+	// the agent puts on its log line about it. Optional, so v1 still: agents decode
+	// headers leniently, and one from before it ignores it.
+	RequestID string `json:"request_id,omitempty"`
 }
 
 // Record is a piece of a supervised process's output, or its end.

@@ -29,7 +29,6 @@ import (
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/network"
-	"github.com/kilnhq/kiln/internal/reqid"
 	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/supervisor"
@@ -102,7 +101,7 @@ func New(cfg Config) *Service {
 }
 
 // log is the service's logger for what ctx is doing: an API call's lines carry its id.
-func (s *Service) log(ctx context.Context) *slog.Logger { return reqid.Logger(ctx, s.cfg.Log) }
+func (s *Service) log(ctx context.Context) *slog.Logger { return serverlog.For(ctx, s.cfg.Log) }
 
 func (s *Service) logf(ctx context.Context, format string, args ...any) {
 	s.log(ctx).Info(fmt.Sprintf(format, args...))

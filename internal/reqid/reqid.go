@@ -2,22 +2,23 @@
 // Kiln-Request-Id header, onto every log line about the call (on this host, on a host
 // the call is forwarded to, and in the guest agent's console), so one grep finds them
 // all. The API's handler (internal/server) sets it; whatever serves the call reads it
-// from the context.
+// from the context (serverlog.For puts it on a logger).
+//
+// The guest agent's protocol package links it into kiln-init, so it imports nothing
+// heavier than the context: no net/http, no log/slog.
 package reqid
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"log/slog"
-	"net/http"
 )
 
 // Header carries the id both ways: a client may choose it, and every answer names it.
 const Header = "Kiln-Request-Id"
 
-// altHeader is what proxies and other tools send; it is taken when Header is absent.
-const altHeader = "X-Request-Id"
+// AltHeader is what proxies and other tools send; it is taken when Header is absent.
+const AltHeader = "X-Request-Id"
 
 // MaxLen bounds a client's id: it goes into every log line about the call.
 const MaxLen = 64
@@ -48,16 +49,14 @@ func New() string {
 	return hex.EncodeToString(b[:])
 }
 
-// FromRequest is the call's id: the client's (Kiln-Request-Id, else X-Request-Id) if it
-// is Valid, else a new one.
-func FromRequest(r *http.Request) string {
-	for _, h := range []string{Header, altHeader} {
-		if v := r.Header.Values(h); len(v) == 1 && Valid(v[0]) {
-			return v[0]
-		}
-		if r.Header.Get(h) != "" {
-			break // one the client sent but may not use: not an excuse to try the other
-		}
+// Choose is the call's id given the values of its Header and AltHeader: the client's
+// (Header's, else AltHeader's) if it is one Valid value, else a new one.
+func Choose(ids, altIDs []string) string {
+	if len(ids) == 0 {
+		ids = altIDs
+	}
+	if len(ids) == 1 && Valid(ids[0]) {
+		return ids[0]
 	}
 	return New()
 }
@@ -73,16 +72,4 @@ func With(ctx context.Context, id string) context.Context {
 func From(ctx context.Context) string {
 	id, _ := ctx.Value(key{}).(string)
 	return id
-}
-
-// Logger returns base with ctx's id on every line (base itself outside an API call). A
-// nil base logs nothing.
-func Logger(ctx context.Context, base *slog.Logger) *slog.Logger {
-	if base == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	if id := From(ctx); id != "" {
-		return base.With(Attr, id)
-	}
-	return base
 }

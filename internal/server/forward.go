@@ -71,7 +71,7 @@ func (s *Server) forwardTo(w http.ResponseWriter, r *http.Request, host, what st
 			pr.Out.Header.Set(identityHeader, string(who))
 			pr.Out.Header.Set(forwardedHeader, s.Cluster.Name())
 			// The other host's lines about this call carry this host's id for it.
-			pr.Out.Header.Del("X-Request-Id")
+			pr.Out.Header.Del(reqid.AltHeader)
 			pr.Out.Header.Set(reqid.Header, reqid.From(r.Context()))
 		},
 		ModifyResponse: func(res *http.Response) error {

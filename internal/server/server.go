@@ -29,6 +29,7 @@ import (
 	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/reqid"
+	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
@@ -220,7 +221,7 @@ func (s *Server) Handler() http.Handler {
 	// Every answer names its call's id, and whatever serves the call finds it in the
 	// context: its log lines, a host it is forwarded to and the guest agent carry it.
 	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		id := reqid.FromRequest(req)
+		id := reqid.Choose(req.Header.Values(reqid.Header), req.Header.Values(reqid.AltHeader))
 		w.Header().Set(reqid.Header, id)
 		mux.ServeHTTP(w, req.WithContext(reqid.With(req.Context(), id)))
 	})
@@ -238,12 +239,12 @@ func (s *Server) logCall(r *http.Request, route Route, rec *recorder, start time
 	if by := r.Header.Get(forwardedHeader); by != "" && Peer(r) {
 		attrs = append(attrs, slog.String("forwarded_by", by))
 	}
-	reqid.Logger(r.Context(), s.Log).LogAttrs(r.Context(), level, "api call", attrs...)
+	serverlog.For(r.Context(), s.Log).LogAttrs(r.Context(), level, "api call", attrs...)
 }
 
 // logf returns a printf-style logger whose lines carry the id of ctx's call.
 func (s *Server) logf(ctx context.Context) func(string, ...any) {
-	l := reqid.Logger(ctx, s.Log)
+	l := serverlog.For(ctx, s.Log)
 	return func(format string, args ...any) { l.Info(fmt.Sprintf(format, args...)) }
 }
 

@@ -12,10 +12,23 @@ import (
 	"sync"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/reqid"
 )
 
 // Formats are what --log-format takes.
 var Formats = []string{"text", "json"}
+
+// For returns base with the request id of ctx's API call on every line (base itself
+// outside one). A nil base logs nothing.
+func For(ctx context.Context, base *slog.Logger) *slog.Logger {
+	if base == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	if id := reqid.From(ctx); id != "" {
+		return base.With(reqid.Attr, id)
+	}
+	return base
+}
 
 // New returns a logger writing records to w in format ("text", "" for text, or "json").
 func New(w io.Writer, format string) (*slog.Logger, error) {

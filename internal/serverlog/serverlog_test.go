@@ -2,12 +2,15 @@ package serverlog_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/kilnhq/kiln/internal/reqid"
 	"github.com/kilnhq/kiln/internal/serverlog"
 )
 
@@ -76,5 +79,26 @@ func TestWriterConcurrentLinesStayWhole(t *testing.T) {
 func TestNewRefusesUnknownFormat(t *testing.T) {
 	if _, err := serverlog.New(&bytes.Buffer{}, "xml"); err == nil || !strings.Contains(err.Error(), "text or json") {
 		t.Fatalf("err %v, want one naming text and json", err)
+	}
+}
+
+func TestForCarriesTheRequestID(t *testing.T) {
+	var buf bytes.Buffer
+	base := slog.New(slog.NewJSONHandler(&buf, nil))
+	serverlog.For(reqid.With(context.Background(), "test-123"), base).Info("hello")
+	serverlog.For(context.Background(), base).Info("outside")
+	serverlog.For(context.Background(), nil).Info("nowhere") // must not panic
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("%d lines, want 2:\n%s", len(lines), buf.String())
+	}
+	var in, out map[string]any
+	json.Unmarshal([]byte(lines[0]), &in)
+	json.Unmarshal([]byte(lines[1]), &out)
+	if in[reqid.Attr] != "test-123" {
+		t.Errorf("line in a call: %s, want request_id test-123", lines[0])
+	}
+	if _, ok := out[reqid.Attr]; ok {
+		t.Errorf("line outside a call carries a request id: %s", lines[1])
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/reqid"
 )
 
 // DefaultPath is the PATH a process gets unless the request sets one.
@@ -41,6 +42,9 @@ type Agent struct {
 	Info func(*guest.Reply)
 	// SetTime sets the wall clock (kiln-init); nil refuses.
 	SetTime func(unixNano int64) error
+	// Log, if set, takes one line per exec, spawn and signal, with the request id of
+	// the API call it serves (kiln-init: the console, which the host keeps).
+	Log func(format string, args ...any)
 
 	mu         sync.Mutex
 	pending    map[string]*execStreams
@@ -96,6 +100,11 @@ func (a *Agent) handle(s *yamux.Stream) {
 			"host speaks agent protocol v%d, this guest agent speaks v%d: rebuild the guest assets with `make setup`", h.Version, guest.Version)
 		s.Close()
 		return
+	}
+	if a.Log != nil {
+		if line := logLine(h); line != "" {
+			a.Log("%s", line)
+		}
 	}
 	switch h.Op {
 	case guest.OpStdin, guest.OpStdout, guest.OpStderr:
@@ -266,6 +275,34 @@ func envValue(env []string, key string) string {
 		}
 	}
 	return ""
+}
+
+// logLine says what a request that starts or signals a process does, in one bounded
+// line ending with the request id of the API call it serves; "" for the rest.
+func logLine(h guest.Header) string {
+	var line string
+	switch {
+	case h.Op == guest.OpExec && h.Exec != nil && len(h.Exec.Argv) > 0:
+		line = fmt.Sprintf("exec %q", clip(h.Exec.Argv[0])) // not its arguments: they may hold secrets
+	case h.Op == guest.OpSpawn && h.Exec != nil && len(h.Exec.Argv) > 0:
+		line = fmt.Sprintf("spawn %q as %q", clip(h.Exec.Argv[0]), clip(h.ID))
+	case h.Op == guest.OpSignal:
+		line = fmt.Sprintf("signal %d to %q", h.Signal, clip(h.ID))
+	default:
+		return ""
+	}
+	if reqid.Valid(h.RequestID) { // the host sends only valid ones; the console stays one line each
+		line += " request_id=" + h.RequestID
+	}
+	return line
+}
+
+// clip bounds a name a log line quotes.
+func clip(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "..."
+	}
+	return s
 }
 
 func (a *Agent) exec(ctl *yamux.Stream, h guest.Header) {

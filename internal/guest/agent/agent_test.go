@@ -24,10 +24,16 @@ import (
 
 // connect serves an agent (running processes on this host) over an in-memory pipe and
 // returns a client for it.
-func connect(t *testing.T) *guest.Client {
+func connect(t *testing.T) *guest.Client { return connectWith(t, nil) }
+
+// connectWith is connect with an agent that setup, if not nil, configures first.
+func connectWith(t *testing.T, setup func(*agent.Agent)) *guest.Client {
 	t.Helper()
 	hostEnd, guestEnd := net.Pipe()
 	a := agent.New(agent.ExecStarter{})
+	if setup != nil {
+		setup(a)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
