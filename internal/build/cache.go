@@ -10,6 +10,7 @@ import (
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/guest"
+	"github.com/kilnhq/kiln/internal/metrics"
 	"github.com/kilnhq/kiln/internal/volume"
 )
 
@@ -55,6 +56,10 @@ func prune(ctx context.Context, c *bkclient.Client) (int64, error) {
 // (BuildKit's GC keeps it under its keep size, so this means GC could not keep up).
 func (s *Service) checkFull(ctx context.Context, bd *Builder, c *bkclient.Client, log io.Writer) {
 	total, used, err := usage(ctx, bd)
+	if err == nil {
+		metrics.BuildCacheSize.WithLabelValues(bd.Project).Set(float64(total))
+		metrics.BuildCacheUsed.WithLabelValues(bd.Project).Set(float64(used))
+	}
 	if err != nil || total == 0 || float64(used)/float64(total) <= ResetAbove {
 		return
 	}
@@ -64,6 +69,7 @@ func (s *Service) checkFull(ctx context.Context, bd *Builder, c *bkclient.Client
 		return
 	}
 	s.Builders.countReset(bd.Project)
+	metrics.BuildCacheResets.WithLabelValues(bd.Project).Inc()
 	fmt.Fprintf(log, "kiln: the cache of %s was %d%% full after GC: reset it, %d MiB freed (%d resets since kiln started)\n",
 		bd.Project, used*100/total, freed>>20, s.Builders.CacheResets(bd.Project))
 	s.logf("reset the cache of %s: %d%% full after GC", bd.Project, used*100/total)

@@ -16,6 +16,7 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/cluster"
 	"github.com/kilnhq/kiln/internal/errdefs"
+	"github.com/kilnhq/kiln/internal/metrics"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
@@ -67,7 +68,7 @@ func (s *Service) recover(ctx context.Context) {
 			continue // another host's: it recovers its own, or takeOver does when it is down
 		}
 		s.logf("build %s was running when kiln stopped: queueing it again", b.ID)
-		s.retryOrFail(ctx, b, "kiln stopped while the build ran")
+		s.retryOrFail(ctx, b, retryKilnStopped, "kiln stopped while the build ran")
 	}
 }
 
@@ -126,6 +127,8 @@ func (s *Service) schedule(ctx context.Context) {
 			stop()
 			continue // canceled, or claimed by another host, meanwhile
 		}
+		// It waited from when it was queued (or its retry's backoff ended) until now.
+		metrics.BuildQueueWait.WithLabelValues(b.Project).Observe(time.Since(latest(b.UpdatedAt, b.CreatedAt, b.NotBefore)).Seconds())
 		if note != "" {
 			s.writeLog(b.ID, note)
 			s.logf("%s", strings.TrimSpace(note))
@@ -171,22 +174,33 @@ func (s *Service) execute(ctx context.Context, b store.Build) {
 		}
 	}
 	var infra errInfra
+	outcome := func(o string) {
+		metrics.BuildDuration.WithLabelValues(b.Project, o).Observe(time.Since(start).Seconds())
+	}
 	switch {
 	case err == nil:
+		outcome(Succeeded)
+		if out.stats.Total > 0 {
+			metrics.BuildCachedRatio.WithLabelValues(b.Project).Observe(float64(out.stats.Cached) / float64(out.stats.Total))
+		}
 		s.writeLog(b.ID, fmt.Sprintf("kiln: pushed %s (%s); %d of %d steps cached; %s\n", out.digest, joinTags(out.pushed), out.stats.Cached, out.stats.Total, time.Since(start).Round(time.Millisecond)))
 		finish(Succeeded, func(r *api.BuildResult) { r.Image, r.Pushed, r.Error, r.Failure = out.digest, out.pushed, "", "" })
 		s.pruneImages(bg, b.Project)
 		s.dropSecrets(b.ID)
 	case why != "":
+		outcome(Canceled)
 		finish(Canceled, func(r *api.BuildResult) { r.Error = why })
 		s.dropSecrets(b.ID)
 	case ctx.Err() != nil:
 		// kiln is shutting down: the build goes back to the queue for the next start.
-		s.retryOrFail(bg, b, "kiln stopped while the build ran")
+		outcome("interrupted")
+		s.retryOrFail(bg, b, retryKilnStopped, "kiln stopped while the build ran")
 	case errors.As(err, &infra):
+		outcome("infrastructure")
 		s.writeLog(b.ID, fmt.Sprintf("kiln: infrastructure failure: %v\n", err))
-		s.retryOrFail(bg, b, err.Error())
+		s.retryOrFail(bg, b, retryInfrastructure, err.Error())
 	default:
+		outcome(Failed)
 		s.writeLog(b.ID, fmt.Sprintf("kiln: build failed: %v\n", err))
 		finish(Failed, func(r *api.BuildResult) { r.Error, r.Failure = err.Error(), "code" })
 		s.dropSecrets(b.ID)
@@ -200,9 +214,29 @@ func (s *Service) dropSecrets(id string) {
 	s.mu.Unlock()
 }
 
+// Why an attempt is retried, as kiln_build_infra_retries_total counts it: a few names,
+// where why is free text.
+const (
+	retryKilnStopped    = "kiln-stopped"   // kiln stopped while the build ran
+	retryHostLost       = "host-lost"      // the host running it stopped heartbeating
+	retryInfrastructure = "infrastructure" // the builder VM or its BuildKit failed
+)
+
+// latest is the latest of some times.
+func latest(ts ...time.Time) time.Time {
+	var out time.Time
+	for _, t := range ts {
+		if t.After(out) {
+			out = t
+		}
+	}
+	return out
+}
+
 // retryOrFail queues a build again after an infrastructure failure, with backoff, or
-// fails it when it has had MaxAttempts runs.
-func (s *Service) retryOrFail(ctx context.Context, b store.Build, why string) {
+// fails it when it has had MaxAttempts runs. reason names the kind of failure.
+func (s *Service) retryOrFail(ctx context.Context, b store.Build, reason, why string) {
+	metrics.BuildRetries.WithLabelValues(b.Project, reason).Inc()
 	if b.Attempt >= s.MaxAttempts {
 		s.transition(ctx, b, Failed, func(r *api.BuildResult) {
 			r.Retries = append(r.Retries, why)
@@ -445,7 +479,7 @@ func (s *Service) takeOver(ctx context.Context) {
 			continue
 		}
 		s.logf("build %s ran on host %s, which stopped heartbeating: queueing it again", b.ID, b.Host)
-		s.retryOrFail(ctx, b, fmt.Sprintf("host %s stopped heartbeating mid-build", b.Host))
+		s.retryOrFail(ctx, b, retryHostLost, fmt.Sprintf("host %s stopped heartbeating mid-build", b.Host))
 	}
 }
 

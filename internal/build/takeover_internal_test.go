@@ -40,7 +40,7 @@ func TestLateResultOfATakenOverAttemptIsRefused(t *testing.T) {
 		t.Fatalf("host a started attempt %d on %q, want 1 on a", onA.Attempt, onA.Host)
 	}
 	// Host b sees a's heartbeat stop: the build goes back to the queue and b runs it.
-	hostB.retryOrFail(ctx, onA, "host a stopped heartbeating mid-build")
+	hostB.retryOrFail(ctx, onA, retryHostLost, "host a stopped heartbeating mid-build")
 	requeued, _ := db.GetBuild(ctx, "b1")
 	onB, err := hostB.transition(ctx, requeued, Running, nil)
 	if err != nil {

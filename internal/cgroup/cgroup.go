@@ -52,6 +52,8 @@ type Manager interface {
 	// Remove deletes the group once its processes are gone; a group already gone is not
 	// an error.
 	Remove(name string) error
+	// Usage reads what the group's processes have used (for /metrics).
+	Usage(name string) (Usage, error)
 }
 
 // Name is the group of VM id.

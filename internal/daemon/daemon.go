@@ -26,6 +26,7 @@ import (
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/limits"
 	"github.com/kilnhq/kiln/internal/machines"
+	"github.com/kilnhq/kiln/internal/metrics"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/proxy"
 	"github.com/kilnhq/kiln/internal/registry"
@@ -193,6 +194,10 @@ func Run(ctx context.Context, o Options, h Host) error {
 		store.Audit
 	}{db, audit}, ImageRules: rules, Log: logger, Builds: builds,
 		Capacity: ledger, Limits: limits.Default}
+	// /metrics reads machines by state from the store (with PostgreSQL: every host's),
+	// capacity from the ledger, and the usage of the machines running here.
+	apiSrv.Metrics = metrics.NewRegistry(metrics.MachineStates{Count: db.MachineCounts}, metrics.Capacity{Ledger: ledger},
+		metrics.Instances{List: mgr.Usage})
 	apiSrv.Recovering.Store(true)
 	handler := apiSrv.Handler()
 	srv, apiLn := connlimit.NewServer(ln, handler, httpLim.Pending(o.APIMaxUnauth, "the API (--api-max-unauthenticated-conns)"))

@@ -12,6 +12,7 @@ import (
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/metrics"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/supervisor"
 	"github.com/kilnhq/kiln/internal/vmm"
@@ -64,10 +65,12 @@ func (r *vmRuntime) rootfs(ctx context.Context, ref string) (image.Rootfs, error
 // Boot starts the machine's VM, with its volumes, and its workload.
 func (r *vmRuntime) Boot(ctx context.Context, rec store.Machine, cfg api.MachineConfig) (supervisor.VM, error) {
 	if k := r.internal[rec.App]; k != nil {
+		start := time.Now()
 		inst, err := k.Boot(ctx, rec)
 		if err != nil {
 			return nil, err
 		}
+		metrics.MachineBoot.WithLabelValues(rec.App).Observe(time.Since(start).Seconds())
 		return &vmInstance{rt: r, id: rec.ID, inst: inst, rec: rec, kind: k}, nil
 	}
 	id := rec.ID
@@ -100,6 +103,8 @@ func (r *vmRuntime) Boot(ctx context.Context, rec store.Machine, cfg api.Machine
 		spec.NICs = []vmm.NIC{{HostDev: l.TAP, MAC: l.MAC}}
 		spec.Cmdline = l.Cmdline()
 	}
+	// Boot latency is the VM's and its workload's: the image and the network are ready.
+	start := time.Now()
 	inst, err := r.vms.Boot(ctx, spec)
 	if err != nil {
 		return nil, err
@@ -108,7 +113,8 @@ func (r *vmRuntime) Boot(ctx context.Context, rec store.Machine, cfg api.Machine
 		inst.Destroy(context.WithoutCancel(ctx))
 		return nil, err
 	}
-	return &vmInstance{rt: r, id: id, inst: inst, as: w}, nil
+	metrics.MachineBoot.WithLabelValues(rec.App).Observe(time.Since(start).Seconds())
+	return &vmInstance{rt: r, id: id, inst: inst, as: w, rec: rec}, nil
 }
 
 func (r *vmRuntime) Resume(ctx context.Context, id string) (supervisor.VM, error) {
@@ -119,6 +125,7 @@ func (r *vmRuntime) Resume(ctx context.Context, id string) (supervisor.VM, error
 	if v == nil {
 		return nil, nil
 	}
+	start := time.Now()
 	err := v.inst.Resume(ctx)
 	if err == nil && v.kind != nil {
 		err = v.kind.Resumed(ctx, v.rec, v.inst)
@@ -127,6 +134,7 @@ func (r *vmRuntime) Resume(ctx context.Context, id string) (supervisor.VM, error
 		v.inst.Destroy(context.WithoutCancel(ctx))
 		return nil, err
 	}
+	metrics.MachineResume.WithLabelValues(v.rec.App).Observe(time.Since(start).Seconds())
 	return v, nil
 }
 
@@ -218,7 +226,8 @@ type vmInstance struct {
 	id   string
 	inst *vmrun.Instance
 	as   guest.ExecRequest
-	// rec and kind are set for an internal machine.
+	// rec is the machine's record as the VM was made (its app); kind is set for an
+	// internal machine.
 	rec  store.Machine
 	kind Internal
 }

@@ -69,7 +69,7 @@ var (
 
 	// BuildDuration is one attempt's run time, by how the build ended.
 	BuildDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Name: "kiln_build_duration_seconds", Help: "Build attempts' run time, by outcome (succeeded, failed, canceled, retried, infrastructure).",
+		Name: "kiln_build_duration_seconds", Help: "Build attempts' run time, by outcome (succeeded, failed, canceled, infrastructure: retried or given up, interrupted: kiln stopped).",
 		Buckets: []float64{1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600},
 	}, []string{LabelProject, "outcome"})
 	// BuildQueueWait is the time a build waited in its queue before an attempt started.

@@ -7,12 +7,14 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/kilnhq/kiln/internal/connlimit"
+	"github.com/kilnhq/kiln/internal/metrics"
 )
 
 // portListener serves one public port: HTTP routed by Host, or raw TCP.
@@ -74,9 +76,16 @@ func (p *Proxy) httpHandler(port int) http.Handler {
 			r.SetXForwarded()
 		},
 		Transport: transport,
+		ModifyResponse: func(resp *http.Response) error {
+			l := resp.Request.Context().Value(leaseKey{}).(*lease)
+			metrics.ProxyUpstream.WithLabelValues(l.target.App).Observe(time.Since(l.sent).Seconds())
+			metrics.ProxyRequests.WithLabelValues(l.target.App, strconv.Itoa(resp.StatusCode)).Inc()
+			return nil
+		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			l := r.Context().Value(leaseKey{}).(*lease)
 			p.logf("machine %s of app %s: %v", l.target.ID, l.target.App, err)
+			metrics.ProxyRequests.WithLabelValues(l.target.App, strconv.Itoa(http.StatusBadGateway)).Inc()
 			http.Error(w, "the machine did not answer", http.StatusBadGateway)
 		},
 	}
@@ -97,6 +106,8 @@ func (p *Proxy) httpHandler(port int) http.Handler {
 			return
 		}
 		if err != nil {
+			// The app has services (ErrNoService is answered above): its name is a real one.
+			metrics.ProxyRequests.WithLabelValues(app, strconv.Itoa(http.StatusServiceUnavailable)).Inc()
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
@@ -104,6 +115,7 @@ func (p *Proxy) httpHandler(port int) http.Handler {
 		// Uploads to the app may be long; a stalled one is cut after a header timeout.
 		connlimit.ProgressBody(w, r, p.cfg.HTTP.WithDefaults().HeaderTimeout)
 		w.Header().Set("Kiln-Machine", l.target.ID)
+		l.sent = time.Now()
 		rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), leaseKey{}, l)))
 	})
 }
@@ -137,6 +149,7 @@ func (p *Proxy) serveTCP(port int, ln net.Listener) {
 				return
 			}
 			defer l.release()
+			metrics.ProxyTCPConnections.WithLabelValues(app).Inc()
 			m, err := (&net.Dialer{Timeout: 5 * time.Second}).Dial("tcp", l.addr())
 			if err != nil {
 				p.logf("port %d: machine %s: %v", port, l.target.ID, err)

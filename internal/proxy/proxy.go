@@ -23,6 +23,7 @@ import (
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/connlimit"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/metrics"
 )
 
 // Target is a machine the proxy may send traffic to.
@@ -268,6 +269,8 @@ type lease struct {
 	svc    api.Service
 	st     *stat
 	woken  bool
+	// sent is when an HTTP request was handed to the machine.
+	sent time.Time
 }
 
 func (l *lease) addr() string {
@@ -317,6 +320,12 @@ func serviceOn(t Target, port int, http bool) (api.Service, bool) {
 func (p *Proxy) acquire(ctx context.Context, app string, port int, http bool) (*lease, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.WakeTimeout)
 	defer cancel()
+	held := false
+	defer func() {
+		if held {
+			metrics.ProxyHeld.WithLabelValues(app).Dec()
+		}
+	}()
 	for {
 		p.mu.Lock()
 		var (
@@ -375,6 +384,10 @@ func (p *Proxy) acquire(ctx context.Context, app string, port int, http bool) (*
 		}
 		changed := p.changed
 		p.mu.Unlock()
+		if !held { // the app is known: its name is a real one
+			held = true
+			metrics.ProxyHeld.WithLabelValues(app).Inc()
+		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
@@ -400,8 +413,11 @@ func (p *Proxy) wake(t Target) {
 			err = waitListening(ctx, t)
 		}
 		if err != nil {
+			metrics.ProxyWakes.WithLabelValues(t.App, "failed").Inc()
 			p.logf("waking machine %s of app %s: %v", t.ID, t.App, err)
 		} else {
+			metrics.ProxyWakes.WithLabelValues(t.App, "ok").Inc()
+			metrics.ProxyWake.WithLabelValues(t.App).Observe(time.Since(start).Seconds())
 			p.logf("woke machine %s of app %s (%s) in %s", t.ID, t.App, t.State, time.Since(start).Round(time.Millisecond))
 		}
 		p.mu.Lock()

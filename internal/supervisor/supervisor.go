@@ -13,6 +13,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"path/filepath"
 	"sync"
 	"time"
@@ -252,6 +253,23 @@ func (s *Supervisor) Running(id string) VM {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.vm
+}
+
+// RunningVMs returns the VM of every machine whose workload runs now, by machine ID.
+func (s *Supervisor) RunningVMs() map[string]VM {
+	s.mu.Lock()
+	runs := make(map[string]*run, len(s.runs))
+	maps.Copy(runs, s.runs)
+	s.mu.Unlock()
+	out := map[string]VM{}
+	for id, r := range runs {
+		r.mu.Lock()
+		if r.vm != nil {
+			out[id] = r.vm
+		}
+		r.mu.Unlock()
+	}
+	return out
 }
 
 // Supervised says whether a supervisor runs the machine (its VM, or its wait for room).
