@@ -5,7 +5,8 @@ set -euo pipefail
 
 need_pkgs=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in qemu-system-x86 linux-image-amd64 e2fsprogs debootstrap xz-utils busybox-static ca-certificates iproute2 nftables postgresql git; do
+# chromium: the web console's test drives Debian's headless Chromium (chromedp).
+for p in qemu-system-x86 linux-image-amd64 e2fsprogs debootstrap xz-utils busybox-static ca-certificates iproute2 nftables postgresql git chromium; do
   have "$p" || need_pkgs+=("$p")
 done
 

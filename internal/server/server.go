@@ -31,6 +31,7 @@ import (
 	"github.com/kilnhq/kiln/internal/reqid"
 	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/ui"
 )
 
 // Server serves the API.
@@ -215,6 +216,7 @@ func (s *Server) Handler() http.Handler {
 	if s.Registry != nil {
 		mux.Handle("/v2/", s.Registry)
 	}
+	mux.Handle("/ui/", ui.Handler()) // public static files; ServeMux redirects /ui to /ui/
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
 		writeError(w, errdefs.New(errdefs.ErrNotFound, "no route %s %s: see /v1/openapi.json", req.Method, req.URL.Path))
 	})

@@ -65,6 +65,8 @@ function showSignIn(message) {
   live.stopLive();
   ident = null;
   for (const id of ["#nav", "#whoami", "#signout", "#live", "#view"]) $(id).hidden = true;
+  replace($("#whoami"));
+  replace($("#view"));
   $("#signin").hidden = false;
   $("#token").value = "";
   if (message) showError(message);

@@ -1,7 +1,8 @@
 // Live updates. The console follows GET /v1/events?follow=true (server-sent events),
 // read with fetch because EventSource cannot send the Authorization header, and tells
-// every subscriber about each event. Where the server has no event stream (404), it
-// polls instead: subscribers get a "poll" event every 2 s and refresh what they show.
+// every subscriber about each event. Where the stream cannot be had (a server without
+// it answers 404), it polls instead: subscribers get a "poll" event every 2 s and
+// refresh what they show.
 
 import { stream, sse, APIError } from "./api.js";
 
@@ -78,12 +79,18 @@ async function run(signal) {
       );
     } catch (e) {
       if (signal.aborted) return;
-      if (e instanceof APIError && e.status === 404) {
-        onMode("polling");
-        await poll(signal);
+      if (e instanceof APIError && e.status === 401) {
+        // The token is refused (revoked, expired): polling would be refused too.
+        onMode("offline", e.message);
+        await sleep(probeEvery, signal);
         continue;
       }
-      onMode("offline", e.message);
+      // No stream here (404 before the server had one, 501 where it keeps no
+      // journal), too many followers, or the connection dropped: poll, and look for
+      // the stream again later.
+      onMode("polling");
+      await poll(signal);
+      continue;
     }
     await sleep(1000, signal);
   }

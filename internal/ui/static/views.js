@@ -447,7 +447,7 @@ async function buildView(root, { project, id }, env) {
 function capacityBar(id, used, offered, unit) {
   return h(
     "span",
-    {},
+    { className: "bar" },
     h("meter", { id, min: 0, max: Math.max(offered, 1), value: used, low: offered * 0.7, high: offered * 0.9, optimum: 0 }),
     ` ${used} / ${offered} ${unit}`,
   );
