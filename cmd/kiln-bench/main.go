@@ -52,10 +52,10 @@ func main() {
 	out := flag.String("out", "bench-results/bench.json", "where to write the JSON report")
 	boots := flag.Int("boots", 10, "boots to time")
 	execs := flag.Int("execs", 100, "execs of `true` to time")
-	only := flag.String("only", "", "run one part alone: placement (no VM; for repeated runs on a quiet host)")
+	only := flag.String("only", "", "run one part alone: placement or metrics (no VM; for repeated runs on a quiet host)")
 	flag.Parse()
-	if *only != "" && *only != "placement" {
-		fmt.Fprintf(os.Stderr, "kiln-bench: -only %q: the part that runs alone is placement\n", *only)
+	if *only != "" && *only != "placement" && *only != "metrics" {
+		fmt.Fprintf(os.Stderr, "kiln-bench: -only %q: the parts that run alone are placement and metrics\n", *only)
 		os.Exit(2)
 	}
 	if err := run(*out, *boots, *execs, *only); err != nil {
@@ -101,6 +101,12 @@ func run(out string, boots, execs int, only string) error {
 	if only == "placement" {
 		if err := benchPlacement(ctx, work, add); err != nil {
 			return fmt.Errorf("placement: %w", err)
+		}
+		return finish(rep, out)
+	}
+	if only == "metrics" {
+		if err := benchMetrics(ctx, work, add); err != nil {
+			return fmt.Errorf("metrics: %w", err)
 		}
 		return finish(rep, out)
 	}
@@ -178,6 +184,9 @@ func run(out string, boots, execs int, only string) error {
 	}
 	if err := benchPlacement(ctx, work, add); err != nil {
 		return fmt.Errorf("placement: %w", err)
+	}
+	if err := benchMetrics(ctx, work, add); err != nil {
+		return fmt.Errorf("metrics: %w", err)
 	}
 
 	return finish(rep, out)
