@@ -52,12 +52,17 @@ lines:
 	return out
 }
 
-// A server with --log-format json writes nothing on stderr but JSON records, from its
-// start to its stop, through calls that succeed, are refused and name no route, and the
-// access line of a call carries the request id it answered with.
+// A server with log-format json (here from its config file; TestExecBoundedMemory gives
+// the flag) writes nothing on stderr but JSON records, from its start to its stop,
+// through calls that succeed, are refused and name no route, and the access line of a
+// call carries the request id it answered with.
 func TestServerLogsJSON(t *testing.T) {
 	e := newEnv(t)
-	srv := startServer(t, e, freeAddr(t), "--proxy-listen", "off", "--network=false", "--log-format", "json")
+	conf := filepath.Join(t.TempDir(), "server.toml")
+	if err := os.WriteFile(conf, []byte("log-format = \"json\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	srv := startServer(t, e, freeAddr(t), "--proxy-listen", "off", "--network=false", "--config", conf)
 	defer stopOnFailure(&srv)
 	token := readToken(t, filepath.Join(e.dataDir, "admin-token"))
 	for _, c := range []struct {

@@ -55,3 +55,19 @@ func TestVMMIsASetting(t *testing.T) {
 		})
 	}
 }
+
+func TestLogFormatIsChecked(t *testing.T) {
+	o := options(t.TempDir())
+	o.LogFormat = "xml"
+	asked := false
+	err := Run(context.Background(), o, Host{
+		Reap: func(context.Context, io.Writer) {},
+		Runtime: func(context.Context, string, io.Writer) (*vmrun.Runtime, string, error) {
+			asked = true
+			return nil, "", errors.New("runtime asked for")
+		},
+	})
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "--log-format") || asked {
+		t.Fatalf("Run = %v (runtime asked for: %v); want ErrInvalid naming --log-format before any runtime", err, asked)
+	}
+}
