@@ -2,6 +2,7 @@
 // Every call with a token is recorded; calls without one (anyone can send them, as
 // fast as the network allows) are recorded up to a rate, and those past it are counted
 // in one entry per second instead, so that the log cannot be used to fill the disk.
+// Prune keeps the server's journals (this log, and the event journal) to their retention.
 package auditlog
 
 import (
@@ -16,16 +17,31 @@ import (
 // DefaultRetention is how long entries are kept unless the operator says otherwise.
 const DefaultRetention = 90 * 24 * time.Hour
 
-// Prune deletes entries older than keep every hour until ctx ends; keep 0 keeps all.
-func Prune(ctx context.Context, a store.Audit, keep time.Duration, logf func(string, ...any)) {
-	if keep <= 0 {
-		return
-	}
+// Retention is one of the server's journals kept for a time: the audit log, the event
+// journal. Prune keeps them all in one loop.
+type Retention struct {
+	// What names the entries ("audit entries") and Flag the setting of Keep
+	// ("--audit-retention"), for the log.
+	What, Flag string
+	// Keep is how long an entry is kept; 0 keeps them all.
+	Keep time.Duration
+	// Prune deletes the entries older than before and says how many.
+	Prune func(ctx context.Context, before time.Time) (int64, error)
+}
+
+// Prune deletes, every hour until ctx ends, the entries of each journal older than it
+// keeps them.
+func Prune(ctx context.Context, logf func(string, ...any), rs ...Retention) {
 	for {
-		if n, err := a.PruneAudit(ctx, time.Now().Add(-keep)); err != nil && ctx.Err() == nil {
-			logf("audit: pruning entries older than %s: %v", keep, err)
-		} else if n > 0 {
-			logf("audit: deleted %d entries older than %s (--audit-retention)", n, keep)
+		for _, r := range rs {
+			if r.Keep <= 0 {
+				continue
+			}
+			if n, err := r.Prune(ctx, time.Now().Add(-r.Keep)); err != nil && ctx.Err() == nil {
+				logf("pruning %s older than %s: %v", r.What, r.Keep, err)
+			} else if n > 0 {
+				logf("deleted %d %s older than %s (%s)", n, r.What, r.Keep, r.Flag)
+			}
 		}
 		select {
 		case <-ctx.Done():

@@ -2,6 +2,8 @@ package auditlog_test
 
 import (
 	"context"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,5 +48,36 @@ func TestAnonymousFloodIsBounded(t *testing.T) {
 	}
 	if tok != 1000 || anon != 6 || summary.Target != "995" || summary.Source != "10.0.0.9" {
 		t.Errorf("%d token entries, %d anonymous, summary %+v; want 1000, 5+1, 995 dropped", tok, anon, summary)
+	}
+}
+
+// One loop prunes every journal at once, each by its own retention; one kept for ever
+// is left alone.
+func TestPruneKeepsEachJournalItsTime(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cutoffs := make(chan string, 3)
+	pruner := func(name string) func(context.Context, time.Time) (int64, error) {
+		return func(_ context.Context, before time.Time) (int64, error) {
+			cutoffs <- name + " " + time.Since(before).Round(time.Hour).String()
+			return 1, nil
+		}
+	}
+	done := make(chan struct{})
+	var logged []string
+	go func() {
+		defer close(done)
+		auditlog.Prune(ctx, func(f string, args ...any) { logged = append(logged, fmt.Sprintf(f, args...)) },
+			auditlog.Retention{What: "audit entries", Flag: "--audit-retention", Keep: 90 * 24 * time.Hour, Prune: pruner("audit")},
+			auditlog.Retention{What: "events", Flag: "--event-retention", Keep: 0, Prune: pruner("kept")},
+			auditlog.Retention{What: "events", Flag: "--event-retention", Keep: 30 * 24 * time.Hour, Prune: pruner("events")})
+	}()
+	got := []string{<-cutoffs, <-cutoffs}
+	cancel()
+	<-done
+	if want := []string{"audit 2160h0m0s", "events 720h0m0s"}; fmt.Sprint(got) != fmt.Sprint(want) || len(cutoffs) != 0 {
+		t.Errorf("pruned %v (and %d more), want %v", got, len(cutoffs), want)
+	}
+	if len(logged) != 2 || !strings.Contains(logged[1], "deleted 1 events older than 720h0m0s (--event-retention)") {
+		t.Errorf("logged %q", logged)
 	}
 }

@@ -193,7 +193,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 		store.Tokens
 		store.Audit
 	}{db, audit}, ImageRules: rules, Log: logger, Builds: builds,
-		Capacity: ledger, Limits: limits.Default}
+		Capacity: ledger, Limits: limits.Default, Events: db}
 	// /metrics reads machines by state from the store (with PostgreSQL: every host's),
 	// capacity from the ledger, and the usage of the machines running here.
 	apiSrv.Metrics = metrics.NewRegistry(metrics.MachineStates{Count: db.MachineCounts}, metrics.Capacity{Ledger: ledger},
@@ -223,7 +223,11 @@ func Run(ctx context.Context, o Options, h Host) error {
 	}
 	late := background(ctx, &stack)
 	late.run(mgr.SweepSnapshots) // volume snapshots: retention and daily backups
-	late.run(func(ctx context.Context) { auditlog.Prune(ctx, db, o.AuditRetention, logf) })
+	late.run(func(ctx context.Context) {
+		auditlog.Prune(ctx, logf,
+			auditlog.Retention{What: "audit entries", Flag: "--audit-retention", Keep: o.AuditRetention, Prune: db.PruneAudit},
+			auditlog.Retention{What: "events", Flag: "--event-retention", Keep: o.EventRetention, Prune: db.PruneEvents})
+	})
 	if shared {
 		late.run(func(ctx context.Context) { hosts.ClaimEvery(ctx, mgr) })
 	}

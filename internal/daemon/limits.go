@@ -16,6 +16,8 @@ import (
 	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/proxy"
+	"github.com/kilnhq/kiln/internal/server"
+	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmrun"
 )
@@ -67,6 +69,11 @@ func registerLimits(r *limits.Registry, o Options, h capacity.Host, b *build.Ser
 	r.Set("proxy.tcp_idle_timeout", o.TCPIdle, "", src("tcp-idle-timeout"), "a raw TCP connection passing no byte either way for this long is closed, both sides")
 	r.Set("process.open_files", connlimit.OpenFileLimit(), "files", "RLIMIT_NOFILE (Go raises the soft limit to the hard one, less 1, at start)", "descriptors the server may hold; the connection caps keep floods under it")
 	r.Set("image.upload", int64(8<<30), "bytes", "built in", "largest image tarball accepted by POST /v1/images")
+	r.Set("events.retention", o.EventRetention, "", src("event-retention"), "how long the event journal (GET /v1/events, kiln events) keeps an event; 0 keeps them all")
+	r.Set("events.followers", server.MaxEventFollowers, "streams", "built in", "follows of GET /v1/events open at once on this server")
+	r.Set("events.followers_per_token", server.MaxEventFollowersPerToken, "streams", "built in", "follows of GET /v1/events one token may hold open at once")
+	r.Set("events.page", store.MaxEventPage, "events", "built in", "events one call of GET /v1/events may ask for (limit)")
+	r.Set("events.message", store.MaxEventMessage, "bytes", "built in", "an event's message (an exit's or a build failure's text is cut to it)")
 	if b == nil {
 		return
 	}

@@ -73,6 +73,9 @@ type Options struct {
 	SharedImages []string
 	// AuditRetention is how long audit entries are kept; 0 keeps them all.
 	AuditRetention time.Duration
+	// EventRetention is how long the event journal (GET /v1/events) keeps an event; 0
+	// keeps them all.
+	EventRetention time.Duration
 	// LogFormat is how the server's log lines are written on stderr: text or json
 	// (serverlog.Formats).
 	LogFormat string

@@ -46,7 +46,7 @@ func newTenants(t *testing.T) *tenants {
 	}
 	ms := machines.New(machines.Config{Store: db, Dir: t.TempDir()})
 	chk := &auth.Checker{Key: authtest.Key, Tokens: db}
-	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Auth: chk, Access: db}).Handler())
+	srv := httptest.NewServer((&server.Server{Store: db, Node: ms, Auth: chk, Access: db, Events: db}).Handler())
 	t.Cleanup(func() { srv.Close(); ms.Close() })
 	return &tenants{t: t, url: srv.URL, db: db, path: path}
 }

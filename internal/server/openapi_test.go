@@ -105,6 +105,7 @@ func TestOpenAPIQueryParameters(t *testing.T) {
 		"DELETE /v1/apps/{app}":                       {"force"},
 		"GET /v1/apps/{app}/machines/{id}/logs":       {"follow"},
 		"GET /v1/projects/{project}/builds/{id}/logs": {"follow"},
+		"GET /v1/events":                              {"follow", "app", "machine", "project", "build", "type", "after", "limit"},
 	} {
 		op, ok := ops[route]
 		if !ok {
@@ -165,6 +166,7 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"MetadataValue": api.MetadataValue{}, "MetadataUpdate": api.MetadataUpdate{},
 		"LogLine": api.LogLine{}, "ImageLoadResponse": api.ImageLoadResponse{},
 		"Volume": api.Volume{}, "CreateVolumeRequest": api.CreateVolumeRequest{}, "UpdateVolumeRequest": api.UpdateVolumeRequest{}, "Snapshot": api.Snapshot{}, "ExtendVolumeRequest": api.ExtendVolumeRequest{}, "ExtendVolumeResponse": api.ExtendVolumeResponse{}, "BuildSpec": api.BuildSpec{}, "Build": api.Build{}, "BuildCache": api.BuildCache{}, "Limit": api.Limit{}, "Host": api.Host{},
+		"StreamEvent": api.StreamEvent{}, "EventList": api.EventList{},
 	} {
 		s, ok := schemas[name].(map[string]any)
 		if !ok {

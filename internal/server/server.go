@@ -80,6 +80,10 @@ type Server struct {
 	// Metrics is what GET /metrics serves (metrics.NewRegistry with this server's
 	// collectors); nil serves the process-wide instruments only.
 	Metrics prometheus.Gatherer
+	// Events is the journal GET /v1/events serves; nil answers that none is kept.
+	Events store.EventLog
+	// followers counts the open follows of GET /v1/events.
+	followers followers
 }
 
 // Route is one method and path pattern the server answers.
@@ -161,6 +165,7 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/tokens/current", anyone, s.currentToken},
 		{"DELETE", "/v1/tokens/{token}", operator, s.revokeToken},
 		{"GET", "/v1/audit", anyone, s.listAudit},
+		{"GET", "/v1/events", anyone, s.listEvents},
 		{"GET", "/metrics", anyone, s.metrics},
 	}
 }

@@ -10,9 +10,9 @@ import (
 // type machine.<its type>) or a build's change of state (build.<the new state>). The
 // store writes it in the transaction that makes the change it describes.
 type Event struct {
-	// Seq orders the journal: a later event has a larger one, and a follower resumes
-	// after the last it saw.
-	Seq       int64     `json:"id"`
+	// ID orders the journal (its seq): a later event has a larger one, and a
+	// follower resumes after the last it saw.
+	ID        int64     `json:"id"`
 	Time      time.Time `json:"time"`
 	Type      string    `json:"type"`
 	App       string    `json:"app"`
@@ -68,6 +68,10 @@ type EventFilter struct {
 	// Limit bounds how many come back; 0 or too many is MaxEventPage.
 	Limit int
 }
+
+// DefaultEventRetention is how long the journal keeps an event unless the operator says
+// otherwise (kiln server --event-retention).
+const DefaultEventRetention = 30 * 24 * time.Hour
 
 // MaxEventPage bounds one read of the journal.
 const MaxEventPage = 1000

@@ -136,7 +136,7 @@ func (s *DB) ListEvents(ctx context.Context, f store.EventFilter) ([]store.Event
 	var out []store.Event
 	for rows.Next() {
 		var e store.Event
-		if err := rows.Scan(&e.Seq, &e.Time, &e.Type, &e.App, &e.MachineID, &e.Project, &e.BuildID, &e.Host, &e.State, &e.Message); err != nil {
+		if err := rows.Scan(&e.ID, &e.Time, &e.Type, &e.App, &e.MachineID, &e.Project, &e.BuildID, &e.Host, &e.State, &e.Message); err != nil {
 			return nil, err
 		}
 		out = append(out, e)

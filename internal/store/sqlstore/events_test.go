@@ -72,8 +72,8 @@ func testEventJournal(t *testing.T, dsn string) {
 	var got []string
 	for i, e := range all {
 		got = append(got, strings.Join([]string{e.Type, e.App + e.Project, e.MachineID + e.BuildID, e.Host, e.State}, " "))
-		if i > 0 && e.Seq <= all[i-1].Seq || e.Time.IsZero() {
-			t.Errorf("event %d: seq %d after %d, time %v", i, e.Seq, all[i-1].Seq, e.Time)
+		if i > 0 && e.ID <= all[i-1].ID || e.Time.IsZero() {
+			t.Errorf("event %d: seq %d after %d, time %v", i, e.ID, all[i-1].ID, e.Time)
 		}
 	}
 	want := []string{
@@ -106,7 +106,7 @@ func testEventJournal(t *testing.T, dsn string) {
 		var out []string
 		for _, e := range es {
 			for i, a := range all {
-				if a.Seq == e.Seq {
+				if a.ID == e.ID {
 					out = append(out, fmt.Sprint(i))
 				}
 			}
@@ -127,10 +127,10 @@ func testEventJournal(t *testing.T, dsn string) {
 		{"reach of apps only", store.EventFilter{Apps: []string{"web"}, Projects: []string{}}, "0,2,3,4,5,6,7"},
 		{"reach of nothing", store.EventFilter{Apps: []string{}, Projects: []string{}}, ""},
 		{"reach and a filter", store.EventFilter{Apps: []string{"api"}, App: "web"}, ""},
-		{"after", store.EventFilter{After: all[8].Seq}, "9,10"},
-		{"a page", store.EventFilter{After: all[2].Seq, Limit: 2}, "3,4"},
+		{"after", store.EventFilter{After: all[8].ID}, "9,10"},
+		{"a page", store.EventFilter{After: all[2].ID, Limit: 2}, "3,4"},
 		{"the tail", store.EventFilter{Newest: true, Limit: 3}, "8,9,10"},
-		{"the tail after", store.EventFilter{Newest: true, After: all[9].Seq, Limit: 3}, "10"},
+		{"the tail after", store.EventFilter{Newest: true, After: all[9].ID, Limit: 3}, "10"},
 	} {
 		if got := seqs(c.f); got != c.want {
 			t.Errorf("%s: events %s, want %s", c.name, got, c.want)
@@ -167,7 +167,7 @@ func testJournalOrderUnderConcurrency(t *testing.T, dsn string) {
 	done := make(chan struct{})
 	followed := make(chan error, 1)
 	go func() {
-		after := start[0].Seq
+		after := start[0].ID
 		for {
 			select {
 			case <-done:
@@ -205,8 +205,8 @@ func testJournalOrderUnderConcurrency(t *testing.T, dsn string) {
 func follow(ctx context.Context, db *sqlstore.DB, after *int64, seen map[int64]bool) error {
 	es, err := db.ListEvents(ctx, store.EventFilter{After: *after})
 	for _, e := range es {
-		seen[e.Seq] = true
-		*after = e.Seq
+		seen[e.ID] = true
+		*after = e.ID
 	}
 	return err
 }
