@@ -52,7 +52,7 @@ func main() {
 	af.register(root)
 	root.AddCommand(vmCmd(g), assetsCmd(g), diskCmd(g), versionCmd(), serverCmd(g), buildCmd(g, af),
 		machineCmd(g, af), logsCmd(g, af), imageCmd(g, af), volumeCmd(g, af), limitsCmd(g, af), hostCmd(g, af),
-		tokensCmd(g, af), auditCmd(g, af))
+		tokensCmd(g, af), auditCmd(g, af), eventsCmd(g, af))
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := root.ExecuteContext(ctx)

@@ -201,6 +201,7 @@ func Run(ctx context.Context, o Options, h Host) error {
 	apiSrv.Recovering.Store(true)
 	handler := apiSrv.Handler()
 	srv, apiLn := connlimit.NewServer(ln, handler, httpLim.Pending(o.APIMaxUnauth, "the API (--api-max-unauthenticated-conns)"))
+	srv.RegisterOnShutdown(apiSrv.EndStreams)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(apiLn) }()
 	stack.push(func() {

@@ -148,6 +148,7 @@ func (s *Server) followEvents(w http.ResponseWriter, r *http.Request, f store.Ev
 		}
 	}
 	flush()
+	ended := s.followers.endedCh()
 	keepalive := time.NewTicker(eventKeepalive)
 	defer keepalive.Stop()
 	poll := time.NewTimer(eventPoll)
@@ -177,6 +178,8 @@ func (s *Server) followEvents(w http.ResponseWriter, r *http.Request, f store.Ev
 		poll.Reset(eventPoll)
 		select {
 		case <-ctx.Done():
+			return nil
+		case <-ended:
 			return nil
 		case <-woke:
 			select {
@@ -209,12 +212,43 @@ type followers struct {
 	mu      sync.Mutex
 	n       int
 	byToken map[string]int
+	ended   chan struct{} // closed by EndStreams
+}
+
+// EndStreams ends the open follows of the event stream and refuses new ones: a server
+// shutting down calls it (http.Server.RegisterOnShutdown), as its graceful shutdown
+// would otherwise wait for streams that never finish. Followers reconnect elsewhere or
+// after the restart, resuming where they were.
+func (s *Server) EndStreams() {
+	ch := s.followers.endedCh()
+	s.followers.mu.Lock()
+	defer s.followers.mu.Unlock()
+	select {
+	case <-ch:
+	default:
+		close(ch)
+	}
+}
+
+func (f *followers) endedCh() chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.ended == nil {
+		f.ended = make(chan struct{})
+	}
+	return f.ended
 }
 
 // take counts one more follow by token, if both bounds allow it; release uncounts it.
 func (f *followers) take(token string) (release func(), err error) {
+	ended := f.endedCh()
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	select {
+	case <-ended:
+		return nil, errdefs.New(errdefs.ErrUnavailable, "the server is shutting down: follow the events again in a moment")
+	default:
+	}
 	if f.n >= MaxEventFollowers {
 		return nil, errdefs.New(errdefs.ErrUnavailable, "the server already streams events to %d followers, its limit (events.followers): retry later", MaxEventFollowers)
 	}

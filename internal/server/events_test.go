@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +16,7 @@ import (
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store"
+	"github.com/kilnhq/kiln/internal/store/sqlstore"
 )
 
 // sseEvent is one server-sent event as it came: its fields, or a comment.
@@ -243,5 +246,32 @@ func TestEventFollowersAreBounded(t *testing.T) {
 			t.Fatalf("a closed follow did not free its place: %d %s", code, body)
 		}
 		time.Sleep(20 * time.Millisecond) // the server notices the close on its next read
+	}
+}
+
+// A server shutting down ends its follows (a graceful shutdown would wait for them for
+// ever) and takes no new ones.
+func TestEndStreamsEndsFollows(t *testing.T) {
+	db, err := sqlstore.Open(context.Background(), filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	apiSrv := &server.Server{Auth: opAuth, Events: db}
+	srv := httptest.NewServer(apiSrv.Handler())
+	defer srv.Close()
+	tn := &tenants{t: t, url: srv.URL, db: db}
+	s := tn.follow("", opToken)
+	apiSrv.EndStreams()
+	select {
+	case _, open := <-s.events:
+		if open {
+			t.Error("an event after EndStreams")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the follow is still open 10 s after EndStreams")
+	}
+	if code, body := tn.call("GET", "/v1/events?follow=true", opToken, nil); code != http.StatusServiceUnavailable {
+		t.Errorf("a follow after EndStreams: %d %s", code, body)
 	}
 }
