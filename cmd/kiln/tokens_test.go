@@ -37,6 +37,7 @@ func TestScopedTokensEndToEnd(t *testing.T) {
 		t.Fatalf("machine run with the app's token: %s\n%s", errs, srv.logs)
 	}
 	m := strings.TrimSpace(out)
+	checkMetrics(t, srv, tok, "web", m)
 	// Another tenant's image, app, project and the operator's routes are out of reach.
 	if _, errs, code := as(tok, "machine", "run", "localhost/other/app:1", "--app", "web"); code == 0 || !strings.Contains(errs, "not found") || !strings.Contains(errs, "own namespace") {
 		t.Errorf("running another namespace's image: %d %s", code, errs)
