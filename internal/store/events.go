@@ -38,9 +38,15 @@ func (e Event) Clipped() Event {
 		if f == &e.Message {
 			n = MaxEventMessage
 		}
-		*f = clip(strings.ReplaceAll(strings.ToValidUTF8(*f, "\uFFFD"), "\x00", ""), n)
+		*f = CleanText(*f, n)
 	}
 	return e
+}
+
+// CleanText returns s as a database keeps it safely: valid UTF-8 without NUL bytes
+// (PostgreSQL refuses both) and at most n bytes.
+func CleanText(s string, n int) string {
+	return clip(strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", ""), n)
 }
 
 // clip cuts s to at most n bytes, a cut one ending in "…", never inside a character.

@@ -223,3 +223,28 @@ func TestEventClipped(t *testing.T) {
 		t.Errorf("clipped: %d, %d bytes; %.20q", len(e.App), len(e.Message), e.Message)
 	}
 }
+
+func TestHostileEventMessageKept(t *testing.T) { forEachDialect(t, testHostileEventMessageKept) }
+
+// A message with a NUL byte and invalid UTF-8 (a guest's console tail in a boot failure)
+// is kept cleaned in the machine's journal and the journal of everything, and does not
+// refuse the change it describes (PostgreSQL refuses both in text).
+func testHostileEventMessageKept(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	db.CreateApp(ctx, "web")
+	if err := db.CreateMachine(ctx, store.Machine{ID: "m1", App: "web", Name: "a", State: machine.Created, Config: []byte(`{}`)}, machine.Event{Type: "launch", Source: "user"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Transition(ctx, "m1", machine.Created, machine.Starting, machine.Event{Type: "start", Source: "kiln", Message: "boot failed: \x00\xffpanic"}); err != nil {
+		t.Fatalf("a transition with a hostile message: %v", err)
+	}
+	evs, err := db.Events(ctx, "m1")
+	if err != nil || len(evs) != 2 || evs[1].Message != "boot failed: \uFFFDpanic" {
+		t.Errorf("machine events: %v %+v", err, evs)
+	}
+	all, err := db.ListEvents(ctx, store.EventFilter{Machine: "m1"})
+	if err != nil || len(all) != 2 || all[1].Message != "boot failed: \uFFFDpanic" {
+		t.Errorf("journal: %v %+v", err, all)
+	}
+}

@@ -260,6 +260,9 @@ func (s *DB) appendEvent(ctx context.Context, tx *sql.Tx, id, app, host string, 
 	if ev.Timestamp.IsZero() {
 		ev.Timestamp = time.Now()
 	}
+	// A message can carry what a guest printed (a boot failure's console tail): one
+	// PostgreSQL refuses must not refuse the change it describes.
+	ev.Message = store.CleanText(ev.Message, store.MaxEventMessage)
 	_, err := tx.ExecContext(ctx, s.q(`INSERT INTO machine_events (machine_id, type, status, source, ts, exit_code, message) VALUES (?, ?, ?, ?, ?, ?, ?)`),
 		id, ev.Type, ev.Status, ev.Source, ev.Timestamp.UTC(), ev.ExitCode, ev.Message)
 	if err != nil {
