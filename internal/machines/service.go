@@ -92,7 +92,7 @@ func New(cfg Config) *Service {
 	s.rt = &vmRuntime{vms: cfg.VMs, store: cfg.Store, images: cfg.Images, cache: cfg.Rootfs, net: cfg.Net, log: serverlog.Writer(cfg.Log),
 		internal: cfg.Internal, saved: map[string]*vmInstance{}}
 	scfg := supervisor.Config{Store: cfg.Store, Runtime: s.rt, CapacityWait: cfg.CapacityWait, LogDir: cfg.Dir,
-		Remove: s.remove, Log: serverlog.Writer(cfg.Log)}
+		Remove: s.remove, Log: cfg.Log}
 	if cfg.Capacity != nil {
 		scfg.Capacity = cfg.Capacity
 	}

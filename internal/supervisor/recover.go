@@ -66,14 +66,14 @@ func (s *Supervisor) resume(ctx context.Context, rec store.Machine, vm VM) {
 	switch rec.State {
 	case machine.Started:
 		if vm != nil {
-			s.launch(id, vm)
+			s.launch(s.ctx, id, vm)
 			return
 		}
 		s.logf("machine %s: its VM is gone; applying its restart policy", id)
 		f := machine.Facts{Exited: true, Restart: restartPolicy(cfg), AutoDestroy: cfg.AutoDestroy}
 		s.step(ctx, id, rec.State, machine.InVMGone, f, func(e machine.Effect) error {
 			if e == machine.Launch {
-				s.launch(id, nil)
+				s.launch(s.ctx, id, nil)
 			}
 			return s.common(ctx, id, e)
 		})
@@ -84,11 +84,11 @@ func (s *Supervisor) resume(ctx context.Context, rec store.Machine, vm VM) {
 		}
 		// A stop was under way when kiln went down: its run finishes it, as any stop,
 		// without holding up the recovery of the other machines.
-		s.launch(id, vm)
+		s.launch(s.ctx, id, vm)
 		s.run(id).request(halt, Request{})
 	case machine.Starting:
 		s.logf("machine %s: was starting when kiln stopped; starting it again", id)
-		s.launch(id, nil)
+		s.launch(s.ctx, id, nil)
 	case machine.Suspending:
 		// The save was cut short: whatever it left is not a VM to resume.
 		s.cfg.Runtime.Discard(ctx, id)

@@ -13,6 +13,7 @@ import (
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/machinelog"
+	"github.com/kilnhq/kiln/internal/reqid"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
@@ -37,7 +38,11 @@ type run struct {
 	done   chan struct{}
 	// again (guarded by the supervisor's mu) says a start was recorded while this run
 	// was still ending: a new run follows it, and this one records nothing more.
-	again bool
+	again   bool
+	againID string // the id of the start that came meanwhile
+	// reqID is the id of the API call the run's work is for (the start, or the stop or
+	// suspend asked of it since): its log lines and its requests to the guest carry it.
+	reqID string
 }
 
 func (r *run) request(w intent, req Request) {
@@ -48,6 +53,9 @@ func (r *run) request(w intent, req Request) {
 	defer r.mu.Unlock()
 	if r.want == none {
 		r.want, r.req = w, req
+		if req.RequestID != "" {
+			r.reqID = req.RequestID
+		}
 	}
 	if r.cancel != nil {
 		r.cancel()
@@ -72,6 +80,13 @@ func (r *run) waitCtx(parent context.Context) (context.Context, context.CancelFu
 	return ctx, cancel
 }
 
+// ctx is parent carrying the id of the API call the run's work is for.
+func (r *run) ctx(parent context.Context) context.Context {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return reqid.With(parent, r.reqID)
+}
+
 func (r *run) setVM(vm VM) {
 	r.mu.Lock()
 	r.vm = vm
@@ -81,11 +96,11 @@ func (r *run) setVM(vm VM) {
 // launch starts supervising a machine; vm is its running VM when adopted. A start
 // recorded while the machine's last run is still ending is not lost: that run hands
 // over to a new one when it has ended.
-func (s *Supervisor) launch(id string, vm VM) {
-	r := &run{done: make(chan struct{}), vm: vm}
+func (s *Supervisor) launch(ctx context.Context, id string, vm VM) {
+	r := &run{done: make(chan struct{}), vm: vm, reqID: reqid.From(ctx)}
 	s.mu.Lock()
 	if old := s.runs[id]; old != nil {
-		old.again = true
+		old.again, old.againID = true, r.reqID
 		s.mu.Unlock()
 		return
 	}
@@ -108,7 +123,7 @@ func (s *Supervisor) runLoop(id string, r *run, vm VM) {
 	s.mu.Lock()
 	again := r.again && s.ctx.Err() == nil
 	if again {
-		next := &run{done: make(chan struct{})}
+		next := &run{done: make(chan struct{}), reqID: r.againID}
 		s.runs[id] = next
 		s.wg.Add(1)
 		go s.runLoop(id, next, nil)
@@ -175,7 +190,7 @@ func (s *Supervisor) supervise(id string, r *run, vm VM) {
 			default:
 				// Not a VM kiln can follow: it must not run on unwatched (a later start
 				// would boot a second one on its volumes).
-				s.logf("machine %s: %v; stopping its VM", id, err)
+				s.logRun(r, "machine %s: %v; stopping its VM", id, err)
 				vm.PowerOff(context.WithoutCancel(s.ctx), machine.DefaultStopGrace)
 			}
 			return
@@ -205,7 +220,7 @@ func (s *Supervisor) supervise(id string, r *run, vm VM) {
 		want, req := r.intent()
 		if s.ctx.Err() == nil && want == save {
 			logs.Close()
-			s.save(id, vm, cfg)
+			s.save(id, r, vm, cfg)
 			return
 		}
 		if s.ctx.Err() == nil && want == halt {
@@ -220,7 +235,7 @@ func (s *Supervisor) supervise(id string, r *run, vm VM) {
 			return
 		}
 		if ferr != nil && want == none {
-			s.logf("machine %s: lost its workload: %v", id, ferr)
+			s.logRun(r, "machine %s: lost its workload: %v", id, ferr)
 		}
 		r.setVM(nil)
 		restart, off := false, false
@@ -253,20 +268,20 @@ func (s *Supervisor) supervise(id string, r *run, vm VM) {
 			vm.PowerOff(context.WithoutCancel(s.ctx), machine.StopGrace(cfg))
 		}
 		if !s.replaced(r) {
-			s.stopped(id, exit)
+			s.stopped(id, r, exit)
 		}
 		return
 	}
 }
 
 // stopped records that a machine the user stopped is down.
-func (s *Supervisor) stopped(id string, exit *int) {
+func (s *Supervisor) stopped(id string, r *run, exit *int) {
 	rec, err := s.cfg.Store.GetMachine(s.ctx, id)
 	if err != nil {
 		return
 	}
 	if _, err := s.step(s.ctx, id, rec.State, machine.InVMDown, machine.Facts{ExitCode: exit}, s.noEffects(id)); err != nil {
-		s.logf("machine %s: recording its stop: %v", id, err)
+		s.logRun(r, "machine %s: recording its stop: %v", id, err)
 	}
 }
 
@@ -285,23 +300,25 @@ func (s *Supervisor) start(id string, r *run, rec store.Machine, cfg api.Machine
 		if want, _ := r.intent(); s.ctx.Err() != nil || want != none {
 			return nil, false // settle completes the stop
 		}
-		s.logf("machine %s cannot start: %v", id, err)
+		s.logRun(r, "machine %s cannot start: %v", id, err)
 		s.step(s.ctx, id, machine.Starting, machine.InCapacityTimeout, machine.Facts{Message: err.Error()}, s.noEffects(id))
 		return nil, false
 	}
 	// A suspended machine's workload goes on where it was, log offset included.
-	vm, err = s.cfg.Runtime.Resume(s.ctx, id)
+	// The boot's requests to the guest (the workload's spawn) carry the call's id.
+	ctx := r.ctx(s.ctx)
+	vm, err = s.cfg.Runtime.Resume(ctx, id)
 	if err != nil {
-		s.logf("machine %s: resume failed, booting it cold: %v", id, err)
+		s.logRun(r, "machine %s: resume failed, booting it cold: %v", id, err)
 		s.step(s.ctx, id, machine.Starting, machine.InResumeFailed, machine.Facts{Message: err.Error()}, s.noEffects(id))
 	}
 	in := machine.InResumed
 	if vm == nil {
-		if vm, err = s.cfg.Runtime.Boot(s.ctx, rec, cfg); err != nil {
+		if vm, err = s.cfg.Runtime.Boot(ctx, rec, cfg); err != nil {
 			if s.ctx.Err() != nil {
 				return nil, false // kiln is shutting down: Recover starts it again
 			}
-			s.logf("machine %s failed to start: %v", id, err)
+			s.logRun(r, "machine %s failed to start: %v", id, err)
 			s.step(s.ctx, id, machine.Starting, machine.InBootFailed, machine.Facts{Message: err.Error()}, s.noEffects(id))
 			return nil, false // settle completes a stop that came meanwhile
 		}
@@ -355,7 +372,7 @@ func (s *Supervisor) signalAndWait(id string, vm VM, cfg api.MachineConfig, req 
 	if timeout == 0 {
 		timeout = machine.StopGrace(cfg)
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(s.ctx), timeout)
+	ctx, cancel := context.WithTimeout(reqid.With(context.WithoutCancel(s.ctx), req.RequestID), timeout)
 	defer cancel()
 	if err := vm.Signal(ctx, sig); err != nil {
 		return nil, false
@@ -366,11 +383,11 @@ func (s *Supervisor) signalAndWait(id string, vm VM, cfg api.MachineConfig, req 
 
 // save saves a machine's VM; if that fails the machine is stopped instead, and its
 // events say why.
-func (s *Supervisor) save(id string, vm VM, cfg api.MachineConfig) {
-	ctx := context.WithoutCancel(s.ctx)
+func (s *Supervisor) save(id string, r *run, vm VM, cfg api.MachineConfig) {
+	ctx := context.WithoutCancel(r.ctx(s.ctx))
 	in, f := machine.InSaved, machine.Facts{}
 	if err := vm.Save(ctx); err != nil {
-		s.logf("machine %s: suspend failed, stopping it instead: %v", id, err)
+		s.logRun(r, "machine %s: suspend failed, stopping it instead: %v", id, err)
 		in, f.Message = machine.InSaveFailed, err.Error()
 	}
 	_, err := s.step(ctx, id, machine.Suspending, in, f, func(e machine.Effect) error {
@@ -380,7 +397,7 @@ func (s *Supervisor) save(id string, vm VM, cfg api.MachineConfig) {
 		return s.common(ctx, id, e)
 	})
 	if err != nil && in == machine.InSaved && !errors.Is(err, context.Canceled) {
-		s.logf("machine %s: recording its suspend: %v", id, err)
+		s.logRun(r, "machine %s: recording its suspend: %v", id, err)
 	}
 }
 

@@ -12,7 +12,7 @@ package supervisor
 import (
 	"context"
 	"fmt"
-	"io"
+	"log/slog"
 	"maps"
 	"path/filepath"
 	"sync"
@@ -23,6 +23,8 @@ import (
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/reqid"
+	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
 )
 
@@ -102,7 +104,7 @@ type Config struct {
 	// Remove lets go of what a destroyed machine holds besides its VM: volumes, stored
 	// output, network. It must be safe to repeat.
 	Remove func(ctx context.Context, id string) error
-	Log    io.Writer
+	Log    *slog.Logger
 }
 
 // Supervisor runs this host's machines. Close lets go of their VMs without stopping
@@ -127,7 +129,14 @@ func New(cfg Config) *Supervisor {
 
 func (s *Supervisor) logf(format string, args ...any) {
 	if s.cfg.Log != nil {
-		fmt.Fprintf(s.cfg.Log, "kiln: "+format+"\n", args...)
+		s.cfg.Log.Info(fmt.Sprintf(format, args...))
+	}
+}
+
+// logRun logs a line about a run's work, with the id of the API call it is for.
+func (s *Supervisor) logRun(r *run, format string, args ...any) {
+	if s.cfg.Log != nil {
+		serverlog.For(r.ctx(s.ctx), s.cfg.Log).Info(fmt.Sprintf(format, args...))
 	}
 }
 
@@ -147,6 +156,8 @@ type Request struct {
 	// Timeout is how long it has to exit (else the config's stop grace).
 	Signal  int
 	Timeout time.Duration
+	// RequestID is the API call's: the work's log lines carry it.
+	RequestID string
 }
 
 // Apply makes a user's request of a machine: it decides, records the transition and
@@ -162,10 +173,11 @@ func (s *Supervisor) Apply(ctx context.Context, id string, in machine.Input, req
 	r := s.run(id)
 	f := machine.Facts{Supervised: r != nil, Saved: s.cfg.Runtime.Saved(id),
 		Restart: restartPolicy(cfg), AutoDestroy: cfg.AutoDestroy}
+	req.RequestID = reqid.From(ctx)
 	return s.step(ctx, id, rec.State, in, f, func(e machine.Effect) error {
 		switch e {
 		case machine.Launch:
-			s.launch(id, nil)
+			s.launch(ctx, id, nil)
 		case machine.Halt:
 			r.request(halt, req)
 		case machine.Save:
@@ -298,7 +310,7 @@ func (s *Supervisor) Claim(id string) bool {
 	if s.run(id) != nil {
 		return false
 	}
-	s.launch(id, nil)
+	s.launch(s.ctx, id, nil)
 	return true
 }
 

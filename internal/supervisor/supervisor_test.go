@@ -1,10 +1,13 @@
 package supervisor
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -14,6 +17,7 @@ import (
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/reqid"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
 )
@@ -23,6 +27,7 @@ import (
 type fakeRuntime struct {
 	mu        sync.Mutex
 	boots     int
+	bootIDs   []string // the request id each boot's context carried
 	bootErr   error
 	saveErr   error
 	resumeErr error
@@ -57,6 +62,7 @@ func (f *fakeRuntime) Boot(ctx context.Context, rec store.Machine, cfg api.Machi
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.boots++
+	f.bootIDs = append(f.bootIDs, reqid.From(ctx))
 	if f.bootErr != nil {
 		return nil, f.bootErr
 	}
@@ -358,6 +364,30 @@ func TestBootFailure(t *testing.T) {
 	evs, _ := fx.db.Events(context.Background(), "m1")
 	if last := evs[len(evs)-1]; last.Message != "image has no command" {
 		t.Fatalf("the failure does not say why: %+v", last)
+	}
+}
+
+// The work a start asks for is done for its API call: the boot's requests to the guest
+// carry the call's id, and so does the line that says the boot failed.
+func TestBootCarriesTheRequestID(t *testing.T) {
+	fx := newFixture(t, nil)
+	var logs bytes.Buffer
+	fx.sup.cfg.Log = slog.New(slog.NewJSONHandler(&logs, nil))
+	fx.rt.bootErr = errdefs.Invalid("image has no command")
+	fx.create("m1", machine.Created, "")
+	if _, err := fx.sup.Apply(reqid.With(context.Background(), "start-42"), "m1", machine.InStart, Request{}); err != nil {
+		t.Fatal(err)
+	}
+	fx.wait("m1", machine.Failed)
+	fx.settled("m1")
+	fx.rt.mu.Lock()
+	ids := fx.rt.bootIDs
+	fx.rt.mu.Unlock()
+	if len(ids) != 1 || ids[0] != "start-42" {
+		t.Errorf("boot contexts carried %q, want the start's id", ids)
+	}
+	if !strings.Contains(logs.String(), `"msg":"machine m1 failed to start: image has no command","request_id":"start-42"`) {
+		t.Errorf("the failure's line has no request id:\n%s", logs.String())
 	}
 }
 
