@@ -291,7 +291,7 @@ func (s *Supervisor) stopped(id string, r *run, exit *int) {
 func (s *Supervisor) start(id string, r *run, rec store.Machine, cfg api.MachineConfig) (vm VM, fresh bool) {
 	// A stop while the machine waits for room ends the wait.
 	rctx, rcancel := r.waitCtx(s.ctx)
-	err := s.reserve(rctx, id, cfg)
+	err := s.reserve(rctx, id, r, cfg)
 	rcancel()
 	if want, _ := r.intent(); err == nil && want != none {
 		err = context.Canceled
@@ -335,12 +335,12 @@ func (s *Supervisor) start(id string, r *run, rec store.Machine, cfg api.Machine
 
 // reserve holds room for the machine, waiting in the capacity queue (with its position
 // in the events) when there is none.
-func (s *Supervisor) reserve(ctx context.Context, id string, cfg api.MachineConfig) error {
+func (s *Supervisor) reserve(ctx context.Context, id string, r *run, cfg api.MachineConfig) error {
 	if s.cfg.Capacity == nil {
 		return nil
 	}
 	_, err := s.cfg.Capacity.Reserve(ctx, id, capacity.Request{Size: size(cfg)}, s.cfg.CapacityWait, func(pos int, why error) {
-		s.logf("machine %s waits for capacity (position %d): %v", id, pos, why)
+		s.logRun(r, "machine %s waits for capacity (position %d): %v", id, pos, why)
 		s.cfg.Store.Note(context.WithoutCancel(s.ctx), id, machine.Event{Type: string(machine.EvCapacityQueued), Source: machine.SourceKiln,
 			Message: fmt.Sprintf("position %d in the capacity queue (waits up to %s): %v", pos, s.cfg.CapacityWait, why)})
 	})
