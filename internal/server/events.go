@@ -156,7 +156,15 @@ func (s *Server) followEvents(w http.ResponseWriter, r *http.Request, f store.Ev
 	for {
 		// Taken before the read, so that a write between the read and the wait wakes it.
 		woke := s.Events.EventsWritten()
-		es, err := s.Events.ListEvents(ctx, f)
+		// The journal's newest id, read before f's read: seqs become visible in order, so
+		// f's read sees everything up to it, and a follower whose filter or reach matched
+		// none of it resumes after it instead of scanning it again at every poll and
+		// every write (a tenant following a quiet app while others' machines churn).
+		head, err := s.Events.ListEvents(ctx, store.EventFilter{Newest: true, Limit: 1})
+		var es []store.Event
+		if err == nil {
+			es, err = s.Events.ListEvents(ctx, f)
+		}
 		if err != nil {
 			if ctx.Err() == nil {
 				s.logf(ctx)("events: reading the journal for a follower: %v", err)
@@ -170,10 +178,14 @@ func (s *Server) followEvents(w http.ResponseWriter, r *http.Request, f store.Ev
 			}
 			f.After = e.ID
 		}
+		more := !f.Newest && len(es) == f.Limit
 		f.Newest, f.Limit = false, store.MaxEventPage
 		flush()
-		if len(es) == store.MaxEventPage {
+		if more {
 			continue // more is waiting
+		}
+		if len(head) > 0 {
+			f.After = max(f.After, head[0].ID)
 		}
 		poll.Reset(eventPoll)
 		select {
