@@ -1,6 +1,9 @@
 package metrics
 
 import (
+	"sync"
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 )
@@ -21,21 +24,46 @@ func Scoped(g prometheus.Gatherer, reaches Reaches) prometheus.Gatherer {
 	})
 }
 
+// filter returns the families of mfs with only the series reaches allows, leaving mfs
+// as they were: Shared hands the same families to every scrape.
 func filter(mfs []*dto.MetricFamily, reaches Reaches) []*dto.MetricFamily {
-	out := mfs[:0]
+	var out []*dto.MetricFamily
 	for _, mf := range mfs {
-		kept := mf.Metric[:0]
+		var kept []*dto.Metric
 		for _, m := range mf.Metric {
 			if owned(m, reaches) {
 				kept = append(kept, m)
 			}
 		}
 		if len(kept) > 0 {
-			mf.Metric = kept
-			out = append(out, mf)
+			out = append(out, &dto.MetricFamily{Name: mf.Name, Help: mf.Help, Type: mf.Type, Unit: mf.Unit, Metric: kept})
 		}
 	}
 	return out
+}
+
+// Shared gathers from g at most once per every, and gives every caller within it (and
+// those waiting while it gathers) the same families, which they must not change. Any
+// token may scrape, as often as it likes, and a gather reads the state of everything on
+// the host (every running machine's cgroup and TAP counters, the store) before Scoped
+// drops what the token does not reach: with Shared, tenants' scrapes cost the host one
+// gather per interval however many come.
+func Shared(g prometheus.Gatherer, every time.Duration) prometheus.Gatherer {
+	var (
+		mu  sync.Mutex
+		at  time.Time
+		mfs []*dto.MetricFamily
+		err error
+	)
+	return prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if at.IsZero() || time.Since(at) >= every {
+			mfs, err = g.Gather()
+			at = time.Now()
+		}
+		return mfs, err
+	})
 }
 
 // owned says whether the series belongs to something the token reaches. The app label

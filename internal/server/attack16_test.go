@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/http/httptest"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,9 +16,11 @@ import (
 	"github.com/kilnhq/kiln/internal/auth/authtest"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/machines"
+	"github.com/kilnhq/kiln/internal/metrics"
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Attacks on what issue 16 added (metrics, the event stream, request ids, the console),
@@ -99,5 +103,43 @@ func TestEventFollowerSkipsWhatItCannotSee(t *testing.T) {
 		if e := all.next(); e.data.ID != want {
 			t.Fatalf("resuming after 0, event %d is %+v", want, e.data)
 		}
+	}
+}
+
+// stateReads counts how often a scrape made the host read its state.
+type stateReads struct{ n atomic.Int64 }
+
+var stateDesc = prometheus.NewDesc("t_state", "", []string{metrics.LabelApp}, nil)
+
+func (c *stateReads) Describe(ch chan<- *prometheus.Desc) { ch <- stateDesc }
+func (c *stateReads) Collect(ch chan<- prometheus.Metric) {
+	c.n.Add(1)
+	ch <- prometheus.MustNewConstMetric(stateDesc, prometheus.GaugeValue, 1, "a")
+}
+
+// An app's token scraping /metrics in a loop makes the host read its state (every
+// machine's cgroup and TAP counters) once a second at most, not once a scrape; the
+// operator's scrapes read it each time.
+func TestTenantScrapesShareOneGather(t *testing.T) {
+	reads := &stateReads{}
+	chk, op := authtest.Operator()
+	srv := httptest.NewServer((&server.Server{Auth: chk, Metrics: metrics.NewRegistry(reads)}).Handler())
+	defer srv.Close()
+	tok := authtest.Issue(chk, "tok_a", auth.RoleCaveat(auth.Read), auth.ScopeCaveat(auth.App("a")))
+	start := time.Now()
+	for range 20 {
+		if code, body := scrape(t, srv.URL, tok); code != 200 || !strings.Contains(body, `t_state{app="a"} 1`) {
+			t.Fatalf("a's scrape: %d %s", code, body)
+		}
+	}
+	if n := reads.n.Load(); n > int64(time.Since(start)/time.Second)+1 {
+		t.Errorf("20 scrapes by a's token read the host's state %d times", n)
+	}
+	before := reads.n.Load()
+	for range 3 {
+		scrape(t, srv.URL, op)
+	}
+	if n := reads.n.Load() - before; n != 3 {
+		t.Errorf("3 scrapes by the operator read the host's state %d times", n)
 	}
 }

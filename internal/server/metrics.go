@@ -3,6 +3,8 @@ package server
 import (
 	"fmt"
 	"net/http"
+	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -23,12 +25,28 @@ func (s *Server) metrics(w http.ResponseWriter, r *http.Request) error {
 		g = s.Metrics
 	}
 	if id, _ := auth.From(r.Context()); !id.Operator() {
-		g = metrics.Scoped(g, func(kind, name string) bool { return id.Reaches(auth.Resource{Kind: kind, Name: name}) })
+		g = metrics.Scoped(s.tenantMetrics.from(g), func(kind, name string) bool { return id.Reaches(auth.Resource{Kind: kind, Name: name}) })
 	}
 	// A collector that fails (the store did not answer) leaves its series out and says
 	// so in the log; the rest are served.
 	promhttp.HandlerFor(g, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, ErrorLog: metricsLog(s.logf(r.Context()))}).ServeHTTP(w, r)
 	return nil
+}
+
+// tenantMetricsEvery is how often the scrapes of tokens other than the operator's gather:
+// any token may scrape as often as it likes, and each gather reads the state of the
+// whole host, so theirs share one gather per interval (metrics.Shared).
+const tenantMetricsEvery = time.Second
+
+// tenantMetrics makes, once, the shared gatherer of tenants' scrapes.
+type tenantMetrics struct {
+	once sync.Once
+	g    prometheus.Gatherer
+}
+
+func (t *tenantMetrics) from(g prometheus.Gatherer) prometheus.Gatherer {
+	t.once.Do(func() { t.g = metrics.Shared(g, tenantMetricsEvery) })
+	return t.g
 }
 
 // metricsLog takes promhttp's complaints into the server's log.

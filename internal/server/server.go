@@ -84,6 +84,8 @@ type Server struct {
 	Events store.EventLog
 	// followers counts the open follows of GET /v1/events.
 	followers followers
+	// tenantMetrics is what the scrapes of tokens other than the operator's gather from.
+	tenantMetrics tenantMetrics
 }
 
 // Route is one method and path pattern the server answers.
