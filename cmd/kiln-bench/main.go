@@ -47,6 +47,7 @@ func pct(ds []time.Duration, p float64) time.Duration {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 }
 
 func main() {
 	out := flag.String("out", "bench-results/bench.json", "where to write the JSON report")

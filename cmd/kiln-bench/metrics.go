@@ -125,7 +125,7 @@ func benchMetrics(ctx context.Context, work string, add func(string, float64, st
 	if err != nil {
 		return err
 	}
-	add("api_p50_no_scrape", ms(pct(quiet, 0.5)), "ms", fmt.Sprintf("GET /v1/apps/{app}/machines/{id}, %d calls in 10 s; p99 %.2f ms", len(quiet), ms(pct(quiet, 0.99))))
-	add("api_p50_scrape_1s", ms(pct(busy, 0.5)), "ms", fmt.Sprintf("same, with GET /metrics every second (%d scrapes): %d calls; p99 %.2f ms", n, len(busy), ms(pct(busy, 0.99))))
+	add("api_p50_no_scrape", us(pct(quiet, 0.5)), "µs", fmt.Sprintf("GET /v1/apps/{app}/machines/{id}, %d calls in 10 s; p99 %.2f ms", len(quiet), ms(pct(quiet, 0.99))))
+	add("api_p50_scrape_1s", us(pct(busy, 0.5)), "µs", fmt.Sprintf("same, with GET /metrics every second (%d scrapes): %d calls; p99 %.2f ms", n, len(busy), ms(pct(busy, 0.99))))
 	return nil
 }

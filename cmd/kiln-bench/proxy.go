@@ -82,7 +82,6 @@ func benchProxy(ctx context.Context, add func(string, float64, string, string)) 
 		q    float64
 	}{{"p50", 0.50}, {"p99", 0.99}} {
 		d, x := pct(direct, p.q), pct(proxied, p.q)
-		us := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 }
 		add("proxy_request_"+p.name, us(x), "µs", fmt.Sprintf("direct %.0f µs; overhead %.0f µs (%d keep-alive requests, local backend)", us(d), us(x-d), n))
 	}
 	return nil
