@@ -9,6 +9,7 @@ import (
 	"context"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kilnhq/kiln/internal/store"
@@ -55,16 +56,53 @@ func Prune(ctx context.Context, logf func(string, ...any), rs ...Retention) {
 // recorded one by one each second.
 const DefaultAnonymousPerSecond = 20
 
+// Budget lets through up to PerSecond events each second and counts the rest, so that
+// what anyone can cause as fast as the network allows (audit entries, log lines of calls
+// without a token) stays bounded and is still accounted for.
+type Budget struct {
+	PerSecond int
+
+	mu      sync.Mutex
+	window  time.Time // the second being counted
+	n       int       // events in it
+	dropped int       // of those, not let through
+}
+
+func (b *Budget) limit() int {
+	if b.PerSecond <= 0 {
+		return DefaultAnonymousPerSecond
+	}
+	return b.PerSecond
+}
+
+// Take counts one event at t. ok says it is within its second's budget. dropped, when
+// not zero, is how many the last counted second turned away, reported once (by the
+// first event of a later second) with that second: the caller writes one summary.
+func (b *Budget) Take(t time.Time) (ok bool, dropped int, second time.Time) {
+	per := b.limit()
+	sec := t.Truncate(time.Second)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !sec.Equal(b.window) {
+		dropped, second = b.dropped, b.window
+		b.window, b.n, b.dropped = sec, 0, 0
+	}
+	b.n++
+	if b.n > per {
+		b.dropped++
+		return false, dropped, second
+	}
+	return true, dropped, second
+}
+
 // Limited is a store.Audit that bounds anonymous entries.
 type Limited struct {
 	store.Audit
 	PerSecond int
 
-	mu      sync.Mutex
-	window  time.Time // the second being counted
-	n       int       // anonymous entries in it
-	dropped int       // of those, not recorded
-	source  string    // the last dropped one's source
+	once   sync.Once
+	budget *Budget
+	source atomic.Value // the last dropped entry's source
 }
 
 // AddAudit records e, unless it is anonymous and past the second's budget.
@@ -72,33 +110,19 @@ func (l *Limited) AddAudit(ctx context.Context, e store.AuditEntry) error {
 	if e.TokenID != "" {
 		return l.Audit.AddAudit(ctx, e)
 	}
-	per := l.PerSecond
-	if per <= 0 {
-		per = DefaultAnonymousPerSecond
-	}
-	sec := e.At.Truncate(time.Second)
-	l.mu.Lock()
-	var summary *store.AuditEntry
-	if !sec.Equal(l.window) {
-		if l.dropped > 0 {
-			summary = &store.AuditEntry{At: l.window.Add(time.Second - time.Nanosecond), Action: "unauthenticated calls past " + strconv.Itoa(per) + "/s, not recorded one by one",
-				Target: strconv.Itoa(l.dropped), Result: 401, Source: l.source}
-		}
-		l.window, l.n, l.dropped = sec, 0, 0
-	}
-	l.n++
-	record := l.n <= per
-	if !record {
-		l.dropped++
-		l.source = e.Source
-	}
-	l.mu.Unlock()
-	if summary != nil {
-		if err := l.Audit.AddAudit(ctx, *summary); err != nil {
+	l.once.Do(func() { l.budget = &Budget{PerSecond: l.PerSecond} })
+	ok, dropped, sec := l.budget.Take(e.At)
+	if dropped > 0 {
+		src, _ := l.source.Load().(string)
+		summary := store.AuditEntry{At: sec.Add(time.Second - time.Nanosecond),
+			Action: "unauthenticated calls past " + strconv.Itoa(l.budget.limit()) + "/s, not recorded one by one",
+			Target: strconv.Itoa(dropped), Result: 401, Source: src}
+		if err := l.Audit.AddAudit(ctx, summary); err != nil {
 			return err
 		}
 	}
-	if !record {
+	if !ok {
+		l.source.Store(e.Source)
 		return nil
 	}
 	return l.Audit.AddAudit(ctx, e)

@@ -81,3 +81,30 @@ func TestPruneKeepsEachJournalItsTime(t *testing.T) {
 		t.Errorf("logged %q", logged)
 	}
 }
+
+// A budget lets PerSecond events through each second and reports what it turned away
+// once, with its second, at the next second's first event.
+func TestBudget(t *testing.T) {
+	b := auditlog.Budget{PerSecond: 2}
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var oks int
+	for i := range 5 {
+		ok, dropped, _ := b.Take(t0.Add(time.Duration(i) * time.Millisecond))
+		if ok {
+			oks++
+		}
+		if dropped != 0 {
+			t.Fatalf("dropped reported within the second: %d", dropped)
+		}
+	}
+	if oks != 2 {
+		t.Errorf("%d let through, want 2", oks)
+	}
+	ok, dropped, sec := b.Take(t0.Add(1500 * time.Millisecond))
+	if !ok || dropped != 3 || !sec.Equal(t0) {
+		t.Errorf("next second: ok %v, dropped %d of %v; want true, 3 of %v", ok, dropped, sec, t0)
+	}
+	if _, dropped, _ := b.Take(t0.Add(2500 * time.Millisecond)); dropped != 0 {
+		t.Errorf("a second with nothing dropped reports %d", dropped)
+	}
+}

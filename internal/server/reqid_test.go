@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnhq/kiln/internal/auditlog"
 	"github.com/kilnhq/kiln/internal/reqid"
 	"github.com/kilnhq/kiln/internal/server"
 )
@@ -146,5 +147,30 @@ func (s *logSink) waitLine(t *testing.T, want map[string]any) map[string]any {
 		case <-deadline:
 			t.Fatalf("no log line with %v in:\n%s", want, text)
 		}
+	}
+}
+
+// Calls without a valid token get access lines up to a rate (anyone can send them as
+// fast as the network allows); calls with one are all logged.
+func TestAccessLinesOfAnonymousCallsAreBounded(t *testing.T) {
+	var logs bytes.Buffer
+	h := oneMachineAPI(t, slog.New(slog.NewJSONHandler(&logs, nil))).Handler()
+	count := func(token string) int {
+		logs.Reset()
+		for range 200 {
+			req := httptest.NewRequest("GET", "/v1/apps/web", nil)
+			if token != "" {
+				req.Header.Set("Authorization", "Bearer "+token)
+			}
+			h.ServeHTTP(httptest.NewRecorder(), req)
+		}
+		return strings.Count(logs.String(), `"msg":"api call"`)
+	}
+	// 200 calls take well under a second here, so they span at most two seconds' budgets.
+	if n := count(""); n > 2*auditlog.DefaultAnonymousPerSecond {
+		t.Errorf("%d access lines for 200 calls without a token, want at most %d", n, 2*auditlog.DefaultAnonymousPerSecond)
+	}
+	if n := count(opToken); n != 200 {
+		t.Errorf("%d access lines for 200 calls with a token, want 200", n)
 	}
 }

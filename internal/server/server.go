@@ -72,6 +72,9 @@ type Server struct {
 	// Recovering, while set, makes the API answer 503: machines are being adopted and
 	// must not change meanwhile. The registry is served regardless; recovery uses it.
 	Recovering atomic.Bool
+	// anonLines bounds the access lines of calls without a valid token: anyone can send
+	// them as fast as the network allows, and the log must not fill the disk for them.
+	anonLines auditlog.Budget
 	// Log takes the server's lines: one per API call (its access line) and its own
 	// complaints (an audit entry it could not write). Nil logs nothing.
 	Log *slog.Logger
@@ -239,6 +242,16 @@ func (s *Server) Handler() http.Handler {
 // logCall writes a call's access line once it is answered.
 func (s *Server) logCall(r *http.Request, route Route, rec *recorder, start time.Time) {
 	status := rec.Status()
+	if rec.id.TokenID == "" {
+		ok, dropped, sec := s.anonLines.Take(start)
+		if dropped > 0 {
+			serverlog.For(r.Context(), s.Log).Warn("access lines of calls without a valid token past the rate, not written one by one",
+				"dropped", dropped, "second", sec, "limit_per_second", auditlog.DefaultAnonymousPerSecond)
+		}
+		if !ok {
+			return
+		}
+	}
 	level := slog.LevelInfo
 	if status >= 500 {
 		level = slog.LevelWarn
