@@ -118,6 +118,8 @@ func boot() error {
 	a := agent.New(agent.NewReaper())
 	a.PowerOff = shutdown
 	a.Log = logf
+	// The root is the overlay whose writes fill guest memory; volumes are the disks.
+	a.Mounts = append([]string{"/"}, mounted...)
 	a.SetTime = func(ns int64) error {
 		ts := unix.NsecToTimespec(ns)
 		return unix.ClockSettime(unix.CLOCK_REALTIME, &ts)

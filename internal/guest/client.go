@@ -508,3 +508,34 @@ func (p ProcessStat) size() int {
 	}
 	return n
 }
+
+// Stats reads the guest's own view of its memory, load and filesystems, held to
+// Stats.Bounded and MaxStatsBytes whatever the guest sends. An agent from a release
+// without stats fails with ErrProtocol without being asked.
+func (c *Client) Stats(ctx context.Context) (Stats, error) {
+	if !c.Hello.Serves(OpStats) {
+		return Stats{}, errdefs.New(errdefs.ErrProtocol, "this VM's guest agent predates stats: restart the machine so that it boots the current guest assets")
+	}
+	s, err := c.open(ctx, Header{Op: OpStats})
+	if err != nil {
+		return Stats{}, err
+	}
+	defer s.Close()
+	if err := c.readReply(ctx, s, &Reply{}); err != nil {
+		return Stats{}, err
+	}
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	defer stop()
+	in := &io.LimitedReader{R: s, N: MaxStatsBytes}
+	var st Stats
+	if err := ReadFrame(in, &st); err != nil {
+		switch {
+		case ctx.Err() != nil:
+			return Stats{}, ctx.Err()
+		case in.N == 0:
+			return Stats{}, errdefs.New(errdefs.ErrProtocol, "the guest's stats are over %d bytes: it is not a kiln agent's answer", MaxStatsBytes)
+		}
+		return Stats{}, c.lost(err)
+	}
+	return st.Bounded(), nil
+}

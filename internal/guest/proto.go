@@ -19,6 +19,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"strings"
 	"unicode/utf8"
 
@@ -65,12 +66,16 @@ const (
 	// the image): a Reply whose Count says how many ProcessStat frames follow. Added to
 	// v1 later; the host asks only an agent whose hello lists it in Ops.
 	OpPs Op = "ps"
+	// OpStats reports what only the guest knows of its own use, for /metrics: memory
+	// from its /proc/meminfo, the load average, and statfs of its root and volume mounts.
+	// A Reply, then one Stats frame. Added to v1 later, as OpPs was.
+	OpStats Op = "stats"
 )
 
 // AddedOps are the operations added to protocol v1 after its first release, listed in
 // the hello reply so the host can tell an agent from an older release (a machine booted
 // before kiln was upgraded) from one that failed, without parsing its error text.
-var AddedOps = []Op{OpPs}
+var AddedOps = []Op{OpPs, OpStats}
 
 // Header opens every stream.
 type Header struct {
@@ -278,6 +283,58 @@ func (p ProcessStat) Bounded() ProcessStat {
 	}
 	p.Listen = listen
 	return p
+}
+
+// Bounds of a Stats answer (OpStats): at most MaxMounts filesystems, mount paths cut to
+// MaxMountPath bytes. Each becomes a labelled series on /metrics, so the bound is what a
+// hostile guest can add to a scrape. The host reads at most MaxStatsBytes of the answer.
+const (
+	MaxMounts     = 16
+	MaxMountPath  = 256
+	MaxStatsBytes = 64 << 10
+)
+
+// Stats is the guest's own view of its use (OpStats), the part the host cannot read
+// from the VMM's cgroup: what the guest's kernel counts as available memory, its run
+// queue, and how full its filesystems are.
+type Stats struct {
+	// Memory is from /proc/meminfo, in bytes.
+	MemTotal     uint64 `json:"mem_total"`
+	MemFree      uint64 `json:"mem_free"`
+	MemAvailable uint64 `json:"mem_available"`
+	Buffers      uint64 `json:"buffers"`
+	Cached       uint64 `json:"cached"`
+	// Load is /proc/loadavg's 1, 5 and 15 minute averages.
+	Load        [3]float64   `json:"load"`
+	Filesystems []Filesystem `json:"fs,omitempty"`
+}
+
+// Filesystem is statfs of one mount: Blocks of BlockSize bytes, BlocksFree of them free,
+// BlocksAvail free to unprivileged users.
+type Filesystem struct {
+	Mount       string `json:"mount"`
+	Blocks      uint64 `json:"blocks"`
+	BlocksFree  uint64 `json:"blocks_free"`
+	BlocksAvail uint64 `json:"blocks_avail"`
+	BlockSize   uint64 `json:"block_size"`
+}
+
+// Bounded returns s held to the answer's bounds, with load averages no kernel reports
+// (negative, infinite, NaN, which JSON cannot carry) read as 0. Both ends call it, as
+// ProcessStat.Bounded.
+func (s Stats) Bounded() Stats {
+	for i, l := range s.Load {
+		if !(l >= 0) || math.IsInf(l, 1) {
+			s.Load[i] = 0
+		}
+	}
+	fs := make([]Filesystem, 0, min(len(s.Filesystems), MaxMounts))
+	for _, f := range s.Filesystems[:min(len(s.Filesystems), MaxMounts)] {
+		f.Mount = cut(strings.ToValidUTF8(f.Mount, "?"), MaxMountPath)
+		fs = append(fs, f)
+	}
+	s.Filesystems = fs
+	return s
 }
 
 // cut returns s cut to at most n bytes, at a UTF-8 boundary, copied so the part kept

@@ -84,6 +84,8 @@ type Service struct {
 	cfg Config
 	rt  *vmRuntime
 	sup *supervisor.Supervisor
+	// guest holds running machines' last stats from their agents, for /metrics.
+	guest guestStats
 }
 
 // New returns the service; Close lets go of its VMs without stopping them.

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/kilnhq/kiln/internal/cgroup"
+	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/metrics"
 	"github.com/kilnhq/kiln/internal/network"
 )
@@ -11,15 +12,26 @@ import (
 // Usage reads what each machine running on this host uses of it, for /metrics: CPU,
 // memory and disk I/O from its VMM's cgroup (from the VMM's process where kiln confines
 // none), and traffic from its TAP device. A machine whose numbers cannot be read (its VM
-// stopped meanwhile) is listed with what could be.
+// stopped meanwhile) is listed with what could be. What only the guest knows (available
+// memory, load, filesystems) its agent answers, within guestStatsWait or from its last
+// answer.
 func (s *Service) Usage(ctx context.Context) []metrics.Instance {
 	cg, cgErr := cgroup.Host()
-	var out []metrics.Instance
+	running := map[string]*vmInstance{}
+	sources := map[string]guestStatsSource{}
 	for id, vm := range s.sup.RunningVMs() {
 		v, ok := vm.(*vmInstance)
 		if !ok || v.inst == nil {
 			continue
 		}
+		running[id] = v
+		if a := v.inst.Agent; a != nil && a.Hello.Serves(guest.OpStats) {
+			sources[id] = a
+		}
+	}
+	stats := s.guest.read(ctx, sources)
+	var out []metrics.Instance
+	for id, v := range running {
 		cfg := v.inst.Config
 		in := metrics.Instance{App: v.rec.App, ID: id, MemoryTotal: int64(cfg.MemoryMiB) << 20}
 		var u cgroup.Usage
@@ -44,7 +56,18 @@ func (s *Service) Usage(ctx context.Context) []metrics.Instance {
 					SentBytes: c.RxBytes, SentPackets: c.RxPackets, SentErrs: c.RxErrors, SentDrop: c.RxDropped}
 			}
 		}
+		if st, ok := stats[id]; ok {
+			in.Guest = guestUsage(st)
+		}
 		out = append(out, in)
 	}
 	return out
+}
+
+func guestUsage(st guest.Stats) *metrics.Guest {
+	g := &metrics.Guest{MemFree: st.MemFree, MemAvailable: st.MemAvailable, Buffers: st.Buffers, Cached: st.Cached, Load: st.Load}
+	for _, f := range st.Filesystems {
+		g.Filesystems = append(g.Filesystems, metrics.Filesystem(f))
+	}
+	return g
 }

@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"context"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -18,6 +19,23 @@ type Instance struct {
 	MemoryTotal, MemoryHost int64
 	Disks                   []Disk
 	Net                     *Net
+	// Guest is what only the guest knows, as its agent last answered; nil before it has
+	// (or when its agent predates the question).
+	Guest *Guest
+}
+
+// Guest is the guest's own view: memory in bytes from its /proc/meminfo, its load
+// averages over 1, 5 and 15 minutes, and its filesystems.
+type Guest struct {
+	MemFree, MemAvailable, Buffers, Cached uint64
+	Load                                   [3]float64
+	Filesystems                            []Filesystem
+}
+
+// Filesystem is statfs of one guest mount: Blocks of BlockSize bytes.
+type Filesystem struct {
+	Mount                                      string
+	Blocks, BlocksFree, BlocksAvail, BlockSize uint64
 }
 
 // CPUTime is CPU time in seconds.
@@ -58,6 +76,18 @@ var (
 	diskSecWritDesc = prometheus.NewDesc("fly_instance_disk_sectors_written", "512-byte sectors written by the machine's VMM on a host block device.", diskLabels, nil)
 	netLabels       = diskLabels
 	netDescs        = map[string]*prometheus.Desc{}
+	// From the guest agent, under Fly's names and units.
+	memFreeDesc      = prometheus.NewDesc("fly_instance_memory_mem_free", "The guest's free memory in bytes (MemFree of its /proc/meminfo).", instanceLabels, nil)
+	memAvailableDesc = prometheus.NewDesc("fly_instance_memory_mem_available", "Memory in bytes the guest can use without swapping (MemAvailable of its /proc/meminfo).", instanceLabels, nil)
+	memBuffersDesc   = prometheus.NewDesc("fly_instance_memory_buffers", "The guest's buffers in bytes (Buffers of its /proc/meminfo).", instanceLabels, nil)
+	memCachedDesc    = prometheus.NewDesc("fly_instance_memory_cached", "The guest's page cache in bytes (Cached of its /proc/meminfo).", instanceLabels, nil)
+	loadDesc         = prometheus.NewDesc("fly_instance_load_average", "The guest's load average (its /proc/loadavg) over 1, 5 and 15 minutes.", []string{LabelApp, "instance", "minutes"}, nil)
+	fsLabels         = []string{LabelApp, "instance", "mount"}
+	fsBlocksDesc     = prometheus.NewDesc("fly_instance_filesystem_blocks", "Size in blocks of a guest filesystem: its root and each volume (statfs in the guest).", fsLabels, nil)
+	fsFreeDesc       = prometheus.NewDesc("fly_instance_filesystem_blocks_free", "Free blocks of a guest filesystem.", fsLabels, nil)
+	fsAvailDesc      = prometheus.NewDesc("fly_instance_filesystem_blocks_avail", "Free blocks of a guest filesystem that unprivileged users may use.", fsLabels, nil)
+	fsBlockSizeDesc  = prometheus.NewDesc("fly_instance_filesystem_block_size", "Block size in bytes of a guest filesystem.", fsLabels, nil)
+	loadMinutes      = [3]string{"1", "5", "15"}
 )
 
 // netNames are Fly's network series kiln has, in the order of netValues.
@@ -77,7 +107,8 @@ func init() {
 }
 
 func (c Instances) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{cpuDesc, memTotalDesc, memHostDesc, diskReadsDesc, diskWritesDesc, diskSecReadDesc, diskSecWritDesc} {
+	for _, d := range []*prometheus.Desc{cpuDesc, memTotalDesc, memHostDesc, diskReadsDesc, diskWritesDesc, diskSecReadDesc, diskSecWritDesc,
+		memFreeDesc, memAvailableDesc, memBuffersDesc, memCachedDesc, loadDesc, fsBlocksDesc, fsFreeDesc, fsAvailDesc, fsBlockSizeDesc} {
 		ch <- d
 	}
 	for _, name := range netNames {
@@ -90,6 +121,9 @@ func (c Instances) Collect(ch chan<- prometheus.Metric) {
 	defer cancel()
 	counter := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
 	for _, in := range c.List(ctx) {
 		if in.CPU != nil {
@@ -111,6 +145,27 @@ func (c Instances) Collect(ch chan<- prometheus.Metric) {
 		if in.Net != nil {
 			for i, v := range netValues(in.Net) {
 				counter(netDescs[netNames[i]], float64(v), in.App, in.ID, "eth0")
+			}
+		}
+		if g := in.Guest; g != nil {
+			gauge(memFreeDesc, float64(g.MemFree), in.App, in.ID)
+			gauge(memAvailableDesc, float64(g.MemAvailable), in.App, in.ID)
+			gauge(memBuffersDesc, float64(g.Buffers), in.App, in.ID)
+			gauge(memCachedDesc, float64(g.Cached), in.App, in.ID)
+			for i, l := range g.Load {
+				gauge(loadDesc, l, in.App, in.ID, loadMinutes[i])
+			}
+			seen := map[string]bool{}
+			for _, f := range g.Filesystems {
+				// A mount listed twice would make the scrape fail as a duplicate series.
+				if seen[f.Mount] || !utf8.ValidString(f.Mount) {
+					continue
+				}
+				seen[f.Mount] = true
+				gauge(fsBlocksDesc, float64(f.Blocks), in.App, in.ID, f.Mount)
+				gauge(fsFreeDesc, float64(f.BlocksFree), in.App, in.ID, f.Mount)
+				gauge(fsAvailDesc, float64(f.BlocksAvail), in.App, in.ID, f.Mount)
+				gauge(fsBlockSizeDesc, float64(f.BlockSize), in.App, in.ID, f.Mount)
 			}
 		}
 	}

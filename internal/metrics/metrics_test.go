@@ -86,6 +86,30 @@ func TestInstancesUnderFlysNames(t *testing.T) {
 		"fly_instance_net_sent_bytes{app=a,device=eth0,instance=m1} 200")
 }
 
+// What the guest's agent reports is served under Fly's names and units: memory in bytes,
+// load by minutes, filesystems by mount; a mount a guest lists twice is served once (a
+// duplicate series would fail the whole scrape).
+func TestInstancesGuestStats(t *testing.T) {
+	fs := Filesystem{Mount: "/", Blocks: 1000, BlocksFree: 400, BlocksAvail: 300, BlockSize: 4096}
+	c := Instances{List: func(context.Context) []Instance {
+		return []Instance{{App: "a", ID: "m1", Guest: &Guest{MemFree: 1 << 20, MemAvailable: 2 << 20, Buffers: 3, Cached: 4,
+			Load: [3]float64{0.5, 1, 1.5}, Filesystems: []Filesystem{fs, {Mount: "/data", Blocks: 7, BlockSize: 1024}, fs}}}}
+	}}
+	expect(t, c,
+		"fly_instance_memory_mem_free{app=a,instance=m1} 1.048576e+06",
+		"fly_instance_memory_mem_available{app=a,instance=m1} 2.097152e+06",
+		"fly_instance_memory_buffers{app=a,instance=m1} 3",
+		"fly_instance_memory_cached{app=a,instance=m1} 4",
+		"fly_instance_load_average{app=a,instance=m1,minutes=1} 0.5",
+		"fly_instance_load_average{app=a,instance=m1,minutes=5} 1",
+		"fly_instance_load_average{app=a,instance=m1,minutes=15} 1.5",
+		"fly_instance_filesystem_blocks{app=a,instance=m1,mount=/} 1000",
+		"fly_instance_filesystem_blocks_free{app=a,instance=m1,mount=/} 400",
+		"fly_instance_filesystem_blocks_avail{app=a,instance=m1,mount=/} 300",
+		"fly_instance_filesystem_block_size{app=a,instance=m1,mount=/} 4096",
+		"fly_instance_filesystem_blocks{app=a,instance=m1,mount=/data} 7")
+}
+
 // render writes gathered series one a line: name{label=value,...} value.
 func render(mfs []*dto.MetricFamily) string {
 	var lines []string

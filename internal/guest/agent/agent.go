@@ -45,6 +45,9 @@ type Agent struct {
 	// Log, if set, takes one line per exec, spawn and signal, with the request id of
 	// the API call it serves (kiln-init: the console, which the host keeps).
 	Log func(format string, args ...any)
+	// Mounts are the filesystems a stats request reports (statfs each): kiln-init's root
+	// and volume mounts. Nil reports "/".
+	Mounts []string
 
 	mu         sync.Mutex
 	pending    map[string]*execStreams
@@ -142,6 +145,12 @@ func (a *Agent) handle(s *yamux.Stream) {
 		connect(s, h.Path)
 	case guest.OpPs:
 		ps(s, "/proc")
+	case guest.OpStats:
+		mounts := a.Mounts
+		if mounts == nil {
+			mounts = []string{"/"}
+		}
+		stats(s, "/proc", mounts)
 	case guest.OpReadFile:
 		readFile(s, h.Path)
 	case guest.OpWriteFile:
