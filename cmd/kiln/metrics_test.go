@@ -41,9 +41,16 @@ func checkMetrics(t *testing.T, srv *kilnServer, appToken, app, m string) {
 			t.Errorf("the app's scrape has no %s:\n%s", want, mine)
 		}
 	}
-	// The VMM has run, so its CPU time is not zero.
-	if cpu := regexp.MustCompile(`fly_instance_cpu\{app="` + app + `",instance="` + m + `",mode="user"\} ([0-9.e+]+)`).FindStringSubmatch(mine); cpu == nil || cpu[1] == "0" {
-		t.Errorf("the machine's user CPU time: %v", cpu)
+	// The VMM has run, so its CPU time is not zero; the guest's agent answered with its
+	// available memory and its root filesystem's size.
+	for _, series := range []string{
+		`fly_instance_cpu{app="` + app + `",instance="` + m + `",mode="user"}`,
+		`fly_instance_memory_mem_available{app="` + app + `",instance="` + m + `"}`,
+		`fly_instance_filesystem_blocks{app="` + app + `",instance="` + m + `",mount="/"}`,
+	} {
+		if v := regexp.MustCompile(regexp.QuoteMeta(series) + ` ([0-9.e+]+)\n`).FindStringSubmatch(mine); v == nil || v[1] == "0" {
+			t.Errorf("the app's scrape has %s %v; want it, not zero", series, v)
+		}
 	}
 	for _, line := range strings.Split(strings.TrimSpace(mine), "\n") {
 		if !strings.HasPrefix(line, "#") && !strings.Contains(line, `app="`+app+`"`) && !strings.Contains(line, `project="`+app+`"`) {
