@@ -16,7 +16,9 @@ import (
 // bootKind is an internal kind of machine whose VM boots at once.
 type bootKind struct{}
 
-func (bootKind) Boot(context.Context, store.Machine) (*vmrun.Instance, error) { return &vmrun.Instance{}, nil }
+func (bootKind) Boot(context.Context, store.Machine) (*vmrun.Instance, error) {
+	return &vmrun.Instance{}, nil
+}
 func (bootKind) Resumed(context.Context, store.Machine, *vmrun.Instance) error { return nil }
 func (bootKind) Stopping(context.Context, store.Machine, *vmrun.Instance)      {}
 

@@ -230,6 +230,16 @@ type vmInstance struct {
 	// internal machine.
 	rec  store.Machine
 	kind Internal
+	// agentMu guards inst.Agent where it changes while others may read it: a reconnect
+	// while the workload is followed, read by a scrape (Usage).
+	agentMu sync.Mutex
+}
+
+// agent is the VM's agent connection now.
+func (v *vmInstance) agent() *guest.Client {
+	v.agentMu.Lock()
+	defer v.agentMu.Unlock()
+	return v.inst.Agent
 }
 
 func (v *vmInstance) logf(format string, args ...any) {
@@ -285,8 +295,10 @@ func (v *vmInstance) Follow(ctx context.Context, offset int64, add func(guest.Re
 		if derr != nil {
 			return nil, err
 		}
+		v.agentMu.Lock()
 		v.inst.Agent.Close()
 		v.inst.Agent = c
+		v.agentMu.Unlock()
 	}
 }
 

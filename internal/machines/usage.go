@@ -25,7 +25,7 @@ func (s *Service) Usage(ctx context.Context) []metrics.Instance {
 			continue
 		}
 		running[id] = v
-		if a := v.inst.Agent; a != nil && a.Hello.Serves(guest.OpStats) {
+		if a := v.agent(); a != nil && a.Hello.Serves(guest.OpStats) {
 			sources[id] = a
 		}
 	}

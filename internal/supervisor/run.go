@@ -220,6 +220,9 @@ func (s *Supervisor) supervise(id string, r *run, vm VM) {
 		want, req := r.intent()
 		if s.ctx.Err() == nil && want == save {
 			logs.Close()
+			// While its VM is saved nothing else uses it (an exec, a scrape of its
+			// agent): the save closes the agent's connection.
+			r.setVM(nil)
 			s.save(id, r, vm, cfg)
 			return
 		}

@@ -38,6 +38,9 @@ type fakeRuntime struct {
 	destroyed []string
 	// exitOnSignal: a signalled workload exits with 128+signal.
 	exitOnSignal bool
+	// saving, if set, gets each save as it begins, which then waits for saved.
+	saving chan string
+	saveGo chan struct{}
 }
 
 type fakeVM struct {
@@ -146,6 +149,10 @@ func (v *fakeVM) PowerOff(ctx context.Context, grace time.Duration) {
 }
 
 func (v *fakeVM) Save(ctx context.Context) error {
+	if v.rt.saving != nil {
+		v.rt.saving <- v.id
+		<-v.rt.saveGo
+	}
 	v.rt.mu.Lock()
 	defer v.rt.mu.Unlock()
 	if v.rt.saveErr != nil {
@@ -460,6 +467,27 @@ func TestSuspendAndResume(t *testing.T) {
 		t.Fatal("a resume booted")
 	}
 	fx.wantEvents("m1", "start:starting start:started suspend:suspending suspend:suspended start:starting resume:started ")
+}
+
+// A VM being saved is not handed out (to an exec, a ps or a scrape of its agent): the
+// save closes its agent's connection under them.
+func TestSavingVMIsNotRunning(t *testing.T) {
+	fx := newFixture(t, nil)
+	fx.rt.saving, fx.rt.saveGo = make(chan string), make(chan struct{})
+	fx.create("m1", machine.Created, "")
+	fx.apply("m1", machine.InStart, Request{})
+	fx.wait("m1", machine.Started)
+	if fx.sup.Running("m1") == nil || len(fx.sup.RunningVMs()) != 1 {
+		t.Fatal("a started machine's VM is not running")
+	}
+	fx.apply("m1", machine.InSuspend, Request{})
+	<-fx.rt.saving
+	if fx.sup.Running("m1") != nil || len(fx.sup.RunningVMs()) != 0 {
+		t.Error("the VM is handed out while it is saved")
+	}
+	close(fx.rt.saveGo)
+	fx.wait("m1", machine.Suspended)
+	fx.settled("m1")
 }
 
 func TestSuspendFailureStops(t *testing.T) {
