@@ -3,6 +3,7 @@ package machines
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -13,12 +14,20 @@ import (
 // fakeStats answers with its stats until hang is set, then never (ignoring ctx, as a
 // hostile guest's stream might), counting the calls.
 type fakeStats struct {
-	st      guest.Stats
+	st      atomic.Pointer[guest.Stats]
 	err     error
 	hang    atomic.Bool
 	calls   atomic.Int32
 	release chan struct{}
 }
+
+func newFake(mem uint64, release chan struct{}) *fakeStats {
+	f := &fakeStats{release: release}
+	f.set(mem)
+	return f
+}
+
+func (f *fakeStats) set(mem uint64) { f.st.Store(&guest.Stats{MemAvailable: mem}) }
 
 func (f *fakeStats) Stats(ctx context.Context) (guest.Stats, error) {
 	f.calls.Add(1)
@@ -26,18 +35,19 @@ func (f *fakeStats) Stats(ctx context.Context) (guest.Stats, error) {
 		<-f.release
 		return guest.Stats{}, errors.New("released")
 	}
-	return f.st, f.err
+	return *f.st.Load(), f.err
 }
 
-// A scrape serves each guest's answer; a guest that stops answering holds it up no
-// longer than guestStatsWait and is served with its last answer, is not asked again while
-// its request is under way, and is forgotten once it no longer runs.
+// A scrape serves each guest's answer. A guest that stops answering holds up one scrape
+// by at most guestStatsWait, and none after it: it is served with its last answer and
+// not asked again while its request is under way. A machine no longer running is
+// forgotten.
 func TestGuestStatsServeLastAnswerOfSlowGuest(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
-	slow := &fakeStats{st: guest.Stats{MemAvailable: 1}, release: release}
-	fast := &fakeStats{st: guest.Stats{MemAvailable: 2}, release: release}
-	failing := &fakeStats{err: errors.New("no"), release: release}
+	slow, fast := newFake(1, release), newFake(2, release)
+	failing := newFake(0, release)
+	failing.err = errors.New("no")
 	var g guestStats
 	sources := map[string]guestStatsSource{"slow": slow, "fast": fast, "failing": failing}
 	got := g.read(context.Background(), sources)
@@ -46,16 +56,23 @@ func TestGuestStatsServeLastAnswerOfSlowGuest(t *testing.T) {
 	}
 
 	slow.hang.Store(true)
-	fast.st.MemAvailable = 3
-	for i := range 2 {
-		start := time.Now()
-		got = g.read(context.Background(), sources)
-		if d := time.Since(start); d > guestStatsWait+time.Second {
-			t.Errorf("scrape %d took %s with a guest that does not answer; want about %s", i, d, guestStatsWait)
-		}
-		if got["slow"].MemAvailable != 1 || got["fast"].MemAvailable != 3 {
-			t.Fatalf("scrape %d: %+v; want slow's last answer and fast's new one", i, got)
-		}
+	fast.set(3)
+	start := time.Now()
+	got = g.read(context.Background(), sources)
+	if d := time.Since(start); d > guestStatsWait+time.Second {
+		t.Errorf("the scrape that found a guest silent took %s; want about %s", d, guestStatsWait)
+	}
+	if got["slow"].MemAvailable != 1 || got["fast"].MemAvailable != 3 {
+		t.Fatalf("second scrape: %+v; want slow's last answer and fast's new one", got)
+	}
+	fast.set(4)
+	start = time.Now()
+	got = g.read(context.Background(), sources)
+	if d := time.Since(start); d >= guestStatsWait {
+		t.Errorf("a scrape waited %s for a guest already known silent", d)
+	}
+	if got["slow"].MemAvailable != 1 || got["fast"].MemAvailable != 4 {
+		t.Fatalf("third scrape: %+v; want slow's last answer and fast's new one", got)
 	}
 	if n := slow.calls.Load(); n != 2 {
 		t.Errorf("the silent guest was asked %d times; want 2 (not again while its request is under way)", n)
@@ -69,4 +86,29 @@ func TestGuestStatsServeLastAnswerOfSlowGuest(t *testing.T) {
 	if kept {
 		t.Error("a machine no longer running keeps its stats")
 	}
+}
+
+// Guests that never answer, however many, cannot keep the others from being read: a
+// request gives its slot back after guestStatsTimeout.
+func TestGuestStatsSilentGuestsFreeTheirSlots(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	sources := map[string]guestStatsSource{}
+	for i := range 2 * guestStatsParallel {
+		f := newFake(0, release)
+		f.hang.Store(true)
+		sources[fmt.Sprintf("silent%d", i)] = f
+	}
+	g := guestStats{timeout: 50 * time.Millisecond}
+	g.read(context.Background(), sources) // the silent ones take every slot
+	good := newFake(7, release)
+	sources["good"] = good
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if got := g.read(context.Background(), sources); got["good"].MemAvailable == 7 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("the answering guest was never read beside %d silent ones (asked %d times)", 2*guestStatsParallel, good.calls.Load())
 }

@@ -258,7 +258,7 @@ func (v *vmInstance) Follow(ctx context.Context, offset int64, add func(guest.Re
 		return add(rec)
 	}
 	for attempt := 0; ; attempt++ {
-		last, err := v.inst.Agent.Follow(ctx, "workload", next, true, pass)
+		last, err := v.agent().Follow(ctx, "workload", next, true, pass)
 		if err == nil {
 			if last.Exit == nil {
 				return nil, nil
@@ -275,7 +275,7 @@ func (v *vmInstance) Follow(ctx context.Context, offset int64, add func(guest.Re
 		default:
 		}
 		select {
-		case <-v.inst.Agent.Done():
+		case <-v.agent().Done():
 		default:
 			// The connection lives; only this stream failed. Dialing again would reset
 			// the guest's session and cut every other stream on it (a builder's BuildKit
@@ -303,7 +303,7 @@ func (v *vmInstance) Follow(ctx context.Context, offset int64, add func(guest.Re
 }
 
 func (v *vmInstance) Signal(ctx context.Context, sig int) error {
-	return v.inst.Agent.SignalSupervised(ctx, "workload", sig)
+	return v.agent().SignalSupervised(ctx, "workload", sig)
 }
 
 // PowerOff stops the VM within grace and a minute more whatever the guest does: a guest
@@ -335,14 +335,14 @@ func (v *vmInstance) Save(ctx context.Context) error {
 
 func (v *vmInstance) Release() { v.inst.Release() }
 
-func (v *vmInstance) Sync(ctx context.Context) error { return v.inst.Agent.Sync(ctx) }
+func (v *vmInstance) Sync(ctx context.Context) error { return v.agent().Sync(ctx) }
 
 func (v *vmInstance) Exec(ctx context.Context, req guest.ExecRequest, pio guest.IO) (*guest.Process, error) {
-	return v.inst.Agent.Start(ctx, req, pio)
+	return v.agent().Start(ctx, req, pio)
 }
 
 func (v *vmInstance) As() guest.ExecRequest { return v.as }
 
 func (v *vmInstance) Ps(ctx context.Context) ([]guest.ProcessStat, error) {
-	return v.inst.Agent.Ps(ctx)
+	return v.agent().Ps(ctx)
 }
