@@ -37,6 +37,8 @@ var (
 	// eventKeepalive is how often a follow sends a comment, so that proxies and clients
 	// see a quiet stream is alive.
 	eventKeepalive = 15 * time.Second
+	// eventRecheck is how often a follow checks its token again.
+	eventRecheck = time.Second
 )
 
 // listEvents serves the journal of events: the newest, or with follow=true a stream of
@@ -153,7 +155,17 @@ func (s *Server) followEvents(w http.ResponseWriter, r *http.Request, f store.Ev
 	defer keepalive.Stop()
 	poll := time.NewTimer(eventPoll)
 	defer poll.Stop()
+	checked := time.Now()
 	for {
+		// A follow has no end of its own: the token it was opened with is checked again
+		// (its record at most auth.Recheck old), so a revoked or expired token stops
+		// receiving events; the client's reconnect is then refused with the reason.
+		if time.Since(checked) >= eventRecheck {
+			if _, err := s.identify(r); err != nil {
+				return nil
+			}
+			checked = time.Now()
+		}
 		// Taken before the read, so that a write between the read and the wait wakes it.
 		woke := s.Events.EventsWritten()
 		// The journal's newest id, read before f's read: seqs become visible in order, so

@@ -275,3 +275,24 @@ func TestEndStreamsEndsFollows(t *testing.T) {
 		t.Errorf("a follow after EndStreams: %d %s", code, body)
 	}
 }
+
+// A follow opened with a token ends once the token is revoked: it has no end of its own.
+func TestRevokedTokenEndsItsFollow(t *testing.T) {
+	tn := newTenants(t)
+	tok := tn.token(api.CreateTokenRequest{Apps: []string{"a"}, Role: "read"})
+	s := tn.follow("", tok.Token)
+	if code, body := tn.call("DELETE", "/v1/tokens/"+tok.ID, opToken, nil); code/100 != 2 {
+		t.Fatalf("revoke: %d %s", code, body)
+	}
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case _, ok := <-s.events:
+			if !ok {
+				return // ended
+			}
+		case <-timeout:
+			t.Fatal("the follow of a revoked token still runs 10 s later")
+		}
+	}
+}
