@@ -28,6 +28,7 @@ import (
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/machine"
+	"github.com/kilnhq/kiln/internal/metrics"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
@@ -647,5 +648,9 @@ func (s *Service) DeleteApp(ctx context.Context, app string, force bool) error {
 			}
 		}
 	}
-	return s.cfg.Store.DeleteApp(ctx, app)
+	if err := s.cfg.Store.DeleteApp(ctx, app); err != nil {
+		return err
+	}
+	metrics.ForgetApp(app)
+	return nil
 }

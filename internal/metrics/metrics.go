@@ -115,6 +115,21 @@ var instruments = []prometheus.Collector{
 	StoreQuery,
 }
 
+// ForgetApp drops every instrument's series about a deleted app: its name can be taken
+// again, by another tenant, who must not inherit its counters, and apps that come and go
+// must not grow the series for ever. It says how many series went.
+func ForgetApp(app string) int {
+	n := 0
+	for _, c := range instruments {
+		if v, ok := c.(interface {
+			DeletePartialMatch(prometheus.Labels) int
+		}); ok {
+			n += v.DeletePartialMatch(prometheus.Labels{LabelApp: app})
+		}
+	}
+	return n
+}
+
 // NewRegistry returns a registry with every instrument, the Go runtime's and the
 // process's own metrics, and the given collectors of one server's state.
 func NewRegistry(cs ...prometheus.Collector) *prometheus.Registry {

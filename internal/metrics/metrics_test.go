@@ -150,3 +150,20 @@ func expect(t *testing.T, c prometheus.Collector, want ...string) {
 		}
 	}
 }
+
+// A deleted app's series go, and only its: another tenant may take the name.
+func TestForgetApp(t *testing.T) {
+	MachineBoot.WithLabelValues("gone").Observe(1)
+	ProxyRequests.WithLabelValues("gone", "200").Inc()
+	MachineBoot.WithLabelValues("kept").Observe(1)
+	if n := ForgetApp("gone"); n != 2 {
+		t.Errorf("ForgetApp dropped %d series, want 2", n)
+	}
+	r := prometheus.NewRegistry()
+	r.MustRegister(MachineBoot)
+	mfs, _ := r.Gather()
+	if n := len(mfs[0].GetMetric()); len(mfs) != 1 || n != 1 {
+		t.Errorf("%d boot series left, want kept's only", n)
+	}
+	ForgetApp("kept")
+}

@@ -248,3 +248,34 @@ func testHostileEventMessageKept(t *testing.T, dsn string) {
 		t.Errorf("journal: %v %+v", err, all)
 	}
 }
+
+func TestDeletedAppLeavesNoJournal(t *testing.T) { forEachDialect(t, testDeletedAppLeavesNoJournal) }
+
+// A deleted app's journal goes with it: its name can be taken again, by another tenant,
+// who must not read its history.
+func testDeletedAppLeavesNoJournal(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	db.CreateApp(ctx, "gone")
+	db.CreateApp(ctx, "kept")
+	for _, m := range []struct{ id, app string }{{"m1", "gone"}, {"m2", "kept"}} {
+		if err := db.CreateMachine(ctx, store.Machine{ID: m.id, App: m.app, Name: m.id, State: machine.Created, Config: []byte(`{}`)}, machine.Event{Type: "launch", Source: "user"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, step := range [][2]machine.State{{machine.Created, machine.Destroying}, {machine.Destroying, machine.Destroyed}} {
+		if err := db.Transition(ctx, "m1", step[0], step[1], machine.Event{Type: "destroy", Source: "user"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.DeleteApp(ctx, "gone"); err != nil {
+		t.Fatal(err)
+	}
+	db.CreateApp(ctx, "gone")
+	if es, err := db.ListEvents(ctx, store.EventFilter{App: "gone"}); err != nil || len(es) != 0 {
+		t.Errorf("the new app gone reads %d events of the old one: %v", len(es), err)
+	}
+	if es, err := db.ListEvents(ctx, store.EventFilter{App: "kept"}); err != nil || len(es) != 1 {
+		t.Errorf("app kept has %d events, want its 1: %v", len(es), err)
+	}
+}

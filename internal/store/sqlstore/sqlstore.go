@@ -205,6 +205,9 @@ func (s *DB) DeleteApp(ctx context.Context, name string) error {
 		`DELETE FROM machine_events WHERE machine_id IN (SELECT id FROM machines WHERE app = ? AND state = 'destroyed')`,
 		`DELETE FROM machine_metadata WHERE machine_id IN (SELECT id FROM machines WHERE app = ? AND state = 'destroyed')`,
 		`DELETE FROM machines WHERE app = ? AND state = 'destroyed'`,
+		// The name can be taken again, by another tenant: the journal's history of this
+		// app must not become theirs.
+		`DELETE FROM events WHERE app = ?`,
 	} {
 		if _, err := tx.ExecContext(ctx, s.q(q), name); err != nil {
 			return fmt.Errorf("deleting app %s: %w", name, err)
