@@ -124,6 +124,14 @@ func TestPendingCapShedsTheOldest(t *testing.T) {
 	}
 	defer anon.Close()
 	get(t, anon, bufio.NewReader(anon), "")
+	// The server counts the answered connection as pending (idle) once it has written
+	// the answer, which may be after the client read it: wait, so that it is the oldest.
+	for deadline := time.Now().Add(5 * time.Second); pl.PendingConns() != 1; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pending connections after one anonymous request, want 1", pl.PendingConns())
+		}
+		time.Sleep(time.Millisecond)
+	}
 
 	var conns []net.Conn
 	for i := 0; i < 5*max; i++ {
