@@ -206,8 +206,12 @@ func (s *DB) DeleteApp(ctx context.Context, name string) error {
 		`DELETE FROM machine_metadata WHERE machine_id IN (SELECT id FROM machines WHERE app = ? AND state = 'destroyed')`,
 		`DELETE FROM machines WHERE app = ? AND state = 'destroyed'`,
 		// The name can be taken again, by another tenant: the journal's history of this
-		// app must not become theirs.
+		// app must not become theirs, nor its releases and secrets (their numbering
+		// starts again from 1).
 		`DELETE FROM events WHERE app = ?`,
+		`DELETE FROM releases WHERE app = ?`,
+		`DELETE FROM release_counters WHERE app = ?`,
+		`DELETE FROM secrets WHERE app = ?`,
 	} {
 		if _, err := tx.ExecContext(ctx, s.q(q), name); err != nil {
 			return fmt.Errorf("deleting app %s: %w", name, err)
