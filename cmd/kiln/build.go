@@ -67,14 +67,10 @@ plain output, streamed live. Exit status: 0 built, 1 failed or canceled.`,
 			if err != nil {
 				return err
 			}
-			pr, pw := io.Pipe()
-			go func() { pw.CloseWithError(writeContext(pw)) }()
-			b, err := cl.SubmitBuild(ctx, project, spec, pr, sec)
-			pr.Close()
+			b, err := submitBuild(ctx, cl, project, spec, writeContext, sec)
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(os.Stderr, "build %s of %s queued\n", b.ID, project)
 			if detach {
 				fmt.Println(b.ID)
 				return nil

@@ -124,6 +124,7 @@ when the server stops or dies; the next start adopts them.`,
 	f.StringVar(&sizes.imageMax, "image-max-size", "10G", "largest image accepted, uncompressed: converting a larger one (or a gzip bomb) stops at this size")
 	f.StringSliceVar(&o.SharedImages, "registry-shared", []string{"library"}, "registry namespaces every token may pull from (localhost/NS/...); only the operator's token pushes there. Images named with no namespace (localhost/NAME:TAG) are shared too")
 	f.DurationVar(&o.AuditRetention, "audit-retention", auditlog.DefaultRetention, "how long the audit log keeps an entry; 0 keeps every entry")
+	f.StringVar(&o.SecretsKey, "secrets-key", "", "file with the 32-byte key that seals apps' secrets (mode 0600); default DATA_DIR/secrets.key, made on first start. Hosts sharing a database need the same file")
 	f.DurationVar(&o.EventRetention, "event-retention", store.DefaultEventRetention, "how long the event journal (kiln events) keeps an event; 0 keeps every event")
 	f.StringVar(&o.VMUIDs, "vm-uids", vmrun.DefaultUIDs.String(), "host user IDs VMMs run as, FIRST-LAST, one per VM; no account may use them (data dirs on one host may share them: each uid is claimed host-wide)")
 	f.DurationVar(&o.CapacityWait, "capacity-wait", time.Minute, "how long a machine or builder start waits in the capacity queue; 0 fails at once")

@@ -23,6 +23,7 @@ import (
 	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/cluster"
 	"github.com/kilnhq/kiln/internal/connlimit"
+	"github.com/kilnhq/kiln/internal/deploy"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/limits"
 	"github.com/kilnhq/kiln/internal/machines"
@@ -30,6 +31,7 @@ import (
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/proxy"
 	"github.com/kilnhq/kiln/internal/registry"
+	"github.com/kilnhq/kiln/internal/secrets"
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
@@ -170,7 +172,12 @@ func Run(ctx context.Context, o Options, h Host) error {
 			builds.Builders.Host = here.Name // a builder per host, like its cache
 		}
 	}
+	apps, err := appSecrets(o, db)
+	if err != nil {
+		return err
+	}
 	mgr := newMachines(o, db, rt, images, rootfs, ledger, nets, hosts, builds, logger)
+	mgr.UseSecrets(apps.Values)
 	stack.push(mgr.Close)
 
 	httpLim, _ := o.httpLimits() // check read it
@@ -193,7 +200,12 @@ func Run(ctx context.Context, o Options, h Host) error {
 		store.Tokens
 		store.Audit
 	}{db, audit}, ImageRules: rules, Log: logger, Builds: builds,
-		Capacity: ledger, Limits: limits.Default, Events: db}
+		Capacity: ledger, Limits: limits.Default, Events: db, Secrets: apps}
+	deploys := &deploy.Engine{Store: db, Machines: deployMachines{db: db, mgr: mgr}, Log: logger}
+	if px != nil {
+		deploys.Health = deployHealth{px}
+	}
+	apiSrv.Deploys = deploys
 	// /metrics reads machines by state from the store (with PostgreSQL: every host's),
 	// capacity from the ledger, and the usage of the machines running here.
 	apiSrv.Metrics = metrics.NewRegistry(metrics.MachineStates{Count: db.MachineCounts}, metrics.Capacity{Ledger: ledger},
@@ -216,6 +228,16 @@ func Run(ctx context.Context, o Options, h Host) error {
 		return fmt.Errorf("recovering machines: %w", err)
 	}
 	apiSrv.Recovering.Store(false)
+	// Deploys a stopped server left resume now that their machines are adopted; on
+	// stopping, the running ones are left where they are, to resume at the next start.
+	dctx, stopDeploys := context.WithCancel(ctx)
+	deploys.Base = dctx
+	stack.push(func() { stopDeploys(); deploys.Wait() })
+	if shared {
+		logf("deploys cut short by a stopped server are not resumed on a shared database yet: run kiln deploy again")
+	} else if err := deploys.Resume(ctx); err != nil {
+		return fmt.Errorf("resuming deploys: %w", err)
+	}
 	if builds != nil {
 		// Builders are machines: like them they keep running when kiln stops, and the
 		// next kiln adopts them with their caches (an interrupted build goes on in the
@@ -340,4 +362,20 @@ func buildService(ctx context.Context, o Options, h Host, db *sqlstore.DB, rt *v
 		Git:             build.GitOptions{AllowFile: o.GitAllowFile, Timeout: o.GitTimeout},
 		Log:             log,
 	}, nil
+}
+
+// appSecrets opens the keyring that seals apps' secrets: the operator's file, which must
+// exist, or one kept in the data directory.
+func appSecrets(o Options, db *sqlstore.DB) (*secrets.Apps, error) {
+	var kr *secrets.Keyring
+	var err error
+	if o.SecretsKey != "" {
+		kr, err = secrets.Load(o.SecretsKey)
+	} else {
+		kr, err = secrets.LoadOrCreate(filepath.Join(o.DataDir, "secrets.key"))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("the secrets key (--secrets-key): %w", err)
+	}
+	return &secrets.Apps{Store: db, Keyring: kr}, nil
 }

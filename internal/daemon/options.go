@@ -76,6 +76,10 @@ type Options struct {
 	// EventRetention is how long the event journal (GET /v1/events) keeps an event; 0
 	// keeps them all.
 	EventRetention time.Duration
+	// SecretsKey is the file holding the key that seals apps' secrets; "" keeps one in
+	// the data directory (created 0600 on first start). Hosts sharing a database name
+	// the same file.
+	SecretsKey string
 	// LogFormat is how the server's log lines are written on stderr: text or json
 	// (serverlog.Formats).
 	LogFormat string

@@ -39,7 +39,7 @@ func (p proxyMachines) Targets(ctx context.Context) ([]proxy.Target, error) {
 		if !ok {
 			continue // never booted yet: it gets its address on its first start
 		}
-		out = append(out, proxy.Target{ID: m.ID, App: m.App, State: m.State, Addr: l.Addr.Addr(), Services: cfg.Services})
+		out = append(out, proxy.Target{ID: m.ID, App: m.App, State: m.State, Addr: l.Addr.Addr(), Services: cfg.Services, Cordoned: m.Cordoned})
 	}
 	return out, nil
 }

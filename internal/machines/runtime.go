@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -31,6 +34,7 @@ type vmRuntime struct {
 	log    io.Writer
 
 	internal map[string]Internal
+	secrets  func(ctx context.Context, app string, version int) (map[string]string, error)
 
 	mu    sync.Mutex
 	saved map[string]*vmInstance
@@ -81,6 +85,9 @@ func (r *vmRuntime) Boot(ctx context.Context, rec store.Machine, cfg api.Machine
 	w := machine.Workload(cfg, rfs.Run)
 	if len(w.Argv) == 0 {
 		return nil, errdefs.Invalid("image %s has no command and config.init sets none", cfg.Image)
+	}
+	if w.Env, err = r.withSecrets(ctx, rec, w.Env); err != nil {
+		return nil, err
 	}
 	var mounts []vmrun.Mount
 	for _, mt := range cfg.Mounts {
@@ -177,8 +184,35 @@ func (r *vmRuntime) as(ctx context.Context, rec store.Machine) guest.ExecRequest
 	if err != nil {
 		return guest.ExecRequest{}
 	}
-	return machine.Workload(cfg, rfs.Run)
+	w := machine.Workload(cfg, rfs.Run)
+	w.Env, _ = r.withSecrets(ctx, rec, w.Env)
+	return w
 }
+
+// withSecrets adds the app's secrets to a workload's environment, at the version the
+// machine's metadata names (kiln_secrets_version, set by deploys) or else the latest.
+// They come after the config's env: a secret wins over a plain variable of its name.
+func (r *vmRuntime) withSecrets(ctx context.Context, rec store.Machine, env []string) ([]string, error) {
+	if r.secrets == nil {
+		return env, nil
+	}
+	version := 0
+	if md, err := r.store.Metadata(ctx, rec.ID); err == nil {
+		version, _ = strconv.Atoi(md[MetaSecretsVersion])
+	}
+	vals, err := r.secrets(ctx, rec.App, version)
+	if err != nil {
+		return env, fmt.Errorf("reading the app's secrets: %w", err)
+	}
+	for _, k := range slices.Sorted(maps.Keys(vals)) {
+		env = append(env, k+"="+vals[k])
+	}
+	return env, nil
+}
+
+// MetaSecretsVersion is the metadata key that pins the secrets version a machine boots
+// with.
+const MetaSecretsVersion = "kiln_secrets_version"
 
 func (r *vmRuntime) Adopt(ctx context.Context, o supervisor.Owned, rec store.Machine) (supervisor.VM, error) {
 	inst, err := r.vms.Adopt(ctx, o.ID)

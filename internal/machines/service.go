@@ -103,6 +103,13 @@ func New(cfg Config) *Service {
 	return s
 }
 
+// UseSecrets gives booting machines their app's secrets: f returns them at a version
+// (0: the latest). A machine gets them as environment variables when it boots, and
+// nowhere else: they are in neither its config nor its record.
+func (s *Service) UseSecrets(f func(ctx context.Context, app string, version int) (map[string]string, error)) {
+	s.rt.secrets = f
+}
+
 // log is the service's logger for what ctx is doing: an API call's lines carry its id.
 func (s *Service) log(ctx context.Context) *slog.Logger { return serverlog.For(ctx, s.cfg.Log) }
 

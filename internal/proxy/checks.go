@@ -55,6 +55,10 @@ func (p *Proxy) check(ctx context.Context) {
 			p.mu.Lock()
 			defer p.mu.Unlock()
 			s.checking = false
+			if !s.startedAt.IsZero() { // still the same run of the machine
+				s.rounds++
+				s.passed = failed == nil
+			}
 			grace := duration(due[0].c.GracePeriod, 0)
 			was := s.failing
 			s.failing = failed != nil && time.Since(s.startedAt) >= grace
@@ -109,4 +113,36 @@ func (d checkRun) run(ctx context.Context) error {
 		return err
 	}
 	return c.Close()
+}
+
+// Health is what the proxy knows of a machine's checks: how many rounds ran since it was
+// last seen started, whether the latest passed, and the requests it is serving.
+type Health struct {
+	// StartedAt is when the proxy first saw the machine's current run started; zero
+	// when it is not started (or the proxy does not know it).
+	StartedAt time.Time
+	Rounds    int
+	Passing   bool
+	Inflight  int
+	// Cordoned says the proxy's table has the machine out of service.
+	Cordoned bool
+	// Known says the proxy routes to the machine (it has services and an address).
+	Known bool
+}
+
+// Health reports a machine's checks as the proxy last ran them.
+func (p *Proxy) Health(id string) Health {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.stats[id]
+	if !ok {
+		return Health{}
+	}
+	h := Health{StartedAt: s.startedAt, Rounds: s.rounds, Passing: s.passed, Inflight: s.inflight}
+	for _, t := range p.targets {
+		if t.ID == id {
+			h.Cordoned, h.Known = t.Cordoned, true
+		}
+	}
+	return h
 }

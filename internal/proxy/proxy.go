@@ -33,6 +33,9 @@ type Target struct {
 	State    machine.State
 	Addr     netip.Addr
 	Services []api.Service
+	// Cordoned machines get no new requests and are not woken; their checks still run,
+	// so that a deploy can see a new machine healthy before it takes traffic.
+	Cordoned bool
 }
 
 // Machines is what the proxy needs of the node.
@@ -105,6 +108,10 @@ type stat struct {
 	failing    bool // a health check failed after the grace period
 	checking   bool
 	lastCheck  time.Time
+	// rounds counts the check rounds finished since the machine was last seen started;
+	// passed says whether the latest one passed.
+	rounds int
+	passed bool
 }
 
 // New returns a proxy; Run serves it.
@@ -221,7 +228,7 @@ func (p *Proxy) refresh(ctx context.Context) {
 				s.startedAt, s.lastActive = now, now
 			}
 		} else {
-			s.startedAt, s.failing = time.Time{}, false
+			s.startedAt, s.failing, s.rounds, s.passed = time.Time{}, false, 0, false
 			if t.State != machine.Stopping && t.State != machine.Suspending {
 				s.stopping = false
 			}
@@ -349,6 +356,9 @@ func (p *Proxy) acquire(ctx context.Context, app string, port int, http bool) (*
 			switch {
 			case s.waking:
 				waking = true
+			case t.Cordoned:
+				// Taken out of service (a deploy is replacing it, or a new one is not
+				// yet healthy): requests wait for, or go to, the others.
 			case t.State == machine.Started && !s.stopping && !s.failing:
 				soft, hard := limits(svc)
 				if s.inflight < soft && (underSoft == nil || s.inflight < p.stats[underSoft.ID].inflight) {

@@ -260,3 +260,52 @@ func TestRawTCPPort(t *testing.T) {
 		t.Fatalf("raw TCP through port %d: %q", port, b)
 	}
 }
+
+// A cordoned machine takes no request, is not woken, and still has its checks run: a
+// deploy reads its health before letting traffic in.
+func TestCordonedMachineGetsNoTrafficButIsChecked(t *testing.T) {
+	f := newFake()
+	svc := web("off")
+	svc.Checks = []api.Check{{Type: "http", Interval: "50ms", Timeout: "200ms"}}
+	f.add(t, "w1", "web", machine.Started, svc)
+	f.add(t, "w2", "web", machine.Started, svc)
+	f.mu.Lock()
+	f.ts["w2"].Cordoned = true
+	f.mu.Unlock()
+	p := startProxy(t, f, time.Hour)
+	for i := 0; i < 6; i++ {
+		if code, body := get(t, p, "web.kiln.internal", "/"); code != 200 || !strings.HasPrefix(body, "w1") {
+			t.Fatalf("request %d with w2 cordoned: %d %q", i, code, body)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for h := p.Health("w2"); h.Rounds == 0 || !h.Passing || !h.Cordoned; h = p.Health("w2") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the cordoned machine's checks never passed: %+v", h)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Both cordoned, w1 stopped: a request is held, and nothing is woken.
+	f.mu.Lock()
+	f.ts["w1"].Cordoned = true
+	f.mu.Unlock()
+	f.Stop(context.Background(), "w1")
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+p.Addr()+"/", nil)
+	req.Host = "web.kiln.internal"
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("a request with every machine cordoned was answered: %s", resp.Status)
+	}
+	f.mu.Lock()
+	woken := f.starts["w1"]
+	f.mu.Unlock()
+	if woken != 0 {
+		t.Fatalf("a cordoned machine was woken %d times", woken)
+	}
+	if h := p.Health("w1"); !h.StartedAt.IsZero() || h.Rounds != 0 {
+		t.Fatalf("a stopped machine's health kept its old rounds: %+v", h)
+	}
+}

@@ -167,6 +167,9 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"LogLine": api.LogLine{}, "ImageLoadResponse": api.ImageLoadResponse{},
 		"Volume": api.Volume{}, "CreateVolumeRequest": api.CreateVolumeRequest{}, "UpdateVolumeRequest": api.UpdateVolumeRequest{}, "Snapshot": api.Snapshot{}, "ExtendVolumeRequest": api.ExtendVolumeRequest{}, "ExtendVolumeResponse": api.ExtendVolumeResponse{}, "BuildSpec": api.BuildSpec{}, "Build": api.Build{}, "BuildCache": api.BuildCache{}, "Limit": api.Limit{}, "Host": api.Host{},
 		"StreamEvent": api.StreamEvent{}, "EventList": api.EventList{},
+		"DeployRequest": api.DeployRequest{}, "FieldDiff": api.FieldDiff{}, "PlanStep": api.PlanStep{}, "Plan": api.Plan{},
+		"Release": api.Release{}, "DeployResponse": api.DeployResponse{}, "RollbackRequest": api.RollbackRequest{},
+		"ScaleRequest": api.ScaleRequest{}, "SecretsRequest": api.SecretsRequest{}, "SecretRequest": api.SecretRequest{}, "Secrets": api.Secrets{},
 	} {
 		s, ok := schemas[name].(map[string]any)
 		if !ok {

@@ -23,12 +23,14 @@ import (
 	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/cluster"
 	"github.com/kilnhq/kiln/internal/connlimit"
+	"github.com/kilnhq/kiln/internal/deploy"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/limits"
 	"github.com/kilnhq/kiln/internal/machine"
 	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/reqid"
+	"github.com/kilnhq/kiln/internal/secrets"
 	"github.com/kilnhq/kiln/internal/serverlog"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/ui"
@@ -85,6 +87,10 @@ type Server struct {
 	Metrics prometheus.Gatherer
 	// Events is the journal GET /v1/events serves; nil answers that none is kept.
 	Events store.EventLog
+	// Deploys runs deploys and keeps releases; Secrets keeps apps' secrets. Without them
+	// the deploy, release and secrets routes say deploys are off.
+	Deploys *deploy.Engine
+	Secrets *secrets.Apps
 	// followers counts the open follows of GET /v1/events.
 	followers followers
 	// tenantMetrics is what the scrapes of tokens other than the operator's gather from.
@@ -142,6 +148,16 @@ func (s *Server) Routes() []Route {
 		{"GET", "/v1/apps/{app}/machines/{id}/metadata/{key}", appRead, s.getMetadata},
 		{"POST", "/v1/apps/{app}/machines/{id}/metadata/{key}", appDeploy, s.setMetadata},
 		{"DELETE", "/v1/apps/{app}/machines/{id}/metadata/{key}", appDeploy, s.deleteMetadata},
+		{"POST", "/v1/apps/{app}/plan", appDeploy, s.planDeploy},
+		{"POST", "/v1/apps/{app}/deploys", appDeploy, s.createDeploy},
+		{"POST", "/v1/apps/{app}/rollback", appDeploy, s.rollbackDeploy},
+		{"POST", "/v1/apps/{app}/scale", appDeploy, s.scaleDeploy},
+		{"GET", "/v1/apps/{app}/releases", appRead, s.listReleases},
+		{"GET", "/v1/apps/{app}/releases/{version}", appRead, s.getRelease},
+		{"GET", "/v1/apps/{app}/secrets", appRead, s.listSecrets},
+		{"POST", "/v1/apps/{app}/secrets", appDeploy, s.setSecrets},
+		{"POST", "/v1/apps/{app}/secrets/{name}", appDeploy, s.setSecret},
+		{"DELETE", "/v1/apps/{app}/secrets/{name}", appDeploy, s.unsetSecret},
 		{"GET", "/v1/apps/{app}/volumes", appRead, s.listVolumes},
 		{"POST", "/v1/apps/{app}/volumes", appDeploy, s.createVolume},
 		{"GET", "/v1/apps/{app}/volumes/{id}", appRead, s.getVolume},
