@@ -660,9 +660,12 @@ type BuildResult struct {
 	Builder string `json:"builder,omitempty"`
 	// CacheReset says the project's cache was emptied before this build: its last
 	// builder had not stopped cleanly.
-	CacheReset   bool  `json:"cache_reset,omitempty"`
-	DurationMS   int64 `json:"duration_ms,omitempty"`
-	LogTruncated bool  `json:"log_truncated,omitempty"`
+	CacheReset bool `json:"cache_reset,omitempty"`
+	// ImageSentBytes is what the builder sent of the image: the blobs missing from the
+	// project's last image (for a rebuild with no change, a new config and manifest).
+	ImageSentBytes int64 `json:"image_sent_bytes,omitempty"`
+	DurationMS     int64 `json:"duration_ms,omitempty"`
+	LogTruncated   bool  `json:"log_truncated,omitempty"`
 	// Pruned says the image was deleted from the registry: newer builds replaced it.
 	Pruned bool `json:"pruned,omitempty"`
 }

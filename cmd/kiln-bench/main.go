@@ -53,10 +53,10 @@ func main() {
 	out := flag.String("out", "bench-results/bench.json", "where to write the JSON report")
 	boots := flag.Int("boots", 10, "boots to time")
 	execs := flag.Int("execs", 100, "execs of `true` to time")
-	only := flag.String("only", "", "run one part alone: placement or metrics (no VM; for repeated runs on a quiet host)")
+	only := flag.String("only", "", "run one part alone: placement or metrics (no VM; for repeated runs on a quiet host), or builds")
 	flag.Parse()
-	if *only != "" && *only != "placement" && *only != "metrics" {
-		fmt.Fprintf(os.Stderr, "kiln-bench: -only %q: the parts that run alone are placement and metrics\n", *only)
+	if *only != "" && *only != "placement" && *only != "metrics" && *only != "builds" {
+		fmt.Fprintf(os.Stderr, "kiln-bench: -only %q: the parts that run alone are placement, metrics and builds\n", *only)
 		os.Exit(2)
 	}
 	if err := run(*out, *boots, *execs, *only); err != nil {
@@ -108,6 +108,12 @@ func run(out string, boots, execs int, only string) error {
 	if only == "metrics" {
 		if err := benchMetrics(ctx, work, add); err != nil {
 			return fmt.Errorf("metrics: %w", err)
+		}
+		return finish(rep, out)
+	}
+	if only == "builds" {
+		if err := benchBuilds(ctx, rt, dataDir, work, add); err != nil {
+			return fmt.Errorf("builds: %w", err)
 		}
 		return finish(rep, out)
 	}

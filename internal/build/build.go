@@ -71,7 +71,9 @@ func Terminal(s string) bool { return s == Succeeded || s == Failed || s == Canc
 // Images is kiln's registry as builds use it.
 type Images interface {
 	Resolve(ctx context.Context, ref string) (v1.Image, error)
-	Load(ctx context.Context, tarball string, extra ...string) (string, []string, error)
+	// Push stores img under refs and returns its digest and the refs as stored; only
+	// the blobs the registry lacks are sent.
+	Push(ctx context.Context, img v1.Image, refs ...string) (string, []string, error)
 	// Delete removes a manifest (REPO@DIGEST) from kiln's registry.
 	Delete(ctx context.Context, ref string) error
 }
@@ -86,6 +88,8 @@ type Service struct {
 	Dir             string
 	MaxContextBytes int64
 	MaxLogBytes     int64
+	// MaxImageBytes bounds what a build's builder sends for its image; zero means 8 GiB.
+	MaxImageBytes int64
 	// Git says how contexts from git_url are fetched.
 	Git GitOptions
 	// MayPull decides whether a project's builds may use an image of kiln's registry as

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,15 +19,19 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
 	"github.com/kilnhq/kiln/api"
+	"github.com/kilnhq/kiln/internal/auth/authtest"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/image"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 	"github.com/kilnhq/kiln/internal/machines"
+	kilnregistry "github.com/kilnhq/kiln/internal/registry"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
 	"github.com/kilnhq/kiln/internal/testutil"
 	"github.com/kilnhq/kiln/internal/vmm/qemu"
@@ -43,7 +49,7 @@ type registry struct {
 	pushed  map[string]v1.Image
 	dir     string
 	deleted []string
-	closers []func() // the pushed images read from unpacked tarballs until the test ends
+	pushes  int
 }
 
 func (r *registry) Delete(_ context.Context, ref string) error {
@@ -65,28 +71,32 @@ func (r *registry) Resolve(_ context.Context, ref string) (v1.Image, error) {
 	return nil, errdefs.New(errdefs.ErrNotFound, "no image %s", ref)
 }
 
-func (r *registry) Load(_ context.Context, tarball string, extra ...string) (string, []string, error) {
-	// Keep a copy: the service removes its tarball.
-	cp := filepath.Join(r.dir, filepath.Base(filepath.Dir(tarball))+".tar")
-	b, err := os.ReadFile(tarball)
-	if err != nil {
-		return "", nil, err
-	}
-	os.WriteFile(cp, b, 0o644)
-	img, closeImg, err := image.OpenTarball(cp)
-	if err != nil {
-		return "", nil, err
-	}
+func (r *registry) Push(_ context.Context, img v1.Image, refs ...string) (string, []string, error) {
+	// Keep a copy: the service keeps only its project's last image.
 	r.mu.Lock()
-	r.closers = append(r.closers, closeImg)
+	r.pushes++
+	cp := filepath.Join(r.dir, fmt.Sprintf("pushed-%d", r.pushes))
 	r.mu.Unlock()
-	dg, _ := img.Digest()
+	p, err := layout.Write(cp, empty.Index)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := p.AppendImage(img); err != nil {
+		return "", nil, err
+	}
+	dg, err := img.Digest()
+	if err != nil {
+		return "", nil, err
+	}
+	if img, err = p.Image(dg); err != nil {
+		return "", nil, err
+	}
 	r.mu.Lock()
-	for _, t := range extra {
+	for _, t := range refs {
 		r.pushed[t] = img
 	}
 	r.mu.Unlock()
-	return dg.String(), extra, nil
+	return dg.String(), refs, nil
 }
 
 // fileIn reads a file from an image's layers, the top layer winning.
@@ -135,11 +145,6 @@ func newHarness(t *testing.T, opts ...func(*build.Service)) *harness {
 	}
 	t.Cleanup(func() { db.Close() })
 	reg := &registry{base: imagetest.Base(t), pushed: map[string]v1.Image{}, dir: dir}
-	t.Cleanup(func() {
-		for _, c := range reg.closers {
-			c()
-		}
-	})
 	bs := &build.Builders{RT: rt, Rootfs: rootfs, Dir: filepath.Join(dir, "builders"), CacheBytes: 4 << 30, KeepBytes: 2 << 30,
 		CPUs: 2, MemoryMiB: 1024, Idle: time.Hour, Log: os.Stderr}
 	// Builders are machines: the machines' supervisor runs them.
@@ -572,5 +577,146 @@ func TestGitContext(t *testing.T) {
 		if _, err := h.svc.Submit(ctx, "shop", bad.spec, ctxTar(bad.ctx), nil); err == nil || !strings.Contains(err.Error(), bad.want) {
 			t.Errorf("%+v: %v, want %q", bad.spec, err, bad.want)
 		}
+	}
+}
+
+// uploads records the blobs kiln's registry received: the digest of each finished
+// upload (a PUT naming it) and each cross-repository mount.
+type uploads struct {
+	mu      sync.Mutex
+	digests []string
+}
+
+func (u *uploads) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if dg := r.URL.Query().Get("digest"); r.Method == http.MethodPut && dg != "" && strings.Contains(r.URL.Path, "/blobs/uploads/") {
+			u.add(dg)
+		}
+		if dg := r.URL.Query().Get("mount"); r.Method == http.MethodPost && dg != "" {
+			u.add(dg)
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+func (u *uploads) add(dg string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.digests = append(u.digests, dg)
+}
+
+// take returns the digests received since the last take.
+func (u *uploads) take() []string {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	out := u.digests
+	u.digests = nil
+	return out
+}
+
+// layersOf lists an image's layer digests.
+func layersOf(t *testing.T, img v1.Image) map[string]bool {
+	t.Helper()
+	m, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]bool{}
+	for _, l := range m.Layers {
+		out[l.Digest.String()] = true
+	}
+	return out
+}
+
+// A rebuild with no change sends kiln's registry no layer, and its builder sends kiln
+// only the image's new config and manifest; every tag names the digest the build
+// reports. A change still sends the layers it changed, and only those.
+func TestRebuildSendsOnlyNewBlobs(t *testing.T) {
+	ctx := context.Background()
+	checker, token := authtest.Operator()
+	var up uploads
+	srv := httptest.NewServer(up.wrap(kilnregistry.Handler(ctx, filepath.Join(testutil.TempDir(t), "registry"), kilnregistry.Access{Auth: checker})))
+	t.Cleanup(srv.Close)
+	reg := image.Registries{Local: strings.TrimPrefix(srv.URL, "http://"), Token: token}
+	if _, _, err := reg.Push(ctx, imagetest.Base(t), "localhost/busybox:1"); err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, func(s *build.Service) { s.Images = reg })
+	tags := []string{"localhost/shop/web:v1", "localhost/shop/web:latest"}
+	files := map[string]string{"Dockerfile": appDockerfile, "main.txt": "one\n"}
+	run := func(what string) (api.Build, v1.Image) {
+		t.Helper()
+		b := h.wait(t, h.submit(t, "shop", api.BuildSpec{Tags: tags}, files, nil).ID)
+		if b.State != build.Succeeded {
+			t.Fatalf("%s build %s: %s %s\n%s", what, b.ID, b.State, b.Error, logOf(h, b.ID))
+		}
+		var img v1.Image
+		for _, tag := range tags {
+			got, err := reg.Resolve(ctx, tag)
+			if err != nil {
+				t.Fatalf("%s build: %s: %v", what, tag, err)
+			}
+			if dg, _ := got.Digest(); dg.String() != b.Image {
+				t.Errorf("%s build reports %s, but %s is %s", what, b.Image, tag, dg)
+			}
+			img = got
+		}
+		return b, img
+	}
+	_, firstImg := run("first")
+	up.take()
+
+	same, sameImg := run("no-change")
+	layers := layersOf(t, sameImg)
+	if fmt.Sprint(layers) != fmt.Sprint(layersOf(t, firstImg)) {
+		t.Errorf("the no-change rebuild has other layers than the first build")
+	}
+	got := up.take()
+	for _, dg := range got {
+		if layers[dg] {
+			t.Errorf("the no-change rebuild sent the registry layer %s again", dg)
+		}
+	}
+	// Its config is new (it names the build), and reaches the registry once.
+	if len(got) > 1 {
+		t.Errorf("the no-change rebuild sent the registry %d blobs, want its config only: %v", len(got), got)
+	}
+	if same.CachedSteps != same.TotalSteps || same.TotalSteps == 0 {
+		t.Errorf("no-change rebuild: %d of %d steps cached, want all", same.CachedSteps, same.TotalSteps)
+	}
+	raw, _ := sameImg.RawManifest()
+	m, _ := sameImg.Manifest()
+	if want := int64(len(raw)) + m.Config.Size; same.ImageSentBytes != want {
+		t.Errorf("the builder sent %d bytes of the no-change rebuild's image, want %d (its manifest and config)\n%s", same.ImageSentBytes, want, logOf(h, same.ID))
+	}
+
+	files["main.txt"] = "two\n"
+	changed, changedImg := run("changed")
+	if out, _ := fileIn(t, changedImg, "out"); out != "two\n" {
+		t.Errorf("/out after the change: %q", out)
+	}
+	sent := map[string]bool{}
+	for _, dg := range up.take() {
+		sent[dg] = true
+	}
+	changedLayers := 0
+	for dg := range layersOf(t, changedImg) {
+		if !layers[dg] {
+			changedLayers++
+		}
+		if sent[dg] == layers[dg] {
+			t.Errorf("layer %s of the changed build: sent to the registry %v, in the previous image %v", dg, sent[dg], layers[dg])
+		}
+	}
+	if changedLayers == 0 {
+		t.Errorf("the changed build has the layers of the unchanged one")
+	}
+	if changed.ImageSentBytes <= same.ImageSentBytes {
+		t.Errorf("the builder sent %d bytes of the changed build's image, no more than of the unchanged one (%d)", changed.ImageSentBytes, same.ImageSentBytes)
+	}
+	// kiln keeps the project's last image only, which the next build compares with.
+	blobs, _ := filepath.Glob(filepath.Join(h.dir, "builds", "images", "shop", "blobs", "sha256", "*"))
+	if want := len(layersOf(t, changedImg)) + 2; len(blobs) != want {
+		t.Errorf("the project's image store holds %d blobs, want the last image's %d", len(blobs), want)
 	}
 }

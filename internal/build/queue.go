@@ -167,7 +167,7 @@ func (s *Service) execute(ctx context.Context, b store.Build) {
 		if _, err := s.transition(bg, b, to, func(r *api.BuildResult) {
 			r.CachedSteps, r.TotalSteps, r.Steps = out.stats.Cached, out.stats.Total, out.stats.Steps
 			r.BuilderReady, r.DurationMS, r.LogTruncated = out.ready.Milliseconds(), time.Since(start).Milliseconds(), out.truncated
-			r.Builder, r.CacheReset = out.builder, out.cacheReset
+			r.Builder, r.CacheReset, r.ImageSentBytes = out.builder, out.cacheReset, out.sent
 			edit(r)
 		}); err != nil {
 			s.logf("recording the end of build %s: %v", b.ID, err)
@@ -183,7 +183,7 @@ func (s *Service) execute(ctx context.Context, b store.Build) {
 		if out.stats.Total > 0 {
 			metrics.BuildCachedRatio.WithLabelValues(b.Project).Observe(float64(out.stats.Cached) / float64(out.stats.Total))
 		}
-		s.writeLog(b.ID, fmt.Sprintf("kiln: pushed %s (%s); %d of %d steps cached; %s\n", out.digest, joinTags(out.pushed), out.stats.Cached, out.stats.Total, time.Since(start).Round(time.Millisecond)))
+		s.writeLog(b.ID, fmt.Sprintf("kiln: pushed %s (%s); %d of %d steps cached; the builder sent %d bytes of the image; %s\n", out.digest, joinTags(out.pushed), out.stats.Cached, out.stats.Total, out.sent, time.Since(start).Round(time.Millisecond)))
 		finish(Succeeded, func(r *api.BuildResult) { r.Image, r.Pushed, r.Error, r.Failure = out.digest, out.pushed, "", "" })
 		s.pruneImages(bg, b.Project)
 		s.dropSecrets(b.ID)
@@ -205,7 +205,6 @@ func (s *Service) execute(ctx context.Context, b store.Build) {
 		finish(Failed, func(r *api.BuildResult) { r.Error, r.Failure = err.Error(), "code" })
 		s.dropSecrets(b.ID)
 	}
-	os.Remove(filepath.Join(s.BuildDir(b.ID), "image.tar"))
 }
 
 func (s *Service) dropSecrets(id string) {
@@ -275,6 +274,8 @@ type attemptResult struct {
 	digest     string
 	pushed     []string
 	truncated  bool
+	// sent is what the builder sent of the image: the blobs kiln lacked.
+	sent int64
 }
 
 // attempt runs the build once on the project's builder.
@@ -364,10 +365,9 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 		return out, errInfra{fmt.Errorf("connecting to buildkitd: %w", err)}
 	}
 	defer c.Close()
-	tarPath := filepath.Join(dir, "image.tar")
-	tarFile, err := os.Create(tarPath)
+	images, sink, err := s.openImages(b.Project)
 	if err != nil {
-		return out, errInfra{err}
+		return out, errInfra{fmt.Errorf("opening the image store of %s: %w", b.Project, err)}
 	}
 	labels := map[string]string{"kiln.project": b.Project, "kiln.build": b.ID}
 	if spec.GitRef != "" {
@@ -376,11 +376,12 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 	for k, v := range spec.Labels {
 		labels[k] = v
 	}
-	out.stats, err = solve(ctx, c, s.Bases, solveSpec{
+	var manifest string
+	out.stats, manifest, err = solve(ctx, c, s.Bases, solveSpec{
 		ContextDir: filepath.Join(dir, "context"), Dockerfile: spec.Dockerfile, Target: spec.Target,
-		BuildArgs: spec.BuildArgs, Labels: labels, Secrets: secrets, Bases: bases, Output: tarFile, Log: capped,
+		BuildArgs: spec.BuildArgs, Labels: labels, Secrets: secrets, Bases: bases, Images: sink, Log: capped,
 	})
-	tarFile.Close()
+	out.sent = sink.sent.Load()
 	if err != nil {
 		if ctx.Err() != nil {
 			return out, ctx.Err()
@@ -400,13 +401,25 @@ func (s *Service) attempt(ctx context.Context, b store.Build) (out attemptResult
 		return out, err
 	}
 	s.checkFull(ctx, bd, c, capped)
-	digest, pushed, err := s.Images.Load(ctx, tarPath, spec.Tags...)
+	img, err := s.exportedImage(ctx, images, b.Project, manifest)
+	if err != nil {
+		return out, err
+	}
+	pushStart := time.Now()
+	digest, pushed, err := s.Images.Push(ctx, img, spec.Tags...)
 	if err != nil {
 		return out, errInfra{fmt.Errorf("pushing the image to kiln's registry: %w", err)}
 	}
+	out.stats.Steps = append(out.stats.Steps, api.StepTiming{Name: PushStep, Millis: time.Since(pushStart).Milliseconds()})
 	out.digest, out.pushed = digest, pushed
+	if err := keepOnly(ctx, images, img); err != nil {
+		s.logf("emptying the image store of %s of older images: %v", b.Project, err)
+	}
 	return out, nil
 }
+
+// PushStep names the push to the registry among a build's step timings.
+const PushStep = "pushing to kiln's registry"
 
 // builderHealthy tells a failed step (the code) from a failed builder (the
 // infrastructure): after a failure the VM must still run and buildkitd still answer.

@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	bkclient "github.com/moby/buildkit/client"
+	"github.com/moby/buildkit/exporter/containerimage/exptypes"
 	"github.com/moby/buildkit/session"
 	"github.com/moby/buildkit/session/secrets/secretsprovider"
 	"github.com/moby/buildkit/util/progress/progressui"
@@ -78,8 +79,8 @@ type solveSpec struct {
 	Secrets    map[string][]byte
 	// Bases maps FROM references to digests in the base store.
 	Bases map[string]v1.Hash
-	// Output receives the image as an OCI tarball.
-	Output io.WriteCloser
+	// Images receives the image's blobs, those it lacks only (export.go).
+	Images content.Store
 	// Log receives BuildKit's plain progress.
 	Log io.Writer
 }
@@ -90,16 +91,18 @@ type stepStats struct {
 	Steps         []api.StepTiming
 }
 
-func solve(ctx context.Context, c *bkclient.Client, bases *Bases, s solveSpec) (stepStats, error) {
+// solve runs the build and returns its steps and the digest of the image's manifest,
+// which BuildKit wrote with the image's other blobs into s.Images.
+func solve(ctx context.Context, c *bkclient.Client, bases *Bases, s solveSpec) (stepStats, string, error) {
 	var stats stepStats
 	ctxFS, err := fsutil.NewFS(s.ContextDir)
 	if err != nil {
-		return stats, err
+		return stats, "", err
 	}
 	dfDir := filepath.Dir(filepath.Join(s.ContextDir, s.Dockerfile))
 	dfFS, err := fsutil.NewFS(dfDir)
 	if err != nil {
-		return stats, err
+		return stats, "", err
 	}
 	attrs := map[string]string{"filename": filepath.Base(s.Dockerfile)}
 	if s.Target != "" {
@@ -115,9 +118,12 @@ func solve(ctx context.Context, c *bkclient.Client, bases *Bases, s solveSpec) (
 		Frontend:      "dockerfile.v0",
 		FrontendAttrs: attrs,
 		LocalMounts:   map[string]fsutil.FS{"context": ctxFS, "dockerfile": dfFS},
+		// Into a store rather than as a tarball: BuildKit then sends only the blobs the
+		// store lacks.
 		Exports: []bkclient.ExportEntry{{
-			Type:   bkclient.ExporterOCI,
-			Output: func(map[string]string) (io.WriteCloser, error) { return s.Output, nil },
+			Type:        bkclient.ExporterOCI,
+			Attrs:       map[string]string{"tar": "false"},
+			OutputStore: s.Images,
 		}},
 		Session: []session.Attachable{secretsprovider.FromMap(s.Secrets)},
 	}
@@ -131,7 +137,7 @@ func solve(ctx context.Context, c *bkclient.Client, bases *Bases, s solveSpec) (
 		// builder VM, which is the project's, not the host's.
 		st, err := bases.View(digests)
 		if err != nil {
-			return stats, err
+			return stats, "", err
 		}
 		opt.OCIStores = map[string]content.Store{baseStoreID: st}
 	}
@@ -139,7 +145,7 @@ func solve(ctx context.Context, c *bkclient.Client, bases *Bases, s solveSpec) (
 	tee := make(chan *bkclient.SolveStatus)
 	display, err := progressui.NewDisplay(s.Log, progressui.PlainMode)
 	if err != nil {
-		return stats, err
+		return stats, "", err
 	}
 	done := make(chan struct{})
 	go func() {
@@ -169,7 +175,7 @@ func solve(ctx context.Context, c *bkclient.Client, bases *Bases, s solveSpec) (
 			tee <- st
 		}
 	}()
-	_, err = c.Solve(ctx, nil, opt, ch)
+	res, err := c.Solve(ctx, nil, opt, ch)
 	<-done
 	for _, d := range order {
 		t := seen[d]
@@ -181,7 +187,10 @@ func solve(ctx context.Context, c *bkclient.Client, bases *Bases, s solveSpec) (
 		}
 		stats.Steps = append(stats.Steps, *t)
 	}
-	return stats, err
+	if err != nil {
+		return stats, "", err
+	}
+	return stats, res.ExporterResponse[exptypes.ExporterImageDigestKey], nil
 }
 
 // isStep says whether a vertex is a Dockerfile instruction ("[stage 2/4] RUN ...") rather

@@ -145,6 +145,17 @@ func (r Registries) LoadAs(ctx context.Context, tarballPath, name string, allow 
 	if len(refs) == 0 {
 		return "", nil, errdefs.Invalid("%s names no image reference: tag it when saving (docker save app:1), or pass --ref localhost/app:1", name)
 	}
+	return r.push(ctx, img, refs, allow)
+}
+
+// Push stores img in the built-in registry under refs, which must name localhost. The
+// registry is asked for each blob first (go-containerregistry's HEAD), so only the
+// blobs it lacks are sent.
+func (r Registries) Push(ctx context.Context, img v1.Image, refs ...string) (digest string, pushed []string, err error) {
+	return r.push(ctx, img, append([]string(nil), refs...), nil)
+}
+
+func (r Registries) push(ctx context.Context, img v1.Image, refs []string, allow func(repo string) error) (string, []string, error) {
 	d, err := img.Digest()
 	if err != nil {
 		return "", nil, err
