@@ -36,7 +36,7 @@ kill_timeout = "5s"
   GREETING = %q
 
 [processes]
-  app = "sh -c 'mkdir -p /srv; echo $GREETING $API_KEY > /srv/index.html; exec busybox httpd -f -p 8080 -h /srv'"
+  app = "sh -c 'echo $GREETING $API_KEY > /data/index.html; exec busybox httpd -f -p 8080 -h /data'"
 
 [http_service]
   internal_port = 8080
@@ -150,6 +150,16 @@ func TestDeployEndToEnd(t *testing.T) {
 		t.Helper()
 		return srv.kiln("", append([]string{"deploy", "--yes", "-c", write(toml)}, args...)...)
 	}
+	// workloads is every machine's output, for a failure's message.
+	workloads := func() string {
+		ms, _ := cl.ListMachines(ctx, "shop")
+		var b strings.Builder
+		for _, m := range ms {
+			out, errs, _ := srv.kiln("", "logs", m.ID)
+			fmt.Fprintf(&b, "machine %s (%s):\n%s%s", m.ID, m.State, out, errs)
+		}
+		return b.String()
+	}
 	machineIDs := func() []string {
 		ms, err := cl.ListMachines(ctx, "shop")
 		if err != nil {
@@ -177,7 +187,7 @@ func TestDeployEndToEnd(t *testing.T) {
 
 	// Release 1: two machines from the fly.toml.
 	if out, errs, code := deploy(shopToml("v1", "/", "rolling", "60s")); code != 0 || !strings.Contains(out, "release 1 succeeded") {
-		t.Fatalf("first deploy: exit %d\n%s\n%s\n%s", code, out, errs, srv.logs)
+		t.Fatalf("first deploy: exit %d\n%s\n%s\n%s\n%s", code, out, errs, workloads(), srv.logs)
 	}
 	if ids := machineIDs(); len(ids) != 2 {
 		t.Fatalf("release 1 made %d machines, want 2", len(ids))
@@ -209,7 +219,7 @@ func TestDeployEndToEnd(t *testing.T) {
 
 	// Rolling: every request during the roll is answered.
 	if out, errs, code := deploy(shopToml("v2", "/", "rolling", "60s")); code != 0 || !strings.Contains(out, "release 2 succeeded") {
-		t.Fatalf("rolling deploy: exit %d\n%s\n%s\n%s", code, out, errs, srv.logs)
+		t.Fatalf("rolling deploy: exit %d\n%s\n%s\n%s\n%s", code, out, errs, workloads(), srv.logs)
 	}
 	waitFor(t, func() bool { return tr.body() == "v2 "+secret }, "the new release's answer with its secret")
 	if n := tr.failed.Load(); n != 0 {
@@ -305,10 +315,25 @@ func TestDeployEndToEnd(t *testing.T) {
 	waitFor(t, func() bool { return strings.HasPrefix(tr.body(), "v4 ") }, "release 4's answer after kiln rollback")
 	tr.end()
 	out, _, _ = srv.kiln("", "releases", "--app", "shop")
-	for _, want := range []string{"v7 ", "v6 ", "v5      rolled_back", "bluegreen", "canary"} {
-		if !strings.Contains(out, want) {
-			t.Fatalf("kiln releases lacks %q:\n%s", want, out)
+	states := map[string]string{}
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) > 2 && strings.HasPrefix(f[0], "v") {
+			states[f[0]] = f[1] + " " + f[2]
 		}
+	}
+	want := map[string]string{"v1": "succeeded rolling", "v3": "succeeded canary", "v4": "succeeded bluegreen",
+		"v5": "rolled_back rolling", "v6": "succeeded rolling", "v7": "succeeded bluegreen"}
+	for v, w := range want {
+		if states[v] != w {
+			t.Fatalf("kiln releases shows %s as %q, want %q:\n%s", v, states[v], w, out)
+		}
+	}
+	// Scale to zero: a release that destroys every machine, leaving nothing behind.
+	if out, errs, code := srv.kiln("", "scale", "count", "0", "--app", "shop"); code != 0 || !strings.Contains(out, "release 8 succeeded") {
+		t.Fatalf("scale count 0: exit %d\n%s\n%s", code, out, errs)
+	}
+	if ids := machineIDs(); len(ids) != 0 {
+		t.Fatalf("after scaling to 0 the app has machines %v", ids)
 	}
 	srv.stop(syscall.SIGTERM)
 	srv = nil

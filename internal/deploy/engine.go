@@ -607,6 +607,10 @@ func (e *Engine) health(id string) HealthState {
 	return e.Health.Health(id)
 }
 
+// downFor is how long a machine may stay stopped or failed while a deploy waits for it:
+// a restart policy brings a crashed workload back within it.
+const downFor = 5 * time.Second
+
 // healthy waits until a machine runs a start later than since and, if its services
 // have checks, the proxy has seen them pass on that run.
 func (e *Engine) healthy(ctx context.Context, id string, cfg api.MachineConfig, since time.Time, wait time.Duration) error {
@@ -616,6 +620,7 @@ func (e *Engine) healthy(ctx context.Context, id string, cfg api.MachineConfig, 
 	}
 	start := time.Now()
 	why := "it did not start"
+	var downSince time.Time
 	for {
 		m, err := e.Machines.Get(ctx, id)
 		if err != nil {
@@ -637,9 +642,18 @@ func (e *Engine) healthy(ctx context.Context, id string, cfg api.MachineConfig, 
 				why = "its health checks fail"
 			}
 		case m.State == machine.Stopped && m.ExitCode != nil:
-			why = fmt.Sprintf("its workload exited with code %d", *m.ExitCode)
+			why = fmt.Sprintf("its workload exited with code %d (kiln logs %s)", *m.ExitCode, id)
 		case m.State == machine.Failed:
 			why = "it failed to start"
+		}
+		// A machine that stays down is not coming back (its restart policy gave up):
+		// no point waiting out the timeout.
+		if down := m.State == machine.Stopped || m.State == machine.Failed || m.State == machine.Destroyed; !down {
+			downSince = time.Time{}
+		} else if downSince.IsZero() {
+			downSince = time.Now()
+		} else if time.Since(downSince) >= downFor {
+			return &checkFailed{id: id, after: time.Since(start).Round(time.Second), why: why}
 		}
 		if time.Since(start) >= wait {
 			return &checkFailed{id: id, after: wait, why: why}

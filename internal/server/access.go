@@ -123,7 +123,7 @@ func (s *Server) audit(r *http.Request, route Route, rec *recorder) {
 		return
 	}
 	target := ""
-	for _, k := range []string{"id", "key", "host", "token"} {
+	for _, k := range []string{"id", "key", "host", "token", "name", "version"} {
 		if v := r.PathValue(k); v != "" {
 			target = v
 			break
