@@ -53,10 +53,17 @@ func main() {
 	out := flag.String("out", "bench-results/bench.json", "where to write the JSON report")
 	boots := flag.Int("boots", 10, "boots to time")
 	execs := flag.Int("execs", 100, "execs of `true` to time")
-	only := flag.String("only", "", "run one part alone: placement or metrics (no VM; for repeated runs on a quiet host), or builds")
+	only := flag.String("only", "", "run one part alone: placement or metrics (no VM; for repeated runs on a quiet host), builds or deploys")
 	flag.Parse()
-	if *only != "" && *only != "placement" && *only != "metrics" && *only != "builds" {
-		fmt.Fprintf(os.Stderr, "kiln-bench: -only %q: the parts that run alone are placement, metrics and builds\n", *only)
+	if *only == "deploy-child" && os.Getenv(deployEnv) != "" {
+		if err := deployChild(context.Background(), *out); err != nil {
+			fmt.Fprintln(os.Stderr, "kiln-bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if *only != "" && *only != "placement" && *only != "metrics" && *only != "builds" && *only != "deploys" {
+		fmt.Fprintf(os.Stderr, "kiln-bench: -only %q: the parts that run alone are placement, metrics, builds and deploys\n", *only)
 		os.Exit(2)
 	}
 	if err := run(*out, *boots, *execs, *only); err != nil {
@@ -114,6 +121,12 @@ func run(out string, boots, execs int, only string) error {
 	if only == "builds" {
 		if err := benchBuilds(ctx, rt, dataDir, work, add); err != nil {
 			return fmt.Errorf("builds: %w", err)
+		}
+		return finish(rep, out)
+	}
+	if only == "deploys" {
+		if err := benchDeploysIsolated(ctx, add); err != nil {
+			return fmt.Errorf("deploys: %w", err)
 		}
 		return finish(rep, out)
 	}
@@ -188,6 +201,9 @@ func run(out string, boots, execs int, only string) error {
 	}
 	if err := benchBuilds(ctx, rt, dataDir, work, add); err != nil {
 		return fmt.Errorf("builds: %w", err)
+	}
+	if err := benchDeploysIsolated(ctx, add); err != nil {
+		return fmt.Errorf("deploys: %w", err)
 	}
 	if err := benchPlacement(ctx, work, add); err != nil {
 		return fmt.Errorf("placement: %w", err)

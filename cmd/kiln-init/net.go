@@ -66,6 +66,7 @@ func setupNetwork(cfg config) error {
 			conf += "search " + cfg.search + "\n"
 		}
 		os.Remove("/etc/resolv.conf") // may be a symlink into a directory the image lacks
+		os.MkdirAll("/etc", 0o755)       // an image FROM scratch has none
 		if err := os.WriteFile("/etc/resolv.conf", []byte(conf), 0o644); err != nil {
 			return fmt.Errorf("writing /etc/resolv.conf: %w", err)
 		}
