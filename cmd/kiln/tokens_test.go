@@ -42,6 +42,19 @@ func TestScopedTokensEndToEnd(t *testing.T) {
 	if _, errs, code := as(tok, "machine", "run", "localhost/other/app:1", "--app", "web"); code == 0 || !strings.Contains(errs, "not found") || !strings.Contains(errs, "own namespace") {
 		t.Errorf("running another namespace's image: %d %s", code, errs)
 	}
+	// Nor through a deploy, its plan, or another app's secrets and releases.
+	flyToml := filepath.Join(t.TempDir(), "fly.toml")
+	os.WriteFile(flyToml, []byte("app = \"web\"\n"), 0o644)
+	for _, verb := range [][]string{{"plan"}, {"deploy", "--yes"}} {
+		if _, errs, code := as(tok, append(verb, "-c", flyToml, "--image", "localhost/other/app:1")...); code == 0 || !strings.Contains(errs, "own namespace") {
+			t.Errorf("%s of another namespace's image: %d %s", verb[0], code, errs)
+		}
+	}
+	for _, args := range [][]string{{"secrets", "ls", "--app", "other"}, {"releases", "--app", "other"}, {"secrets", "set", "--app", "other", "K=v"}} {
+		if _, errs, code := as(tok, args...); code == 0 || !strings.Contains(errs, "app other not found") {
+			t.Errorf("%v with web's token: %d %s", args, code, errs)
+		}
+	}
 	if _, errs, code := as(tok, "machine", "ls", "--app", "other"); code == 0 || !strings.Contains(errs, "app other not found") {
 		t.Errorf("listing another app: %d %s", code, errs)
 	}

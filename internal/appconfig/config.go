@@ -210,6 +210,15 @@ type Kiln struct {
 // MaxFileBytes bounds a config file: it is read whole and stored in every release.
 const MaxFileBytes = 1 << 20
 
+// Bounds on what one config may ask: process groups, machines in a group (a count), and
+// how long a deploy waits (wait_timeout, release_command_timeout), which holds the app's
+// next deploy back.
+const (
+	MaxGroups  = 16
+	MaxCount   = 100
+	MaxTimeout = time.Hour
+)
+
 // Fly's defaults and names.
 const (
 	DefaultStrategy       = "rolling"
@@ -300,6 +309,9 @@ func (c *Config) MaxUnavailable(n int) int {
 	if x <= 0 {
 		x = DefaultMaxUnavailable
 	}
+	if x >= float64(n) { // also what int() of a huge float would get wrong
+		return max(1, n)
+	}
 	k := int(x)
 	if x < 1 {
 		k = int(math.Ceil(x * float64(n)))
@@ -311,7 +323,7 @@ func (c *Config) MaxUnavailable(n int) int {
 // before it gives up on the release: [deploy] wait_timeout, by default Fly's 5m.
 func (c *Config) WaitTimeout() time.Duration {
 	if d, err := time.ParseDuration(c.Deploy.WaitTimeout); err == nil && d > 0 {
-		return d
+		return min(d, MaxTimeout)
 	}
 	return DefaultWaitTimeout
 }
@@ -319,7 +331,7 @@ func (c *Config) WaitTimeout() time.Duration {
 // ReleaseCommandTimeout is how long the release command may run: by default Fly's 5m.
 func (c *Config) ReleaseCommandTimeout() time.Duration {
 	if d, err := time.ParseDuration(c.Deploy.ReleaseCommandTimeout); err == nil && d > 0 {
-		return d
+		return min(d, MaxTimeout)
 	}
 	return DefaultReleaseTimeout
 }
@@ -333,4 +345,10 @@ func (c *Config) appliesTo(processes []string, group string) bool {
 	return slices.Contains(processes, group)
 }
 
-func (c *Config) hasGroup(group string) bool { return slices.Contains(c.Groups(), group) }
+func (c *Config) hasGroup(group string) bool {
+	if len(c.Processes) == 0 {
+		return group == AppGroup
+	}
+	_, ok := c.Processes[group]
+	return ok
+}

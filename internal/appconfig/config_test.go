@@ -3,6 +3,7 @@ package appconfig
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -656,5 +657,31 @@ func TestFlyV1File(t *testing.T) {
 	c = parse(t, "app = \"a\"\n[[processes]]\nname = \"web\"\ncommand = \"serve --port 80\"\n")
 	if got := machineConfig(t, c, "web").Init.Cmd; !reflect.DeepEqual(got, []string{"serve", "--port", "80"}) {
 		t.Errorf("[[processes]] name/command: init.cmd = %q", got)
+	}
+}
+
+// What one config may ask is bounded: groups, counts, timeouts; a huge max_unavailable
+// means all the machines.
+func TestBounds(t *testing.T) {
+	var procs strings.Builder
+	procs.WriteString("app = \"shop\"\n[processes]\n")
+	for i := 0; i <= MaxGroups; i++ {
+		fmt.Fprintf(&procs, "  g%d = \"sleep 1\"\n", i)
+	}
+	for name, toml := range map[string]string{
+		"groups":       procs.String(),
+		"count":        "app = \"shop\"\n[kiln]\n  counts = { app = 100000000 }\n",
+		"wait_timeout": "app = \"shop\"\n[deploy]\n  wait_timeout = \"2000000h\"\n",
+	} {
+		if _, err := Parse("fly.toml", []byte(toml)); err == nil || !strings.Contains(err.Error(), "limit") && !strings.Contains(err.Error(), "give 0 to") {
+			t.Errorf("%s over its bound: %v", name, err)
+		}
+	}
+	c, err := Parse("fly.toml", []byte("app = \"shop\"\n[deploy]\n  max_unavailable = 1e300\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := c.MaxUnavailable(7); n != 7 {
+		t.Fatalf("max_unavailable 1e300 of 7 machines: %d, want 7", n)
 	}
 }

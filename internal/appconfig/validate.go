@@ -82,6 +82,9 @@ func (c *Config) validateTop() error {
 }
 
 func (c *Config) validateProcesses() error {
+	if len(c.Processes) > MaxGroups {
+		return errdefs.Invalid("[processes] has %d groups, over the limit of %d", len(c.Processes), MaxGroups)
+	}
 	for _, g := range slices.Sorted(maps.Keys(c.Processes)) {
 		if !groupRE.MatchString(g) {
 			return errdefs.Invalid("processes.%s: a process group's name is 1 to 63 lowercase letters, digits, dashes and underscores, starting with a letter or digit", g)
@@ -359,7 +362,7 @@ func (c *Config) validateDeploy() error {
 			return errdefs.Invalid("deploy.strategy %q is not a deploy strategy: use one of %s", d.Strategy, strings.Join(Strategies, ", "))
 		}
 	}
-	if x := d.MaxUnavailable; x < 0 || (x >= 1 && x != math.Trunc(x)) {
+	if x := d.MaxUnavailable; x < 0 || math.IsNaN(x) || math.IsInf(x, 0) || (x >= 1 && x != math.Trunc(x)) {
 		return errdefs.Invalid("deploy.max_unavailable %v: want a fraction of the machines (0 < x < 1, like 0.25) or a whole count of at least 1", x)
 	}
 	if _, err := shlex.Split(d.ReleaseCommand); err != nil {
@@ -371,6 +374,8 @@ func (c *Config) validateDeploy() error {
 		}
 		if dur, err := parseDuration(v); err != nil || dur == 0 {
 			return errdefs.Invalid("deploy.%s %q: want a duration like \"5m\" (an integer is seconds)", key, v)
+		} else if dur > MaxTimeout {
+			return errdefs.Invalid("deploy.%s %s is over the limit of %s: a deploy that waits holds the app's next one back", key, dur, MaxTimeout)
 		}
 	}
 	return nil
@@ -430,8 +435,8 @@ func (c *Config) validateKiln() error {
 		if !c.hasGroup(g) {
 			return errdefs.Invalid("kiln.counts.%s: %s is not a process group: use one of %s", g, g, strings.Join(c.Groups(), ", "))
 		}
-		if n := c.Kiln.Counts[g]; n < 0 {
-			return errdefs.Invalid("kiln.counts.%s %d must not be negative", g, n)
+		if n := c.Kiln.Counts[g]; n < 0 || n > MaxCount {
+			return errdefs.Invalid("kiln.counts.%s %d: give 0 to %d machines", g, n, MaxCount)
 		}
 	}
 	return nil

@@ -5,9 +5,11 @@ import (
 	"net/netip"
 	"strings"
 
+	"github.com/kilnhq/kiln/internal/appconfig"
 	"github.com/kilnhq/kiln/internal/build"
 	"github.com/kilnhq/kiln/internal/capacity"
 	"github.com/kilnhq/kiln/internal/connlimit"
+	"github.com/kilnhq/kiln/internal/deploy"
 	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/guest/agent"
 	"github.com/kilnhq/kiln/internal/image"
@@ -16,6 +18,7 @@ import (
 	"github.com/kilnhq/kiln/internal/machines"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/proxy"
+	"github.com/kilnhq/kiln/internal/secrets"
 	"github.com/kilnhq/kiln/internal/server"
 	"github.com/kilnhq/kiln/internal/store"
 	"github.com/kilnhq/kiln/internal/vmm"
@@ -74,6 +77,14 @@ func registerLimits(r *limits.Registry, o Options, h capacity.Host, b *build.Ser
 	r.Set("events.followers_per_token", server.MaxEventFollowersPerToken, "streams", "built in", "follows of GET /v1/events one token may hold open at once")
 	r.Set("events.page", store.MaxEventPage, "events", "built in", "events one call of GET /v1/events may ask for (limit)")
 	r.Set("events.message", store.MaxEventMessage, "bytes", "built in", "an event's message (an exit's or a build failure's text is cut to it)")
+	r.Set("deploy.config", server.MaxConfigBytes, "bytes", "built in", "a deploy's fly.toml or kiln.toml (each release keeps it)")
+	r.Set("deploy.process_groups", appconfig.MaxGroups, "groups", "built in", "process groups of one app's config")
+	r.Set("deploy.count", appconfig.MaxCount, "machines", "built in", "machines of one process group (kiln scale count, [kiln] counts)")
+	r.Set("deploy.timeout_max", appconfig.MaxTimeout, "", "built in", "longest wait_timeout or release_command_timeout a config may give")
+	r.Set("deploy.drain", deploy.DefaultDrain, "", "built in", "how long a deploy waits for a machine it took out of service to finish its requests")
+	r.Set("secrets.per_app", secrets.MaxSecrets, "secrets", "built in", "secrets of one app")
+	r.Set("secrets.value", secrets.MaxValueBytes, "bytes", "built in", "one secret's value")
+	r.Set("secrets.sealed", secrets.MaxSealed, "bytes", "built in", "an app's secrets, sealed, in all")
 	if b == nil {
 		return
 	}

@@ -51,6 +51,8 @@ type fakeMachines struct {
 	log []string
 	// gate, when set, holds every create until it is closed.
 	gate chan struct{}
+	// exitCode is what a release command's machine exits with, at once.
+	exitCode int
 }
 
 func newFake() *fakeMachines {
@@ -92,7 +94,11 @@ func (f *fakeMachines) Create(_ context.Context, app string, req api.CreateMachi
 	defer f.mu.Unlock()
 	f.n++
 	id := fmt.Sprintf("m%d", f.n)
-	f.recs[id] = &store.Machine{ID: id, App: app, State: machine.Started, Cordoned: req.SkipServiceRegistration}
+	f.recs[id] = &store.Machine{ID: id, App: app, Name: req.Name, State: machine.Started, Cordoned: req.SkipServiceRegistration}
+	if cfg.Metadata[appconfig.ProcessGroupMetadata] == appconfig.ReleaseCommandGroup {
+		code := f.exitCode
+		f.recs[id].State, f.recs[id].ExitCode = machine.Stopped, &code
+	}
 	f.cfgs[id], f.started[id] = cfg, time.Now()
 	f.log = append(f.log, "create "+id)
 	return *f.recs[id], nil
@@ -296,15 +302,38 @@ func TestResume(t *testing.T) {
 	if p.Resumed != 1 {
 		t.Fatalf("progress %+v: want resumed once", p)
 	}
-	// Stopped during its release command: failed, nothing changed.
+	// Stopped while its release command ran: the restarted server waits for that
+	// machine (it is not started again), then deploys.
+	withCmd := config(t, "v3", "rolling")
+	withCmd.Deploy.ReleaseCommand = "migrate --all"
+	spec, _ = json.Marshal(Spec{Config: withCmd, Image: "localhost/app:1", Counts: map[string]int{"app": 2}})
 	prog, _ = json.Marshal(Progress{Phase: "release_command"})
 	rel, _ = db.CreateRelease(ctx, store.Release{App: "shop", State: store.ReleaseRunning, Strategy: "rolling", Config: spec, Progress: prog})
+	cmdCfg, _ := withCmd.ReleaseMachineConfig("localhost/app:1")
+	running, _ := f.Create(ctx, "shop", api.CreateMachineRequest{Name: fmt.Sprintf("release-command-%d", rel.Version), Config: cmdCfg})
+	f.mu.Lock()
+	f.recs[running.ID].State, f.recs[running.ID].ExitCode = machine.Stopped, new(int) // it finished meanwhile, exit 0
+	f.mu.Unlock()
 	f.log = nil
 	e.Resume(ctx)
 	e.Wait()
 	got, _ = db.GetRelease(ctx, "shop", rel.Version)
-	if got.State != store.ReleaseFailed || !strings.Contains(got.Message, "release command") || len(f.log) != 0 {
-		t.Fatalf("release stopped in its release command: %+v, changes %v", got, f.log)
+	if got.State != store.ReleaseSucceeded {
+		t.Fatalf("release resumed in its release command: %+v", got)
+	}
+	if l := strings.Join(f.log, ","); l != "destroy "+running.ID+",update m1,update m2" {
+		t.Fatalf("resumed in its release command, the deploy did %q: want the command's machine destroyed (not run again), then the updates", l)
+	}
+	// A release command that fails stops the deploy before any machine changes.
+	withCmd = config(t, "v4", "rolling")
+	withCmd.Deploy.ReleaseCommand = "migrate --all"
+	f.exitCode = 3
+	f.log = nil
+	if rel := deployAndWait(t, e, withCmd, nil); rel.State != store.ReleaseFailed || !strings.Contains(rel.Message, "exit code 3") {
+		t.Fatalf("failing release command: %+v", rel)
+	}
+	if len(f.log) != 2 || !strings.HasPrefix(f.log[0], "create ") || !strings.HasPrefix(f.log[1], "destroy ") {
+		t.Fatalf("a failing release command changed machines: %v", f.log)
 	}
 }
 

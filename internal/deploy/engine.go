@@ -193,8 +193,8 @@ func (e *Engine) start(rel store.Release) {
 
 // Resume takes up the deploys a stopped server left: one that was converging resumes
 // (its plan is made again from the machines as they are), one rolling back goes on
-// rolling back, and one that was running its release command is stopped there (its
-// outcome is unknown, and nothing had changed). Each says which in its message.
+// rolling back, and one whose release command was running waits for that machine's
+// exit, without running the command again. Each says which in its message.
 func (e *Engine) Resume(ctx context.Context) error {
 	rels, err := e.Store.ReleasesInState(ctx, store.ReleasePending, store.ReleaseRunning)
 	if err != nil {
@@ -210,13 +210,10 @@ func (e *Engine) Resume(ctx context.Context) error {
 		e.running[rel.App] = rel.Version
 		e.mu.Unlock()
 		switch prog.Phase {
-		case "", "release_command":
-			if prog.Phase == "release_command" {
-				e.finish(ctx, rel, store.ReleaseFailed, "the server restarted while the release command ran; no machine was changed: deploy again")
-				e.done(rel.App)
-				continue
-			}
+		case "":
 			rel.Message = "the server restarted before the deploy began; starting it now"
+		case "release_command":
+			rel.Message = "the server restarted while the release command ran; waiting for it (it is not run again)"
 		case "converge":
 			rel.Message = "the server restarted mid-deploy; resuming it from the machines as they are"
 		case "rollback":
@@ -289,14 +286,16 @@ func (e *Engine) run(ctx context.Context, rel store.Release) {
 		e.rollback(ctx, rel, "resumed after a restart")
 		return
 	}
-	if prog.Phase == "" {
+	if prog.Phase == "" || prog.Phase == "release_command" {
 		if cmd := spec.Config.Deploy.ReleaseCommand; cmd != "" {
 			if err := e.setPhase(ctx, &rel, "release_command", "running the release command"); err != nil {
 				e.logf(rel.App, rel.Version, "%v", err)
 				return
 			}
 			if err := e.releaseCommand(ctx, rel, spec, cmd); err != nil {
-				e.finish(ctx, rel, store.ReleaseFailed, err.Error())
+				if ctx.Err() == nil { // else the server is stopping: resumed at start
+					e.finish(ctx, rel, store.ReleaseFailed, err.Error())
+				}
 				return
 			}
 		}
@@ -332,7 +331,13 @@ func (e *Engine) rollback(ctx context.Context, rel store.Release, why string) {
 	}
 	var spec Spec
 	json.Unmarshal(prev.Config, &spec)
-	if err := e.converge(ctx, &rel, spec, prev.Version, prev.SecretsVersion, "rolling"); err != nil {
+	// Secrets are not rolled back: one unset since (a revoked credential) stays unset.
+	sec, err := e.Store.SecretsAt(ctx, rel.App, 0)
+	if err != nil {
+		e.finish(ctx, rel, store.ReleaseFailed, fmt.Sprintf("%s; reading the secrets for the rollback: %v", why, err))
+		return
+	}
+	if err := e.converge(ctx, &rel, spec, prev.Version, sec.Version, "rolling"); err != nil {
 		if ctx.Err() == nil {
 			e.finish(ctx, rel, store.ReleaseFailed, fmt.Sprintf("%s; the rollback to release %d failed too: %v", why, prev.Version, err))
 		}
@@ -579,12 +584,15 @@ func (e *Engine) retire(ctx context.Context, id string) error {
 	return nil
 }
 
+// DefaultDrain bounds the wait for a machine's requests once it is out of service.
+const DefaultDrain = 30 * time.Second
+
 // drained waits, up to Drain, until the proxy has the machine out of service with no
 // request in flight.
 func (e *Engine) drained(ctx context.Context, id string) {
 	limit := e.Drain
 	if limit <= 0 {
-		limit = 30 * time.Second
+		limit = DefaultDrain
 	}
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
@@ -667,31 +675,41 @@ func (e *Engine) healthy(ctx context.Context, id string, cfg api.MachineConfig, 
 }
 
 // releaseCommand runs the release command in a temporary machine, as Fly makes it
-// (appconfig.ReleaseMachineConfig), and destroys it; a non-zero exit stops the deploy
-// before anything changes.
+// (appconfig.ReleaseMachineConfig), and destroys it once it exits; a non-zero exit stops
+// the deploy before anything changes. A machine an earlier run of this deploy started
+// (the server restarted meanwhile) is waited on, not started again: a migration must
+// not run twice at once. A server that stops leaves it running.
 func (e *Engine) releaseCommand(ctx context.Context, rel store.Release, spec Spec, cmd string) error {
-	cfg, err := spec.Config.ReleaseMachineConfig(spec.Image)
+	name := fmt.Sprintf("release-command-%d", rel.Version)
+	id, err := e.releaseMachine(ctx, rel.App, name)
 	if err != nil {
 		return err
 	}
-	cfg.Metadata[MetaSecrets] = strconv.Itoa(rel.SecretsVersion)
-	m, err := e.Machines.Create(ctx, rel.App, api.CreateMachineRequest{Name: fmt.Sprintf("release-command-%d", rel.Version), Config: cfg, SkipServiceRegistration: true})
-	if err != nil {
-		return fmt.Errorf("release_command: starting its machine: %w", err)
-	}
-	defer e.Machines.Destroy(context.WithoutCancel(ctx), m.ID)
-	limit := spec.Config.WaitTimeout()
-	start := time.Now()
-	for {
-		m, err = e.Machines.Get(ctx, m.ID)
+	if id == "" {
+		cfg, err := spec.Config.ReleaseMachineConfig(spec.Image)
 		if err != nil {
+			return err
+		}
+		cfg.Metadata[MetaSecrets] = strconv.Itoa(rel.SecretsVersion)
+		m, err := e.Machines.Create(ctx, rel.App, api.CreateMachineRequest{Name: name, Config: cfg, SkipServiceRegistration: true})
+		if err != nil {
+			return fmt.Errorf("release_command: starting its machine: %w", err)
+		}
+		id = m.ID
+	}
+	limit := spec.Config.ReleaseCommandTimeout()
+	start := time.Now()
+	var m store.Machine
+	for {
+		if m, err = e.Machines.Get(ctx, id); err != nil {
 			return err
 		}
 		if m.State == machine.Stopped || m.State == machine.Failed || m.State == machine.Destroyed {
 			break
 		}
 		if time.Since(start) > limit {
-			return fmt.Errorf("release_command %q ran past wait_timeout (%s); nothing was changed", cmd, limit)
+			e.Machines.Destroy(context.WithoutCancel(ctx), id)
+			return fmt.Errorf("release_command %q ran past release_command_timeout (%s) and was stopped; no machine of the app was changed", cmd, limit)
 		}
 		select {
 		case <-ctx.Done():
@@ -699,12 +717,27 @@ func (e *Engine) releaseCommand(ctx context.Context, rel store.Release, spec Spe
 		case <-time.After(e.poll()):
 		}
 	}
+	e.Machines.Destroy(context.WithoutCancel(ctx), id)
 	if m.ExitCode == nil || *m.ExitCode != 0 {
 		code := "no exit code"
 		if m.ExitCode != nil {
 			code = "exit code " + strconv.Itoa(*m.ExitCode)
 		}
-		return fmt.Errorf("release_command %q failed (%s, machine %s); nothing was changed", cmd, code, m.ID)
+		return fmt.Errorf("release_command %q failed (%s, machine %s: kiln logs %s); no machine of the app was changed", cmd, code, id, id)
 	}
 	return nil
+}
+
+// releaseMachine finds the release command's machine by its name; "" when none.
+func (e *Engine) releaseMachine(ctx context.Context, app, name string) (string, error) {
+	recs, _, err := e.Machines.List(ctx, app)
+	if err != nil {
+		return "", err
+	}
+	for _, r := range recs {
+		if r.Name == name {
+			return r.ID, nil
+		}
+	}
+	return "", nil
 }

@@ -122,7 +122,9 @@ func MakePlan(strategy string, desired map[string]api.MachineConfig, counts map[
 	p := Plan{Strategy: strategy}
 	byGroup := map[string][]Existing{}
 	for _, m := range existing {
-		if m.Group == "" || m.State == machine.Destroyed || m.State == machine.Destroying {
+		// Deploys manage the machines of their process groups only: not those made by
+		// hand, nor a release command's (a deploy of its own waits on it).
+		if m.Group == "" || m.Group == appconfig.ReleaseCommandGroup || m.State == machine.Destroyed || m.State == machine.Destroying {
 			continue
 		}
 		byGroup[m.Group] = append(byGroup[m.Group], m)

@@ -19,6 +19,13 @@ func duration(s string, def time.Duration) time.Duration {
 	return def
 }
 
+// A machine's checks run every startupInterval from its start until they first pass,
+// for at most startupWindow; then at the configured interval.
+const (
+	startupInterval = 200 * time.Millisecond
+	startupWindow   = 60 * time.Second
+)
+
 // check runs the health checks of started machines that are due; a machine is failing
 // while its latest round has a failure and its grace period is over.
 func (p *Proxy) check(ctx context.Context) {
@@ -40,6 +47,12 @@ func (p *Proxy) check(ctx context.Context) {
 			continue
 		}
 		interval := duration(due[0].c.Interval, 15*time.Second)
+		if !s.passed && now.Sub(s.startedAt) < startupWindow {
+			// Until it first passes on this run, a machine that just started is asked
+			// again soon: a deploy or a woken request waits on that first pass, and the
+			// interval is for watching a machine that is up.
+			interval = min(interval, startupInterval)
+		}
 		if now.Sub(s.lastCheck) < interval {
 			continue
 		}

@@ -309,3 +309,34 @@ func TestCordonedMachineGetsNoTrafficButIsChecked(t *testing.T) {
 		t.Fatalf("a stopped machine's health kept its old rounds: %+v", h)
 	}
 }
+
+// A machine that just started is checked again soon until it first passes, whatever
+// its interval: a deploy waits on that first pass.
+func TestChecksRetrySoonAfterStart(t *testing.T) {
+	f := newFake()
+	svc := web("off")
+	svc.Checks = []api.Check{{Type: "http", Interval: "30s", Timeout: "200ms"}}
+	f.add(t, "w1", "web", machine.Stopped, svc)
+	f.mu.Lock()
+	f.ts["w1"].State = machine.Started // started, its server not yet listening
+	f.mu.Unlock()
+	p := startProxy(t, f, time.Hour)
+	deadline := time.Now().Add(5 * time.Second)
+	for h := p.Health("w1"); h.Rounds == 0; h = p.Health("w1") {
+		if time.Now().After(deadline) {
+			t.Fatal("no check round ran")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if h := p.Health("w1"); h.Passing {
+		t.Fatalf("passing before anything listened: %+v", h)
+	}
+	f.serve("w1")
+	served := time.Now()
+	for h := p.Health("w1"); !h.Passing; h = p.Health("w1") {
+		if time.Since(served) > 3*time.Second {
+			t.Fatalf("the check was not run again within 3 s of the machine listening (interval 30s): %+v", h)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -116,6 +116,8 @@ func Load(path string) (*Keyring, error) {
 	switch {
 	case !fi.Mode().IsRegular():
 		return nil, errdefs.Invalid("the secrets key %s is not a regular file", path)
+	case ownerOf(fi) != os.Geteuid():
+		return nil, errdefs.Invalid("the secrets key %s belongs to uid %d, not to the server's (%d): whoever owns it can read or replace it: chown it to the server's user", path, ownerOf(fi), os.Geteuid())
 	case fi.Mode().Perm()&0o077 != 0:
 		return nil, errdefs.Invalid("the secrets key %s has mode %04o, readable by others than its owner: chmod 600 %s", path, fi.Mode().Perm(), path)
 	case fi.Size() != keySize:
@@ -230,4 +232,12 @@ func clip(s string) string {
 		return s
 	}
 	return s[:64] + "…"
+}
+
+// ownerOf is a file's owner's uid (-1 where the platform does not say).
+func ownerOf(fi fs.FileInfo) int {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return int(st.Uid)
+	}
+	return -1
 }

@@ -242,3 +242,20 @@ func TestCheckBounds(t *testing.T) {
 		}
 	}
 }
+
+// A key file another user owns is refused: its owner could read or replace it.
+func TestKeyOwnedByAnotherUserRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test chowns a file: run it as root (make test does)")
+	}
+	path := filepath.Join(t.TempDir(), "secrets.key")
+	if _, err := secrets.LoadOrCreate(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(path, 1234, 1234); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := secrets.Load(path); err == nil || !strings.Contains(err.Error(), "uid 1234") {
+		t.Fatalf("a key owned by uid 1234: %v", err)
+	}
+}

@@ -17,6 +17,9 @@ import (
 	"github.com/kilnhq/kiln/internal/store"
 )
 
+// MaxConfigBytes bounds a deploy's config file: each release keeps it.
+const MaxConfigBytes = 128 << 10
+
 func (s *Server) deploysOn() error {
 	if s.Deploys == nil {
 		return errdefs.New(errdefs.ErrNotImplemented, "deploys are off on this server: it was started without a secrets key")
@@ -76,6 +79,9 @@ func (s *Server) deploySpec(r *http.Request) (deploy.Spec, error) {
 	var req api.DeployRequest
 	if err := decode(r, &req); err != nil {
 		return deploy.Spec{}, err
+	}
+	if len(req.Config) > MaxConfigBytes {
+		return deploy.Spec{}, errdefs.Invalid("config is %d KiB, over the limit of %d KiB: an app's fly.toml is far smaller", len(req.Config)>>10, MaxConfigBytes>>10)
 	}
 	name := filepath.Base(req.ConfigName)
 	if req.ConfigName == "" || len(name) > 64 {
@@ -141,6 +147,9 @@ func (s *Server) planDeploy(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	if err := s.mayUseImage(r, spec.Image); err != nil {
+		return err
+	}
 	p, err := s.Deploys.Plan(r.Context(), r.PathValue("app"), spec)
 	if err != nil {
 		return err
@@ -150,6 +159,11 @@ func (s *Server) planDeploy(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) startDeploy(w http.ResponseWriter, r *http.Request, spec deploy.Spec, rollbackOf int) error {
+	// The caller must be allowed the image, as for a machine it creates: a rollback
+	// or scale by another token of the app is checked again.
+	if err := s.mayUseImage(r, spec.Image); err != nil {
+		return err
+	}
 	id, _ := auth.From(r.Context())
 	rel, p, err := s.Deploys.Deploy(r.Context(), r.PathValue("app"), spec, id.TokenID, rollbackOf)
 	if err != nil {
