@@ -159,9 +159,20 @@ func benchDeploys(ctx context.Context, add func(string, float64, string, string)
 		}
 		ready <- false
 	}()
+	var cl *client.Client
 	defer func() {
+		// Machines and builders outlive a server that stops, by design: the bench's
+		// must not outlive the bench, nor load the host for the parts after it.
+		if cl != nil {
+			ms, _ := cl.ListMachines(context.WithoutCancel(ctx), "bench-web")
+			for _, m := range ms {
+				cl.Destroy(context.WithoutCancel(ctx), "bench-web", m.ID, true)
+			}
+			cl.RemoveBuilder(context.WithoutCancel(ctx), "bench-web")
+		}
 		srv.Process.Signal(syscall.SIGTERM)
 		srv.Wait()
+		killNaming(data)
 	}()
 	if !<-ready {
 		return fmt.Errorf("kiln server did not start")
@@ -170,7 +181,7 @@ func benchDeploys(ctx context.Context, add func(string, float64, string, string)
 	if err != nil {
 		return err
 	}
-	cl := client.New("http://"+apiAddr, strings.TrimSpace(string(token)))
+	cl = client.New("http://"+apiAddr, strings.TrimSpace(string(token)))
 	base, _, err := benchImage(0)
 	if err != nil {
 		return err
@@ -251,54 +262,82 @@ func benchDeploys(ctx context.Context, add func(string, float64, string, string)
 			pushMS += st.Millis
 		}
 	}
-	boots, err := bootTimes(ctx, cl, rel.CreatedAt)
+	stops, boots, err := bootTimes(ctx, cl, rel.CreatedAt)
 	if err != nil {
 		return err
 	}
-	var bootSum time.Duration
-	for _, d := range boots {
-		bootSum += d
-	}
-	checks := rollout - bootSum
+	checks := rollout - mean(stops)*time.Duration(len(stops)) - mean(boots)*time.Duration(len(boots))
 	add("deploy_commit_to_healthy", ms(total), "ms", fmt.Sprintf("kiln deploy after a one-file change until both machines pass their HTTP check on release %d (rolling, 2 machines; target under TCG: below 10 s)", rel.Version))
 	add("deploy_build", float64(b.DurationMS), "ms", fmt.Sprintf("the build in the project's builder, %d/%d steps cached; export and push %d ms of it", b.CachedSteps, b.TotalSteps, pushMS))
 	add("deploy_rollout", ms(rollout), "ms", "release created until every machine is healthy: stop, boot, checks, one machine at a time")
-	add("deploy_machine_boot", ms(bootSum/time.Duration(max(len(boots), 1))), "ms", fmt.Sprintf("a machine's update: stopped and booted on the new config until started (mean of %d)", len(boots)))
-	add("deploy_checks_and_drain", ms(checks), "ms", "rollout less the boots: waiting for checks (1 s interval), draining, plan and API")
+	add("deploy_machine_stop", ms(mean(stops)), "ms", fmt.Sprintf("a machine's stop for its update: SIGTERM until its VM is down (mean of %d)", len(stops)))
+	add("deploy_machine_boot", ms(mean(boots)), "ms", fmt.Sprintf("its boot on the new config until its workload runs (mean of %d)", len(boots)))
+	add("deploy_checks_and_drain", ms(checks), "ms", "rollout less the stops and boots: the first passing check, draining, the deploy's own calls")
 	add("deploy_other", ms(total-rollout-time.Duration(b.DurationMS)*time.Millisecond), "ms", "the CLI, the context upload and queueing, the plan call")
 	return nil
 }
 
-// bootTimes is, for each machine updated since t, from its update's stop until it was
-// started again.
-func bootTimes(ctx context.Context, cl *client.Client, since time.Time) ([]time.Duration, error) {
+// bootTimes is, for each machine updated since t: its stop (asked to stop until
+// stopped) and its boot (asked to start until started).
+func bootTimes(ctx context.Context, cl *client.Client, since time.Time) (stops, boots []time.Duration, err error) {
 	ms, err := cl.ListMachines(ctx, "bench-web")
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	var out []time.Duration
 	for _, m := range ms {
 		evs, err := cl.Events(ctx, "bench-web", m.ID)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		sort.Slice(evs, func(i, j int) bool { return evs[i].Timestamp < evs[j].Timestamp })
-		var from int64
+		var stopAt, startAt int64
 		for _, ev := range evs {
-			at := time.UnixMilli(ev.Timestamp)
-			if at.Before(since) {
+			if time.UnixMilli(ev.Timestamp).Before(since) {
 				continue
 			}
 			switch {
-			case from == 0 && (ev.Type == "exit" || ev.Status == "stopping" || ev.Type == "update"):
-				from = ev.Timestamp
-			case from != 0 && ev.Status == "started":
-				out = append(out, time.Duration(ev.Timestamp-from)*time.Millisecond)
-				from = -1
+			case ev.Type == "stop" && ev.Status == "stopping" && stopAt == 0:
+				stopAt = ev.Timestamp
+			case ev.Status == "stopped" && stopAt > 0 && startAt == 0:
+				stops = append(stops, time.Duration(ev.Timestamp-stopAt)*time.Millisecond)
+				stopAt = -1 << 62 // the update's own event says stopped too
+			case ev.Type == "start" && ev.Status == "starting" && startAt == 0:
+				startAt = ev.Timestamp
+			case ev.Status == "started" && startAt > 0:
+				boots = append(boots, time.Duration(ev.Timestamp-startAt)*time.Millisecond)
+				startAt = -1 << 62
+			}
+		}
+		if os.Getenv("KILN_BENCH_EVENTS") != "" {
+			for _, ev := range evs {
+				fmt.Fprintf(os.Stderr, "%s %d %s %s %s\n", m.ID, ev.Timestamp, ev.Type, ev.Status, ev.Message)
 			}
 		}
 	}
-	return out, nil
+	return stops, boots, nil
+}
+
+func mean(ds []time.Duration) time.Duration {
+	var sum time.Duration
+	for _, d := range ds {
+		sum += d
+	}
+	return sum / time.Duration(max(len(ds), 1))
+}
+
+// killNaming kills what is left of the bench's VMMs: processes whose command line
+// names the bench's data directory.
+func killNaming(dir string) {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), dir+"/") {
+			continue
+		}
+		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil && pid != os.Getpid() {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
 }
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
