@@ -109,6 +109,30 @@ CMD ["sh", "-c", "cat /out; sleep 600"]
 	}
 	t.Logf("first build %d ms (builder %d ms), second %d ms with %d/%d cached", first.DurationMS, first.BuilderReady, second.DurationMS, second.CachedSteps, second.TotalSteps)
 
+	// kiln deploy builds the fly.toml's [build] in the project's builder and deploys the
+	// image by its digest.
+	write("fly.toml", "app = \"shop\"\n\n[build]\n  dockerfile = \"Dockerfile\"\n\n[kiln]\n  project = \"shop\"\n")
+	deploy := srv.e.cmd("--api-url", srv.url, "deploy", "--yes")
+	deploy.Dir = dir
+	if out, err := deploy.CombinedOutput(); err != nil || !strings.Contains(string(out), "release 1 succeeded") || !strings.Contains(string(out), "localhost/shop/build@sha256:") {
+		t.Fatalf("kiln deploy with a build: %v\n%s\n%s", err, out, srv.logs)
+	}
+	ms, _ := cl.ListMachines(ctx, "shop")
+	for _, m := range ms {
+		if m.State != "started" {
+			continue
+		}
+		if !strings.Contains(m.Config.Image, "@sha256:") {
+			t.Errorf("the deployed machine runs %s, not the build's digest", m.Config.Image)
+		}
+		if res, err := cl.Exec(ctx, "shop", m.ID, []string{"cat", "/out"}, "", 30*time.Second); err != nil || res.Stdout != "version two\n" {
+			t.Fatalf("the deployed build: %+v %v", res, err)
+		}
+	}
+	if _, errs, code := srv.kiln("", "scale", "count", "0", "--app", "shop"); code != 0 {
+		t.Fatalf("scale count 0: %s", errs)
+	}
+
 	if out, errs, code := srv.kiln("", "build", "cache", "show", "--project", "shop"); code != 0 || !strings.Contains(out, "builder      running") || !strings.Contains(out, "used ") {
 		t.Errorf("build cache show: %d %s %s", code, out, errs)
 	}

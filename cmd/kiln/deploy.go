@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -249,6 +250,12 @@ succeeded, 1 when it failed or was rolled back.`,
 			app, req, cl, err := df.request(ctx, af, g, true)
 			if err != nil {
 				return err
+			}
+			// A first deploy makes its app, as fly launch does.
+			if err := cl.CreateApp(ctx, app); err == nil {
+				fmt.Fprintf(os.Stderr, "created app %s\n", app)
+			} else if !errors.Is(err, errdefs.ErrConflict) && !errors.Is(err, errdefs.ErrForbidden) {
+				return err // (a token that may not create it hears why from the plan)
 			}
 			p, err := cl.Plan(ctx, app, req)
 			if err != nil {
