@@ -16,6 +16,9 @@ type DeployRequest struct {
 	// Counts sets how many machines a process group has; a group not named keeps the
 	// count of the latest release (1 for a new group, or [kiln] counts).
 	Counts map[string]int `json:"counts,omitempty"`
+	// ExpectPlan, on a deploy, is the digest of the plan the caller approved: if the
+	// plan is no longer that one (a machine changed meanwhile), the deploy is refused.
+	ExpectPlan string `json:"expect_plan,omitempty"`
 }
 
 // FieldDiff is one changed field of a machine's config, by JSON path.
@@ -38,6 +41,8 @@ type PlanStep struct {
 type Plan struct {
 	Strategy string     `json:"strategy"`
 	Steps    []PlanStep `json:"steps"`
+	// Digest names this plan: what a deploy's expect_plan compares.
+	Digest string `json:"digest"`
 }
 
 // Release is one deploy of an app.

@@ -272,6 +272,7 @@ succeeded, 1 when it failed or was rolled back.`,
 					return errdefs.Invalid("not deployed")
 				}
 			}
+			req.ExpectPlan = p.Digest // what was shown is what is applied, or nothing
 			res, err := cl.Deploy(ctx, app, req)
 			if err != nil {
 				return err

@@ -3,6 +3,7 @@ package main_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/client"
+	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 )
 
@@ -215,6 +217,12 @@ func TestDeployEndToEnd(t *testing.T) {
 		if strings.HasPrefix(line, "    ") && !strings.Contains(line, "GREETING") && !strings.Contains(line, "secrets_version") {
 			t.Fatalf("plan shows a field that did not change: %q\n%s", line, out)
 		}
+	}
+
+	// A deploy whose plan is no longer the one approved is refused, changing nothing.
+	_, err := cl.Deploy(ctx, "shop", api.DeployRequest{Config: shopToml("v2", "/", "rolling", "60s"), ExpectPlan: "0123456789abcdef"})
+	if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "no longer the one approved") {
+		t.Fatalf("deploy with a stale plan: %v", err)
 	}
 
 	// Rolling: every request during the roll is answered.

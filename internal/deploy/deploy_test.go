@@ -352,3 +352,18 @@ func TestOneDeployAtATime(t *testing.T) {
 	}
 	e.Wait()
 }
+
+// A release another host records as deploying holds this host's deploy of the app back,
+// until nothing has changed it for longer than any deploy waits.
+func TestReleaseRunningElsewhere(t *testing.T) {
+	e, _, db := newEngine(t)
+	ctx := context.Background()
+	other, err := db.CreateRelease(ctx, store.Release{App: "shop", State: store.ReleaseRunning, Strategy: "rolling", Config: []byte(`{}`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = e.Deploy(ctx, "shop", Spec{Config: config(t, "v1", "rolling"), Image: "localhost/app:1"}, "", 0)
+	if !strings.Contains(fmt.Sprint(err), fmt.Sprintf("release %d of shop is still deploying (on another host)", other.Version)) {
+		t.Fatalf("deploy while another host's release runs: %v", err)
+	}
+}

@@ -155,6 +155,19 @@ func (e *Engine) Deploy(ctx context.Context, app string, spec Spec, token string
 	}
 	e.running[app] = 0
 	e.mu.Unlock()
+	// Another host sharing the database may be deploying the app: its release is
+	// recorded running. One nothing has touched for longer than any deploy waits is
+	// abandoned (its host died) and is ended here.
+	if last, err := e.Store.ListReleases(ctx, app, 1); err != nil {
+		e.done(app)
+		return store.Release{}, Plan{}, err
+	} else if len(last) == 1 && (last[0].State == store.ReleasePending || last[0].State == store.ReleaseRunning) {
+		if time.Since(last[0].UpdatedAt) < abandoned {
+			e.done(app)
+			return store.Release{}, Plan{}, errdefs.New(errdefs.ErrConflict, "release %d of %s is still deploying (on another host): wait for it (kiln releases) before deploying again", last[0].Version, app)
+		}
+		e.finish(ctx, last[0], store.ReleaseFailed, fmt.Sprintf("abandoned: nothing changed it for %s (its host stopped)", time.Since(last[0].UpdatedAt).Round(time.Minute)))
+	}
 	raw, _ := json.Marshal(spec)
 	prog, _ := json.Marshal(Progress{Plan: &p})
 	rel, err := e.Store.CreateRelease(ctx, store.Release{App: app, State: store.ReleasePending, Strategy: spec.Config.Strategy(),
@@ -583,6 +596,10 @@ func (e *Engine) retire(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// abandoned is how long a running release may go unchanged before a deploy of its app
+// on another host takes it for dead: longer than any wait of a deploy.
+const abandoned = appconfig.MaxTimeout + 2*DefaultDrain
 
 // DefaultDrain bounds the wait for a machine's requests once it is out of service.
 const DefaultDrain = 30 * time.Second

@@ -1,6 +1,8 @@
 package server
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -45,6 +47,9 @@ func planAPI(p deploy.Plan) api.Plan {
 		}
 		out.Steps = append(out.Steps, ps)
 	}
+	raw, _ := json.Marshal(out)
+	sum := sha256.Sum256(raw)
+	out.Digest = hex.EncodeToString(sum[:8])
 	return out
 }
 
@@ -71,13 +76,12 @@ func (s *Server) latestSpec(r *http.Request, app string, before int) (store.Rele
 }
 
 // deploySpec reads a deploy or plan request into the spec it asks for.
-func (s *Server) deploySpec(r *http.Request) (deploy.Spec, error) {
+func (s *Server) deploySpec(r *http.Request, req *api.DeployRequest) (deploy.Spec, error) {
 	app := r.PathValue("app")
 	if _, err := s.Store.ListMachines(r.Context(), app); err != nil {
 		return deploy.Spec{}, err
 	}
-	var req api.DeployRequest
-	if err := decode(r, &req); err != nil {
+	if err := decode(r, req); err != nil {
 		return deploy.Spec{}, err
 	}
 	if len(req.Config) > MaxConfigBytes {
@@ -143,7 +147,7 @@ func (s *Server) planDeploy(w http.ResponseWriter, r *http.Request) error {
 	if err := s.deploysOn(); err != nil {
 		return err
 	}
-	spec, err := s.deploySpec(r)
+	spec, err := s.deploySpec(r, &api.DeployRequest{})
 	if err != nil {
 		return err
 	}
@@ -177,9 +181,19 @@ func (s *Server) createDeploy(w http.ResponseWriter, r *http.Request) error {
 	if err := s.deploysOn(); err != nil {
 		return err
 	}
-	spec, err := s.deploySpec(r)
+	var req api.DeployRequest
+	spec, err := s.deploySpec(r, &req)
 	if err != nil {
 		return err
+	}
+	if req.ExpectPlan != "" {
+		p, err := s.Deploys.Plan(r.Context(), r.PathValue("app"), spec)
+		if err != nil {
+			return err
+		}
+		if d := planAPI(p).Digest; d != req.ExpectPlan {
+			return errdefs.New(errdefs.ErrConflict, "the plan is no longer the one approved (%s, now %s): the app's machines changed meanwhile; run kiln plan or kiln deploy again", req.ExpectPlan, d)
+		}
 	}
 	return s.startDeploy(w, r, spec, 0)
 }
