@@ -179,6 +179,11 @@ func (e *Engine) Deploy(ctx context.Context, app string, spec Spec, token string
 	e.mu.Lock()
 	e.running[app] = rel.Version
 	e.mu.Unlock()
+	// Each release keeps its config: an app keeps its last KeepReleases, enough to
+	// roll back far, and no more however often it deploys.
+	if _, err := e.Store.PruneReleases(ctx, app, KeepReleases); err != nil {
+		e.logf(app, rel.Version, "pruning old releases: %v", err)
+	}
 	e.start(rel)
 	return rel, p, nil
 }
@@ -596,6 +601,9 @@ func (e *Engine) retire(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// KeepReleases is how many of an app's releases are kept.
+const KeepReleases = 100
 
 // abandoned is how long a running release may go unchanged before a deploy of its app
 // on another host takes it for dead: longer than any wait of a deploy.

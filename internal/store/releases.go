@@ -59,6 +59,9 @@ type Releases interface {
 	// ReleasesInState lists the releases of every app in any of the states, oldest
 	// first.
 	ReleasesInState(ctx context.Context, states ...string) ([]Release, error)
+	// PruneReleases deletes an app's releases older than its newest keep, those that
+	// ended only, and says how many went.
+	PruneReleases(ctx context.Context, app string, keep int) (int, error)
 }
 
 // SecretsVersion is one version of an app's secrets, sealed: the store never sees them

@@ -115,6 +115,17 @@ func (s *DB) ListReleases(ctx context.Context, app string, limit int) ([]store.R
 	return s.queryReleases(ctx, q, args...)
 }
 
+func (s *DB) PruneReleases(ctx context.Context, app string, keep int) (int, error) {
+	res, err := s.db.ExecContext(ctx, s.q(`DELETE FROM releases WHERE app = ? AND state IN (?, ?, ?)
+		AND version <= (SELECT MAX(version) FROM releases WHERE app = ?) - ?`),
+		app, store.ReleaseSucceeded, store.ReleaseFailed, store.ReleaseRolledBack, app, keep)
+	if err != nil {
+		return 0, err
+	}
+	n, err := res.RowsAffected()
+	return int(n), err
+}
+
 func (s *DB) ReleasesInState(ctx context.Context, states ...string) ([]store.Release, error) {
 	if len(states) == 0 {
 		return nil, nil

@@ -302,3 +302,38 @@ func fill(t *testing.T, db *sqlstore.DB, app string) {
 		}
 	}
 }
+
+func TestPruneReleases(t *testing.T) { forEachDialect(t, testPruneReleases) }
+
+// Pruning keeps an app's newest releases, and any that has not ended, and no other
+// app's.
+func testPruneReleases(t *testing.T, dsn string) {
+	ctx := context.Background()
+	db := open(t, dsn)
+	db.CreateApp(ctx, "web")
+	db.CreateApp(ctx, "api")
+	for i := 1; i <= 6; i++ {
+		r, err := db.CreateRelease(ctx, store.Release{App: "web"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i != 2 { // release 2 never ended
+			r.State = store.ReleaseSucceeded
+			if err := db.UpdateRelease(ctx, r, store.ReleasePending); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	db.CreateRelease(ctx, store.Release{App: "api"})
+	n, err := db.PruneReleases(ctx, "web", 3)
+	if err != nil || n != 2 {
+		t.Fatalf("pruned %d (%v), want releases 1 and 3", n, err)
+	}
+	rs, _ := db.ListReleases(ctx, "web", 0)
+	if got := fmt.Sprint(versionsOf(rs)); got != "[web6 web5 web4 web2]" {
+		t.Fatalf("kept %s", got)
+	}
+	if rs, _ := db.ListReleases(ctx, "api", 0); len(rs) != 1 {
+		t.Fatalf("another app's releases were pruned: %v", rs)
+	}
+}
