@@ -16,6 +16,9 @@ type DeployRequest struct {
 	// Counts sets how many machines a process group has; a group not named keeps the
 	// count of the latest release (1 for a new group, or [kiln] counts).
 	Counts map[string]int `json:"counts,omitempty"`
+	// LocalFiles are the contents (base64) of the config's [[files]] local_path
+	// entries, by that path: the files are on the deployer's side.
+	LocalFiles map[string]string `json:"local_files,omitempty"`
 	// ExpectPlan, on a deploy, is the digest of the plan the caller approved: if the
 	// plan is no longer that one (a machine changed meanwhile), the deploy is refused.
 	ExpectPlan string `json:"expect_plan,omitempty"`

@@ -158,13 +158,25 @@ type MachineConfig struct {
 	Standbys                Ignored `json:"standbys,omitempty"`
 	DisableMachineAutostart Ignored `json:"disable_machine_autostart,omitempty"`
 
+	// Files are written into the machine's filesystem before its workload starts.
+	Files []File `json:"files,omitempty"`
+
 	// Fly's fields that kiln refuses unless empty.
-	Files      Unsupported `json:"files,omitempty"`
 	Processes  Unsupported `json:"processes,omitempty"`
 	Containers Unsupported `json:"containers,omitempty"`
 	Volumes    Unsupported `json:"volumes,omitempty"`
 	Statics    Unsupported `json:"statics,omitempty"`
 	Schedule   Unsupported `json:"schedule,omitempty"`
+}
+
+// File is a file written into a machine before its workload starts, in Fly's shape:
+// its contents are raw_value, or the app's secret secret_name, both base64.
+type File struct {
+	GuestPath  string  `json:"guest_path"`
+	RawValue   *string `json:"raw_value,omitempty"`
+	SecretName *string `json:"secret_name,omitempty"`
+	// Mode is the file's permission bits (default 0644).
+	Mode uint32 `json:"mode,omitempty"`
 }
 
 // Service is a port of the machine that kiln's proxy serves, in Fly's shape.

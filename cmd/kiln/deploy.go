@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -104,6 +105,9 @@ func (d *deployFlags) request(ctx context.Context, af *apiFlags, g *globals, bui
 		return "", api.DeployRequest{}, nil, err
 	}
 	req := api.DeployRequest{Config: string(raw), ConfigName: filepath.Base(path), Image: d.image, Strategy: d.strategy}
+	if req.LocalFiles, err = localFiles(cfg, filepath.Dir(path)); err != nil {
+		return "", req, nil, err
+	}
 	switch {
 	case req.Image != "":
 	case cfg.Build != nil && cfg.Build.Image != "" && cfg.Build.Dockerfile == "":
@@ -122,6 +126,32 @@ func (d *deployFlags) request(ctx context.Context, af *apiFlags, g *globals, bui
 		}
 	}
 	return app, req, cl, nil
+}
+
+// maxLocalFile bounds a [[files]] local_path: machine configs are small.
+const maxLocalFile = 32 << 10
+
+// localFiles reads the config's [[files]] local_path entries, beside the config.
+func localFiles(cfg *appconfig.Config, dir string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, f := range cfg.Files {
+		if f.LocalPath == "" {
+			continue
+		}
+		p := f.LocalPath
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(dir, p)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil, fmt.Errorf("[[files]] local_path %s: %w", f.LocalPath, err)
+		}
+		if len(b) > maxLocalFile {
+			return nil, errdefs.Invalid("[[files]] local_path %s has %d bytes, over the limit of %d: put larger files in the image", f.LocalPath, len(b), maxLocalFile)
+		}
+		out[f.LocalPath] = base64.StdEncoding.EncodeToString(b)
+	}
+	return out, nil
 }
 
 // buildForDeploy builds [build] (or the Dockerfile beside the config) in the project's

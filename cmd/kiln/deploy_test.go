@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -54,6 +55,14 @@ kill_timeout = "5s"
     method = "GET"
     timeout = "2s"
     path = %q
+
+[[files]]
+  guest_path = "/data/files/motd"
+  raw_value = "bW90ZC12MQo="
+
+[[files]]
+  guest_path = "/data/files/local.conf"
+  local_path = "local.conf"
 
 [deploy]
   strategy = %q
@@ -148,6 +157,9 @@ func TestDeployEndToEnd(t *testing.T) {
 		}
 		return p
 	}
+	if err := os.WriteFile(filepath.Join(dir, "local.conf"), []byte("local-v1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	deploy := func(toml string, args ...string) (string, string, int) {
 		t.Helper()
 		return srv.kiln("", append([]string{"deploy", "--yes", "-c", write(toml)}, args...)...)
@@ -193,6 +205,8 @@ func TestDeployEndToEnd(t *testing.T) {
 	}
 	if ids := machineIDs(); len(ids) != 2 {
 		t.Fatalf("release 1 made %d machines, want 2", len(ids))
+	} else if res, err := cl.Exec(ctx, "shop", ids[0], []string{"busybox", "cat", "/data/files/motd", "/data/files/local.conf"}, "", 30*time.Second); err != nil || res.Stdout != "motd-v1\nlocal-v1\n" {
+		t.Fatalf("[[files]] in the machine: %+v %v", res, err)
 	}
 	tr := sendTraffic(proxyAddr, "shop.kiln.internal")
 	defer func() {
@@ -220,7 +234,8 @@ func TestDeployEndToEnd(t *testing.T) {
 	}
 
 	// A deploy whose plan is no longer the one approved is refused, changing nothing.
-	_, err := cl.Deploy(ctx, "shop", api.DeployRequest{Config: shopToml("v2", "/", "rolling", "60s"), ExpectPlan: "0123456789abcdef"})
+	_, err := cl.Deploy(ctx, "shop", api.DeployRequest{Config: shopToml("v2", "/", "rolling", "60s"), ExpectPlan: "0123456789abcdef",
+		LocalFiles: map[string]string{"local.conf": base64.StdEncoding.EncodeToString([]byte("local-v1\n"))}})
 	if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "no longer the one approved") {
 		t.Fatalf("deploy with a stale plan: %v", err)
 	}

@@ -569,7 +569,9 @@ app = "a"
 	parseErr(t, "app = \"a\"\n[[mounts]]\nsource = \"d\"\ndestination = \"/d\"\n[[mounts]]\nsource = \"e\"\ndestination = \"/e\"\n", errdefs.ErrInvalid, "more than one mount")
 }
 
-func TestFilesAreRefusedByMachineConfig(t *testing.T) {
+// [[files]] become the group's config.files: raw_value and secret_name as given,
+// local_path once kiln deploy has sent its contents.
+func TestFilesBecomeMachineFiles(t *testing.T) {
 	c := parse(t, `
 app = "a"
 [processes]
@@ -577,13 +579,32 @@ app = "a"
   worker = "k"
 [[files]]
   guest_path = "/etc/app.conf"
-  raw_value = "x=1"
+  raw_value = "eD0xCg=="
+  processes = ["worker"]
+[[files]]
+  guest_path = "/etc/key.pem"
+  secret_name = "TLS_KEY"
+  processes = ["worker"]
+[[files]]
+  guest_path = "/etc/local.conf"
+  local_path = "conf/local.conf"
   processes = ["worker"]
 `)
-	machineConfig(t, c, "web") // the file is not for web
-	_, err := c.MachineConfig("worker", "i")
-	if !errors.Is(err, errdefs.ErrNotImplemented) || !strings.Contains(err.Error(), "[[files]]") {
-		t.Errorf("MachineConfig(worker) = %v, want ErrNotImplemented naming [[files]]", err)
+	if cfg := machineConfig(t, c, "web"); len(cfg.Files) != 0 {
+		t.Fatalf("web got files meant for worker: %+v", cfg.Files)
+	}
+	if _, err := c.MachineConfig("worker", "i"); err == nil || !strings.Contains(err.Error(), "conf/local.conf") {
+		t.Fatalf("a local_path not sent: %v", err)
+	}
+	if err := c.InlineLocalFiles(map[string]string{}); err == nil || !strings.Contains(err.Error(), "conf/local.conf") {
+		t.Fatalf("inlining without the contents: %v", err)
+	}
+	if err := c.InlineLocalFiles(map[string]string{"conf/local.conf": "bG9jYWwK"}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := machineConfig(t, c, "worker")
+	if len(cfg.Files) != 3 || *cfg.Files[0].RawValue != "eD0xCg==" || *cfg.Files[1].SecretName != "TLS_KEY" || *cfg.Files[2].RawValue != "bG9jYWwK" {
+		t.Fatalf("worker's files: %+v", cfg.Files)
 	}
 	parseErr(t, "app = \"a\"\n[[files]]\nguest_path = \"/f\"\nraw_value = \"x\"\nsecret_name = \"S\"\n", errdefs.ErrInvalid, "files[0]", "exactly one")
 	parseErr(t, "app = \"a\"\n[[files]]\nguest_path = \"f\"\nraw_value = \"x\"\n", errdefs.ErrInvalid, "files[0].guest_path")

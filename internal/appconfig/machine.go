@@ -24,14 +24,25 @@ func (c *Config) MachineConfig(group, image string) (api.MachineConfig, error) {
 	if !c.hasGroup(group) {
 		return api.MachineConfig{}, errdefs.New(errdefs.ErrNotFound, "process group %q is not in the app's config: its groups are %s", group, strings.Join(c.Groups(), ", "))
 	}
-	for _, f := range c.Files {
-		if c.appliesTo(f.Processes, group) {
-			return api.MachineConfig{}, errdefs.New(errdefs.ErrNotImplemented,
-				"process group %s: [[files]] (guest_path %s): kiln's machines cannot be given files yet: leave [[files]] out and put the file in the image, or read a secret from the environment", group, f.GuestPath)
-		}
-	}
 	cfg, err := c.groupConfig(group)
 	cfg.Image = image
+	for _, f := range c.Files {
+		if !c.appliesTo(f.Processes, group) {
+			continue
+		}
+		af := api.File{GuestPath: f.GuestPath}
+		switch {
+		case f.LocalPath != "":
+			// The file is on the deployer's side: kiln deploy reads it and sends it
+			// (InlineLocalFiles); a config that still names it was not sent that way.
+			return cfg, errdefs.Invalid("files: local_path %s was not sent with the deploy: kiln deploy reads it beside the config", f.LocalPath)
+		case f.SecretName != "":
+			af.SecretName = &f.SecretName
+		default:
+			af.RawValue = &f.RawValue
+		}
+		cfg.Files = append(cfg.Files, af)
+	}
 	return cfg, err
 }
 
@@ -167,7 +178,7 @@ func (c *Config) setInit(init *api.Init, command string) error {
 	if command != "" {
 		words, err := shlex.Split(command)
 		if err != nil {
-			return errdefs.Invalid("%q: %v: quote it as a shell would", command, err)
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "%q: quote it as a shell would", command)
 		}
 		init.Cmd = words
 	}
@@ -270,6 +281,22 @@ func jsonValue(v any) json.RawMessage {
 	}
 	raw, _ := json.Marshal(v) // maps marshal with sorted keys: deterministic
 	return raw
+}
+
+// InlineLocalFiles replaces each [[files]] local_path with the contents read for it
+// (base64, by path), as kiln deploy sends them; a path with none is an error naming it.
+func (c *Config) InlineLocalFiles(contents map[string]string) error {
+	for i, f := range c.Files {
+		if f.LocalPath == "" {
+			continue
+		}
+		v, ok := contents[f.LocalPath]
+		if !ok {
+			return errdefs.Invalid("files[%d].local_path %s: its contents were not sent (kiln deploy reads it beside the config)", i, f.LocalPath)
+		}
+		c.Files[i].RawValue, c.Files[i].LocalPath = v, ""
+	}
+	return nil
 }
 
 // ReleaseMachineConfig is the config of the temporary machine that runs

@@ -90,7 +90,7 @@ func (c *Config) validateProcesses() error {
 			return errdefs.Invalid("processes.%s: a process group's name is 1 to 63 lowercase letters, digits, dashes and underscores, starting with a letter or digit", g)
 		}
 		if _, err := shlex.Split(c.Processes[g]); err != nil {
-			return errdefs.Invalid("processes.%s %q: %v: quote it as a shell would", g, c.Processes[g], err)
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "processes.%s %q: quote it as a shell would", g, c.Processes[g])
 		}
 	}
 	return nil
@@ -228,7 +228,7 @@ func checkDurations(at string, tc TCPCheck) error {
 			continue
 		}
 		if _, err := parseDuration(string(d.v)); err != nil {
-			return errdefs.Invalid("%s.%s %s (an integer is milliseconds)", at, d.key, err)
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "%s.%s (an integer is milliseconds)", at, d.key)
 		}
 	}
 	return nil
@@ -366,7 +366,7 @@ func (c *Config) validateDeploy() error {
 		return errdefs.Invalid("deploy.max_unavailable %v: want a fraction of the machines (0 < x < 1, like 0.25) or a whole count of at least 1", x)
 	}
 	if _, err := shlex.Split(d.ReleaseCommand); err != nil {
-		return errdefs.Invalid("deploy.release_command %q: %v: quote it as a shell would", d.ReleaseCommand, err)
+		return errdefs.Wrap(errdefs.ErrInvalid, err, "deploy.release_command %q: quote it as a shell would", d.ReleaseCommand)
 	}
 	for key, v := range map[string]string{"wait_timeout": d.WaitTimeout, "release_command_timeout": d.ReleaseCommandTimeout} {
 		if v == "" {

@@ -128,6 +128,15 @@ type ExecRequest struct {
 	TimeoutMS int64 `json:"timeout_ms,omitempty"`
 	// Stdin says a stdin stream is attached; without it the process reads /dev/null.
 	Stdin bool `json:"stdin,omitempty"`
+	// Files are written before a spawned process starts (a machine's config.files).
+	Files []File `json:"files,omitempty"`
+}
+
+// File is a file the agent writes before it spawns a process.
+type File struct {
+	Path string `json:"path"`
+	Mode uint32 `json:"mode"`
+	Data []byte `json:"data"`
 }
 
 // ErrCode classifies a guest-side failure so the host can map it without parsing text.

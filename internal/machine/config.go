@@ -1,9 +1,11 @@
 package machine
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"maps"
+	"path"
 	"regexp"
 	"slices"
 	"sort"
@@ -43,7 +45,7 @@ func checkUnsupported(cfg *api.MachineConfig) error {
 		v    api.Unsupported
 	}
 	fields := []field{
-		{"config.files", cfg.Files}, {"config.processes", cfg.Processes}, {"config.containers", cfg.Containers},
+		{"config.processes", cfg.Processes}, {"config.containers", cfg.Containers},
 		{"config.volumes", cfg.Volumes}, {"config.statics", cfg.Statics}, {"config.schedule", cfg.Schedule},
 		{"config.guest.gpus", cfg.Guest.GPUs}, {"config.guest.gpu_kind", cfg.Guest.GPUKind},
 		{"config.guest.kernel_args", cfg.Guest.KernelArgs}, {"config.init.kernel_args", cfg.Init.KernelArgs},
@@ -197,9 +199,54 @@ func Validate(cfg *api.MachineConfig) error {
 			return errdefs.Invalid("config.env key %q is not a valid variable name", k)
 		}
 	}
+	if err := CheckFiles(cfg.Files); err != nil {
+		return err
+	}
 	for i := range cfg.Services {
 		if err := validateService(&cfg.Services[i]); err != nil {
 			return errdefs.Wrap(errdefs.ErrInvalid, err, "config.services[%d]", i)
+		}
+	}
+	return nil
+}
+
+// MaxFiles bounds a machine's config.files (their contents are bounded with the config).
+const MaxFiles = 16
+
+// CheckFiles checks config.files: absolute, clean paths outside the kernel's own
+// filesystems, each with base64 contents or a secret's name, and permission bits.
+func CheckFiles(files []api.File) error {
+	if len(files) > MaxFiles {
+		return errdefs.Invalid("config.files: %d files, over the limit of %d", len(files), MaxFiles)
+	}
+	seen := map[string]bool{}
+	for i, f := range files {
+		at := fmt.Sprintf("config.files[%d]", i)
+		p := f.GuestPath
+		if !path.IsAbs(p) || path.Clean(p) != p || p == "/" {
+			return errdefs.Invalid("%s.guest_path %q: give an absolute, clean path to a file, like /etc/app/config.json", at, p)
+		}
+		for _, root := range []string{"/proc", "/sys", "/dev"} {
+			if p == root || strings.HasPrefix(p, root+"/") {
+				return errdefs.Invalid("%s.guest_path %s is under %s, which the kernel provides: write the file elsewhere", at, p, root)
+			}
+		}
+		if seen[p] {
+			return errdefs.Invalid("%s.guest_path %s is given twice", at, p)
+		}
+		seen[p] = true
+		switch {
+		case (f.RawValue == nil) == (f.SecretName == nil):
+			return errdefs.Invalid("%s: give raw_value (base64) or secret_name, one of them", at)
+		case f.RawValue != nil:
+			if _, err := base64.StdEncoding.DecodeString(*f.RawValue); err != nil {
+				return errdefs.Wrap(errdefs.ErrInvalid, err, "%s.raw_value is not base64", at)
+			}
+		case *f.SecretName == "":
+			return errdefs.Invalid("%s.secret_name is empty: name one of the app's secrets (kiln secrets ls)", at)
+		}
+		if f.Mode > 0o7777 {
+			return errdefs.Invalid("%s.mode %o: give permission bits, like 0644 (420)", at, f.Mode)
 		}
 	}
 	return nil

@@ -33,7 +33,6 @@ func TestFlyConfigFields(t *testing.T) {
 		t.Errorf("ignored fields are not kept as sent: %s", out)
 	}
 	for field, cfg := range map[string]string{
-		"config.files":                         `{"image":"localhost/app:1","files":[{"guest_path":"/etc/x","raw_value":"eA=="}]}`,
 		"config.processes":                     `{"image":"localhost/app:1","processes":[{"cmd":["x"]}]}`,
 		"config.schedule":                      `{"image":"localhost/app:1","schedule":"hourly"}`,
 		"config.guest.gpus":                    `{"image":"localhost/app:1","guest":{"gpus":1}}`,
@@ -44,6 +43,27 @@ func TestFlyConfigFields(t *testing.T) {
 		err := Validate(&c)
 		if !errors.Is(err, errdefs.ErrNotImplemented) || !strings.Contains(err.Error(), field) {
 			t.Errorf("%s: %v, want not implemented naming %s", cfg, err, field)
+		}
+	}
+
+	// config.files: written before the workload starts; bad ones are refused by name.
+	files := decode(`{"image":"localhost/app:1","files":[{"guest_path":"/etc/x","raw_value":"eA=="},{"guest_path":"/etc/k","secret_name":"K","mode":384}]}`)
+	if err := Validate(&files); err != nil {
+		t.Errorf("config.files: %v", err)
+	}
+	for cfg, want := range map[string]string{
+		`{"image":"i","files":[{"guest_path":"etc/x","raw_value":"eA=="}]}`:                             "guest_path",
+		`{"image":"i","files":[{"guest_path":"/etc/../x","raw_value":"eA=="}]}`:                         "guest_path",
+		`{"image":"i","files":[{"guest_path":"/proc/sys/x","raw_value":"eA=="}]}`:                       "/proc",
+		`{"image":"i","files":[{"guest_path":"/etc/x","raw_value":"not base64!"}]}`:                     "base64",
+		`{"image":"i","files":[{"guest_path":"/etc/x"}]}`:                                               "raw_value",
+		`{"image":"i","files":[{"guest_path":"/x","raw_value":"","secret_name":"K"}]}`:                  "one of them",
+		`{"image":"i","files":[{"guest_path":"/x","raw_value":"eA==","mode":999999}]}`:                  "mode",
+		`{"image":"i","files":[{"guest_path":"/x","raw_value":""},{"guest_path":"/x","raw_value":""}]}`: "twice",
+	} {
+		c := decode(cfg)
+		if err := Validate(&c); !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want invalid naming %s", cfg, err, want)
 		}
 	}
 

@@ -2,6 +2,7 @@ package machines
 
 import (
 	"context"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"maps"
@@ -86,7 +87,12 @@ func (r *vmRuntime) Boot(ctx context.Context, rec store.Machine, cfg api.Machine
 	if len(w.Argv) == 0 {
 		return nil, errdefs.Invalid("image %s has no command and config.init sets none", cfg.Image)
 	}
-	if w.Env, err = r.withSecrets(ctx, rec, w.Env); err != nil {
+	secrets, err := r.secretsOf(ctx, rec)
+	if err != nil {
+		return nil, err
+	}
+	w.Env = withSecrets(w.Env, secrets)
+	if w.Files, err = guestFiles(cfg.Files, secrets); err != nil {
 		return nil, err
 	}
 	var mounts []vmrun.Mount
@@ -185,16 +191,16 @@ func (r *vmRuntime) as(ctx context.Context, rec store.Machine) guest.ExecRequest
 		return guest.ExecRequest{}
 	}
 	w := machine.Workload(cfg, rfs.Run)
-	w.Env, _ = r.withSecrets(ctx, rec, w.Env)
+	secrets, _ := r.secretsOf(ctx, rec)
+	w.Env = withSecrets(w.Env, secrets)
 	return w
 }
 
-// withSecrets adds the app's secrets to a workload's environment, at the version the
-// machine's metadata names (kiln_secrets_version, set by deploys) or else the latest.
-// They come after the config's env: a secret wins over a plain variable of its name.
-func (r *vmRuntime) withSecrets(ctx context.Context, rec store.Machine, env []string) ([]string, error) {
+// secretsOf is the app's secrets at the version the machine's metadata names
+// (kiln_secrets_version, set by deploys) or else the latest; none without a source.
+func (r *vmRuntime) secretsOf(ctx context.Context, rec store.Machine) (map[string]string, error) {
 	if r.secrets == nil {
-		return env, nil
+		return nil, nil
 	}
 	version := 0
 	if md, err := r.store.Metadata(ctx, rec.ID); err == nil {
@@ -202,12 +208,43 @@ func (r *vmRuntime) withSecrets(ctx context.Context, rec store.Machine, env []st
 	}
 	vals, err := r.secrets(ctx, rec.App, version)
 	if err != nil {
-		return env, fmt.Errorf("reading the app's secrets: %w", err)
+		return nil, fmt.Errorf("reading the app's secrets: %w", err)
 	}
-	for _, k := range slices.Sorted(maps.Keys(vals)) {
-		env = append(env, k+"="+vals[k])
+	return vals, nil
+}
+
+// withSecrets adds secrets to a workload's environment, after the config's env: a
+// secret wins over a plain variable of its name.
+func withSecrets(env []string, secrets map[string]string) []string {
+	for _, k := range slices.Sorted(maps.Keys(secrets)) {
+		env = append(env, k+"="+secrets[k])
 	}
-	return env, nil
+	return env
+}
+
+// guestFiles turns config.files into what the agent writes: raw_value, or the named
+// secret, decoded from base64.
+func guestFiles(files []api.File, secrets map[string]string) ([]guest.File, error) {
+	var out []guest.File
+	for _, f := range files {
+		enc := ""
+		switch {
+		case f.RawValue != nil:
+			enc = *f.RawValue
+		case f.SecretName != nil:
+			v, ok := secrets[*f.SecretName]
+			if !ok {
+				return nil, errdefs.Invalid("config.files %s names secret %s, which the app does not have: set it (kiln secrets set %s=BASE64)", f.GuestPath, *f.SecretName, *f.SecretName)
+			}
+			enc = v
+		}
+		data, err := base64.StdEncoding.DecodeString(enc)
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "config.files %s: its contents are not base64", f.GuestPath)
+		}
+		out = append(out, guest.File{Path: f.GuestPath, Mode: f.Mode, Data: data})
+	}
+	return out, nil
 }
 
 // MetaSecretsVersion is the metadata key that pins the secrets version a machine boots

@@ -95,6 +95,9 @@ func (s *Server) deploySpec(r *http.Request, req *api.DeployRequest) (deploy.Spe
 	if err != nil {
 		return deploy.Spec{}, errdefs.Wrap(errdefs.ErrInvalid, err, "config")
 	}
+	if err := cfg.InlineLocalFiles(req.LocalFiles); err != nil {
+		return deploy.Spec{}, err
+	}
 	if cfg.App != app {
 		return deploy.Spec{}, errdefs.Invalid("%s says app = %q, but this deploy is to app %s: deploy with --app %s, or fix the file", name, cfg.App, app, cfg.App)
 	}

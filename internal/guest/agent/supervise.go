@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -97,6 +98,10 @@ func (a *Agent) spawn(s *yamux.Stream, h guest.Header) {
 	a.mu.Unlock()
 	sup := &supervised{changed: make(chan struct{})}
 
+	if err := writeFiles(req.Files); err != nil {
+		replyErr(s, guest.CodeInvalid, "spawn: %v", err)
+		return
+	}
 	cmd, code, err := a.command(req)
 	if err != nil {
 		replyErr(s, code, "%v", err)
@@ -277,4 +282,42 @@ func (a *Agent) lookup(s *yamux.Stream, id string) *supervised {
 		replyErr(s, guest.CodeNotFound, "no supervised process %q", id)
 	}
 	return sup
+}
+
+// writeFiles writes a workload's files: each replaces what its path held (a symlink
+// there is replaced, not followed), in directories made as needed.
+func writeFiles(files []guest.File) error {
+	for _, f := range files {
+		if !filepath.IsAbs(f.Path) || filepath.Clean(f.Path) != f.Path {
+			return fmt.Errorf("file %q: not an absolute, clean path", f.Path)
+		}
+		if err := os.MkdirAll(filepath.Dir(f.Path), 0o755); err != nil {
+			return fmt.Errorf("file %s: %w", f.Path, err)
+		}
+		tmp := f.Path + ".kiln-new"
+		os.Remove(tmp)
+		fd, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return fmt.Errorf("file %s: %w", f.Path, err)
+		}
+		_, err = fd.Write(f.Data)
+		if cerr := fd.Close(); err == nil {
+			err = cerr
+		}
+		mode := os.FileMode(f.Mode & 0o7777)
+		if mode == 0 {
+			mode = 0o644
+		}
+		if err == nil {
+			err = os.Chmod(tmp, mode)
+		}
+		if err == nil {
+			err = os.Rename(tmp, f.Path)
+		}
+		if err != nil {
+			os.Remove(tmp)
+			return fmt.Errorf("file %s: %w", f.Path, err)
+		}
+	}
+	return nil
 }
