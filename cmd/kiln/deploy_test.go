@@ -322,7 +322,7 @@ func TestDeployEndToEnd(t *testing.T) {
 			break
 		}
 	}
-	if rel6.State != "succeeded" || !strings.Contains(srv.logs.String(), "resuming it") {
+	if rel6.State != "succeeded" || !strings.Contains(srv.logs.String(), "resuming it") || !strings.Contains(rel6.Message, "resumed after 1 server restart") {
 		t.Fatalf("release 6 after kill -9: %+v\n%s", rel6, srv.logs)
 	}
 	tr = sendTraffic(proxyAddr, "shop.kiln.internal")

@@ -18,8 +18,8 @@ import (
 // image. It is a pure function of the config: the same config gives byte-identical
 // JSON. Defaults the server fills (guest from size, service protocol and autostart)
 // are left to machine.Validate: run it on both sides before comparing with a stored
-// config. A group with [[files]] is refused (ErrNotImplemented): kiln's machines
-// cannot be given files yet.
+// config. The group's [[files]] become config.files; a local_path must have been
+// inlined first (InlineLocalFiles).
 func (c *Config) MachineConfig(group, image string) (api.MachineConfig, error) {
 	if !c.hasGroup(group) {
 		return api.MachineConfig{}, errdefs.New(errdefs.ErrNotFound, "process group %q is not in the app's config: its groups are %s", group, strings.Join(c.Groups(), ", "))

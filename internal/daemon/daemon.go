@@ -206,6 +206,9 @@ func Run(ctx context.Context, o Options, h Host) error {
 		deploys.Health = deployHealth{px}
 	}
 	apiSrv.Deploys = deploys
+	dctx, stopDeploys := context.WithCancel(ctx)
+	deploys.Base = dctx
+	stack.push(func() { stopDeploys(); deploys.Wait() })
 	// /metrics reads machines by state from the store (with PostgreSQL: every host's),
 	// capacity from the ledger, and the usage of the machines running here.
 	apiSrv.Metrics = metrics.NewRegistry(metrics.MachineStates{Count: db.MachineCounts}, metrics.Capacity{Ledger: ledger},
@@ -227,17 +230,17 @@ func Run(ctx context.Context, o Options, h Host) error {
 	if err := mgr.Recover(ctx); err != nil {
 		return fmt.Errorf("recovering machines: %w", err)
 	}
-	apiSrv.Recovering.Store(false)
-	// Deploys a stopped server left resume now that their machines are adopted; on
-	// stopping, the running ones are left where they are, to resume at the next start.
-	dctx, stopDeploys := context.WithCancel(ctx)
-	deploys.Base = dctx
-	stack.push(func() { stopDeploys(); deploys.Wait() })
+	// Deploys a stopped server left resume now that their machines are adopted, before
+	// the API takes calls; on stopping, the running ones are left where they are, to
+	// resume at the next start.
 	if shared {
-		logf("deploys cut short by a stopped server are not resumed on a shared database yet: run kiln deploy again")
+		if left, _ := db.ReleasesInState(ctx, store.ReleaseRunning, store.ReleasePending); len(left) > 0 {
+			logf("%d deploys are recorded running; on a shared database kiln does not resume them (another host may run them): a deploy of their app is refused until one has been untouched for over an hour", len(left))
+		}
 	} else if err := deploys.Resume(ctx); err != nil {
 		return fmt.Errorf("resuming deploys: %w", err)
 	}
+	apiSrv.Recovering.Store(false)
 	if builds != nil {
 		// Builders are machines: like them they keep running when kiln stops, and the
 		// next kiln adopts them with their caches (an interrupted build goes on in the

@@ -53,6 +53,8 @@ type fakeMachines struct {
 	gate chan struct{}
 	// exitCode is what a release command's machine exits with, at once.
 	exitCode int
+	// maxOut is the most machines of one group out of service at once, seen at updates.
+	maxOut int
 }
 
 func newFake() *fakeMachines {
@@ -111,6 +113,14 @@ func (f *fakeMachines) Update(_ context.Context, id string, req api.CreateMachin
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	out := map[string]int{}
+	for mid, r := range f.recs {
+		if r.Cordoned && r.State != machine.Destroyed {
+			g := f.cfgs[mid].Metadata[MetaGroup]
+			out[g]++
+			f.maxOut = max(f.maxOut, out[g])
+		}
+	}
 	f.cfgs[id], f.started[id] = cfg, time.Now()
 	f.recs[id].State = machine.Started
 	f.log = append(f.log, "update "+id)
@@ -365,5 +375,46 @@ func TestReleaseRunningElsewhere(t *testing.T) {
 	_, _, err = e.Deploy(ctx, "shop", Spec{Config: config(t, "v1", "rolling"), Image: "localhost/app:1"}, "", 0)
 	if !strings.Contains(fmt.Sprint(err), fmt.Sprintf("release %d of shop is still deploying (on another host)", other.Version)) {
 		t.Fatalf("deploy while another host's release runs: %v", err)
+	}
+}
+
+// Rolling takes max_unavailable of each group's machines out at a time: with two groups
+// of two machines and Fly's default 0.33, one machine of a group at a time, never a
+// whole group.
+func TestRollingIsPerGroup(t *testing.T) {
+	e, f, _ := newEngine(t)
+	two := func(greeting string) appconfig.Config {
+		c, err := appconfig.Parse("fly.toml", []byte(fmt.Sprintf(`app = "shop"
+[env]
+  GREETING = %q
+[processes]
+  web = "httpd"
+  worker = "work"
+[deploy]
+  wait_timeout = "2s"
+`, greeting)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return *c
+	}
+	deployAndWait(t, e, two("v1"), map[string]int{"web": 2, "worker": 2})
+	if rel := deployAndWait(t, e, two("v2"), nil); rel.State != store.ReleaseSucceeded {
+		t.Fatalf("release 2: %+v", rel)
+	}
+	if f.maxOut != 1 {
+		t.Fatalf("%d machines of one group were out of service at once, want 1", f.maxOut)
+	}
+}
+
+// An update in place keeps the machine's own volume: a deploy names the second and
+// later machines' volumes source_N, and the machines service refuses a mount change.
+func TestUpdateKeepsTheMachinesVolume(t *testing.T) {
+	want := api.MachineConfig{Image: "i", Env: map[string]string{"A": "2"}, Mounts: []api.Mount{{Volume: "data", Path: "/data"}}}
+	have := Existing{ID: "m2", Group: "app", State: machine.Started,
+		Config: api.MachineConfig{Image: "i", Env: map[string]string{"A": "1"}, Mounts: []api.Mount{{Volume: "data_2", Path: "/data"}}}}
+	p := MakePlan("rolling", map[string]api.MachineConfig{"app": want}, nil, 0, []Existing{have})
+	if len(p.Steps) != 1 || p.Steps[0].Change != Update || p.Steps[0].Config.Mounts[0].Volume != "data_2" {
+		t.Fatalf("plan: %+v", p.Steps)
 	}
 }

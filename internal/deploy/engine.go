@@ -271,7 +271,29 @@ func (e *Engine) setPhase(ctx context.Context, rel *store.Release, phase, msg st
 	return nil
 }
 
+// abort ends a release whose own record could not be written (the database failed),
+// unless the server is stopping (then it resumes at start): left running, it would
+// hold every later deploy of the app back.
+func (e *Engine) abort(ctx context.Context, rel store.Release, err error) {
+	if ctx.Err() != nil {
+		return
+	}
+	e.logf(rel.App, rel.Version, "recording the deploy's progress: %v", err)
+	for i := 0; i < 3; i++ {
+		cur, gerr := e.Store.GetRelease(context.WithoutCancel(ctx), rel.App, rel.Version)
+		if gerr == nil {
+			e.finish(ctx, cur, store.ReleaseFailed, "the deploy could not record its progress: "+err.Error())
+			return
+		}
+		time.Sleep(time.Second)
+	}
+}
+
 func (e *Engine) finish(ctx context.Context, rel store.Release, state, msg string) {
+	var prog Progress
+	if json.Unmarshal(rel.Progress, &prog) == nil && prog.Resumed > 0 {
+		msg = fmt.Sprintf("resumed after %d server restart(s); %s", prog.Resumed, msg)
+	}
 	from := rel.State
 	rel.State, rel.Message = state, msg
 	if err := e.Store.UpdateRelease(context.WithoutCancel(ctx), rel, from); err != nil {
@@ -307,7 +329,7 @@ func (e *Engine) run(ctx context.Context, rel store.Release) {
 	if prog.Phase == "" || prog.Phase == "release_command" {
 		if cmd := spec.Config.Deploy.ReleaseCommand; cmd != "" {
 			if err := e.setPhase(ctx, &rel, "release_command", "running the release command"); err != nil {
-				e.logf(rel.App, rel.Version, "%v", err)
+				e.abort(ctx, rel, err)
 				return
 			}
 			if err := e.releaseCommand(ctx, rel, spec, cmd); err != nil {
@@ -319,7 +341,7 @@ func (e *Engine) run(ctx context.Context, rel store.Release) {
 		}
 	}
 	if err := e.setPhase(ctx, &rel, "converge", ""); err != nil {
-		e.logf(rel.App, rel.Version, "%v", err)
+		e.abort(ctx, rel, err)
 		return
 	}
 	err := e.converge(ctx, &rel, spec, rel.Version, rel.SecretsVersion, spec.Config.Strategy())
@@ -338,13 +360,20 @@ func (e *Engine) run(ctx context.Context, rel store.Release) {
 
 // rollback deploys the latest release that succeeded before rel again, rolling.
 func (e *Engine) rollback(ctx context.Context, rel store.Release, why string) {
+	if ctx.Err() != nil {
+		return // the server is stopping: the release resumes at start
+	}
 	prev, err := e.previous(ctx, rel)
-	if err != nil {
-		e.finish(ctx, rel, store.ReleaseFailed, fmt.Sprintf("%s; and no earlier release to roll back to (%v)", why, err))
+	switch {
+	case errors.Is(err, errdefs.ErrNotFound):
+		e.finish(ctx, rel, store.ReleaseFailed, fmt.Sprintf("%s; and no earlier release succeeded, so there is none to roll back to", why))
+		return
+	case err != nil:
+		e.finish(ctx, rel, store.ReleaseFailed, fmt.Sprintf("%s; finding the release to roll back to: %v", why, err))
 		return
 	}
 	if err := e.setPhase(ctx, &rel, "rollback", fmt.Sprintf("%s; rolling back to release %d", why, prev.Version)); err != nil {
-		e.logf(rel.App, rel.Version, "%v", err)
+		e.abort(ctx, rel, err)
 		return
 	}
 	var spec Spec
@@ -417,18 +446,36 @@ func (e *Engine) converge(ctx context.Context, rel *store.Release, spec Spec, ve
 			changing = changing[1:]
 		}
 		fallthrough
-	default: // rolling
-		n := spec.Config.MaxUnavailable(len(p.Steps) - len(destroys))
-		if n < 1 {
-			n = 1
+	default: // rolling: max_unavailable of each group's machines at a time
+		kept := map[string]int{}
+		for _, st := range p.Steps {
+			if st.Machine != "" && st.Change != Destroy {
+				kept[st.Group]++
+			}
 		}
-		for len(changing) > 0 {
-			k := min(n, len(changing))
-			chunks = append(chunks, changing[:k])
-			changing = changing[k:]
+		byGroup := map[string][]Step{}
+		var groups []string
+		for _, st := range changing {
+			if byGroup[st.Group] == nil {
+				groups = append(groups, st.Group)
+			}
+			byGroup[st.Group] = append(byGroup[st.Group], st)
+		}
+		for _, g := range groups {
+			steps, n := byGroup[g], spec.Config.MaxUnavailable(kept[g])
+			for len(steps) > 0 {
+				k := min(max(n, 1), len(steps))
+				chunks = append(chunks, steps[:k])
+				steps = steps[k:]
+			}
 		}
 	}
-	done, total := 0, len(p.Steps)
+	done, total := 0, len(p.Steps)-len(cordoned)
+	for _, st := range p.Steps {
+		if st.Change == None && !st.Cordoned {
+			total--
+		}
+	}
 	progress := func(what string) {
 		rel.Message = fmt.Sprintf("%s (%d of %d machines done)", what, done, total)
 		e.Store.UpdateRelease(ctx, *rel, rel.State)
@@ -647,9 +694,11 @@ const downFor = 5 * time.Second
 // healthy waits until a machine runs a start later than since and, if its services
 // have checks, the proxy has seen them pass on that run.
 func (e *Engine) healthy(ctx context.Context, id string, cfg api.MachineConfig, since time.Time, wait time.Duration) error {
+	// Checks are run by the proxy: a server without one (--proxy-listen off) waits
+	// for the machine to start.
 	checks := false
 	for _, s := range cfg.Services {
-		checks = checks || len(s.Checks) > 0
+		checks = checks || len(s.Checks) > 0 && e.Health != nil
 	}
 	start := time.Now()
 	why := "it did not start"

@@ -145,12 +145,23 @@ func MakePlan(strategy string, desired map[string]api.MachineConfig, counts map[
 				diffs[i] = append(diffs[i], FieldDiff{Path: "secrets_version", Old: strconv.Itoa(m.Secrets), New: strconv.Itoa(secrets)})
 			}
 		}
-		// Keep the machines that need the least change; ties keep the older.
+		// Keep the machines already as wanted first, then running ones; ties keep the
+		// older.
+		rank := func(i int) int {
+			r := 0
+			if len(diffs[i]) != 0 {
+				r += 2
+			}
+			if have[i].State != machine.Started {
+				r++
+			}
+			return r
+		}
 		order := make([]int, len(have))
 		for i := range order {
 			order[i] = i
 		}
-		sort.SliceStable(order, func(a, b int) bool { return len(diffs[order[a]]) == 0 && len(diffs[order[b]]) != 0 })
+		sort.SliceStable(order, func(a, b int) bool { return rank(order[a]) < rank(order[b]) })
 		for k, i := range order {
 			m := have[i]
 			if k >= n {
@@ -164,6 +175,9 @@ func MakePlan(strategy string, desired map[string]api.MachineConfig, counts map[
 				st.Change = Replace
 			default:
 				st.Change = Update
+				// Updated in place, it keeps its own volumes (a deploy names each
+				// machine's, source or source_N).
+				st.Config.Mounts = m.Config.Mounts
 			}
 			p.Steps = append(p.Steps, st)
 		}

@@ -130,7 +130,7 @@ func (s *Server) deploySpec(r *http.Request, req *api.DeployRequest) (deploy.Spe
 				return spec, errdefs.Invalid("count %d for process group %s: give 0 to 100", n, g)
 			}
 			spec.Counts[g] = n
-		case ok && last.Counts[g] > 0:
+		case ok && hasCount(last.Counts, g): // 0 too: a group scaled to zero stays there
 			spec.Counts[g] = last.Counts[g]
 		case cfg.Kiln.Counts[g] > 0:
 			spec.Counts[g] = cfg.Kiln.Counts[g]
@@ -144,6 +144,11 @@ func (s *Server) deploySpec(r *http.Request, req *api.DeployRequest) (deploy.Spe
 		}
 	}
 	return spec, nil
+}
+
+func hasCount(counts map[string]int, g string) bool {
+	_, ok := counts[g]
+	return ok
 }
 
 func (s *Server) planDeploy(w http.ResponseWriter, r *http.Request) error {

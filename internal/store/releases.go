@@ -60,7 +60,7 @@ type Releases interface {
 	// first.
 	ReleasesInState(ctx context.Context, states ...string) ([]Release, error)
 	// PruneReleases deletes an app's releases older than its newest keep, those that
-	// ended only, and says how many went.
+	// ended only and never its latest that succeeded, and says how many went.
 	PruneReleases(ctx context.Context, app string, keep int) (int, error)
 }
 

@@ -116,9 +116,11 @@ func (s *DB) ListReleases(ctx context.Context, app string, limit int) ([]store.R
 }
 
 func (s *DB) PruneReleases(ctx context.Context, app string, keep int) (int, error) {
+	// The latest that succeeded stays, however old: rollbacks and scales start from it.
 	res, err := s.db.ExecContext(ctx, s.q(`DELETE FROM releases WHERE app = ? AND state IN (?, ?, ?)
-		AND version <= (SELECT MAX(version) FROM releases WHERE app = ?) - ?`),
-		app, store.ReleaseSucceeded, store.ReleaseFailed, store.ReleaseRolledBack, app, keep)
+		AND version <= (SELECT MAX(version) FROM releases WHERE app = ?) - ?
+		AND version <> COALESCE((SELECT MAX(version) FROM releases WHERE app = ? AND state = ?), 0)`),
+		app, store.ReleaseSucceeded, store.ReleaseFailed, store.ReleaseRolledBack, app, keep, app, store.ReleaseSucceeded)
 	if err != nil {
 		return 0, err
 	}

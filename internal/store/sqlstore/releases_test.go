@@ -336,4 +336,23 @@ func testPruneReleases(t *testing.T, dsn string) {
 	if rs, _ := db.ListReleases(ctx, "api", 0); len(rs) != 1 {
 		t.Fatalf("another app's releases were pruned: %v", rs)
 	}
+	// The latest that succeeded stays however old: rollbacks and scales start from it.
+	db.CreateApp(ctx, "blog")
+	for i := 1; i <= 5; i++ {
+		r, _ := db.CreateRelease(ctx, store.Release{App: "blog"})
+		r.State = store.ReleaseFailed
+		if i == 1 {
+			r.State = store.ReleaseSucceeded
+		}
+		if err := db.UpdateRelease(ctx, r, store.ReleasePending); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := db.PruneReleases(ctx, "blog", 2); err != nil {
+		t.Fatal(err)
+	}
+	rs, _ = db.ListReleases(ctx, "blog", 0)
+	if got := fmt.Sprint(versionsOf(rs)); got != "[blog5 blog4 blog1]" {
+		t.Fatalf("kept %s, want the newest 2 and the one that succeeded", got)
+	}
 }
