@@ -358,6 +358,65 @@ func TestDeployEndToEnd(t *testing.T) {
 	if ids := machineIDs(); len(ids) != 0 {
 		t.Fatalf("after scaling to 0 the app has machines %v", ids)
 	}
+
+	// An app with [mounts]: each machine gets its own volume (data, data_2), a rolling
+	// update keeps it, and what the workload wrote there survives the update.
+	vol := func(greeting string) string {
+		return fmt.Sprintf(`app = "vault"
+[build]
+  image = "localhost/app:1"
+[env]
+  GREETING = %q
+[processes]
+  app = "sh -c 'while true; do sleep 1; done'"
+[mounts]
+  source = "data"
+  destination = "/data"
+  initial_size = "1gb"
+[deploy]
+  strategy = "rolling"
+  wait_timeout = "60s"
+[kiln]
+  counts = { app = 2 }
+`, greeting)
+	}
+	volsDir := t.TempDir()
+	deployVault := func(greeting string) {
+		t.Helper()
+		p := filepath.Join(volsDir, "fly.toml")
+		os.WriteFile(p, []byte(vol(greeting)), 0o644)
+		if out, errs, code := srv.kiln("", "deploy", "--yes", "-c", p); code != 0 || !strings.Contains(out, "succeeded") {
+			t.Fatalf("deploy of an app with [mounts] (%s): exit %d\n%s\n%s", greeting, code, out, errs)
+		}
+	}
+	deployVault("v1")
+	vms, _ := cl.ListMachines(ctx, "vault")
+	var vaultIDs []string
+	for _, m := range vms {
+		if m.State == "started" {
+			vaultIDs = append(vaultIDs, m.ID)
+			if res, err := cl.Exec(ctx, "vault", m.ID, []string{"sh", "-c", "echo kept-" + m.ID + " > /data/note"}, "", 30*time.Second); err != nil || res.ExitCode != 0 {
+				t.Fatalf("writing to the volume: %+v %v", res, err)
+			}
+		}
+	}
+	vs, _ := cl.ListVolumes(ctx, "vault")
+	if len(vaultIDs) != 2 || len(vs) != 2 {
+		t.Fatalf("an app with [mounts] and 2 machines: machines %v, volumes %+v", vaultIDs, vs)
+	}
+	deployVault("v2")
+	for _, id := range vaultIDs {
+		res, err := cl.Exec(ctx, "vault", id, []string{"sh", "-c", "cat /data/note; echo $GREETING"}, "", 30*time.Second)
+		if err != nil || res.Stdout != "kept-"+id+"\nv2\n" {
+			t.Fatalf("machine %s after the rolling update: %+v %v", id, res, err)
+		}
+	}
+	if _, errs, code := srv.kiln("", "scale", "count", "0", "--app", "vault"); code != 0 {
+		t.Fatalf("scale vault to 0: %s", errs)
+	}
+	for _, v := range vs {
+		cl.DeleteVolume(ctx, "vault", v.ID)
+	}
 	srv.stop(syscall.SIGTERM)
 	srv = nil
 }
