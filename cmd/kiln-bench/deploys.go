@@ -21,6 +21,7 @@ import (
 
 	"github.com/kilnhq/kiln/client"
 	"github.com/kilnhq/kiln/internal/build"
+	"github.com/kilnhq/kiln/internal/testutil"
 )
 
 // deployEnv marks the bench's child that runs the deploy benchmark in a network
@@ -172,7 +173,7 @@ func benchDeploys(ctx context.Context, add func(string, float64, string, string)
 		}
 		srv.Process.Signal(syscall.SIGTERM)
 		srv.Wait()
-		killNaming(data)
+		testutil.KillProcessesNaming(data)
 	}()
 	if !<-ready {
 		return fmt.Errorf("kiln server did not start")
@@ -323,21 +324,6 @@ func mean(ds []time.Duration) time.Duration {
 		sum += d
 	}
 	return sum / time.Duration(max(len(ds), 1))
-}
-
-// killNaming kills what is left of the bench's VMMs: processes whose command line
-// names the bench's data directory.
-func killNaming(dir string) {
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err != nil || !strings.Contains(string(b), dir+"/") {
-			continue
-		}
-		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil && pid != os.Getpid() {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
 }
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }

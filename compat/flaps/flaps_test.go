@@ -224,6 +224,9 @@ func execOut(t *testing.T, ctx context.Context, c *flaps.Client, app, id, cmd st
 	return res.StdOut
 }
 
+// flyFile is a config.files raw_value: base64 of "from a file\n".
+var flyFile = "ZnJvbSBhIGZpbGUK"
+
 func TestFlyClient(t *testing.T) {
 	k := startKiln(t)
 	k.loadImage(image)
@@ -259,6 +262,7 @@ func TestFlyClient(t *testing.T) {
 		Metadata: map[string]string{"role": "web"},
 		Restart:  &fly.MachineRestart{Policy: fly.MachineRestartPolicyNo},
 		DNS:      &fly.DNSConfig{SkipRegistration: true},
+		Files:    []*fly.File{{GuestPath: "/etc/fly/greeting.txt", RawValue: &flyFile, Mode: 0o644}},
 	}}
 	m := must(c.Launch(ctx, app, launch))(t, "Launch")
 	if m.ID == "" || m.Version == "" || m.InstanceID == "" || m.Config == nil || m.Config.Image != image {
@@ -284,6 +288,10 @@ func TestFlyClient(t *testing.T) {
 	}
 	if out := execOut(t, ctx, c, app, m.ID, `sh -c 'echo "$GREETING, fly"'`); out != "hello, fly\n" {
 		t.Errorf("exec: stdout %q", out)
+	}
+	// config.files, as fly-go sends them: written before the workload starts.
+	if out := execOut(t, ctx, c, app, m.ID, `sh -c 'cat /etc/fly/greeting.txt'`); out != "from a file\n" {
+		t.Errorf("config.files: the file holds %q", out)
 	}
 	ps := must(c.GetProcesses(ctx, app, m.ID))(t, "GetProcesses")
 	if !slices.ContainsFunc(ps, func(p fly.ProcessStat) bool {

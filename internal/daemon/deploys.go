@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 
 	"github.com/kilnhq/kiln/api"
 	"github.com/kilnhq/kiln/internal/deploy"
@@ -85,7 +83,7 @@ func (d deployMachines) Volume(ctx context.Context, app, source string, sizeGB i
 	taken := map[string]bool{}
 	for _, v := range vs {
 		taken[v.Name] = true
-		if v.AttachedMachine == "" && sameSource(v.Name, source) {
+		if v.AttachedMachine == "" && deploy.VolumeFamily(v.Name) == source {
 			return v.Name, nil
 		}
 	}
@@ -101,17 +99,6 @@ func (d deployMachines) Volume(ctx context.Context, app, source string, sizeGB i
 		return "", err
 	}
 	return v.Name, nil
-}
-
-// sameSource says whether a volume is one a deploy made for a mount's source: the
-// source's name, or it with _N (not another volume that merely starts with it).
-func sameSource(name, source string) bool {
-	if name == source {
-		return true
-	}
-	n, ok := strings.CutPrefix(name, source+"_")
-	_, err := strconv.Atoi(n)
-	return ok && err == nil
 }
 
 // deployHealth reads machines' checks from the proxy.

@@ -199,12 +199,12 @@ func MakePlan(strategy string, desired map[string]api.MachineConfig, counts map[
 // sameMount compares mounts by path and volume name: a deploy gives each machine its
 // own volume of the mount's source, so IDs differ between machines.
 func sameMount(a, b api.Mount) bool {
-	return a.Path == b.Path && volumeFamily(a.Volume) == volumeFamily(b.Volume)
+	return a.Path == b.Path && VolumeFamily(a.Volume) == VolumeFamily(b.Volume)
 }
 
-// volumeFamily is a volume's name without the _N suffix a deploy adds to the second
+// VolumeFamily is a volume's name without the _N suffix a deploy adds to the second
 // and later volumes of a source.
-func volumeFamily(name string) string {
+func VolumeFamily(name string) string {
 	if i := strings.LastIndexByte(name, '_'); i > 0 {
 		if _, err := strconv.Atoi(name[i+1:]); err == nil {
 			return name[:i]
@@ -247,7 +247,7 @@ func skip(path string) bool {
 func mountsText(ms []api.Mount) string {
 	var s []string
 	for _, m := range ms {
-		s = append(s, volumeFamily(m.Volume)+":"+m.Path)
+		s = append(s, VolumeFamily(m.Volume)+":"+m.Path)
 	}
 	return strings.Join(s, ",")
 }
