@@ -8,7 +8,7 @@ GO ?= go
 export KILN_DATA_DIR ?= /var/lib/kiln
 TEST_TIMEOUT ?= 25m
 
-.PHONY: all setup deps build assets demo test test-fast fuzz bench clean
+.PHONY: all setup deps build assets demo test test-fast test-firecracker fuzz bench clean
 
 all: build
 
@@ -47,6 +47,19 @@ test: setup
 	GO=$(GO) ./scripts/gotest.sh -count=1 -timeout $(TEST_TIMEOUT) -p 1 ./...
 	cd compat/flaps && $(GO) vet ./... && GO=$(GO) ../../scripts/gotest.sh -count=1 -timeout 15m ./...
 
+## test-firecracker: the Firecracker driver's suite and the server's end-to-end test on a
+## real firecracker and jailer (FIRECRACKER=/path JAILER=/path, else both on PATH) and
+## KVM. `make test` runs the same tests against fake-firecracker, which enforces
+## Firecracker's API and the jailer's layout with QEMU behind it.
+FIRECRACKER ?= $(shell command -v firecracker)
+JAILER ?= $(shell command -v jailer)
+test-firecracker: setup
+	@if [ -z "$(FIRECRACKER)" ] || [ -z "$(JAILER)" ]; then \
+	  echo "test-firecracker: firecracker and jailer are not on PATH: install both from Firecracker's release (github.com/firecracker-microvm/firecracker/releases), or give FIRECRACKER=/path JAILER=/path"; exit 2; fi
+	@if [ ! -w /dev/kvm ]; then echo "test-firecracker: /dev/kvm is not usable here: Firecracker needs KVM (bare metal, or a VM with nested virtualization)"; exit 2; fi
+	KILN_TEST_FIRECRACKER=$(FIRECRACKER) KILN_TEST_JAILER=$(JAILER) GO=$(GO) ./scripts/gotest.sh -count=1 -timeout 30m -p 1 \
+	  -run 'TestConformance|TestServerEndToEndFirecracker' ./internal/vmm/firecracker ./cmd/kiln
+
 ## test-fast: the tests that need no VM
 test-fast:
 	$(GO) test -short -count=1 ./...
@@ -64,7 +77,8 @@ fuzz:
 	  $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) "$${t#*:}"; \
 	done
 
-## bench: boot, exec and throughput figures as a table and JSON (bench-results/)
+## bench: boot (kiln's guest kernel and Debian's, in one run), exec and throughput figures
+## as a table and JSON (bench-results/)
 bench: setup
 	$(GO) run ./cmd/kiln-bench -out bench-results/bench.json
 

@@ -6,7 +6,9 @@ set -euo pipefail
 need_pkgs=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # chromium: the web console's test drives Debian's headless Chromium (chromedp).
-for p in qemu-system-x86 linux-image-amd64 e2fsprogs debootstrap xz-utils busybox-static ca-certificates iproute2 nftables postgresql git chromium; do
+# linux-source-6.1 and its build tools: `kiln assets build` compiles kiln's guest kernel from it
+# (cached by its config's hash; security fixes arrive with apt).
+for p in qemu-system-x86 linux-image-amd64 linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev e2fsprogs debootstrap xz-utils busybox-static ca-certificates iproute2 nftables postgresql git chromium; do
   have "$p" || need_pkgs+=("$p")
 done
 

@@ -53,7 +53,7 @@ func main() {
 	out := flag.String("out", "bench-results/bench.json", "where to write the JSON report")
 	boots := flag.Int("boots", 10, "boots to time")
 	execs := flag.Int("execs", 100, "execs of `true` to time")
-	only := flag.String("only", "", "run one part alone: placement or metrics (no VM; for repeated runs on a quiet host), builds or deploys")
+	only := flag.String("only", "", "run one part alone: boot (both guest kernels), placement or metrics (no VM; for repeated runs on a quiet host), builds or deploys")
 	flag.Parse()
 	if *only == "deploy-child" && os.Getenv(deployEnv) != "" {
 		if err := deployChild(context.Background(), *out); err != nil {
@@ -62,8 +62,8 @@ func main() {
 		}
 		return
 	}
-	if *only != "" && *only != "placement" && *only != "metrics" && *only != "builds" && *only != "deploys" {
-		fmt.Fprintf(os.Stderr, "kiln-bench: -only %q: the parts that run alone are placement, metrics, builds and deploys\n", *only)
+	if *only != "" && *only != "boot" && *only != "placement" && *only != "metrics" && *only != "builds" && *only != "deploys" {
+		fmt.Fprintf(os.Stderr, "kiln-bench: -only %q: the parts that run alone are boot, placement, metrics, builds and deploys\n", *only)
 		os.Exit(2)
 	}
 	if err := run(*out, *boots, *execs, *only); err != nil {
@@ -86,7 +86,7 @@ func run(out string, boots, execs int, only string) error {
 			init = "bin/kiln-init"
 		}
 	}
-	set, err := assets.Ensure(ctx, assets.Options{Dir: filepath.Join(dataDir, "assets"), Init: init, Log: os.Stderr})
+	set, err := assets.Ensure(ctx, assets.Options{Dir: filepath.Join(dataDir, "assets"), Init: init, Kernel: assets.KernelKiln, Log: os.Stderr})
 	if err != nil {
 		return err
 	}
@@ -131,26 +131,12 @@ func run(out string, boots, execs int, only string) error {
 		return finish(rep, out)
 	}
 	spec := vmrun.Spec{CPUs: 1, MemoryMiB: 512}
-
-	var total, vmmStart, kernel, initT []time.Duration
-	for i := 0; i < boots; i++ {
-		inst, err := rt.Boot(ctx, spec)
-		if err != nil {
-			return fmt.Errorf("boot %d: %w", i, err)
-		}
-		rep.GuestKernel = inst.Agent.Hello.Kernel
-		total = append(total, inst.Timing.Total)
-		vmmStart = append(vmmStart, inst.Timing.VMMStart)
-		kernel = append(kernel, inst.Timing.Kernel)
-		initT = append(initT, inst.Timing.Init)
-		fmt.Fprintf(os.Stderr, "boot %d: %s\n", i+1, inst.Timing.Total.Round(time.Millisecond))
-		inst.Shutdown(ctx, 10*time.Second)
+	if err := benchBoots(ctx, rt, init, dataDir, boots, spec, &rep, add); err != nil {
+		return err
 	}
-	add("boot_to_agent_ready_p50", ms(pct(total, 0.5)), "ms", fmt.Sprintf("%d boots", boots))
-	add("boot_to_agent_ready_p95", ms(pct(total, 0.95)), "ms", "")
-	add("boot_vmm_start_p50", ms(pct(vmmStart, 0.5)), "ms", "spawn QEMU until QMP answers")
-	add("boot_kernel_p50", ms(pct(kernel, 0.5)), "ms", "guest clock at kiln-init start")
-	add("boot_init_p50", ms(pct(initT, 0.5)), "ms", "modules, mounts, agent up")
+	if only == "boot" {
+		return finish(rep, out)
+	}
 
 	inst, err := rt.Boot(ctx, spec)
 	if err != nil {

@@ -20,12 +20,26 @@ func discardUnless(v bool) io.Writer {
 
 func assetsCmd(g *globals) *cobra.Command {
 	c := &cobra.Command{Use: "assets", Short: "Guest kernel, initramfs and root filesystem"}
-	var kernel, modules, mirror string
+	var kernel, modules, mirror, kernelConfig string
 	var noBuilder bool
+	var jobs int
 	build := &cobra.Command{
 		Use:   "build",
 		Short: "Build (or find cached) guest assets; the root filesystem needs root and the Debian mirror",
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if kernelConfig != "" {
+				// An operator's own config: built and named, booted with --kernel PATH.
+				b, err := os.ReadFile(kernelConfig)
+				if err != nil {
+					return errdefs.Wrap(errdefs.ErrInvalid, err, "--kernel-config")
+				}
+				p, err := assets.BuildKernel(cmd.Context(), assets.KernelBuild{Dir: assetsDir(g.dataDir), Config: b, ConfigName: kernelConfig, Jobs: jobs, Log: os.Stderr})
+				if err != nil {
+					return err
+				}
+				fmt.Printf("kernel     %s (boot it with --kernel %s)\n", p, p)
+				return nil
+			}
 			o := assets.Options{
 				Dir:         assetsDir(g.dataDir),
 				Kernel:      kernel,
@@ -33,13 +47,15 @@ func assetsCmd(g *globals) *cobra.Command {
 				Init:        initBinary(),
 				Log:         os.Stderr,
 				BuildRootfs: true,
+				BuildKernel: kernel == "" || kernel == assets.KernelKiln,
+				KernelJobs:  jobs,
 				Mirror:      mirror,
 			}
 			set, err := assets.Ensure(cmd.Context(), o)
 			if err != nil {
 				return err
 			}
-			fmt.Printf("kernel     %s\ninitramfs  %s\nrootfs     %s\n", set.Kernel, set.Initramfs, set.Rootfs)
+			fmt.Printf("kernel     %s (%s)\ninitramfs  %s\nrootfs     %s\n", set.Kernel, set.KernelName, set.Initramfs, set.Rootfs)
 			if noBuilder {
 				return nil
 			}
@@ -55,7 +71,9 @@ func assetsCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	build.Flags().StringVar(&kernel, "kernel", "", "guest kernel (default: the host's Debian kernel)")
+	build.Flags().StringVar(&kernel, "kernel", "", "guest kernel: kiln (built from Debian's linux-source with kiln's config, cached by the config's hash), debian (the host's, with its modules) or the path of a vmlinux (default kiln)")
+	build.Flags().StringVar(&kernelConfig, "kernel-config", "", "build a guest kernel from this config fragment (applied on allnoconfig, like internal/assets/kernel/kiln-6.1.config) and print its path; nothing else is built")
+	build.Flags().IntVar(&jobs, "jobs", 0, "make -j for the kernel build (default: the number of CPUs)")
 	build.Flags().StringVar(&modules, "modules", "", "kernel module tree for --kernel (default: none)")
 	build.Flags().BoolVar(&noBuilder, "no-builder", false, "skip the builder root filesystem (buildkitd and runc)")
 	build.Flags().StringVar(&mirror, "mirror", os.Getenv("KILN_DEBIAN_MIRROR"), "Debian mirror for the root filesystem (env KILN_DEBIAN_MIRROR)")

@@ -51,6 +51,7 @@ func buildKiln(t *testing.T) {
 type env struct {
 	t       *testing.T
 	dataDir string
+	extra   []string // more environment for every kiln it runs
 }
 
 func newEnv(t *testing.T) *env {
@@ -71,6 +72,7 @@ func (e *env) cmd(args ...string) *exec.Cmd {
 	c := exec.Command(kilnBin, args...)
 	c.Env = append(os.Environ(), "KILN_DATA_DIR="+e.dataDir, "KILN_ASSETS_DIR="+filepath.Join(testutil.DataDir(), "assets"),
 		"KILN_BUILDKITD="+buildkitdBin)
+	c.Env = append(c.Env, e.extra...)
 	return c
 }
 
@@ -184,7 +186,9 @@ func TestVMRunBadInput(t *testing.T) {
 		{[]string{"--disk", good + ":data"}, 2, "must be an absolute path"},
 		{[]string{"--disk", good}, 2, "want FILE:/mount/point"},
 		{[]string{"--disk", "/nonexistent.ext4:/data"}, 1, "does not exist"},
-		{[]string{"--vmm", "bogus"}, 2, "use qemu or firecracker"},
+		{[]string{"--vmm", "bogus"}, 2, "use qemu, firecracker or auto"},
+		// No firecracker binary here: refused, naming what is missing and the way out.
+		{[]string{"--vmm", "firecracker"}, 2, "the firecracker binary (firecracker) is not on this host"},
 		{[]string{"--kernel", "/nonexistent-kernel"}, 2, "/nonexistent-kernel"},
 		{[]string{"--workdir", "relative"}, 2, "absolute"},
 		{[]string{"--env", "NOEQUALS"}, 2, "KEY=VALUE"},

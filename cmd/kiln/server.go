@@ -47,7 +47,7 @@ func rootfsCache(dataDir string, maxBytes int64) image.Cache {
 func serverCmd(g *globals) *cobra.Command {
 	var o daemon.Options
 	var sizes sizeFlags
-	var serverConfig string
+	var serverConfig, kernel string
 	c := &cobra.Command{
 		Use:   "server",
 		Short: "Run kiln's API and machines on this host (SQLite, local images)",
@@ -76,7 +76,7 @@ when the server stops or dies; the next start adopts them.`,
 			}
 			err = daemon.Run(cmd.Context(), o, daemon.Host{
 				Runtime: func(ctx context.Context, vmm string, log io.Writer) (*vmrun.Runtime, string, error) {
-					return runtime(ctx, g.dataDir, vmm, "", "", log)
+					return runtime(ctx, g.dataDir, vmm, kernel, "", log)
 				},
 				Reap:      func(ctx context.Context, log io.Writer) { vmrun.Reap(ctx, g.dataDir, drivers(g.dataDir), log) },
 				AssetsDir: assetsDir(g.dataDir),
@@ -93,7 +93,8 @@ when the server stops or dies; the next start adopts them.`,
 	f := c.Flags()
 	f.StringVar(&serverConfig, "config", os.Getenv("KILN_SERVER_CONFIG"), "a TOML file setting any of these flags by name (flags on the command line win; env KILN_SERVER_CONFIG)")
 	f.StringVar(&o.LogFormat, "log-format", "text", "how the server writes its log lines on stderr: text (key=value) or json (one object a line); an API call's lines carry its request_id")
-	f.StringVar(&o.VMM, "vmm", "qemu", "virtual machine monitor machines and builders run on: qemu (firecracker is not wired into the server yet)")
+	f.StringVar(&o.VMM, "vmm", "auto", "virtual machine monitor machines and builders run on: firecracker (under its jailer; needs KVM), qemu (KVM, else software emulation), or auto: firecracker where it and a working KVM exist, else qemu")
+	f.StringVar(&kernel, "kernel", "", "guest kernel: kiln (kiln's own, built by `make setup`), debian (the host's, with its modules; QEMU only) or the path of a vmlinux (default kiln, falling back to debian when it is not built)")
 	f.StringVar(&o.Listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
 	f.StringVar(&o.DB, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). Hosts sharing one PostgreSQL form a cluster: see --cluster-secret-file. PostgreSQL URL parameters such as sslmode=verify-full&sslrootcert=FILE are passed through")
 	f.StringVar(&o.HostName, "host-name", "", "this host's name among the hosts sharing a database (default: the system's host name)")

@@ -36,13 +36,13 @@ func besideKiln(env, name string) string {
 	return ""
 }
 
-// drivers are the VMMs kiln runs. Firecracker runs under its jailer (KILN_JAILER, else
-// jailer on PATH), its jails under DATA_DIR/jail: on the data dir's filesystem, as the
-// VM's files are hard-linked into them.
+// drivers are the VMMs kiln runs. Firecracker (KILN_FIRECRACKER, else firecracker on
+// PATH) runs under its jailer (KILN_JAILER, else jailer on PATH), its jails under
+// DATA_DIR/jail: on the data dir's filesystem, as the VM's files are hard-linked into them.
 func drivers(dataDir string) map[string]vmm.Driver {
 	return map[string]vmm.Driver{
 		"qemu": &qemu.Driver{},
-		"firecracker": &firecracker.Driver{Jailer: &firecracker.Jailer{
+		"firecracker": &firecracker.Driver{Binary: os.Getenv("KILN_FIRECRACKER"), Jailer: &firecracker.Jailer{
 			Binary: os.Getenv("KILN_JAILER"), ChrootBase: filepath.Join(dataDir, "jail"),
 		}},
 	}
@@ -63,11 +63,15 @@ func reap(ctx context.Context, dataDir string) {
 	vmrun.Reap(ctx, dataDir, drivers(dataDir), os.Stderr)
 }
 
-// runtime prepares a Runtime: assets present, driver chosen, accelerator resolved.
+// VMM choices: a driver's name, or VMMAuto.
+const VMMAuto = "auto"
+
+// runtime prepares a Runtime: assets present, driver chosen, accelerator resolved. The
+// second result says in words what was chosen and why.
 func runtime(ctx context.Context, dataDir, vmmName, kernel, modules string, log io.Writer) (*vmrun.Runtime, string, error) {
-	d, ok := drivers(dataDir)[vmmName]
-	if !ok {
-		return nil, "", errdefs.Invalid("--vmm %q: use qemu or firecracker", vmmName)
+	all := drivers(dataDir)
+	if _, ok := all[vmmName]; !ok && vmmName != VMMAuto {
+		return nil, "", errdefs.Invalid("--vmm %q: use qemu, firecracker or auto", vmmName)
 	}
 	set, err := assets.Ensure(ctx, assets.Options{
 		Dir:        assetsDir(dataDir),
@@ -79,14 +83,40 @@ func runtime(ctx context.Context, dataDir, vmmName, kernel, modules string, log 
 	if err != nil {
 		return nil, "", err
 	}
-	rt := &vmrun.Runtime{DataDir: dataDir, Driver: d, Assets: set}
 	// Whether KVM can run a guest is a property of the host, probed with QEMU, which
-	// `make setup` installs everywhere; Firecracker then refuses to run without KVM.
-	probe := &vmrun.Runtime{DataDir: dataDir, Driver: &qemu.Driver{}, Assets: set}
+	// `make setup` installs everywhere; Firecracker needs it.
+	probe := &vmrun.Runtime{DataDir: dataDir, Driver: all["qemu"], Assets: set}
 	accel, why, err := probe.ResolveAccel(ctx, log)
 	if err != nil {
 		return nil, "", err
 	}
-	rt.Accel = accel
-	return rt, fmt.Sprintf("%s (%s)", accel, why), nil
+	name := vmmName
+	fcErr := firecrackerUsable(all["firecracker"].(*firecracker.Driver), set, accel, why)
+	switch {
+	case vmmName == "firecracker" && fcErr != nil:
+		return nil, "", fcErr
+	case vmmName == VMMAuto && fcErr == nil:
+		name = "firecracker"
+	case vmmName == VMMAuto:
+		name = "qemu"
+		fmt.Fprintf(log, "kiln: --vmm auto chose qemu: %v\n", fcErr)
+	}
+	rt := &vmrun.Runtime{DataDir: dataDir, Driver: all[name], Assets: set, Accel: accel}
+	return rt, fmt.Sprintf("%s, vmm %s, guest kernel %s", accel, name, set.KernelName) + " (" + why + ")", nil
+}
+
+// firecrackerUsable says why Firecracker cannot run this host's VMs, or nil: it needs
+// its binary and jailer, a working KVM, and a kernel that finds virtio-mmio devices on
+// its command line.
+func firecrackerUsable(d *firecracker.Driver, set assets.Set, accel vmm.Accel, why string) error {
+	if err := d.Available(); err != nil {
+		return err
+	}
+	if accel != vmm.AccelKVM {
+		return errdefs.New(errdefs.ErrMissingDependency, "--vmm firecracker needs a working KVM, and this host has none (%s): use --vmm qemu, which runs guests under software emulation", why)
+	}
+	if set.KernelName == assets.KernelDebian {
+		return errdefs.New(errdefs.ErrMissingDependency, "--vmm firecracker cannot boot Debian's kernel (it lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES): build kiln's kernel with `make setup` (or `kiln assets build`) and drop --kernel debian")
+	}
+	return nil
 }

@@ -20,14 +20,27 @@ type Set struct {
 	Kernel    string
 	Initramfs string
 	Rootfs    string
+	// KernelName says which kernel this is, for logs and reports: "kiln" (built from
+	// kiln's config), "debian" (the host's), or the path given.
+	KernelName string
 }
+
+// Kernel choices besides a path.
+const (
+	// KernelKiln is kiln's own guest kernel, built by `kiln assets build`: every driver
+	// built in, so the initramfs carries no modules.
+	KernelKiln = "kiln"
+	// KernelDebian is the host's Debian kernel (/boot/vmlinuz-*) with its modules.
+	KernelDebian = "debian"
+)
 
 // Options say where assets come from.
 type Options struct {
 	// Dir caches built assets (DATA_DIR/assets).
 	Dir string
-	// Kernel overrides the guest kernel: an ELF vmlinux, or a bzImage with an XZ payload.
-	// Empty means the host's newest Debian kernel (/boot/vmlinuz-*).
+	// Kernel picks the guest kernel: "" or KernelKiln for kiln's own (Debian's when it
+	// is not built, saying so on Log), KernelDebian for the host's newest Debian kernel
+	// (/boot/vmlinuz-*), or a path: an ELF vmlinux, or a bzImage with an XZ payload.
 	Kernel string
 	// ModulesDir is the module tree matching the kernel; empty means
 	// /lib/modules/RELEASE for a Debian kernel. A custom kernel with everything built in
@@ -41,6 +54,10 @@ type Options struct {
 	// root and the Debian mirror). When false a missing rootfs is an error naming
 	// `make setup`.
 	BuildRootfs bool
+	// BuildKernel allows building kiln's guest kernel if it is missing (minutes).
+	BuildKernel bool
+	// KernelJobs is the kernel build's make -j; 0 is the number of CPUs.
+	KernelJobs int
 	// Mirror is the Debian mirror for debootstrap.
 	Mirror string
 }
@@ -62,9 +79,16 @@ func Ensure(ctx context.Context, o Options) (Set, error) {
 		return Set{}, err
 	}
 	var s Set
-	kernel, modDir, err := o.kernel()
+	kernel, modDir, err := o.kernel(ctx)
 	if err != nil {
 		return s, err
+	}
+	s.KernelName = KernelDebian
+	switch {
+	case strings.HasPrefix(filepath.Base(kernel), "vmlinux-kiln-"):
+		s.KernelName = KernelKiln
+	case o.Kernel != "" && o.Kernel != KernelKiln && o.Kernel != KernelDebian:
+		s.KernelName = o.Kernel
 	}
 	if s.Kernel, err = o.ensureVmlinux(kernel); err != nil {
 		return s, err
@@ -78,10 +102,27 @@ func Ensure(ctx context.Context, o Options) (Set, error) {
 	return s, nil
 }
 
-func (o Options) kernel() (path, modDir string, err error) {
-	if o.Kernel != "" {
+func (o Options) kernel(ctx context.Context) (path, modDir string, err error) {
+	switch o.Kernel {
+	case "", KernelKiln:
+		if o.BuildKernel {
+			p, err := BuildKernel(ctx, KernelBuild{Dir: o.Dir, Jobs: o.KernelJobs, Log: o.Log})
+			return p, "", err
+		}
+		if p, stale := BuiltKernel(o.Dir, nil); p != "" {
+			if stale {
+				fmt.Fprintf(o.Log, "kiln: the guest kernel %s was built from an earlier %s: run `kiln assets build` (or `make setup`) to rebuild it from the installed source\n", filepath.Base(p), KernelSourcePackage)
+			}
+			return p, "", nil
+		}
+		if o.Kernel == KernelKiln {
+			return "", "", errdefs.New(errdefs.ErrMissingDependency, "kiln's guest kernel is not built yet: run `make setup` (or `kiln assets build`), or choose --kernel debian")
+		}
+		fmt.Fprintf(o.Log, "kiln: kiln's guest kernel is not built (run `make setup`); booting the host's Debian kernel, which boots slower and cannot boot under Firecracker\n")
+	case KernelDebian:
+	default:
 		if _, err := os.Stat(o.Kernel); err != nil {
-			return "", "", errdefs.Wrap(errdefs.ErrInvalid, err, "kernel %s", o.Kernel)
+			return "", "", errdefs.Wrap(errdefs.ErrInvalid, err, "kernel %s (give kiln, debian or the path of a vmlinux)", o.Kernel)
 		}
 		return o.Kernel, o.ModulesDir, nil
 	}

@@ -29,8 +29,9 @@ func TestVMMIsASetting(t *testing.T) {
 		says string
 	}{
 		{"qemu", nil, ""},
-		{"firecracker", errdefs.ErrNotImplemented, "--vmm firecracker: kiln server runs its machines and builders on QEMU for now"},
-		{"bogus", errdefs.ErrInvalid, `--vmm "bogus"`},
+		{"firecracker", nil, ""},
+		{"auto", nil, ""},
+		{"bogus", errdefs.ErrInvalid, `--vmm "bogus": use qemu, firecracker or auto`},
 	} {
 		t.Run(tc.vmm, func(t *testing.T) {
 			o := options(t.TempDir())
@@ -44,8 +45,8 @@ func TestVMMIsASetting(t *testing.T) {
 				},
 			})
 			if tc.kind == nil {
-				if !errors.Is(err, errStop) || asked != "qemu" {
-					t.Fatalf("Run = %v, runtime asked for %q; want the runtime on qemu", err, asked)
+				if !errors.Is(err, errStop) || asked != tc.vmm {
+					t.Fatalf("Run = %v, runtime asked for %q; want the runtime on %s", err, asked, tc.vmm)
 				}
 				return
 			}

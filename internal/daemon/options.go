@@ -31,8 +31,8 @@ type Options struct {
 	Domain      string
 	Idle        time.Duration
 	Wake        time.Duration
-	// VMM names the driver machines and builders run on: qemu, or firecracker (not
-	// wired into the server yet).
+	// VMM names the driver machines and builders run on: qemu, firecracker, or auto
+	// (Firecracker where its binary, its jailer and a working KVM exist, else QEMU).
 	VMM string
 
 	// PeerListen is where other hosts sharing PostgreSQL call this one (mutual TLS);
@@ -106,13 +106,9 @@ type Host struct {
 // check refuses settings that cannot work, before anything is made.
 func (o Options) check() error {
 	switch o.VMM {
-	case "qemu", "":
-	case "firecracker":
-		return errdefs.New(errdefs.ErrNotImplemented, "--vmm firecracker: kiln server runs its machines and builders on QEMU for now; "+
-			"what the server needs of Firecracker is not wired yet (its VMs' users and cgroups from --vm-uids, TAP devices for machines' networks, "+
-			"snapshots for suspend, the builder's disks): use --vmm qemu (`kiln vm run --vmm firecracker` runs one VM)")
+	case "qemu", "firecracker", "auto", "":
 	default:
-		return errdefs.Invalid("--vmm %q: use qemu (or firecracker, once the server runs on it)", o.VMM)
+		return errdefs.Invalid("--vmm %q: use qemu, firecracker or auto", o.VMM)
 	}
 	if _, err := serverlog.New(io.Discard, o.LogFormat); err != nil {
 		return err

@@ -87,6 +87,15 @@ var (
 
 // Assets returns the guest assets, building kiln-init from this checkout and the root
 // filesystem if `make setup` has not.
+// TestKernel is the guest kernel tests boot: KILN_TEST_KERNEL (kiln, debian or a path),
+// else kiln's own, which `make setup` builds; tests fail, naming `make setup`, without it.
+func TestKernel() string {
+	if k := os.Getenv("KILN_TEST_KERNEL"); k != "" {
+		return k
+	}
+	return assets.KernelKiln
+}
+
 func Assets(t testing.TB) assets.Set {
 	t.Helper()
 	RequireQEMU(t)
@@ -106,6 +115,7 @@ func Assets(t testing.TB) assets.Set {
 		defer cancel()
 		assetSet, assetErr = assets.Ensure(ctx, assets.Options{
 			Dir: filepath.Join(DataDir(), "assets"), Init: init, Log: os.Stderr, BuildRootfs: true,
+			Kernel: TestKernel(),
 		})
 	})
 	if assetErr != nil {

@@ -4,8 +4,8 @@
 // "CONNECT <port>\n", and Firecracker answers "OK <host port>\n".
 //
 // Firecracker needs KVM and a guest kernel that finds virtio-mmio devices on its command
-// line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y), which Debian's kernel lacks: pass such a
-// kernel with --kernel. On hosts without either, use the qemu driver. Tests run this
+// line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y): kiln's own kernel (internal/assets) has
+// it, Debian's lacks it. On hosts without KVM, use the qemu driver. Tests run this
 // driver against fctest's API server, which enforces the same API.
 package firecracker
 
@@ -60,9 +60,23 @@ func (d *Driver) binary() (string, error) {
 	p, err := exec.LookPath(b)
 	if err != nil {
 		return "", errdefs.New(errdefs.ErrMissingDependency,
-			"firecracker binary (%s) not found: install Firecracker from its release page onto PATH, or use --vmm qemu", b)
+			"the firecracker binary (%s) is not on this host: install firecracker and jailer from Firecracker's release onto PATH (or name them with KILN_FIRECRACKER and KILN_JAILER), or use --vmm qemu", b)
 	}
 	return p, nil
+}
+
+// Available says why this driver cannot start a VM on this host, or nil: its binary, and
+// its jailer when it runs under one. KVM is the caller's to check (vmrun.ResolveAccel).
+func (d *Driver) Available() error {
+	if _, err := d.binary(); err != nil {
+		return err
+	}
+	if d.Jailer != nil {
+		if _, err := d.Jailer.binary(); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // files a VM keeps in its directory.

@@ -49,11 +49,18 @@ func TestConformanceJailed(t *testing.T) {
 		t.Skip("the jailer needs root")
 	}
 	bin := testutil.GoBuild(t, "./internal/vmm/firecracker/fctest/fake-firecracker", testutil.TempDir(t))
+	jailer := bin
+	if real := os.Getenv("KILN_TEST_FIRECRACKER"); real != "" {
+		bin, jailer = real, os.Getenv("KILN_TEST_JAILER")
+		if jailer == "" {
+			t.Fatal("KILN_TEST_FIRECRACKER is set without KILN_TEST_JAILER")
+		}
+	}
 	vmmtest.Run(t, func(t *testing.T) *vmrun.Runtime {
 		d := &firecracker.Driver{Binary: bin}
 		rt := testutil.Runtime(t, d)
 		base := filepath.Join(rt.DataDir, "jail")
-		d.Jailer = &firecracker.Jailer{Binary: bin, ChrootBase: base}
+		d.Jailer = &firecracker.Jailer{Binary: jailer, ChrootBase: base}
 		rt.Accel = vmm.AccelKVM
 		t.Cleanup(func() {
 			if ents, _ := os.ReadDir(filepath.Join(base, filepath.Base(bin))); len(ents) > 0 {

@@ -53,7 +53,7 @@ func (j *Jailer) binary() (string, error) {
 	}
 	p, err := exec.LookPath(bin)
 	if err != nil {
-		return "", errdefs.New(errdefs.ErrMissingDependency, "jailer binary (%s) not found: install it beside firecracker", bin)
+		return "", errdefs.New(errdefs.ErrMissingDependency, "the jailer binary (%s) is not on this host: install it from Firecracker's release beside firecracker (or name it with KILN_JAILER); kiln runs Firecracker only under its jailer", bin)
 	}
 	return p, nil
 }

@@ -133,6 +133,9 @@ func Command(cfg vmm.Config) (args []string, files []*os.File, err error) {
 		"-device", "virtio-serial-device",
 		"-chardev", fmt.Sprintf("socket,id=agent,fd=%d,server=on,wait=off", agentFD),
 		"-device", "virtserialport,chardev=agent,name="+guest.PortName,
+		// A keyboard controller for Ctrl-Alt-Del: how Stop reaches a kernel without ACPI
+		// (kiln's own), as Firecracker's SendCtrlAltDel does.
+		"-device", "i8042",
 	)
 	if cfg.Initramfs != "" {
 		f, err := os.Open(cfg.Initramfs)
@@ -500,11 +503,16 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.V
 	return v, nil
 }
 
-// Stop presses the ACPI power button (kiln-init powers off on it) and kills QEMU if the
-// guest is not gone within grace.
+// Stop presses the ACPI power button, which a kernel with ACPI (Debian's) reports, and
+// Ctrl-Alt-Del on the i8042, which one without (kiln's own) does; kiln-init powers off on
+// either. QEMU is killed if the guest is not gone within grace.
 func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
 	return v.Process.Stop(ctx, grace, func(ctx context.Context) error {
-		_, err := v.qmpRun(ctx, "system_powerdown", nil)
+		if _, err := v.qmpRun(ctx, "system_powerdown", nil); err != nil {
+			return err
+		}
+		_, err := v.qmpRun(ctx, "send-key", map[string]any{"keys": []map[string]string{
+			{"type": "qcode", "data": "ctrl"}, {"type": "qcode", "data": "alt"}, {"type": "qcode", "data": "delete"}}})
 		return err
 	})
 }

@@ -75,6 +75,9 @@ func (b *QEMUBackend) Start(cfg Config) error {
 	for _, d := range cfg.Drives {
 		qc.Disks = append(qc.Disks, vmm.Disk{Path: d.PathOnHost, ReadOnly: d.IsReadOnly})
 	}
+	for _, n := range cfg.Ifaces {
+		qc.NICs = append(qc.NICs, vmm.NIC{HostDev: n.HostDevName, MAC: n.GuestMAC})
+	}
 	ctx := context.Background()
 	vm, err := (&qemu.Driver{KillWithParent: true}).Create(ctx, qc)
 	if err != nil {

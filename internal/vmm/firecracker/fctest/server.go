@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -153,6 +154,23 @@ func (s *Server) resolve(p string, a access) (string, error) {
 	return host, nil
 }
 
+// tapUsable checks that Firecracker could attach to the TAP device: it must exist, and a
+// jailed Firecracker, which has no CAP_NET_ADMIN, attaches only to a persistent TAP
+// device its user owns.
+func (s *Server) tapUsable(dev string) error {
+	if s.Jail == nil {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join("/sys/class/net", filepath.Base(dev), "owner"))
+	if err != nil {
+		return fmt.Errorf("no TAP device %s: %v", dev, err)
+	}
+	if owner := strings.TrimSpace(string(b)); owner != strconv.Itoa(s.Jail.UID) {
+		return fmt.Errorf("TAP device %s belongs to user %s, not to the jail's user %d", dev, owner, s.Jail.UID)
+	}
+	return nil
+}
+
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -252,6 +270,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		if n.IfaceID != strings.TrimPrefix(path, "/network-interfaces/") || n.HostDevName == "" {
 			fault(w, 400, "The iface_id must match the path and host_dev_name is required.")
+			return
+		}
+		if err := s.tapUsable(n.HostDevName); err != nil {
+			fault(w, 400, "Could not create the network device: %v", err)
 			return
 		}
 		s.cfg.Ifaces, s.touched = append(s.cfg.Ifaces, n), true

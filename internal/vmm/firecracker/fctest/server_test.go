@@ -135,7 +135,9 @@ func TestJailPaths(t *testing.T) {
 		{"PUT", "/drives/d0", `{"drive_id":"d0","path_on_host":"/data.ext4","is_root_device":false,"is_read_only":false}`, 400}, // cannot write it
 		{"PUT", "/drives/d0", `{"drive_id":"d0","path_on_host":"/data.ext4","is_root_device":false,"is_read_only":true}`, 204},
 		{"PUT", "/drives/d1", `{"drive_id":"d1","path_on_host":"/mine.ext4","is_root_device":false,"is_read_only":false}`, 204},
-		{"PUT", "/vsock", `{"guest_cid":3,"uds_path":"/run/v.sock"}`, 400}, // root's directory
+		{"PUT", "/network-interfaces/eth0", `{"iface_id":"eth0","host_dev_name":"kiln-no-such-tap"}`, 400}, // a TAP device the jail's user cannot attach to
+		{"PUT", "/network-interfaces/eth0", `{"iface_id":"eth0","host_dev_name":"lo"}`, 400},               // not a TAP device of the jail's user
+		{"PUT", "/vsock", `{"guest_cid":3,"uds_path":"/run/v.sock"}`, 400},                                 // root's directory
 		{"PUT", "/vsock", `{"guest_cid":3,"uds_path":"/snapshot/v.sock"}`, 204},
 		{"PUT", "/machine-config", `{"vcpu_count":1,"mem_size_mib":128,"track_dirty_pages":true}`, 204},
 		{"PUT", "/actions", `{"action_type":"InstanceStart"}`, 204},
