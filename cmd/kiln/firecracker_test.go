@@ -70,14 +70,18 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 		t.Fatalf("machine run: %s\n%s", errs, srv.logs)
 	}
 	web := strings.TrimSpace(out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:])
-	// Its VMM is jailed: a jail of its own, run as an unprivileged user.
-	root := filepath.Join(jails, web, "root")
+	// Its VMM is jailed: a jail of its own, handed to an unprivileged user.
+	ents, _ := os.ReadDir(jails)
+	if len(ents) != 1 {
+		t.Fatalf("%d jails in %s for one machine", len(ents), jails)
+	}
+	root := filepath.Join(jails, ents[0].Name(), "root")
 	fi, err := os.Stat(root)
 	if err != nil {
 		t.Fatalf("machine %s has no jail: %v", web, err)
 	}
-	if uid := statUID(fi); uid == 0 {
-		t.Errorf("the jail %s belongs to root; the jailer hands it to the VM's user", root)
+	if uid := statUID(fi); uid <= 0 {
+		t.Errorf("the jail %s belongs to %d; the jailer hands it to the VM's user", root, uid)
 	}
 	proxyGet := func() (int, string) {
 		req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
@@ -107,7 +111,7 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 	}
 
 	// Suspend and resume: the same boot, its memory intact.
-	before, err := cl.Exec(ctx, "web", web, []string{"sh", "-c", "cat /proc/sys/kernel/random/boot_id; echo kept > /tmp/in-memory"}, "", 30*time.Second)
+	before, err := cl.Exec(ctx, "web", web, []string{"sh", "-c", "cat /proc/sys/kernel/random/boot_id; echo kept > /dev/shm/in-memory"}, "", 30*time.Second)
 	if err != nil || before.ExitCode != 0 {
 		t.Fatalf("exec before suspend: %+v %v", before, err)
 	}
@@ -123,7 +127,7 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 	if err := cl.Wait(ctx, "web", web, "started", 90*time.Second); err != nil {
 		t.Fatalf("wait resumed: %v\n%s", err, srv.logs)
 	}
-	after, err := cl.Exec(ctx, "web", web, []string{"sh", "-c", "cat /proc/sys/kernel/random/boot_id; cat /tmp/in-memory"}, "", 30*time.Second)
+	after, err := cl.Exec(ctx, "web", web, []string{"sh", "-c", "cat /proc/sys/kernel/random/boot_id; cat /dev/shm/in-memory"}, "", 30*time.Second)
 	if err != nil || after.Stdout != strings.TrimSuffix(before.Stdout, "\n")+"\nkept\n" && after.Stdout != before.Stdout+"kept\n" {
 		t.Fatalf("after the resume: %+v %v; want boot %q and the file kept in memory", after, err, before.Stdout)
 	}
@@ -137,7 +141,7 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 	if err := cl.Wait(ctx, "web", web, "stopped", 60*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(filepath.Join(jails, web)); err == nil {
+	if _, err := os.Stat(root); err == nil {
 		t.Errorf("the jail of stopped machine %s is still there", web)
 	}
 	if _, errs, code := srv.kiln("", "machine", "start", web); code != 0 {
@@ -176,6 +180,28 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 		return strings.Contains(out, "built-on-firecracker")
 	}, "the built image's output")
 
+	// kill -9 of the server: the jailed VMs and their console loggers keep running, and
+	// the restarted server adopts them.
+	if res, err := cl.Exec(ctx, "web", web, []string{"sh", "-c", "echo kept > /dev/shm/in-memory"}, "", 30*time.Second); err != nil || res.ExitCode != 0 {
+		t.Fatalf("exec: %+v %v", res, err)
+	}
+	srv.stop(syscall.SIGKILL)
+	srv = startServer(t, e, addr, "--vmm", "firecracker", "--proxy-listen", proxyAddr,
+		"--build-cache-size", "4G", "--builder-memory", "1024")
+	if !strings.Contains(srv.logs.String(), "re-adopted") {
+		t.Errorf("the restart did not say it adopted the running VMs:\n%s", srv.logs)
+	}
+	res, err = cl.Exec(ctx, "web", web, []string{"sh", "-c", "cat /dev/shm/in-memory"}, "", 30*time.Second)
+	if err != nil || res.Stdout != "kept\n" {
+		t.Fatalf("exec after the restart: %+v %v\n%s", res, err, srv.logs)
+	}
+	if code, body := proxyGet(); code != 200 || !strings.Contains(body, "hello from "+web) {
+		t.Fatalf("proxied request after the restart: %d %q", code, body)
+	}
+
+	if _, errs, code := srv.kiln("", "build", "builder", "rm", "--project", "shop"); code != 0 {
+		t.Errorf("build builder rm: %s", errs)
+	}
 	for _, m := range []api.Machine{{ID: web}, {ID: peer.ID}, {ID: built}} {
 		if _, errs, code := srv.kiln("", "machine", "destroy", "-f", m.ID); code != 0 {
 			t.Fatalf("destroy %s: %s", m.ID, errs)

@@ -53,7 +53,8 @@ func main() {
 	root.AddCommand(vmCmd(g), assetsCmd(g), diskCmd(g), versionCmd(), serverCmd(g), buildCmd(g, af),
 		machineCmd(g, af), logsCmd(g, af), imageCmd(g, af), volumeCmd(g, af), limitsCmd(g, af), hostCmd(g, af),
 		tokensCmd(g, af), auditCmd(g, af), eventsCmd(g, af),
-		deployCmd(g, af), planCmd(g, af), releasesCmd(g, af), rollbackCmd(g, af), scaleCmd(g, af), secretsCmd(g, af))
+		deployCmd(g, af), planCmd(g, af), releasesCmd(g, af), rollbackCmd(g, af), scaleCmd(g, af), secretsCmd(g, af),
+		consoleLogCmd())
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := root.ExecuteContext(ctx)

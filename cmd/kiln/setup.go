@@ -5,7 +5,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
+	"syscall"
+
+	"github.com/spf13/cobra"
 
 	"github.com/kilnhq/kiln/internal/assets"
 	"github.com/kilnhq/kiln/internal/errdefs"
@@ -44,7 +48,34 @@ func drivers(dataDir string) map[string]vmm.Driver {
 		"qemu": &qemu.Driver{},
 		"firecracker": &firecracker.Driver{Binary: os.Getenv("KILN_FIRECRACKER"), Jailer: &firecracker.Jailer{
 			Binary: os.Getenv("KILN_JAILER"), ChrootBase: filepath.Join(dataDir, "jail"),
-		}},
+		}, ConsoleLogger: consoleLogger()},
+	}
+}
+
+// consoleLogger is `kiln console-log`, this binary's own, which keeps a Firecracker
+// guest's console capped; nil if this executable cannot be found.
+func consoleLogger() []string {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil
+	}
+	return []string{exe, "console-log"}
+}
+
+// consoleLogCmd reads a guest console on stdin into a capped log (vmm.CaptureConsole)
+// until the VMM writing it exits. The Firecracker driver starts it; it is not for people.
+func consoleLogCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    "console-log FILE",
+		Short:  "Keep a guest console read on stdin in FILE, capped (started by the Firecracker driver)",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(_ *cobra.Command, args []string) error {
+			// Its own session already keeps a terminal's ^C away; a server's stop must
+			// not end it either, or the VMM would lose its console's reader and exit.
+			signal.Ignore(syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+			return vmm.CaptureConsole(os.Stdin, args[0])
+		},
 	}
 }
 

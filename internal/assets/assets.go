@@ -23,6 +23,9 @@ type Set struct {
 	// KernelName says which kernel this is, for logs and reports: "kiln" (built from
 	// kiln's config), "debian" (the host's), or the path given.
 	KernelName string
+	// KernelNoACPI says the kernel has no ACPI (kiln's own, or a custom one without
+	// acpi_init): it finds its devices on the command line.
+	KernelNoACPI bool
 }
 
 // Kernel choices besides a path.
@@ -93,6 +96,7 @@ func Ensure(ctx context.Context, o Options) (Set, error) {
 	if s.Kernel, err = o.ensureVmlinux(kernel); err != nil {
 		return s, err
 	}
+	s.KernelNoACPI = s.KernelName == KernelKiln || (s.KernelName != KernelDebian && !hasSymbol(s.Kernel, "acpi_init"))
 	if s.Initramfs, err = o.ensureInitramfs(modDir); err != nil {
 		return s, err
 	}

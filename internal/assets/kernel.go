@@ -48,6 +48,26 @@ func IsELF(path string) bool {
 	return true
 }
 
+// hasSymbol reports whether the ELF kernel at path defines name. A kernel without a
+// symbol table counts as having it.
+func hasSymbol(path, name string) bool {
+	f, err := elf.Open(path)
+	if err != nil {
+		return true
+	}
+	defer f.Close()
+	syms, err := f.Symbols()
+	if err != nil {
+		return true
+	}
+	for _, s := range syms {
+		if s.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
 // ExtractVmlinux writes the uncompressed ELF kernel found inside the XZ-compressed
 // bzImage src to dst. Booting the ELF directly skips the in-guest decompressor, which
 // under software emulation costs seconds.

@@ -54,6 +54,7 @@ var AgentNeeds = []KernelNeed{
 	{"CONFIG_EXT4_FS", "the root filesystem and volumes are ext4"},
 	{"CONFIG_OVERLAY_FS", "the guest's writable root is an overlay"},
 	{"CONFIG_TMPFS", "the overlay's upper layer is a tmpfs"},
+	{"CONFIG_TMPFS_XATTR", "the overlay keeps whiteouts and opaque directories in the tmpfs's xattrs"},
 	{"CONFIG_UNIX98_PTYS", "exec with a terminal needs a pty"},
 	{"CONFIG_SERIO_I8042", "both VMMs stop a guest with Ctrl-Alt-Del on the i8042"},
 	{"CONFIG_KEYBOARD_ATKBD", "the i8042's Ctrl-Alt-Del arrives through the AT keyboard driver"},

@@ -55,8 +55,11 @@ type Config struct {
 	// Cmdline holds kiln's own kernel arguments; the driver adds its console, reboot
 	// and timing flags.
 	Cmdline string
-	Disks   []Disk
-	NICs    []NIC
+	// NoACPI says the kernel has no ACPI (kiln's own): the VMM offers none and names its
+	// virtio-mmio devices on the kernel command line instead.
+	NoACPI bool `json:",omitempty"`
+	Disks  []Disk
+	NICs   []NIC
 	// Accel is the accelerator to use; empty lets the driver choose (KVM if usable).
 	Accel Accel
 	// Confine is the user and cgroup the VMM runs in.

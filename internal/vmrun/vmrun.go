@@ -168,6 +168,7 @@ func (rt *Runtime) Boot(ctx context.Context, spec Spec) (inst *Instance, err err
 	cfg := vmm.Config{
 		ID: id, Dir: dir, CPUs: spec.CPUs, MemoryMiB: spec.MemoryMiB,
 		Kernel: rt.Assets.Kernel, Initramfs: rt.Assets.Initramfs, Accel: rt.Accel, NICs: spec.NICs,
+		NoACPI: rt.Assets.KernelNoACPI,
 	}
 	// Refuse bad sizes before anything exists.
 	if err := vmm.Validate(cfg); err != nil {

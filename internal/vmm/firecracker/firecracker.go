@@ -43,6 +43,12 @@ type Driver struct {
 	Binary string
 	// Jailer, if set, runs Firecracker under its jailer.
 	Jailer *Jailer
+	// ConsoleLogger, if set, is a command (its path and first arguments) that reads the
+	// guest console on its stdin and keeps it in the file named by its last argument,
+	// capped (vmm.CaptureConsole; `kiln console-log`). It runs in a session of its own,
+	// so that it outlives a restart of kiln as Firecracker does: Firecracker exits when
+	// its console pipe has no reader. Without it the console goes to a file, uncapped.
+	ConsoleLogger []string
 }
 
 var _ vmm.Driver = (*Driver)(nil)
@@ -123,7 +129,7 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 	}
 	// Sockets of an earlier Firecracker in this directory (a restore) must not be in the way.
 	vmm.RemoveFiles(cfg.Dir, apiSock, vsockSock)
-	console, err := os.Create(filepath.Join(cfg.Dir, consoleLog))
+	console, err := d.console(filepath.Join(cfg.Dir, consoleLog))
 	if err != nil {
 		return nil, err
 	}
@@ -168,6 +174,28 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 		return nil, fmt.Errorf("firecracker did not come up: %w%s", err, vmm.LogTail(filepath.Join(cfg.Dir, vmmLog)))
 	}
 	return v, nil
+}
+
+// console returns what Firecracker's stdout (the guest's serial console) is written to:
+// a pipe to the console logger, or the log file itself.
+func (d *Driver) console(path string) (*os.File, error) {
+	if len(d.ConsoleLogger) == 0 {
+		return os.Create(path)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	lg := exec.Command(d.ConsoleLogger[0], append(d.ConsoleLogger[1:], path)...)
+	lg.Stdin = r
+	lg.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := lg.Start(); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("starting the console logger: %w", err)
+	}
+	go lg.Wait() // it ends when Firecracker, the pipe's writer, has
+	return w, nil
 }
 
 func (v *vm) waitAPI(ctx context.Context, timeout time.Duration) error {
@@ -452,7 +480,7 @@ func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
 // Destroy kills Firecracker and removes the driver's files from the VM's directory.
 func (v *vm) Destroy(ctx context.Context) error {
 	err := v.Kill(ctx)
-	if rerr := vmm.RemoveFiles(v.h.Dir, apiSock, vsockSock, consoleLog, vmmLog, baseMemory); err == nil {
+	if rerr := vmm.RemoveFiles(v.h.Dir, apiSock, vsockSock, consoleLog, consoleLog+".1", vmmLog, baseMemory); err == nil {
 		err = rerr
 	}
 	if v.jail != nil {

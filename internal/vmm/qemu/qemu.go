@@ -115,11 +115,17 @@ func Command(cfg vmm.Config) (args []string, files []*os.File, err error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	// A kernel without ACPI finds the virtio-mmio devices on its command line, which
+	// microvm writes only when it offers no ACPI tables.
+	machine := "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+	if cfg.NoACPI {
+		machine += ",acpi=off"
+	}
 	c.args = append(c.args,
 		// The VM's directory names the process, for the reaper and for people.
 		"-name", strings.ReplaceAll(cfg.Dir, ",", ",,")+"/",
 		"-sandbox", Sandbox,
-		"-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+		"-M", machine,
 		"-accel", accel, "-cpu", cpu,
 		"-smp", fmt.Sprint(cfg.CPUs), "-m", fmt.Sprintf("%dM", cfg.MemoryMiB),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-S",

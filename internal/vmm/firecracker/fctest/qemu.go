@@ -71,6 +71,8 @@ func (b *QEMUBackend) Start(cfg Config) error {
 		ID: b.ID, Dir: b.Dir, CPUs: cfg.Machine.VCPUCount, MemoryMiB: cfg.Machine.MemSizeMib,
 		Kernel: cfg.Boot.KernelImagePath, Initramfs: cfg.Boot.InitrdPath,
 		Cmdline: bootArgs(cfg.Boot.BootArgs), Accel: vmm.AccelTCG, Confine: b.Confine,
+		// As under Firecracker, the guest finds its devices on the command line.
+		NoACPI: true,
 	}
 	for _, d := range cfg.Drives {
 		qc.Disks = append(qc.Disks, vmm.Disk{Path: d.PathOnHost, ReadOnly: d.IsReadOnly})

@@ -15,10 +15,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
+
+	"github.com/vishvananda/netlink"
 
 	fc "github.com/kilnhq/kiln/internal/vmm/firecracker"
 )
@@ -161,12 +162,16 @@ func (s *Server) tapUsable(dev string) error {
 	if s.Jail == nil {
 		return nil
 	}
-	b, err := os.ReadFile(filepath.Join("/sys/class/net", filepath.Base(dev), "owner"))
+	link, err := netlink.LinkByName(dev)
 	if err != nil {
 		return fmt.Errorf("no TAP device %s: %v", dev, err)
 	}
-	if owner := strings.TrimSpace(string(b)); owner != strconv.Itoa(s.Jail.UID) {
-		return fmt.Errorf("TAP device %s belongs to user %s, not to the jail's user %d", dev, owner, s.Jail.UID)
+	tap, ok := link.(*netlink.Tuntap)
+	if !ok || tap.Mode != netlink.TUNTAP_MODE_TAP {
+		return fmt.Errorf("%s is a %s device, not a TAP device", dev, link.Type())
+	}
+	if int(tap.Owner) != s.Jail.UID {
+		return fmt.Errorf("TAP device %s belongs to user %d, not to the jail's user %d", dev, tap.Owner, s.Jail.UID)
 	}
 	return nil
 }
