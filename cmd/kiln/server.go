@@ -93,7 +93,7 @@ when the server stops or dies; the next start adopts them.`,
 	f := c.Flags()
 	f.StringVar(&serverConfig, "config", os.Getenv("KILN_SERVER_CONFIG"), "a TOML file setting any of these flags by name (flags on the command line win; env KILN_SERVER_CONFIG)")
 	f.StringVar(&o.LogFormat, "log-format", "text", "how the server writes its log lines on stderr: text (key=value) or json (one object a line); an API call's lines carry its request_id")
-	f.StringVar(&o.VMM, "vmm", "auto", "virtual machine monitor machines and builders run on: firecracker (under its jailer; needs KVM), qemu (KVM, else software emulation), or auto: firecracker where it and a working KVM exist, else qemu")
+	f.StringVar(&o.VMM, "vmm", "qemu", "virtual machine monitor machines and builders run on: qemu (KVM, else software emulation), firecracker (under its jailer; needs KVM), or auto: firecracker where it, its jailer and a working KVM exist, else qemu")
 	f.StringVar(&kernel, "kernel", "", "guest kernel: kiln (kiln's own, built by `make setup`), debian (the host's, with its modules; QEMU only) or the path of a vmlinux (default kiln, falling back to debian when it is not built)")
 	f.StringVar(&o.Listen, "listen", envOr("KILN_LISTEN", DefaultListen), "address to serve the API on (env KILN_LISTEN)")
 	f.StringVar(&o.DB, "db", os.Getenv("KILN_DB"), "database: a PostgreSQL URL (postgres://user@host/db) or a SQLite file (default DATA_DIR/kiln.db; env KILN_DB). Hosts sharing one PostgreSQL form a cluster: see --cluster-secret-file. PostgreSQL URL parameters such as sslmode=verify-full&sslrootcert=FILE are passed through")

@@ -132,7 +132,7 @@ func runtime(ctx context.Context, dataDir, vmmName, kernel, modules string, log 
 		name = "qemu"
 		fmt.Fprintf(log, "kiln: --vmm auto chose qemu: %v\n", fcErr)
 	}
-	rt := &vmrun.Runtime{DataDir: dataDir, Driver: all[name], Assets: set, Accel: accel}
+	rt := &vmrun.Runtime{DataDir: dataDir, Driver: all[name], Drivers: all, Assets: set, Accel: accel}
 	return rt, fmt.Sprintf("%s, vmm %s, guest kernel %s", accel, name, set.KernelName) + " (" + why + ")", nil
 }
 

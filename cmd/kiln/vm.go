@@ -73,7 +73,7 @@ killed it; 124 if --timeout expired; 1 or 2 if kiln itself failed.`,
 	fl.StringArrayVar(&f.disks, "disk", nil, "attach an ext4 image read-write: FILE:/mount/point (repeatable)")
 	fl.StringArrayVarP(&f.env, "env", "e", nil, "set an environment variable in the guest: K=V (repeatable)")
 	fl.StringVarP(&f.workdir, "workdir", "w", "", "working directory of COMMAND in the guest")
-	fl.StringVar(&f.vmm, "vmm", "auto", "virtual machine monitor: qemu, firecracker, or auto (firecracker where it and a working KVM exist, else qemu)")
+	fl.StringVar(&f.vmm, "vmm", "qemu", "virtual machine monitor: qemu, firecracker, or auto (firecracker where it, its jailer and a working KVM exist, else qemu)")
 	fl.StringVar(&f.kernel, "kernel", "", "guest kernel: kiln (kiln's own, built by `make setup`), debian (the host's, with its modules), or the path of an ELF vmlinux or XZ bzImage (default kiln, falling back to debian when it is not built)")
 	fl.StringVar(&f.modules, "modules", "", "kernel module tree for --kernel, like /lib/modules/RELEASE (default: none, the kernel has virtio, ext4 and overlay built in)")
 	fl.DurationVar(&f.timeout, "timeout", 0, "kill COMMAND after this long, e.g. 30s (default: no limit)")

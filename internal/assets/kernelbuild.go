@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/md5"
 	_ "embed"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
@@ -14,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/kilnhq/kiln/internal/atomicfile"
@@ -232,6 +235,9 @@ func BuildKernel(ctx context.Context, b KernelBuild) (string, error) {
 	if IsELF(dst) {
 		return dst, nil
 	}
+	if err := sourceTrusted(b.Source); err != nil {
+		return "", err
+	}
 	for _, tool := range []struct{ bin, pkg string }{{"make", "make"}, {"gcc", "build-essential"}, {"bison", "bison"}, {"flex", "flex"}, {"bc", "bc"}, {"xz", "xz-utils"}, {"tar", "tar"}} {
 		if _, err := exec.LookPath(tool.bin); err != nil {
 			return "", errdefs.Missing(tool.bin+" (to build the guest kernel)", tool.pkg)
@@ -293,6 +299,58 @@ func BuildKernel(ctx context.Context, b KernelBuild) (string, error) {
 	}
 	fmt.Fprintf(b.Log, "guest kernel ready in %s: %s\n", time.Since(start).Round(time.Second), dst)
 	return dst, nil
+}
+
+// sourceTrusted refuses a source tarball that someone other than root could have
+// replaced: the build runs its Makefile as root. The tarball and every directory above
+// it must be root's and writable by no one else (a sticky directory, like /tmp, lets no
+// one else replace root's entries); the Debian package's own file must also match the
+// checksum dpkg recorded for it.
+func sourceTrusted(src string) error {
+	p, err := filepath.Abs(src)
+	if err != nil {
+		return err
+	}
+	for dir := p; ; dir = filepath.Dir(dir) {
+		fi, err := os.Lstat(dir)
+		if err != nil {
+			return errdefs.Wrap(errdefs.ErrInvalid, err, "kernel source %s", src)
+		}
+		st, _ := fi.Sys().(*syscall.Stat_t)
+		open := fi.Mode().Perm()&0o022 != 0 && (dir == p || fi.Mode()&os.ModeSticky == 0)
+		if st == nil || st.Uid != 0 || open || (dir == p && !fi.Mode().IsRegular()) {
+			return errdefs.Invalid("kernel source %s: %s is %v, owned by uid %d: the build runs it as root, so it and the directories above it must be root's and writable by no one else", src, dir, fi.Mode(), st.Uid)
+		}
+		if dir == "/" {
+			break
+		}
+	}
+	if p != KernelSource {
+		return nil
+	}
+	sums, err := os.ReadFile("/var/lib/dpkg/info/" + KernelSourcePackage + ".md5sums")
+	if err != nil {
+		return errdefs.Missing("dpkg's checksums of "+KernelSourcePackage, KernelSourcePackage)
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	h := md5.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return err
+	}
+	want := strings.TrimPrefix(p, "/")
+	for _, l := range strings.Split(string(sums), "\n") {
+		if sum, name, ok := strings.Cut(l, "  "); ok && name == want {
+			if sum != hex.EncodeToString(h.Sum(nil)) {
+				return errdefs.Invalid("kernel source %s does not match the checksum dpkg recorded: reinstall it with `apt-get install --reinstall %s`", src, KernelSourcePackage)
+			}
+			return nil
+		}
+	}
+	return errdefs.Invalid("dpkg records no checksum for %s: reinstall it with `apt-get install --reinstall %s`", src, KernelSourcePackage)
 }
 
 func copyInto(w io.Writer, src string) error {

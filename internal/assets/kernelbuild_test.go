@@ -133,3 +133,25 @@ func TestKernelCachedByConfigHash(t *testing.T) {
 	}
 	noBuildTrees(t, dir)
 }
+
+// The build runs the source's Makefile as root: a tarball that another user could have
+// replaced is refused, naming it.
+func TestKernelSourceOthersCouldWriteIsRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the check wants root's files")
+	}
+	src, builds := fakeSource(t, "")
+	os.Chmod(src, 0o664)
+	_, err := assets.BuildKernel(context.Background(), assets.KernelBuild{Dir: t.TempDir(), Source: src})
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), src) || !strings.Contains(err.Error(), "writable by no one else") {
+		t.Fatalf("err = %v", err)
+	}
+	os.Chmod(src, 0o644)
+	os.Chown(src, 4242, 4242)
+	if _, err := assets.BuildKernel(context.Background(), assets.KernelBuild{Dir: t.TempDir(), Source: src}); err == nil || !strings.Contains(err.Error(), "uid 4242") {
+		t.Fatalf("a tarball of another user's: %v", err)
+	}
+	if _, err := os.Stat(builds); err == nil {
+		t.Error("the kernel was compiled anyway")
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"github.com/kilnhq/kiln/internal/cluster"
 	"github.com/kilnhq/kiln/internal/network"
 	"github.com/kilnhq/kiln/internal/store/sqlstore"
+	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
 // openNetwork opens machines' networks, with the git user held to their egress policy
@@ -29,6 +30,10 @@ func openNetwork(ctx context.Context, o Options, dataDir, dsn string, log io.Wri
 		cfg.ConfineUIDs = []uint32{cred.Uid}
 	} else if cred != nil {
 		fmt.Fprintf(log, "kiln: warning: build --git fetches run as %s, outside the egress policy (they can reach private addresses): create the system user %s (scripts/setup.sh does)\n", name, build.GitUserName)
+	}
+	// The VMMs' users send nothing from the host's stack (a jailed Firecracker shares it).
+	if uids, err := vmrun.ParseUIDRange(o.VMUIDs); err == nil {
+		cfg.DenyUIDs = [2]uint32{uids.First, uids.First + uids.Count - 1}
 	}
 	nets, err := network.Open(filepath.Join(dataDir, "network"), cfg, log)
 	if err != nil {

@@ -48,7 +48,12 @@ type Config struct {
 	// ConfineUIDs are host users whose own traffic is held to the same egress policy
 	// (kiln's git fetches for `kiln build --git` run as one): their rules are in the
 	// table's output chain, which exists while kiln runs, with or without apps.
-	ConfineUIDs  []uint32
+	ConfineUIDs []uint32
+	// DenyUIDs, a range FIRST-LAST (0-0: none), are host users that may send nothing
+	// from the host's own network stack: the VMMs' users. QEMU runs in an empty network
+	// namespace of its own; a jailed Firecracker shares the host's, and needs no socket
+	// but its Unix ones.
+	DenyUIDs     [2]uint32
 	DomainSuffix string // names are <machine>.vm.<app>.<suffix>; default "internal"
 }
 

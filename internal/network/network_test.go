@@ -287,6 +287,57 @@ func TestEgressSets(t *testing.T) {
 	}
 }
 
+// The VMMs' users send nothing from the host's network stack, not even DNS; root still
+// connects. The rules go with RemoveAll.
+func TestVMMUsersSendNothing(t *testing.T) {
+	ctx := context.Background()
+	m, err := Open(testutil.TempDir(t), Config{DenyUIDs: [2]uint32{5000, 5010}}, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Reconcile(ctx, func(string) bool { return true }); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	host, port, _ := net.SplitHostPort(ln.Addr().String())
+	connect := func(cred *syscall.Credential) bool {
+		cmd := exec.CommandContext(ctx, "bash", "-c", "exec 3<>/dev/tcp/"+host+"/"+port)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		return cmd.Run() == nil
+	}
+	if !connect(nil) {
+		t.Fatal("root could not connect: the test is broken")
+	}
+	for _, uid := range []uint32{5000, 5005, 5010} {
+		if connect(&syscall.Credential{Uid: uid, Gid: uid}) {
+			t.Errorf("VMM user %d connected to %s", uid, ln.Addr())
+		}
+	}
+	if !connect(&syscall.Credential{Uid: 5011, Gid: 5011}) {
+		t.Error("user 5011, outside the range, was refused")
+	}
+	if err := m.RemoveAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !connect(&syscall.Credential{Uid: 5005, Gid: 5005}) {
+		t.Error("the rule outlived RemoveAll")
+	}
+}
+
 // A confined user (kiln's git) is held to the egress policy from the host itself, with
 // or without apps: loopback and private addresses are refused to it, DNS is not, and
 // the rules are its own (root still connects). They go with RemoveAll.

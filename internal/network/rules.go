@@ -18,9 +18,13 @@ func (m *Manager) rules() string {
 	b.WriteString(m.deleteTable())
 	fmt.Fprintf(&b, "table inet %s {\n", t)
 	m.egressSets(&b)
-	if len(m.cfg.ConfineUIDs) > 0 {
-		// The host's own processes that run for callers (git for `kiln build --git`).
+	if m.outputWanted() {
+		// The host's own processes that run for callers (git for `kiln build --git`), and
+		// the VMMs' users, which send nothing.
 		b.WriteString("\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n")
+		if d := m.cfg.DenyUIDs; d[0] > 0 {
+			fmt.Fprintf(&b, "\t\tmeta skuid %d-%d reject with icmpx type admin-prohibited\n", d[0], d[1])
+		}
 		confinedRules(&b, m.cfg.ConfineUIDs)
 		b.WriteString("\t}\n")
 	}
@@ -82,7 +86,10 @@ func (m *Manager) rules() string {
 
 // tableWanted reports whether kiln's table should exist: for apps' networks, or for the
 // confined users' rules.
-func (m *Manager) tableWanted() bool { return len(m.st.Apps) > 0 || len(m.cfg.ConfineUIDs) > 0 }
+func (m *Manager) tableWanted() bool { return len(m.st.Apps) > 0 || m.outputWanted() }
+
+// outputWanted reports whether some host users' own traffic has rules.
+func (m *Manager) outputWanted() bool { return len(m.cfg.ConfineUIDs) > 0 || m.cfg.DenyUIDs[0] > 0 }
 
 // applyRules writes the table; with nothing left for it to hold it removes it.
 func (m *Manager) applyRules(ctx context.Context) error {

@@ -96,6 +96,23 @@ func TestKernel() string {
 	return assets.KernelKiln
 }
 
+// initBin is the kiln-init that Assets built.
+var initBin string
+
+// DebianAssets are the guest assets with the host's Debian kernel and its modules: the
+// fallback (--kernel debian) that tests keep booting.
+func DebianAssets(t testing.TB) assets.Set {
+	t.Helper()
+	Assets(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	set, err := assets.Ensure(ctx, assets.Options{Dir: filepath.Join(DataDir(), "assets"), Init: initBin, Log: os.Stderr, Kernel: assets.KernelDebian})
+	if err != nil {
+		t.Fatalf("guest assets with Debian's kernel: %v", err)
+	}
+	return set
+}
+
 func Assets(t testing.TB) assets.Set {
 	t.Helper()
 	RequireQEMU(t)
@@ -111,6 +128,7 @@ func Assets(t testing.TB) assets.Set {
 			assetErr = err
 			return
 		}
+		initBin = init
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		defer cancel()
 		assetSet, assetErr = assets.Ensure(ctx, assets.Options{

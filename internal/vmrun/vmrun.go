@@ -29,7 +29,11 @@ import (
 // Runtime boots VMs on this host.
 type Runtime struct {
 	DataDir string
+	// Driver boots new VMs. Drivers, if set, holds every driver kiln has, by name: a VM an
+	// earlier kiln started under another one (the operator changed --vmm) is adopted and
+	// torn down by its own, so that its jail, its user and its devices are released.
 	Driver  vmm.Driver
+	Drivers map[string]vmm.Driver
 	Assets  assets.Set
 	// Accel is passed to the driver; resolve it once with ResolveAccel.
 	Accel vmm.Accel
@@ -288,6 +292,14 @@ func readRecord(dir string) (record, error) {
 	return rec, json.Unmarshal(b, &rec)
 }
 
+// driverOf is the driver that started the VM of h.
+func (rt *Runtime) driverOf(h vmm.Handle) vmm.Driver {
+	if d, ok := rt.Drivers[h.Driver]; ok {
+		return d
+	}
+	return rt.Driver
+}
+
 // Adopt takes over a machine's VM left running by an earlier kiln process: it
 // re-attaches to the VMM, takes the disk locks again and connects the agent. A VM whose
 // VMM is gone comes back as an error of kind ErrUnavailable; Destroy it.
@@ -298,7 +310,7 @@ func (rt *Runtime) Adopt(ctx context.Context, id string) (*Instance, error) {
 		return nil, errdefs.Wrap(errdefs.ErrNotFound, err, "vm %s has no record", id)
 	}
 	inst := &Instance{ID: id, Dir: dir, rt: rt, Config: rec.Config}
-	vm, err := rt.Driver.Recover(ctx, rec.Handle)
+	vm, err := rt.driverOf(rec.Handle).Recover(ctx, rec.Handle)
 	if vm != nil {
 		inst.VM = vm
 	}
@@ -391,7 +403,7 @@ func (rt *Runtime) Saved(ctx context.Context, id string) (*Instance, error) {
 		return nil, errdefs.Wrap(errdefs.ErrNotFound, err, "vm %s has no record", id)
 	}
 	inst := &Instance{ID: id, Dir: dir, rt: rt, Config: rec.Config}
-	vm, _ := rt.Driver.Recover(ctx, rec.Handle)
+	vm, _ := rt.driverOf(rec.Handle).Recover(ctx, rec.Handle)
 	inst.VM = vm
 	if _, err := os.Stat(inst.SnapshotDir()); err != nil {
 		return inst, errdefs.New(errdefs.ErrNotFound, "vm %s has no saved state", id)

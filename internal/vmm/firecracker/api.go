@@ -9,6 +9,9 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"github.com/kilnhq/kiln/internal/errdefs"
+	"golang.org/x/sys/unix"
 )
 
 // Request and response bodies of Firecracker's API (src/firecracker/swagger/firecracker.yaml),
@@ -103,17 +106,51 @@ type client struct {
 	http *http.Client
 }
 
-func newClient(sock string) *client {
+func newClient(sock string, pid int) *client {
 	return &client{http: &http.Client{
 		Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				var d net.Dialer
-				return d.DialContext(ctx, "unix", sock)
+				c, err := d.DialContext(ctx, "unix", sock)
+				if err != nil {
+					return nil, err
+				}
+				if err := peerIs(c, pid); err != nil {
+					c.Close()
+					return nil, err
+				}
+				return c, nil
 			},
 			DisableKeepAlives: true,
 		},
 		Timeout: 30 * time.Second,
 	}}
+}
+
+// peerIs checks that the process at the other end of a Unix socket is pid (0: any). The
+// sockets kiln dials are in a jail the VM's user may change, so a link there must not
+// lead kiln, and an exec's bytes, to another process's socket.
+func peerIs(c net.Conn, pid int) error {
+	uc, ok := c.(*net.UnixConn)
+	if pid == 0 || !ok {
+		return nil
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return fmt.Errorf("reading the socket's peer: %w", cerr)
+	}
+	if int(cred.Pid) != pid {
+		return errdefs.New(errdefs.ErrUnavailable, "%s is served by process %d, not by the VMM (%d): refused", c.RemoteAddr(), cred.Pid, pid)
+	}
+	return nil
 }
 
 // APIError is a refused API call.

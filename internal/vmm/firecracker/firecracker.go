@@ -165,7 +165,7 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 		Process: proc,
 		h: vmm.Handle{Driver: d.Name(), ID: cfg.ID, Dir: cfg.Dir, PID: proc.PID,
 			PIDStart: proc.Start, Accel: vmm.AccelKVM},
-		api:   newClient(sock),
+		api:   newClient(sock, proc.PID),
 		vsock: vsock,
 		jail:  jl,
 	}
@@ -289,7 +289,7 @@ func (d *Driver) Recover(ctx context.Context, h vmm.Handle) (vmm.VM, error) {
 		jl = d.Jailer.jail(bin, h.ID)
 		sock, vs = jl.host(jailedAPISock), jl.host(vsockSock)
 	}
-	v := &vm{Process: vmm.AttachProcess(h.PID, h.PIDStart), h: h, api: newClient(sock), vsock: vs, jail: jl}
+	v := &vm{Process: vmm.AttachProcess(h.PID, h.PIDStart), h: h, api: newClient(sock, h.PID), vsock: vs, jail: jl}
 	if _, err := os.Stat(filepath.Join(h.Dir, baseMemory)); err == nil {
 		v.base = filepath.Join(h.Dir, baseMemory) // restored from a snapshot: the next is a Diff
 	}
@@ -355,6 +355,10 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 			err = atomicfile.Rename(v.base, mem)
 		}
 		if err == nil {
+			// The base was the VM user's while the VM ran from it.
+			err = os.Lchown(mem, 0, 0)
+		}
+		if err == nil {
 			v.base = ""
 			return moveOut(host(vmstate), filepath.Join(dir, "vmstate"))
 		}
@@ -377,21 +381,63 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 }
 
 // moveOut moves a file Firecracker wrote in its jail to where kiln keeps it, owned by
-// root; outside a jail the two are one.
+// root; outside a jail the two are one. The jail belongs to the VM's user, who may have
+// put anything at from: only a regular file of one link is taken, it is opened without
+// following a link, and what arrives at to must be that same file, else it is removed.
 func moveOut(from, to string) error {
 	if from == to {
 		return nil
 	}
-	if err := atomicfile.Rename(from, to); err != nil {
+	f, err := openJailed(from)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if err := f.Chown(0, 0); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("flushing %s: %w", from, err)
+	}
+	if err := os.Rename(from, to); err != nil {
 		return fmt.Errorf("moving a snapshot out of the jail (the chroot base must be on the data dir's filesystem): %w", err)
 	}
-	return os.Chown(to, 0, 0)
+	if got, err := os.Lstat(to); err != nil || !os.SameFile(fi, got) {
+		os.Remove(to)
+		return errdefs.New(errdefs.ErrInvalid, "%s changed while it was moved out of the jail: the snapshot is refused", from)
+	}
+	return atomicfile.SyncDir(filepath.Dir(to))
+}
+
+// openJailed opens a file in a jail for reading, refusing what the VM's user could have
+// put there to make kiln, as root, read or hold something else: a symbolic link, a
+// device or FIFO, a hard link to another file.
+func openJailed(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "opening %s in the jail", path)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	st, _ := fi.Sys().(*syscall.Stat_t)
+	if !fi.Mode().IsRegular() || st == nil || st.Nlink != 1 {
+		f.Close()
+		return nil, errdefs.New(errdefs.ErrInvalid, "%s in the jail is not a file of its own (%v): refused", path, fi.Mode())
+	}
+	return f, nil
 }
 
 // MergeDiff writes the data of a Diff snapshot's memory file (a sparse file of the
 // guest's size holding only dirty pages) over the base memory file at the same offsets.
 func MergeDiff(base, diff string) error {
-	d, err := os.Open(diff)
+	d, err := openJailed(diff)
 	if err != nil {
 		return err
 	}
@@ -522,6 +568,10 @@ func (v *vm) DialAgent(ctx context.Context) (net.Conn, error) {
 	c, err := d.DialContext(ctx, "unix", v.vsock)
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "connecting to the vsock of vm %s", v.h.ID)
+	}
+	if err := peerIs(c, v.h.PID); err != nil {
+		c.Close()
+		return nil, err
 	}
 	if err := vsockConnect(ctx, c, guest.VsockPort); err != nil {
 		c.Close()

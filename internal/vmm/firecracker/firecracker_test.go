@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
 	"github.com/kilnhq/kiln/internal/guest"
@@ -18,8 +19,38 @@ import (
 	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
+// consoleCap is the console log cap of the test's console logger.
+const consoleCap = 256 << 10
+
 func TestMain(m *testing.M) {
+	// Run again as the driver's console logger, this binary stands in for
+	// `kiln console-log` (which does the same with the default cap).
+	if len(os.Args) == 3 && os.Args[1] == "console-log" {
+		vmm.ConsoleLogCap = consoleCap
+		if err := vmm.CaptureConsole(os.Stdin, os.Args[2]); err != nil {
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	os.Exit(testutil.Finish(m.Run()))
+}
+
+// A guest that writes to its console without end leaves a log within the cap: the
+// console goes through a pipe to the console logger, which outlives kiln as Firecracker
+// does (Firecracker writes it to a plain file otherwise, without a bound).
+func TestConsoleLogCapped(t *testing.T) {
+	testutil.RequireQEMU(t)
+	bin := testutil.GoBuild(t, "./internal/vmm/firecracker/fctest/fake-firecracker", testutil.TempDir(t))
+	rt := testutil.Runtime(t, &firecracker.Driver{Binary: bin, ConsoleLogger: []string{os.Args[0], "console-log"}})
+	rt.Accel = vmm.AccelKVM
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	inst, err := rt.Boot(ctx, vmrun.Spec{CPUs: 1, MemoryMiB: 256})
+	if err != nil {
+		t.Fatalf("boot: %v", err)
+	}
+	defer inst.Destroy(context.Background())
+	vmmtest.FloodConsole(t, inst, consoleCap)
 }
 
 // TestConformance runs the driver through the whole suite against fake-firecracker: the

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
@@ -167,9 +168,12 @@ func (j *Jailer) command(fcBin string, cfg vmm.Config) (*exec.Cmd, *jail, error)
 // is linked as it is; one they may not read is copied for this VM, since changing the
 // shared file's owner would hand it to one VM's user.
 func linkIn(src, dst string, writable bool, uid, gid int) error {
-	fi, err := os.Stat(src)
+	fi, err := os.Lstat(src)
 	if err != nil {
 		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return errdefs.Invalid("%s is not a regular file (%v): only files are linked into a jail", src, fi.Mode())
 	}
 	if writable || fi.Mode().Perm()&0o004 != 0 {
 		if err := os.Link(src, dst); err != nil {
@@ -179,7 +183,7 @@ func linkIn(src, dst string, writable bool, uid, gid int) error {
 			return copyIn(src, dst, uid, gid)
 		}
 		if writable {
-			return os.Chown(dst, uid, gid)
+			return os.Lchown(dst, uid, gid)
 		}
 		return nil
 	}
@@ -187,7 +191,7 @@ func linkIn(src, dst string, writable bool, uid, gid int) error {
 }
 
 func copyIn(src, dst string, uid, gid int) error {
-	in, err := os.Open(src)
+	in, err := os.OpenFile(src, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return err
 	}
@@ -200,34 +204,61 @@ func copyIn(src, dst string, uid, gid int) error {
 		out.Close()
 		return err
 	}
-	if err := out.Close(); err != nil {
+	if err := out.Chown(uid, gid); err != nil {
+		out.Close()
 		return err
 	}
-	return os.Chown(dst, uid, gid)
+	return out.Close()
 }
 
-// release gives the host files linked into the jail back to root (a hard link shares
-// its owner with the original) and removes the jail.
+// release gives back to root what the VM's user was given: the host files linked into
+// the jail (a hard link shares its owner with the original) and its TAP devices, which
+// the next VM given the same user could otherwise attach to. Then it removes the jail.
+// The user is the owner of the jail's root, which the jailer hands to it and which it
+// cannot give away; nothing in the jail is followed, as that user may have changed it.
 func (jl *jail) release() error {
-	uid := -1 // the VM's user owns the jail's run directory
-	if fi, err := os.Stat(jl.host("run")); err == nil {
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 {
-			uid = int(st.Uid)
-		}
-	}
-	filepath.WalkDir(jl.root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return nil
-		}
-		if fi, err := d.Info(); err == nil {
-			if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink > 1 && int(st.Uid) == uid {
-				os.Chown(p, 0, 0)
+	uid := -1
+	for _, d := range []string{jl.root, jl.host("run")} {
+		if fi, err := os.Lstat(d); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 {
+				uid = int(st.Uid)
+				break
 			}
 		}
-		return nil
-	})
-	if err := os.RemoveAll(jl.dir); err != nil {
-		return fmt.Errorf("removing jail %s: %w", jl.dir, err)
+	}
+	var err error
+	if uid > 0 {
+		filepath.WalkDir(jl.root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || !d.Type().IsRegular() {
+				return nil
+			}
+			if fi, err := d.Info(); err == nil {
+				if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink > 1 && int(st.Uid) == uid {
+					os.Lchown(p, 0, 0)
+				}
+			}
+			return nil
+		})
+		err = releaseTAPs(uid)
+	}
+	if rerr := os.RemoveAll(jl.dir); rerr != nil {
+		return fmt.Errorf("removing jail %s: %w", jl.dir, rerr)
+	}
+	return err
+}
+
+// releaseTAPs gives every TAP device uid owns back to root.
+func releaseTAPs(uid int) error {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return fmt.Errorf("listing TAP devices to take back from user %d: %w", uid, err)
+	}
+	for _, l := range links {
+		if t, ok := l.(*netlink.Tuntap); ok && int(t.Owner) == uid {
+			if err := setTAPOwner(t.Name, 0, 0); err != nil {
+				return fmt.Errorf("taking TAP device %s back from user %d: %w", t.Name, uid, err)
+			}
+		}
 	}
 	return nil
 }

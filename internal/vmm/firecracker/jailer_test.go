@@ -98,11 +98,13 @@ func TestJailerCommand(t *testing.T) {
 
 // TestTAPOwner: a TAP device is handed to the VM's user, as a jailed Firecracker needs
 // to attach to it. It runs in network and mount namespaces of its own.
+// A VM's TAP device is its user's while the VM runs and root's again once its jail is
+// released.
 func TestTAPOwner(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("TAP devices need root")
 	}
-	sysfs := t.TempDir()
+	sysfs, jails := t.TempDir(), t.TempDir()
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread, in its namespaces, ends with this goroutine
@@ -133,13 +135,33 @@ func TestTAPOwner(t *testing.T) {
 			if err := setTAPOwner("kilntap0", 4242, 4243); err != nil {
 				return err
 			}
-			for file, want := range map[string]string{"owner": "4242", "group": "4243"} {
-				b, err := os.ReadFile(filepath.Join(sysfs, "class/net/kilntap0", file))
-				if err != nil || strings.TrimSpace(string(b)) != want {
-					return fmt.Errorf("tap %s = %q (%v), want %s", file, b, err, want)
+			check := func(owner, group string) error {
+				for file, want := range map[string]string{"owner": owner, "group": group} {
+					b, err := os.ReadFile(filepath.Join(sysfs, "class/net/kilntap0", file))
+					if err != nil || strings.TrimSpace(string(b)) != want {
+						return fmt.Errorf("tap %s = %q (%v), want %s", file, b, err, want)
+					}
 				}
+				return nil
 			}
-			return nil
+			if err := check("4242", "4243"); err != nil {
+				return err
+			}
+			// Releasing the jail of the VM that user 4242 ran gives its TAP device back to
+			// root: the next VM given uid 4242 must not attach to it.
+			jl := &jail{dir: filepath.Join(jails, "vm1")}
+			jl.root = filepath.Join(jl.dir, "root")
+			if err := os.MkdirAll(jl.root, 0o700); err != nil {
+				return err
+			}
+			os.Chown(jl.root, 4242, 4243)
+			if err := jl.release(); err != nil {
+				return err
+			}
+			if _, err := os.Stat(jl.dir); !os.IsNotExist(err) {
+				return fmt.Errorf("the jail is still there: %v", err)
+			}
+			return check("0", "0")
 		}()
 	}()
 	if err := <-errc; err != nil {

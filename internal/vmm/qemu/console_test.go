@@ -3,16 +3,15 @@ package qemu_test
 import (
 	"context"
 	"errors"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/kilnhq/kiln/internal/errdefs"
-	"github.com/kilnhq/kiln/internal/guest"
 	"github.com/kilnhq/kiln/internal/testutil"
 	"github.com/kilnhq/kiln/internal/vmm"
 	"github.com/kilnhq/kiln/internal/vmm/qemu"
+	"github.com/kilnhq/kiln/internal/vmm/vmmtest"
 	"github.com/kilnhq/kiln/internal/vmrun"
 )
 
@@ -32,48 +31,7 @@ func TestConsoleLogCapped(t *testing.T) {
 		t.Fatalf("boot: %v", err)
 	}
 	defer inst.Destroy(context.Background())
-	log := inst.VM.ConsoleLog()
-	// Write until the log has rotated twice over, or give up after two minutes.
-	req := guest.ExecRequest{Argv: []string{"sh", "-c", "yes kiln-console-flood > /dev/console"}, TimeoutMS: 120_000}
-	p, err := inst.Agent.Start(ctx, req, guest.IO{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	written := func() int64 {
-		var n int64
-		for _, f := range []string{log, log + ".1"} {
-			if fi, err := os.Stat(f); err == nil {
-				n += fi.Size()
-				if fi.Size() > vmm.ConsoleLogCap/2 {
-					t.Fatalf("%s holds %d bytes, above half the cap %d", f, fi.Size(), vmm.ConsoleLogCap)
-				}
-			}
-		}
-		return n
-	}
-	rotations := 0
-	var lastSize int64
-	for deadline := time.Now().Add(2 * time.Minute); rotations < 3 && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		written()
-		fi, err := os.Stat(log)
-		if err == nil && fi.Size() < lastSize {
-			rotations++
-		}
-		if err == nil {
-			lastSize = fi.Size()
-		}
-	}
-	p.Signal(9)
-	p.Wait(ctx)
-	if rotations < 3 {
-		t.Fatalf("the console log rotated %d times in two minutes: the flood did not reach it", rotations)
-	}
-	if n := written(); n > vmm.ConsoleLogCap {
-		t.Errorf("console logs hold %d bytes, cap %d", n, vmm.ConsoleLogCap)
-	}
-	if tail := string(vmm.ConsoleTail(log, 200)); !strings.Contains(tail, "kiln-console-flood\r\n") {
-		t.Errorf("the log's tail lacks the newest output: %q", tail)
-	}
+	vmmtest.FloodConsole(t, inst, vmm.ConsoleLogCap)
 }
 
 // A boot that fails says why with the end of the console, and only the end.

@@ -36,6 +36,40 @@ func TestConformance(t *testing.T) {
 	}, vmmtest.Options{})
 }
 
+// Debian's kernel stays the fallback (--kernel debian): with its modules in the
+// initramfs and ACPI, it boots, runs a command, and powers off on the stop request (the
+// ACPI power button; kiln's kernel answers the Ctrl-Alt-Del sent with it, which the
+// conformance suite's StopIsGraceful covers).
+func TestDebianKernelFallback(t *testing.T) {
+	testutil.RequireQEMU(t)
+	rt := testutil.Runtime(t, &qemu.Driver{})
+	rt.Assets = testutil.DebianAssets(t)
+	if rt.Assets.KernelName != "debian" || rt.Assets.KernelNoACPI {
+		t.Fatalf("Debian's assets: %+v", rt.Assets)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	inst, err := rt.Boot(ctx, vmrun.Spec{CPUs: 1, MemoryMiB: 256})
+	if err != nil {
+		t.Fatalf("boot: %v", err)
+	}
+	defer inst.Destroy(context.Background())
+	if k := inst.Agent.Hello.Kernel; !strings.HasSuffix(k, "-amd64") {
+		t.Errorf("booted kernel %q, want Debian's", k)
+	}
+	var out bytes.Buffer
+	if st, err := inst.Agent.Exec(ctx, guest.ExecRequest{Argv: []string{"sh", "-c", "ls /sys/bus/acpi/devices | head -1; echo ok"}}, guest.IO{Stdout: &out}); err != nil || st.Code != 0 || !strings.HasSuffix(out.String(), "ok\n") {
+		t.Fatalf("exec: %v %+v %q", err, st, out.String())
+	}
+	start, grace := time.Now(), 30*time.Second
+	if err := inst.VM.Stop(ctx, grace); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d >= grace {
+		t.Errorf("Stop took %s: Debian's kernel ignored the power button", d)
+	}
+}
+
 // TestConfined boots a VM and looks at its QEMU from the host: it runs as a user of its
 // own (not root), under its seccomp filter, in the VM's cgroup with the VM's CPUs and
 // memory (plus the VMM's overhead) as limits; its volume works; it stays so across a
