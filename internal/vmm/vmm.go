@@ -141,6 +141,13 @@ type VM interface {
 	Detach() error
 }
 
+// Releaser is implemented by drivers that keep host state for a VM outside its
+// directory (Firecracker's jail). The reaper calls it for a VM left by a kiln that died
+// before recording the VM's handle, once the VM's processes are gone.
+type Releaser interface {
+	Release(id string) error
+}
+
 // Snapshotter is implemented by VMs whose driver declares Capabilities.Snapshot.
 type Snapshotter interface {
 	Pause(ctx context.Context) error

@@ -3,6 +3,7 @@ package vmrun
 import (
 	"context"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -40,5 +41,34 @@ func TestAdoptUsesTheVMsOwnDriver(t *testing.T) {
 	rt.Saved(ctx, "vm-q")
 	if len(fc.recovered) != 1 || fc.recovered[0] != "vm-fc" || len(qemu.recovered) != 1 || qemu.recovered[0] != "vm-q" {
 		t.Errorf("firecracker recovered %v, qemu %v; want each its own VM", fc.recovered, qemu.recovered)
+	}
+}
+
+// releaser is a driver that records the VMs it was asked to release.
+type releaser struct {
+	recoverer
+	released []string
+}
+
+func (r *releaser) Release(id string) error { r.released = append(r.released, id); return nil }
+
+// A VM left without a handle (kiln died right after starting its VMM) is reaped, and
+// each driver releases what it keeps for it outside its directory.
+func TestReapReleasesWithoutHandle(t *testing.T) {
+	dataDir := t.TempDir()
+	dir := filepath.Join(dataDir, "vms", "vm-nohandle")
+	os.MkdirAll(dir, 0o755)
+	if err := writeRecord(dir, record{ID: "vm-nohandle", OwnerPID: 999999999}); err != nil {
+		t.Fatal(err)
+	}
+	fc := &releaser{recoverer: recoverer{name: "firecracker"}}
+	if _, err := Reap(context.Background(), dataDir, map[string]vmm.Driver{"firecracker": fc}, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if len(fc.released) != 1 || fc.released[0] != "vm-nohandle" {
+		t.Errorf("released %v, want the reaped VM", fc.released)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("the VM's directory is still there: %v", err)
 	}
 }

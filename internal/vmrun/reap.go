@@ -59,6 +59,17 @@ func Reap(ctx context.Context, dataDir string, drivers map[string]vmm.Driver, lo
 		if cgErr != nil {
 			fmt.Fprintf(log, "kiln: reaping VM %s: %v\n", e.Name(), cgErr)
 		}
+		if cgErr == nil && rec.Handle.PID == 0 {
+			// No handle, so no driver tore it down above: what a driver keeps outside the
+			// directory (a jail, with files and devices lent to the VM's user) goes now.
+			for name, d := range drivers {
+				if r, ok := d.(vmm.Releaser); ok {
+					if err := r.Release(e.Name()); err != nil {
+						fmt.Fprintf(log, "kiln: reaping VM %s: %s: %v\n", e.Name(), name, err)
+					}
+				}
+			}
+		}
 		if err := os.RemoveAll(dir); err != nil {
 			return n, err
 		}

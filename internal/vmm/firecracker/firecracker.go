@@ -85,6 +85,28 @@ func (d *Driver) Available() error {
 	return nil
 }
 
+var _ vmm.Releaser = (*Driver)(nil)
+
+// Release releases the jail of VM id, if it has one: the files and TAP devices lent to
+// its user go back to root and the jail goes. The reaper calls it for a VM whose handle
+// was never recorded.
+func (d *Driver) Release(id string) error {
+	if d.Jailer == nil {
+		return nil
+	}
+	bin := d.Binary
+	if p, err := d.binary(); err == nil {
+		bin = p
+	} else if bin == "" {
+		bin = DefaultBinary
+	}
+	jl := d.Jailer.jail(bin, id)
+	if _, err := os.Lstat(jl.dir); err != nil {
+		return nil
+	}
+	return jl.release()
+}
+
 // files a VM keeps in its directory.
 const (
 	apiSock    = "firecracker.sock"

@@ -168,3 +168,38 @@ func TestTAPOwner(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A jail whose VM was never recorded (kiln died right after starting it) is released
+// by the reaper through Release: the volume lent to the VM's user is root's again.
+func TestReleaseWithoutHandle(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown needs root")
+	}
+	base := t.TempDir()
+	d := &Driver{Binary: "/bin/true", Jailer: &Jailer{ChrootBase: base}}
+	jl := d.Jailer.jail("/bin/true", "vm1")
+	if err := os.MkdirAll(jl.root, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.Chown(jl.root, 4242, 4242)
+	vol := filepath.Join(base, "data.ext4")
+	os.WriteFile(vol, []byte("volume"), 0o600)
+	if err := linkIn(vol, jl.host("data.ext4"), true, 4242, 4242); err != nil {
+		t.Fatal(err)
+	}
+	if uid, _ := owner(t, vol); uid != 4242 {
+		t.Fatalf("the volume was not lent to the VM's user: %d", uid)
+	}
+	if err := d.Release("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	if uid, _ := owner(t, vol); uid != 0 {
+		t.Errorf("the volume still belongs to user %d", uid)
+	}
+	if _, err := os.Stat(jl.dir); !os.IsNotExist(err) {
+		t.Errorf("the jail is still there: %v", err)
+	}
+	if err := d.Release("never-ran"); err != nil {
+		t.Errorf("releasing a VM without a jail: %v", err)
+	}
+}
