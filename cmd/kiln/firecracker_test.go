@@ -253,8 +253,11 @@ func TestServerRefusesFirecrackerWithoutKVM(t *testing.T) {
 	if logs := srv.logs.String(); !strings.Contains(logs, "--vmm auto chose qemu: --vmm firecracker needs a working KVM") || !strings.Contains(logs, "vmm qemu") {
 		t.Errorf("--vmm auto without KVM does not say it chose qemu, and why:\n%s", logs)
 	}
+	// Set in the server's config file, the same.
 	e.extra = []string{"KILN_FIRECRACKER=/nonexistent/firecracker", "KILN_JAILER=/nonexistent/jailer", "KILN_ACCEL=kvm"}
-	_, errs, code = e.run("", "server", "--listen", freeAddr(t), "--vmm", "firecracker", "--network=false", "--proxy-listen", "off")
+	cfg := filepath.Join(e.dataDir, "server.toml")
+	os.WriteFile(cfg, []byte("vmm = \"firecracker\"\nnetwork = false\nproxy-listen = \"off\"\n"), 0o644)
+	_, errs, code = e.run("", "server", "--listen", freeAddr(t), "--config", cfg)
 	if code != 2 || !strings.Contains(errs, "the firecracker binary (/nonexistent/firecracker) is not on this host") {
 		t.Errorf("--vmm firecracker without its binary: exit %d, %s", code, errs)
 	}
