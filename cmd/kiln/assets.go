@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -51,22 +52,44 @@ func assetsCmd(g *globals) *cobra.Command {
 				KernelJobs:  jobs,
 				Mirror:      mirror,
 			}
-			set, err := assets.Ensure(cmd.Context(), o)
+			var bk string
+			if !noBuilder {
+				if bk = buildkitdBinary(); bk == "" {
+					return errdefs.New(errdefs.ErrMissingDependency, "buildkitd not found beside kiln or in KILN_BUILDKITD: run `make build` (or pass --no-builder)")
+				}
+			}
+			// The builder's root filesystem (debootstrap: mostly the mirror and the disk)
+			// is made while the kernel compiles.
+			ctx, cancel := context.WithCancel(cmd.Context())
+			defer cancel()
+			type built struct {
+				path string
+				err  error
+			}
+			builderc := make(chan built, 1)
+			if !noBuilder {
+				go func() {
+					p, err := assets.EnsureBuilder(ctx, o, bk)
+					builderc <- built{p, err}
+				}()
+			}
+			set, err := assets.Ensure(ctx, o)
 			if err != nil {
+				cancel()
+				if !noBuilder {
+					<-builderc
+				}
 				return err
 			}
 			fmt.Printf("kernel     %s (%s)\ninitramfs  %s\nrootfs     %s\n", set.Kernel, set.KernelName, set.Initramfs, set.Rootfs)
 			if noBuilder {
 				return nil
 			}
-			bk := buildkitdBinary()
-			if bk == "" {
-				return errdefs.New(errdefs.ErrMissingDependency, "buildkitd not found beside kiln or in KILN_BUILDKITD: run `make build` (or pass --no-builder)")
+			b := <-builderc
+			if b.err != nil {
+				return b.err
 			}
-			builder, err := assets.EnsureBuilder(cmd.Context(), o, bk)
-			if err != nil {
-				return err
-			}
+			builder := b.path
 			fmt.Printf("builder    %s\n", builder)
 			return nil
 		},

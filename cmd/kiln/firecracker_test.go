@@ -209,6 +209,15 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 	if !strings.Contains(srv.logs.String(), "re-adopted") {
 		t.Errorf("the restart did not say it adopted the running VMs:\n%s", srv.logs)
 	}
+	loggers := 0
+	for _, p := range testutil.ProcessesNaming(e.dataDir) {
+		if strings.Contains(p, " console-log ") {
+			loggers++
+		}
+	}
+	if ms, _ := cl.ListMachines(ctx, "web"); loggers < len(ms) {
+		t.Errorf("%d console loggers for %d running machines after the restart", loggers, len(ms))
+	}
 	res, err = cl.Exec(ctx, "web", web, []string{"sh", "-c", "cat /dev/shm/in-memory"}, "", 30*time.Second)
 	if err != nil || res.Stdout != "kept\n" {
 		t.Fatalf("exec after the restart: %+v %v\n%s", res, err, srv.logs)

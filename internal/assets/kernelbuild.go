@@ -246,6 +246,17 @@ func BuildKernel(ctx context.Context, b KernelBuild) (string, error) {
 	if err := os.MkdirAll(b.Dir, 0o755); err != nil {
 		return "", err
 	}
+	// Trees of builds a killed kiln left behind (each over a GiB) go first; a build takes
+	// minutes, so one untouched for hours is no other kiln's running build.
+	old, _ := filepath.Glob(filepath.Join(b.Dir, "kernel-build-*"))
+	for _, d := range old {
+		// Its change time, not its modification time, which tar sets to the source's.
+		if fi, err := os.Lstat(d); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && time.Since(time.Unix(st.Ctim.Unix())) > 3*time.Hour {
+				os.RemoveAll(d)
+			}
+		}
+	}
 	tree, err := os.MkdirTemp(b.Dir, "kernel-build-")
 	if err != nil {
 		return "", err
@@ -256,6 +267,11 @@ func BuildKernel(ctx context.Context, b KernelBuild) (string, error) {
 	run := func(what string, args ...string) error {
 		cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 		cmd.Dir = tree
+		// make's children (sub-makes, the compilers) go with it when the build is
+		// cancelled: the whole group is killed, and the wait for its output is bounded.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+		cmd.WaitDelay = 10 * time.Second
 		var out tailBuffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Run(); err != nil {
@@ -301,8 +317,9 @@ func BuildKernel(ctx context.Context, b KernelBuild) (string, error) {
 	return dst, nil
 }
 
-// sourceTrusted refuses a source tarball that someone other than root could have
-// replaced: the build runs its Makefile as root. The tarball and every directory above
+// sourceTrusted refuses a source tarball that someone other than root (or the user
+// building) could have replaced: the build runs its Makefile as that user, root in
+// `make setup`. The tarball and every directory above
 // it must be root's and writable by no one else (a sticky directory, like /tmp, lets no
 // one else replace root's entries); the Debian package's own file must also match the
 // checksum dpkg recorded for it.
@@ -318,8 +335,8 @@ func sourceTrusted(src string) error {
 		}
 		st, _ := fi.Sys().(*syscall.Stat_t)
 		open := fi.Mode().Perm()&0o022 != 0 && (dir == p || fi.Mode()&os.ModeSticky == 0)
-		if st == nil || st.Uid != 0 || open || (dir == p && !fi.Mode().IsRegular()) {
-			return errdefs.Invalid("kernel source %s: %s is %v, owned by uid %d: the build runs it as root, so it and the directories above it must be root's and writable by no one else", src, dir, fi.Mode(), st.Uid)
+		if st == nil || (st.Uid != 0 && int(st.Uid) != os.Geteuid()) || open || (dir == p && !fi.Mode().IsRegular()) {
+			return errdefs.Invalid("kernel source %s: %s is %v, owned by uid %d: the build runs its Makefile as this user, so it and the directories above it must be root's (or this user's) and writable by no one else", src, dir, fi.Mode(), st.Uid)
 		}
 		if dir == "/" {
 			break

@@ -11,11 +11,17 @@ import (
 	"github.com/kilnhq/kiln/internal/vmm"
 )
 
-// recoverer is a driver that records the VMs it was asked to recover.
+// recoverer is a driver that records the VMs it was asked to recover and restore.
 type recoverer struct {
 	vmm.Driver
 	name      string
 	recovered []string
+	restored  []string
+}
+
+func (r *recoverer) Restore(_ context.Context, cfg vmm.Config, _ string) (vmm.VM, error) {
+	r.restored = append(r.restored, cfg.ID)
+	return nil, errors.New("no snapshot")
 }
 
 func (r *recoverer) Name() string { return r.name }
@@ -41,6 +47,17 @@ func TestAdoptUsesTheVMsOwnDriver(t *testing.T) {
 	rt.Saved(ctx, "vm-q")
 	if len(fc.recovered) != 1 || fc.recovered[0] != "vm-fc" || len(qemu.recovered) != 1 || qemu.recovered[0] != "vm-q" {
 		t.Errorf("firecracker recovered %v, qemu %v; want each its own VM", fc.recovered, qemu.recovered)
+	}
+	// A suspended VM is restored by the driver that saved it.
+	os.MkdirAll(filepath.Join(rt.vmsDir(), "vm-fc", "snapshot"), 0o755)
+	inst, err := rt.Saved(ctx, "vm-fc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inst.Config.ID = "vm-fc"
+	inst.Resume(ctx)
+	if len(fc.restored) != 1 || len(qemu.restored) != 0 {
+		t.Errorf("firecracker restored %v, qemu %v; want firecracker's VM restored by firecracker", fc.restored, qemu.restored)
 	}
 }
 

@@ -365,9 +365,14 @@ func (inst *Instance) Suspend(ctx context.Context) error {
 // Resume starts the VM again from what Suspend saved, reconnects the agent and corrects
 // the guest's clock. The snapshot is discarded once the VM runs.
 func (inst *Instance) Resume(ctx context.Context) error {
-	r, ok := inst.rt.Driver.(vmm.Restorer)
+	// The driver that saved it restores it, whatever this kiln boots new VMs on.
+	d := inst.rt.Driver
+	if rec, err := readRecord(inst.Dir); err == nil {
+		d = inst.rt.driverOf(rec.Handle)
+	}
+	r, ok := d.(vmm.Restorer)
 	if !ok {
-		return errdefs.New(errdefs.ErrInvalid, "the %s driver cannot resume VMs", inst.rt.Driver.Name())
+		return errdefs.New(errdefs.ErrInvalid, "the %s driver cannot resume VMs", d.Name())
 	}
 	// The cgroup is gone since the suspend (and so is every cgroup after a host reboot).
 	if err := inst.rt.makeCgroup(inst.Config); err != nil {

@@ -45,9 +45,10 @@ type Driver struct {
 	Jailer *Jailer
 	// ConsoleLogger, if set, is a command (its path and first arguments) that reads the
 	// guest console on its stdin and keeps it in the file named by its last argument,
-	// capped (vmm.CaptureConsole; `kiln console-log`). It runs in a session of its own,
-	// so that it outlives a restart of kiln as Firecracker does: Firecracker exits when
-	// its console pipe has no reader. Without it the console goes to a file, uncapped.
+	// capped (vmm.CaptureConsole; `kiln console-log`). It runs in a session of its own
+	// and the VM's cgroup, so that it outlives a restart of kiln as Firecracker does:
+	// Firecracker exits when its console pipe has no reader. Without it the console goes
+	// to a file, uncapped.
 	ConsoleLogger []string
 }
 
@@ -151,7 +152,7 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 	}
 	// Sockets of an earlier Firecracker in this directory (a restore) must not be in the way.
 	vmm.RemoveFiles(cfg.Dir, apiSock, vsockSock)
-	console, err := d.console(filepath.Join(cfg.Dir, consoleLog))
+	console, err := d.console(filepath.Join(cfg.Dir, consoleLog), cfg.Confine.Cgroup)
 	if err != nil {
 		return nil, err
 	}
@@ -200,7 +201,7 @@ func (d *Driver) start(ctx context.Context, cfg vmm.Config) (*vm, error) {
 
 // console returns what Firecracker's stdout (the guest's serial console) is written to:
 // a pipe to the console logger, or the log file itself.
-func (d *Driver) console(path string) (*os.File, error) {
+func (d *Driver) console(path, cgroup string) (*os.File, error) {
 	if len(d.ConsoleLogger) == 0 {
 		return os.Create(path)
 	}
@@ -212,11 +213,13 @@ func (d *Driver) console(path string) (*os.File, error) {
 	lg := exec.Command(d.ConsoleLogger[0], append(d.ConsoleLogger[1:], path)...)
 	lg.Stdin = r
 	lg.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := lg.Start(); err != nil {
+	// In the VM's cgroup, with its VMM: it is counted there, and outlives a service
+	// manager's stop of kiln's own group as the VMM does. It ends when Firecracker, the
+	// pipe's writer, has; vmm.StartProcess reaps it.
+	if _, err := vmm.StartProcess(lg, vmm.Confine{Cgroup: cgroup}); err != nil {
 		w.Close()
 		return nil, fmt.Errorf("starting the console logger: %w", err)
 	}
-	go lg.Wait() // it ends when Firecracker, the pipe's writer, has
 	return w, nil
 }
 
@@ -357,10 +360,17 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 	if err := v.Pause(ctx); err != nil {
 		return err
 	}
-	// Jailed, Firecracker writes into its jail; the files then move to dir.
-	api, host := dir, func(p string) string { return p }
+	// Jailed, Firecracker writes into its jail; the files then move to dir, read through
+	// the jail's snapshot directory opened once (jd), as its user may change any path.
+	api := dir
+	var jd *os.File
 	if v.jail != nil {
-		api, host = snapshotDir, v.jail.host
+		api = snapshotDir
+		var err error
+		if jd, err = v.jail.openDir(snapshotDir); err != nil {
+			return err
+		}
+		defer jd.Close()
 	}
 	vmstate := filepath.Join(api, "vmstate")
 	mem := filepath.Join(dir, "memory")
@@ -370,9 +380,9 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 			SnapshotType: "Diff", SnapshotPath: vmstate, MemFilePath: diff,
 		}, nil)
 		if err == nil {
-			err = MergeDiff(v.base, host(diff))
+			err = mergeDiffIn(v.base, jd, diff)
 		}
-		os.Remove(host(diff))
+		removeIn(jd, diff)
 		if err == nil {
 			err = atomicfile.Rename(v.base, mem)
 		}
@@ -382,7 +392,7 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 		}
 		if err == nil {
 			v.base = ""
-			return moveOut(host(vmstate), filepath.Join(dir, "vmstate"))
+			return moveOut(jd, "vmstate", filepath.Join(dir, "vmstate"))
 		}
 		// The base is of no use now: write everything.
 		os.Remove(v.base)
@@ -396,21 +406,22 @@ func (v *vm) Snapshot(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
-	if err := moveOut(host(vmstate), filepath.Join(dir, "vmstate")); err != nil {
+	if err := moveOut(jd, "vmstate", filepath.Join(dir, "vmstate")); err != nil {
 		return err
 	}
-	return moveOut(host(filepath.Join(api, "memory")), mem)
+	return moveOut(jd, "memory", mem)
 }
 
-// moveOut moves a file Firecracker wrote in its jail to where kiln keeps it, owned by
-// root; outside a jail the two are one. The jail belongs to the VM's user, who may have
-// put anything at from: only a regular file of one link is taken, it is opened without
-// following a link, and what arrives at to must be that same file, else it is removed.
-func moveOut(from, to string) error {
-	if from == to {
+// moveOut moves the file name, which Firecracker wrote in the jail directory jd, to where
+// kiln keeps it (to), owned by root; with jd nil (no jail) Firecracker wrote it there
+// itself. The jail belongs to the VM's user, who may have put anything there: only a
+// regular file of one link is taken, opened without following a link, and what arrives
+// at to must be that same file, else it is removed.
+func moveOut(jd *os.File, name, to string) error {
+	if jd == nil {
 		return nil
 	}
-	f, err := openJailed(from)
+	f, err := openJailed(jd, name)
 	if err != nil {
 		return err
 	}
@@ -423,26 +434,46 @@ func moveOut(from, to string) error {
 		return err
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("flushing %s: %w", from, err)
+		return fmt.Errorf("flushing %s: %w", f.Name(), err)
 	}
-	if err := os.Rename(from, to); err != nil {
+	if err := unix.Renameat(int(jd.Fd()), name, unix.AT_FDCWD, to); err != nil {
 		return fmt.Errorf("moving a snapshot out of the jail (the chroot base must be on the data dir's filesystem): %w", err)
 	}
 	if got, err := os.Lstat(to); err != nil || !os.SameFile(fi, got) {
 		os.Remove(to)
-		return errdefs.New(errdefs.ErrInvalid, "%s changed while it was moved out of the jail: the snapshot is refused", from)
+		return errdefs.New(errdefs.ErrInvalid, "%s changed while it was moved out of the jail: the snapshot is refused", f.Name())
 	}
 	return atomicfile.SyncDir(filepath.Dir(to))
 }
 
-// openJailed opens a file in a jail for reading, refusing what the VM's user could have
-// put there to make kiln, as root, read or hold something else: a symbolic link, a
-// device or FIFO, a hard link to another file.
-func openJailed(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+// openDir opens a directory of the jail without following a link at any step below
+// the jail's root, which the jailer made and its user cannot replace.
+func (jl *jail) openDir(inside string) (*os.File, error) {
+	fd, err := unix.Open(jl.root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening the jail %s: %w", jl.root, err)
+	}
+	for _, part := range strings.Split(strings.Trim(filepath.Clean(inside), "/"), "/") {
+		next, err := unix.Openat(fd, part, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		unix.Close(fd)
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "opening %s in the jail %s (a link or not a directory is refused)", inside, jl.root)
+		}
+		fd = next
+	}
+	return os.NewFile(uintptr(fd), jl.host(inside)), nil
+}
+
+// openJailed opens the file name in the jail directory jd for reading, refusing what
+// the VM's user could have put there to make kiln, as root, read or hold something
+// else: a symbolic link, a device or FIFO, a hard link to another file.
+func openJailed(jd *os.File, name string) (*os.File, error) {
+	path := filepath.Join(jd.Name(), name)
+	fd, err := unix.Openat(int(jd.Fd()), name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrInvalid, err, "opening %s in the jail", path)
 	}
+	f := os.NewFile(uintptr(fd), path)
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
@@ -456,14 +487,45 @@ func openJailed(path string) (*os.File, error) {
 	return f, nil
 }
 
-// MergeDiff writes the data of a Diff snapshot's memory file (a sparse file of the
-// guest's size holding only dirty pages) over the base memory file at the same offsets.
-func MergeDiff(base, diff string) error {
-	d, err := openJailed(diff)
+// mergeDiffIn merges the Diff memory file diff: read through the jail directory jd, or
+// at its path without a jail.
+func mergeDiffIn(base string, jd *os.File, diff string) error {
+	if jd == nil {
+		return MergeDiff(base, diff)
+	}
+	d, err := openJailed(jd, filepath.Base(diff))
 	if err != nil {
 		return err
 	}
 	defer d.Close()
+	return mergeDiff(base, d)
+}
+
+// removeIn removes a file Firecracker wrote: in the jail directory jd, or at its path.
+func removeIn(jd *os.File, path string) {
+	if jd == nil {
+		os.Remove(path)
+		return
+	}
+	unix.Unlinkat(int(jd.Fd()), filepath.Base(path), 0)
+}
+
+// MergeDiff writes the data of a Diff snapshot's memory file (a sparse file of the
+// guest's size holding only dirty pages) over the base memory file at the same offsets.
+func MergeDiff(base, diff string) error {
+	d, err := os.OpenFile(diff, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if fi, err := d.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return errdefs.New(errdefs.ErrInvalid, "%s is not a regular file: refused", diff)
+	}
+	return mergeDiff(base, d)
+}
+
+func mergeDiff(base string, d *os.File) error {
+	diff := d.Name()
 	b, err := os.OpenFile(base, os.O_WRONLY, 0)
 	if err != nil {
 		return err

@@ -29,12 +29,17 @@ func TestJailedFilesAreNotFollowed(t *testing.T) {
 	hard := filepath.Join(jailDir, "memory.diff")
 	os.Link(secret, hard)
 
+	jd, err := os.Open(jailDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer jd.Close()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for _, from := range []string{link, fifo, hard} {
 			to := filepath.Join(out, filepath.Base(from))
-			if err := moveOut(from, to); err == nil {
+			if err := moveOut(jd, filepath.Base(from), to); err == nil {
 				t.Errorf("moveOut(%s) took it", from)
 			}
 			if _, err := os.Lstat(to); err == nil {
@@ -44,8 +49,8 @@ func TestJailedFilesAreNotFollowed(t *testing.T) {
 		base := filepath.Join(out, "base")
 		os.WriteFile(base, make([]byte, 4096), 0o600)
 		for _, diff := range []string{link, fifo, hard} {
-			if err := MergeDiff(base, diff); err == nil {
-				t.Errorf("MergeDiff read %s", diff)
+			if err := mergeDiffIn(base, jd, diff); err == nil {
+				t.Errorf("a Diff merge read %s", diff)
 			}
 		}
 		if b, _ := os.ReadFile(base); strings.Contains(string(b), "secret") {
@@ -68,6 +73,32 @@ func TestJailedFilesAreNotFollowed(t *testing.T) {
 	if b, _ := os.ReadFile(secret); string(b) != "secret" {
 		t.Errorf("the host file now holds %q", b)
 	}
+}
+
+// The jail's snapshot directory is opened without following links: replaced by a link
+// to another VM's snapshot directory, it is refused, and nothing of that VM's moves.
+func TestJailDirectoryLinkIsRefused(t *testing.T) {
+	base := t.TempDir()
+	jl := &jail{dir: filepath.Join(base, "vm1")}
+	jl.root = filepath.Join(jl.dir, "root")
+	other := filepath.Join(base, "other-vm-snapshot")
+	os.MkdirAll(jl.root, 0o755)
+	os.MkdirAll(other, 0o755)
+	os.WriteFile(filepath.Join(other, "vmstate"), []byte("another tenant's"), 0o600)
+	if err := os.Symlink(other, jl.host(snapshotDir)); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := jl.openDir(snapshotDir); err == nil {
+		d.Close()
+		t.Fatal("a link in place of the jail's snapshot directory was followed")
+	}
+	os.Remove(jl.host(snapshotDir))
+	os.Mkdir(jl.host(snapshotDir), 0o700)
+	d, err := jl.openDir(snapshotDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
 }
 
 // A socket kiln dials in a jail must be served by the VMM's own process: a link to
