@@ -2,8 +2,6 @@ package main_test
 
 import (
 	"context"
-	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -85,20 +83,13 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 	if uid := statUID(fi); uid <= 0 {
 		t.Errorf("the jail %s belongs to %d; the jailer hands it to the VM's user", root, uid)
 	}
-	proxyGet := func() (int, string) {
-		req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
-		req.Host = "web.kiln.internal"
-		resp, err := (&http.Client{Timeout: 90 * time.Second}).Do(req)
-		if err != nil {
-			t.Fatalf("proxy: %v\n%s", err, srv.logs)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
+	webGet := func() (int, string) {
+		code, body, _ := proxyGet(t, srv, proxyAddr, "web.kiln.internal")
+		return code, body
 	}
 	// "started" means the workload runs, not that httpd listens yet.
 	waitFor(t, func() bool {
-		code, body := proxyGet()
+		code, body := webGet()
 		return code == 200 && strings.Contains(body, "hello from "+web)
 	}, "the web machine to answer through the proxy")
 
@@ -168,7 +159,7 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool {
-		code, body := proxyGet()
+		code, body := webGet()
 		return code == 200 && strings.Contains(body, "hello from "+web)
 	}, "the web machine to answer through the proxy after a cold start")
 
@@ -222,7 +213,7 @@ func TestServerEndToEndFirecracker(t *testing.T) {
 	if err != nil || res.Stdout != "kept\n" {
 		t.Fatalf("exec after the restart: %+v %v\n%s", res, err, srv.logs)
 	}
-	if code, body := proxyGet(); code != 200 || !strings.Contains(body, "hello from "+web) {
+	if code, body := webGet(); code != 200 || !strings.Contains(body, "hello from "+web) {
 		t.Fatalf("proxied request after the restart: %d %q", code, body)
 	}
 

@@ -26,6 +26,21 @@ import (
 	"github.com/kilnhq/kiln/internal/image/imagetest"
 )
 
+// proxyGet sends GET / for host through the proxy at addr and returns the status, the
+// body and the machine that answered (Kiln-Machine).
+func proxyGet(t *testing.T, srv *kilnServer, addr, host string) (int, string, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "http://"+addr+"/", nil)
+	req.Host = host
+	resp, err := (&http.Client{Timeout: 90 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("proxy: %v\n%s", err, srv.logs)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), resp.Header.Get("Kiln-Machine")
+}
+
 // kilnDevices lists the bridges and TAP devices kiln made in the test's namespace.
 func kilnDevices(t *testing.T) []string {
 	links, err := netlink.LinkList()
@@ -279,18 +294,8 @@ func TestNetworkAndProxy(t *testing.T) {
 	}
 
 	// Through the proxy by Host name.
-	proxyGet := func() (int, string, string) {
-		req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
-		req.Host = "web.kiln.internal"
-		resp, err := (&http.Client{Timeout: 90 * time.Second}).Do(req)
-		if err != nil {
-			t.Fatalf("proxy: %v\n%s", err, srv.logs)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b), resp.Header.Get("Kiln-Machine")
-	}
-	if code, body, from := proxyGet(); code != 200 || !strings.Contains(body, "hello from "+web) || from != web {
+	webGet := func() (int, string, string) { return proxyGet(t, srv, proxyAddr, "web.kiln.internal") }
+	if code, body, from := webGet(); code != 200 || !strings.Contains(body, "hello from "+web) || from != web {
 		t.Fatalf("proxied request: %d %q from %q", code, body, from)
 	}
 	req, _ := http.NewRequest("GET", "http://"+proxyAddr+"/", nil)
@@ -304,7 +309,7 @@ func TestNetworkAndProxy(t *testing.T) {
 		t.Fatalf("idle machine was not suspended: %v\n%s", err, srv.logs)
 	}
 	// A request to the suspended machine resumes it and is answered, not refused.
-	if code, body, _ := proxyGet(); code != 200 || !strings.Contains(body, "hello from "+web) {
+	if code, body, _ := webGet(); code != 200 || !strings.Contains(body, "hello from "+web) {
 		t.Fatalf("request to a suspended machine: %d %q\n%s", code, body, srv.logs)
 	}
 	evs, _ := cl.Events(ctx, "web", web)

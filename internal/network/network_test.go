@@ -291,51 +291,49 @@ func TestEgressSets(t *testing.T) {
 // connects. The rules go with RemoveAll.
 func TestVMMUsersSendNothing(t *testing.T) {
 	ctx := context.Background()
-	m, err := Open(testutil.TempDir(t), Config{DenyUIDs: [2]uint32{5000, 5010}}, os.Stderr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Reconcile(ctx, func(string) bool { return true }); err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	host, port, _ := net.SplitHostPort(ln.Addr().String())
-	connect := func(cred *syscall.Credential) bool {
-		cmd := exec.CommandContext(ctx, "bash", "-c", "exec 3<>/dev/tcp/"+host+"/"+port)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-		return cmd.Run() == nil
-	}
-	if !connect(nil) {
+	m := openReconciled(t, Config{DenyUIDs: [2]uint32{5000, 5010}})
+	addr := testutil.Listen(t, "tcp", "127.0.0.1:0").Addr().String()
+	if !connectAs(ctx, nil, addr) {
 		t.Fatal("root could not connect: the test is broken")
 	}
 	for _, uid := range []uint32{5000, 5005, 5010} {
-		if connect(&syscall.Credential{Uid: uid, Gid: uid}) {
-			t.Errorf("VMM user %d connected to %s", uid, ln.Addr())
+		if connectAs(ctx, &syscall.Credential{Uid: uid, Gid: uid}, addr) {
+			t.Errorf("VMM user %d connected to %s", uid, addr)
 		}
 	}
-	if !connect(&syscall.Credential{Uid: 5011, Gid: 5011}) {
+	if !connectAs(ctx, &syscall.Credential{Uid: 5011, Gid: 5011}, addr) {
 		t.Error("user 5011, outside the range, was refused")
 	}
 	if err := m.RemoveAll(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if !connect(&syscall.Credential{Uid: 5005, Gid: 5005}) {
+	if !connectAs(ctx, &syscall.Credential{Uid: 5005, Gid: 5005}, addr) {
 		t.Error("the rule outlived RemoveAll")
 	}
+}
+
+// openReconciled opens a network manager with cfg and applies its rules; it is closed
+// when the test ends.
+func openReconciled(t *testing.T, cfg Config) *Manager {
+	t.Helper()
+	m, err := Open(testutil.TempDir(t), cfg, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	if err := m.Reconcile(context.Background(), func(string) bool { return true }); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// connectAs reports whether user cred (nil: the test's own) could open a TCP connection
+// to addr.
+func connectAs(ctx context.Context, cred *syscall.Credential, addr string) bool {
+	host, port, _ := net.SplitHostPort(addr)
+	cmd := exec.CommandContext(ctx, "bash", "-c", "exec 3<>/dev/tcp/"+host+"/"+port)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	return cmd.Run() == nil
 }
 
 // A confined user (kiln's git) is held to the egress policy from the host itself, with
@@ -344,42 +342,10 @@ func TestVMMUsersSendNothing(t *testing.T) {
 func TestConfinedUser(t *testing.T) {
 	ctx := context.Background()
 	const uid = 4242
-	m, err := Open(testutil.TempDir(t), Config{ConfineUIDs: []uint32{uid}}, os.Stderr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Reconcile(ctx, func(string) bool { return true }); err != nil {
-		t.Fatal(err)
-	}
-	service, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer service.Close()
-	dns, err := net.Listen("tcp", "127.0.0.1:53")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dns.Close()
-	for _, ln := range []net.Listener{service, dns} {
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				c.Close()
-			}
-		}()
-	}
-	// connect reports whether user (nil: the test's own) could open a connection to addr.
-	connect := func(cred *syscall.Credential, addr string) bool {
-		host, port, _ := net.SplitHostPort(addr)
-		cmd := exec.CommandContext(ctx, "bash", "-c", "exec 3<>/dev/tcp/"+host+"/"+port)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-		return cmd.Run() == nil
-	}
+	m := openReconciled(t, Config{ConfineUIDs: []uint32{uid}})
+	service := testutil.Listen(t, "tcp", "127.0.0.1:0")
+	dns := testutil.Listen(t, "tcp", "127.0.0.1:53")
+	connect := func(cred *syscall.Credential, addr string) bool { return connectAs(ctx, cred, addr) }
 	confined := &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}
 	if !connect(nil, service.Addr().String()) {
 		t.Fatal("root cannot reach the listener: the rules are not the confined user's own")

@@ -6,6 +6,7 @@ package testutil
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -268,4 +269,25 @@ func BuilderRootfs(t testing.TB) string {
 		t.Fatalf("builder root filesystem: %v (run `make build` for bin/buildkitd)", err)
 	}
 	return p
+}
+
+// Listen listens on network and addr and accepts every connection only to close it:
+// something to connect to, for tests of who may connect. It is closed when the test ends.
+func Listen(t testing.TB, network, addr string) net.Listener {
+	t.Helper()
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	return ln
 }

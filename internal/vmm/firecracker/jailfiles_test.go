@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kilnhq/kiln/internal/testutil"
 )
 
 // The jail belongs to the VM's user, so what kiln takes out of it (snapshots, a Diff's
@@ -104,21 +106,7 @@ func TestJailDirectoryLinkIsRefused(t *testing.T) {
 // A socket kiln dials in a jail must be served by the VMM's own process: a link to
 // another process's socket is refused.
 func TestPeerIsTheVMM(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "s")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	sock := testutil.Listen(t, "unix", filepath.Join(t.TempDir(), "s")).Addr().String()
 	for pid, ok := range map[int]bool{os.Getpid(): true, os.Getpid() + 100000: false, 0: true} {
 		c, err := net.Dial("unix", sock)
 		if err != nil {
